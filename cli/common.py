@@ -1,0 +1,105 @@
+"""What every command shares: error handling, JSON output, plain tables."""
+
+from __future__ import annotations
+
+import json
+import traceback
+
+import click
+
+from lora_lens import LoraLensError
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+
+
+class LoraLensGroup(click.Group):
+    """A click group that turns errors into one line and an exit code.
+
+    ``LoraLensError`` (bad input) → exit 2; any other exception (a bug) → exit 1
+    and a hint to rerun with ``--debug``, which prints the traceback.
+    """
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except LoraLensError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            click.echo(f"error: {_one_line(str(e))}", err=True)
+            ctx.exit(EXIT_BAD_INPUT)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+        except Exception as e:  # a bug, not bad input
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            click.echo(
+                f"internal error: {type(e).__name__}: {_one_line(str(e))} (rerun with --debug for the traceback "
+                "and report it)",
+                err=True,
+            )
+            ctx.exit(EXIT_FAILURE)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def echo_json(obj) -> None:
+    """Print one JSON object on stdout."""
+    click.echo(json.dumps(obj, indent=2, default=_json_default))
+
+
+def _json_default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "__fspath__"):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    """A plain left-aligned text table (numbers right-aligned)."""
+    cells = [[str(c) for c in header]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    numeric = [all(_is_num(r[i]) for r in rows) if rows else False for i in range(len(header))]
+    lines = []
+    for j, r in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if numeric[i] and j else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    if x is None:
+        return "-"
+    return str(x)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def stderr(msg: str) -> None:
+    click.echo(msg, err=True)

@@ -1,0 +1,32 @@
+"""Entry point of the ``lora-lens`` console script."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from lora_lens import __version__
+
+from .common import LoraLensGroup
+from .inspect_cmd import inspect_cmd
+
+
+@click.group(cls=LoraLensGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lora-lens")
+@click.option("--debug", is_flag=True, envvar="LORA_LENS_DEBUG", help="Print tracebacks on errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Look inside LoRA adapters: spectra, subspace similarity, alignment with
+    the base, CoRA/CondLoRA inits, a small trainer and reports.
+
+    Exit codes: 0 success, 1 internal failure, 2 bad input.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+main.add_command(inspect_cmd)
+
+if __name__ == "__main__":  # pragma: no cover
+    main(prog_name=os.path.basename("lora-lens"))

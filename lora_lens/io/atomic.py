@@ -1,0 +1,84 @@
+"""Atomic writes: a reader never sees a half-written file or folder.
+
+Files are written to a temporary name in the same folder, flushed and then
+renamed over the target (``os.replace`` is atomic on one file system). Folders
+are built in a temporary sibling and renamed into place at the end, so a
+failure half-way leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save as save_safetensors_bytes
+
+from ..errors import ConfigError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write tensors as safetensors; ``metadata`` values must be strings (provenance)."""
+    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+    return atomic_write_bytes(path, save_safetensors_bytes(clean, metadata=meta))
+
+
+@contextlib.contextmanager
+def atomic_directory(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on success it becomes ``dest`` in one rename.
+
+    An existing non-empty ``dest`` is refused unless ``overwrite`` is set, in
+    which case it is replaced only after the new folder is complete.
+    """
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise ConfigError(f"{dest}: exists and is a file; expected a folder to write into. Choose another -o path.")
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        raise ConfigError(f"{dest}: folder exists and is not empty; pass --overwrite to replace it or choose another -o path.")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

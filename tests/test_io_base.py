@@ -1,0 +1,74 @@
+"""Base checkpoints: folders, single files, shards, weights-only pickles, real weights."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_lens import CheckpointError, open_base
+from lora_lens.inspect import inspect_path
+
+
+def test_stories260k_lists_without_reading(stories_path):
+    base = open_base(stories_path)
+    q = base.info("model.layers.0.self_attn.q_proj.weight")
+    assert q.shape == (64, 64) and q.dtype == "float32"
+    groups = {g.module: g for g in base.groups()}
+    assert len(groups["self_attn.k_proj"].tensors) == 5
+    assert groups["self_attn.k_proj"].shapes == [(32, 64)]
+    assert base.num_parameters == 260_032
+    ref = load_file(str(stories_path / "model.safetensors"))
+    assert torch.equal(base.get("model.layers.4.mlp.down_proj.weight"), ref["model.layers.4.mlp.down_proj.weight"])
+
+
+def test_minilm_real_weights(minilm_path):
+    base = open_base(minilm_path)
+    names = base.names()
+    assert "encoder.layer.0.attention.self.query.weight" in names  # no "bert." prefix
+    info = inspect_path(minilm_path)
+    groups = {g["module_type"]: g for g in info["groups"]}
+    assert groups["attention.self.query"]["count"] == 6
+    assert groups["attention.self.query"]["shapes"] == [[384, 384]]
+    assert info["family"] == "bert"
+    # an adapter on BertForSequenceClassification names "bert.encoder…": the prefix is bridged
+    got = base.weight_names_for(["bert.encoder.layer.3.attention.self.value"])
+    assert got == {"bert.encoder.layer.3.attention.self.value": "encoder.layer.3.attention.self.value.weight"}
+
+
+def test_sharded_safetensors_with_index(tmp_path, stories_path):
+    tensors = load_file(str(stories_path / "model.safetensors"))
+    names = sorted(tensors)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    weight_map = {}
+    for fname, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(tmp_path / fname))
+        weight_map.update({k: fname for k in keys})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    base = open_base(tmp_path)
+    assert sorted(base.names()) == names
+    for k in (names[0], names[-1]):
+        assert torch.equal(base.get(k), tensors[k])
+
+
+def test_bin_and_nested_state_dict(tmp_path):
+    sd = {"layers.0.q.weight": torch.randn(4, 4), "layers.1.q.weight": torch.randn(4, 4)}
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    base = open_base(tmp_path)
+    assert base.format == "pickle" and torch.equal(base.get("layers.1.q.weight"), sd["layers.1.q.weight"])
+    torch.save({"model_state_dict": sd, "epoch": 3}, tmp_path / "ckpt.pt")
+    nested = open_base(tmp_path / "ckpt.pt")
+    assert sorted(nested.names()) == sorted(sd)
+
+
+def test_bf16_stays_bf16_until_compute(tmp_path):
+    save_file({"a.0.w.weight": torch.randn(3, 5).bfloat16()}, str(tmp_path / "m.safetensors"))
+    base = open_base(tmp_path / "m.safetensors")
+    assert base.info("a.0.w.weight").dtype == "bfloat16"
+    assert base.get("a.0.w.weight").dtype == torch.bfloat16
+
+
+def test_adapter_folder_refused_as_base(llama_adapter):
+    with pytest.raises(CheckpointError, match="adapter folder"):
+        open_base(llama_adapter[1])
