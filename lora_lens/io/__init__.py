@@ -19,3 +19,7 @@ __all__ = [
     "load_adapters", "lora_scaling", "open_base", "open_tensor_file", "rank_and_alpha",
     "read_settings", "save_peft_adapter",
 ]
+
+from .initfile import INIT_NAME, THETA_NAME, InitDescription, read_init_description, write_init_description  # noqa: E402
+
+__all__ += ["INIT_NAME", "THETA_NAME", "InitDescription", "read_init_description", "write_init_description"]

@@ -1,0 +1,219 @@
+"""Linear-algebra kernels on plain tensors, batched over any leading dimensions.
+
+Shapes: ``(..., m, n)`` means any number of leading batch dimensions. Inputs in
+bf16/fp16 are upcast to ``compute_dtype`` (float32 unless asked) before
+``torch.linalg``; results stay on the input's device.
+
+- :func:`factored_svd`: SVD of ``s·B A`` without forming the ``(m, n)`` matrix.
+- :func:`svd`: full thin SVD, run in the tall orientation (faster with MKL).
+- :func:`randomized_svd`: top-k by a randomized range finder with power iterations.
+- :func:`sign_fix`: deterministic signs (``svd_flip``-style).
+- :func:`principal_angles`, :func:`phi`, :func:`phi_grid`: subspace comparisons.
+- :func:`lstsq`: least squares / exact solve with the residual.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def upcast(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Half precision → float32 (or ``dtype``); float32/64 unchanged unless ``dtype`` says."""
+    if dtype is not None:
+        return x.to(dtype)
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) or not x.is_floating_point() else x
+
+
+def sign_fix(U: torch.Tensor, Vh: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flip each singular pair so the largest-|·| entry of each column of U is positive.
+
+    ``U (..., m, k)``, ``Vh (..., k, n)``; ``U diag(S) Vh`` is unchanged.
+    """
+    idx = U.abs().argmax(dim=-2, keepdim=True)  # (..., 1, k)
+    signs = torch.sign(torch.gather(U, -2, idx))  # (..., 1, k)
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    U = U * signs
+    if Vh is not None:
+        Vh = Vh * signs.transpose(-1, -2)  # (..., k, 1)
+    return U, Vh
+
+
+def factored_svd(
+    B: torch.Tensor, A: torch.Tensor, scaling: float | torch.Tensor = 1.0, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of ``ΔW = s · B A`` without forming it (methods.md §1).
+
+    ``B (..., m, r)``, ``A (..., r, n)``; ``scaling`` a float or ``(...)`` tensor.
+    QR of ``B = Qb Rb`` and ``Aᵀ = Qa Ra``, SVD of the ``(r, r)`` core
+    ``Rb Raᵀ = Uc Σ Vcᵀ``; then ``U = Qb Uc (..., m, r)``, ``S = s Σ (..., r)``,
+    ``Vh = Vcᵀ Qaᵀ (..., r, n)``. Cost ``O((m + n) r²)``; exact. Signs fixed.
+    """
+    B = upcast(B, dtype)
+    A = upcast(A, dtype)
+    Qb, Rb = torch.linalg.qr(B)  # (..., m, r), (..., r, r)
+    Qa, Ra = torch.linalg.qr(A.transpose(-1, -2))  # (..., n, r), (..., r, r)
+    Uc, S, Vch = torch.linalg.svd(Rb @ Ra.transpose(-1, -2))  # (..., r, r), (..., r), (..., r, r)
+    U = Qb @ Uc
+    Vh = Vch @ Qa.transpose(-1, -2)
+    s = torch.as_tensor(scaling, dtype=S.dtype, device=S.device).expand(S.shape[:-1])  # (...)
+    # A negative scaling flips the update: keep σ ≥ 0 and move the sign into Vh.
+    S = S * s.abs().unsqueeze(-1)
+    Vh = Vh * torch.where(s < 0, -1.0, 1.0).to(Vh.dtype)[..., None, None]
+    U, Vh = sign_fix(U, Vh)
+    return U, S, Vh
+
+
+def svd(W: torch.Tensor, dtype: torch.dtype | None = None, fix_signs: bool = True):
+    """Full thin SVD ``W (..., m, n) = U (..., m, k) diag(S) Vh (..., k, n)``, ``k = min(m, n)``.
+
+    Decomposes the tall orientation (a wide 4096×11008 matrix was 3× slower
+    than its transpose with MKL, methods.md §1) and transposes back.
+    """
+    W = upcast(W, dtype)
+    if W.shape[-1] > W.shape[-2]:
+        V, S, Uh = torch.linalg.svd(W.transpose(-1, -2), full_matrices=False)
+        U, Vh = Uh.transpose(-1, -2), V.transpose(-1, -2)
+    else:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    if fix_signs:
+        U, Vh = sign_fix(U, Vh)
+    return U, S, Vh
+
+
+def randomized_svd(
+    W: torch.Tensor,
+    k: int,
+    oversample: int = 16,
+    n_iter: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` SVD of ``W (..., m, n)`` by a randomized range finder (Halko et al. 2011).
+
+    Sketch ``Y = W Ω`` with ``q = k + oversample`` Gaussian columns, ``n_iter``
+    power iterations re-orthonormalized by QR after every product (without it
+    float32 loses the tail: methods.md §1), then an exact SVD of the small
+    ``(q, n)`` matrix ``Qᵀ W``. Returns ``U (..., m, k)``, ``S (..., k)``,
+    ``Vh (..., k, n)``, signs fixed. Falls back to the exact SVD when ``q``
+    reaches ``min(m, n)``. Deterministic for a given ``seed``.
+    """
+    W = upcast(W, dtype)
+    m, n = W.shape[-2:]
+    q = min(k + oversample, m, n)
+    if q >= min(m, n):
+        U, S, Vh = svd(W)
+        return U[..., :k], S[..., :k], Vh[..., :k, :]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(*W.shape[:-2], n, q, generator=gen, dtype=W.dtype).to(W.device)  # (..., n, q)
+    Wt = W.transpose(-1, -2)
+    Q, _ = torch.linalg.qr(W @ omega)  # (..., m, q)
+    for _ in range(n_iter):
+        Z, _ = torch.linalg.qr(Wt @ Q)  # (..., n, q)
+        Q, _ = torch.linalg.qr(W @ Z)  # (..., m, q)
+    Ub, S, Vh = torch.linalg.svd(Q.transpose(-1, -2) @ W, full_matrices=False)  # (..., q, q), (..., q), (..., q, n)
+    U = Q @ Ub
+    U, Vh = sign_fix(U[..., :k], Vh[..., :k, :])
+    return U, S[..., :k], Vh
+
+
+def orthonormal_basis(X: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the column space of ``X (..., m, k)`` via thin QR: ``(..., m, k)``."""
+    Q, _ = torch.linalg.qr(upcast(X))
+    return Q
+
+
+def principal_angles(Qx: torch.Tensor, Qy: torch.Tensor) -> torch.Tensor:
+    """Principal angles (radians, ascending) between the spans of orthonormal ``Qx (..., m, p)`` and ``Qy (..., m, q)``.
+
+    Cosines are the singular values of ``Qxᵀ Qy`` clamped to ``[0, 1]``. For
+    angles near 0 arccos loses precision, so — as ``scipy.linalg.subspace_angles``
+    does — angles whose cosine exceeds ``1/√2`` are taken as arcsin of the
+    singular values of ``Qy − Qx (Qxᵀ Qy)``. Returns ``(..., min(p, q))``.
+    """
+    if Qx.shape[-1] < Qy.shape[-1]:
+        Qx, Qy = Qy, Qx
+    C = Qx.transpose(-1, -2) @ Qy  # (..., p, q), p ≥ q
+    cos = torch.linalg.svdvals(C).clamp(0.0, 1.0)  # (..., q) descending
+    theta = torch.arccos(cos)
+    resid = Qy - Qx @ C  # (..., m, q)
+    sin = torch.linalg.svdvals(resid).clamp(0.0, 1.0).flip(-1)  # ascending ↔ matches cos descending
+    small = cos ** 2 > 0.5
+    return torch.where(small, torch.arcsin(sin), theta)
+
+
+def phi(Ux: torch.Tensor, Uy: torch.Tensor, i: int | None = None, j: int | None = None) -> torch.Tensor:
+    """LoRA §7 subspace similarity ``φ = ‖U_xⁱᵀ U_yʲ‖_F² / min(i, j)`` in ``[0, 1]``.
+
+    ``Ux (..., d, ≥i)`` and ``Uy (..., d, ≥j)`` have orthonormal columns ordered
+    by importance (singular vectors); ``i``/``j`` default to all columns. Equal
+    to the mean squared cosine of the principal angles.
+    """
+    i = Ux.shape[-1] if i is None else i
+    j = Uy.shape[-1] if j is None else j
+    M = upcast(Ux[..., :i]).transpose(-1, -2) @ upcast(Uy[..., :j])
+    return (M ** 2).sum(dim=(-2, -1)) / min(i, j)
+
+
+def phi_grid(Ux: torch.Tensor, Uy: torch.Tensor) -> torch.Tensor:
+    """φ(i, j) for every ``i ≤ r1``, ``j ≤ r2`` at once (the LoRA §7.2 grid): ``(..., r1, r2)``.
+
+    ``‖U_xⁱᵀ U_yʲ‖_F²`` is the 2-D prefix sum of the squared entries of
+    ``U_xᵀ U_y``, so the whole grid costs one product.
+    """
+    M2 = (upcast(Ux).transpose(-1, -2) @ upcast(Uy)) ** 2  # (..., r1, r2)
+    cum = M2.cumsum(-2).cumsum(-1)
+    r1, r2 = cum.shape[-2:]
+    i = torch.arange(1, r1 + 1, device=cum.device, dtype=cum.dtype).unsqueeze(-1)
+    j = torch.arange(1, r2 + 1, device=cum.device, dtype=cum.dtype).unsqueeze(0)
+    return cum / torch.minimum(i, j)
+
+
+def random_phi_expectation(i: int, j: int, d: int) -> float:
+    """Expected φ for independent uniformly random subspaces of dims i, j in R^d: ``max(i, j)/d``.
+
+    ``E‖U_iᵀ U_j‖_F² = i·j/d``, divided by ``min(i, j)``.
+    """
+    return i * j / d / min(i, j)
+
+
+def lstsq(
+    A: torch.Tensor, B: torch.Tensor, rcond: float | None = None, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve ``A X ≈ B`` for ``X``; returns ``(X, relative residual)``.
+
+    ``A (..., m, n)``, ``B (..., m, k)`` → ``X (..., n, k)``. Square and
+    well-conditioned: the exact solve (what CondLoRA's official code does with
+    ``W0⁻¹``). Otherwise the minimum-norm least-squares solution through the
+    pseudo-inverse with singular values below ``rcond·σ_max`` cut
+    (``rcond`` defaults to ``max(m, n)·eps``). The residual is
+    ``‖A X − B‖_F / ‖B‖_F`` per batch entry ``(...)``.
+    """
+    A = upcast(A, dtype)
+    B = upcast(B, A.dtype)
+    m, n = A.shape[-2:]
+    X = None
+    if m == n:
+        try:
+            X = torch.linalg.solve(A, B)
+        except RuntimeError:  # singular: fall through to the pseudo-inverse
+            X = None
+        if X is not None and not bool(torch.isfinite(X).all()):
+            X = None
+    if X is None:
+        eps = torch.finfo(A.dtype).eps
+        cut = rcond if rcond is not None else max(m, n) * eps
+        U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+        keep = S > cut * S[..., :1]
+        Sinv = torch.where(keep, 1.0 / torch.where(keep, S, torch.ones_like(S)), torch.zeros_like(S))
+        X = Vh.transpose(-1, -2) @ (Sinv.unsqueeze(-1) * (U.transpose(-1, -2) @ B))
+    resid = torch.linalg.matrix_norm(A @ X - B) / torch.linalg.matrix_norm(B).clamp_min(torch.finfo(A.dtype).tiny)
+    return X, resid
+
+
+def random_orthonormal(d: int, k: int, batch: tuple[int, ...] = (), seed: int = 0,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Haar-random orthonormal ``(*batch, d, k)`` (QR of a Gaussian), deterministic for ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    G = torch.randn(*batch, d, k, generator=gen, dtype=dtype)
+    Q, R = torch.linalg.qr(G)
+    return Q * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)
