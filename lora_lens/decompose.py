@@ -1,0 +1,224 @@
+"""Batched, device-aware decomposition of adapters and base weights.
+
+Same-shaped matrices are stacked ``(L, m, n)`` (or their factors ``(L, m, r)``
+and ``(L, r, n)``) and decomposed in one call per group, on the chosen device,
+in chunks that respect a memory budget. Results come back on the CPU as
+:class:`Spectrum` values keyed by module name, in PyTorch's ``(m, n)`` layout
+(a Conv1D adapter's ``U``/``Vh`` describe ``ΔW``, whose transpose is what the
+Conv1D stores).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from .errors import ConfigError
+from .io.base import BaseWeights
+from .linalg import factored_svd, randomized_svd, svd
+from .types import Adapter, LayerKey, LoraModule
+
+#: ``progress(done, total, what)`` is called after each chunk.
+Progress = Callable[[int, int, str], None]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True, eq=False)
+class Spectrum:
+    """Top singular triplets of one matrix: ``M ≈ U diag(S) Vh``.
+
+    ``U (m, k)``, ``S (k,)`` descending, ``Vh (k, n)``; signs fixed. ``kind`` is
+    ``delta`` (a LoRA update, exact with ``k = r``), ``base`` (a base weight,
+    exact or randomized top-k) or ``matrix``.
+    """
+
+    name: str
+    key: LayerKey
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+    kind: str = "delta"
+    exact: bool = True
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.U.shape[0]), int(self.Vh.shape[1])
+
+    @property
+    def k(self) -> int:
+        return int(self.S.shape[0])
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` → CUDA when present, else CPU; ``cuda`` without a GPU is refused."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA device is available; use --device cpu or auto.")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}; expected auto, cpu or cuda[:N].") from None
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ConfigError(f"unknown compute dtype {dtype!r}; expected one of {list(DTYPES)}.") from None
+
+
+def chunk_size(per_item_bytes: int, max_memory: int | None, total: int) -> int:
+    """How many items fit a memory budget (at least one)."""
+    if not max_memory:
+        return max(total, 1)
+    return max(1, min(total, max_memory // max(per_item_bytes, 1)))
+
+
+def _group_by_shape(modules: Iterable[LoraModule]) -> "OrderedDict[tuple, list[LoraModule]]":
+    groups: OrderedDict[tuple, list[LoraModule]] = OrderedDict()
+    for m in modules:
+        groups.setdefault((m.shape, m.rank), []).append(m)
+    return groups
+
+
+def decompose_adapter(
+    adapter: Adapter | Sequence[LoraModule],
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = torch.float32,
+    max_memory: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Spectrum]:
+    """Exact SVD of every module's ``ΔW = s·B A`` without forming it.
+
+    One batched :func:`~lora_lens.linalg.factored_svd` per group of same
+    ``(m, n, r)``; ``max_memory`` (bytes) caps the factors and workspaces of
+    one chunk on the device. Returns ``{module name: Spectrum}`` (k = r) in the
+    adapter's order.
+    """
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    modules = list(adapter)
+    out: dict[str, Spectrum] = {}
+    done, total = 0, len(modules)
+    itemsize = torch.finfo(dt).bits // 8
+    for ((m, n), r), group in _group_by_shape(modules).items():
+        per_item = 3 * (m + n) * r * itemsize  # factors, Q factors, U/Vh
+        step = chunk_size(per_item, max_memory, len(group))
+        for lo in range(0, len(group), step):
+            chunk = group[lo: lo + step]
+            B = torch.stack([g.B for g in chunk]).to(dev, dt)  # (L, m, r)
+            A = torch.stack([g.A for g in chunk]).to(dev, dt)  # (L, r, n)
+            s = torch.tensor([g.scaling for g in chunk], dtype=dt, device=dev)  # (L,)
+            U, S, Vh = factored_svd(B, A, s)
+            U, S, Vh = U.cpu(), S.cpu(), Vh.cpu()
+            for i, g in enumerate(chunk):
+                out[g.name] = Spectrum(g.name, g.key, U[i], S[i], Vh[i], kind="delta", exact=True)
+            done += len(chunk)
+            if progress:
+                progress(done, total, f"{m}x{n} r={r}")
+    return {m.name: out[m.name] for m in modules}
+
+
+def decompose_matrices(
+    matrices: "OrderedDict[str, torch.Tensor] | dict[str, torch.Tensor]",
+    k: int | None = None,
+    keys: dict[str, LayerKey] | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = torch.float32,
+    max_memory: int | None = None,
+    randomized: bool | None = None,
+    oversample: int = 16,
+    n_iter: int = 4,
+    seed: int = 0,
+    kind: str = "matrix",
+    progress: Progress | None = None,
+) -> dict[str, Spectrum]:
+    """SVD of full matrices ``(m, n)``, batched by shape.
+
+    ``k=None``: the exact thin SVD (``k = min(m, n)``). With ``k``: the top-k,
+    by the randomized range finder when ``randomized`` (default: when
+    ``k + oversample < min(m, n) / 2``), else truncated exact SVD.
+    """
+    names = list(matrices)
+    groups: OrderedDict[tuple, list[str]] = OrderedDict()
+    for name in names:
+        groups.setdefault(tuple(matrices[name].shape), []).append(name)
+    return _decompose_groups(
+        groups, lambda ns: torch.stack([matrices[n] for n in ns]), k, keys or {}, device, dtype, max_memory,
+        randomized, oversample, n_iter, seed, kind, progress,
+    )
+
+
+def decompose_base(
+    base: BaseWeights,
+    weight_names: Sequence[str],
+    k: int | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = torch.float32,
+    max_memory: int | None = None,
+    randomized: bool | None = None,
+    oversample: int = 16,
+    n_iter: int = 4,
+    seed: int = 0,
+    transpose: Sequence[str] = (),
+    progress: Progress | None = None,
+) -> dict[str, Spectrum]:
+    """Top-k (or full) SVD of base weights, read lazily one shape group (chunk) at a time.
+
+    Peak memory is one chunk of one shape group, never the checkpoint.
+    ``transpose``: names stored as ``(n, m)`` (Conv1D, Embedding), decomposed in
+    PyTorch's ``(m, n)`` layout so they line up with adapter spectra. Keys of
+    the result are the weight names.
+    """
+    infos = {w: base.info(w) for w in weight_names}
+    tset = set(transpose)
+    groups: OrderedDict[tuple, list[str]] = OrderedDict()
+    for w in weight_names:
+        shape = infos[w].shape[::-1] if w in tset else infos[w].shape
+        groups.setdefault(tuple(shape), []).append(w)
+
+    def load(ns: list[str]) -> torch.Tensor:
+        return torch.stack([base.get(w).T if w in tset else base.get(w) for w in ns])
+
+    keys = {w: base.layer_key(w) for w in weight_names}
+    return _decompose_groups(groups, load, k, keys, device, dtype, max_memory, randomized, oversample, n_iter, seed,
+                             "base", progress)
+
+
+def _decompose_groups(groups, load, k, keys, device, dtype, max_memory, randomized, oversample, n_iter, seed, kind,
+                      progress) -> dict[str, Spectrum]:
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    itemsize = torch.finfo(dt).bits // 8
+    total = sum(len(v) for v in groups.values())
+    out: dict[str, Spectrum] = {}
+    done = 0
+    for (m, n), names in groups.items():
+        kk = min(m, n) if k is None else min(k, m, n)
+        use_rand = randomized if randomized is not None else (k is not None and kk + oversample < min(m, n) / 2)
+        per_item = (3 * m * n + (m + n) * min(m, n)) * itemsize  # input, workspace, factors
+        step = chunk_size(per_item, max_memory, len(names))
+        for lo in range(0, len(names), step):
+            chunk = names[lo: lo + step]
+            W = load(chunk).to(dev, dt)  # (L, m, n)
+            if use_rand:
+                U, S, Vh = randomized_svd(W, kk, oversample=oversample, n_iter=n_iter, seed=seed)
+            else:
+                U, S, Vh = svd(W)
+                U, S, Vh = U[..., :kk], S[..., :kk], Vh[..., :kk, :]
+            U, S, Vh = U.cpu(), S.cpu(), Vh.cpu()
+            for i, name in enumerate(chunk):
+                key = keys.get(name) or LayerKey("", None, name)
+                out[name] = Spectrum(name, key, U[i], S[i], Vh[i], kind=kind, exact=not use_rand)
+            done += len(chunk)
+            if progress:
+                progress(done, total, f"{m}x{n}")
+            del W
+    return out
