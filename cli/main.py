@@ -9,7 +9,9 @@ import click
 from lora_lens import __version__
 
 from .common import LoraLensGroup
+from .alignment_cmd import alignment_cmd
 from .inspect_cmd import inspect_cmd
+from .similarity_cmd import similarity_cmd
 
 
 @click.group(cls=LoraLensGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,6 +29,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 main.add_command(inspect_cmd)
+main.add_command(similarity_cmd)
+main.add_command(alignment_cmd)
 
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name=os.path.basename("lora-lens"))
