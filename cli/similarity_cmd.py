@@ -96,6 +96,7 @@ def render_pair(p) -> str:
              float(m.angles_deg.mean()), m.grassmann, m.baseline.grassmann] for m in p.modules]
     header = ["module", "k_a", "k_b", "φ", "random", "expected", "φ(k_a,k_b)", "mean θ°", "Grassmann", "random"]
     out += ["", table(rows, header)]
+    out += [f"note: {n}" for n in p.notes]
     for side, names in ((p.a, p.unmatched_a), (p.b, p.unmatched_b)):
         if names:
             out.append(f"only in {side} ({len(names)}): " + ", ".join(names[:5]) + (" …" if len(names) > 5 else ""))

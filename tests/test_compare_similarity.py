@@ -240,3 +240,14 @@ def test_pairwise_and_bad_options(llama_adapter):
     d = json.loads(json.dumps(pairs[0].to_dict(), allow_nan=False))
     assert len(d["modules"]) == 9 and "grid" in d["modules"][0] and "grid" in d["modules"][0]["expected"]
     assert not math.isnan(d["summary"]["phi"])
+
+
+def test_untrained_adapter_is_flagged(tiny_llama, tmp_path):
+    peft = pytest.importorskip("peft")
+    import copy
+    pm = peft.get_peft_model(copy.deepcopy(tiny_llama[0]), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    pm.save_pretrained(tmp_path)  # PEFT's default init: B = 0, so ΔW = 0
+    ad = load_adapter(tmp_path)
+    assert "untrained" in layer_similarity(ad).notes[-1]
+    assert layer_similarity(ad, what="A").notes == ()  # A is random, not zero
+    assert "untrained" in adapter_similarity(ad, ad).notes[0]

@@ -32,7 +32,7 @@ from ..types import Adapter, LayerKey
 from .baselines import DRAWS, PairBaseline, layer_baseline, nan_mean, pair_baseline
 from .pairing import DEFAULT_MAX_MEMORY
 from .serialize import as_list, in_layer_order, key_fields, num
-from .subspaces import Subspace, adapter_subspaces, cross_phi, padded, resolve_side
+from .subspaces import Subspace, adapter_subspaces, cross_phi, padded, resolve_side, zero_note
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,7 +130,7 @@ def layer_similarity(
             dim=d, ks=tuple(ks), phi=grid.cpu().double(), random_phi=rand, expected_phi=expected,
         ))
     return LayerSimilarity(adapter.label, str(adapter.path), what, side, k, tuple(grids), draws, seed,
-                           tuple(adapter.flags))
+                           tuple(adapter.flags) + zero_note(subs, what, adapter.label))
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,6 +199,7 @@ class AdapterSimilarity:
     unmatched_b: tuple[str, ...]
     draws: int
     seed: int
+    notes: tuple[str, ...] = ()
 
     def by_module_type(self) -> "OrderedDict[str, dict[str, float | None]]":
         """Mean φ (and its baselines) per module type, in first-seen order."""
@@ -216,7 +217,7 @@ class AdapterSimilarity:
             "what": self.what, "side": self.side, "k": self.k, "baseline": {"draws": self.draws, "seed": self.seed},
             "summary": self.summary(), "by_module_type": dict(self.by_module_type()),
             "modules": [m.to_dict(grids) for m in self.modules],
-            "unmatched_a": list(self.unmatched_a), "unmatched_b": list(self.unmatched_b),
+            "unmatched_a": list(self.unmatched_a), "unmatched_b": list(self.unmatched_b), "notes": list(self.notes),
         }
 
 
@@ -314,4 +315,5 @@ def _compare(a: Adapter, b: Adapter, sa: dict[str, Subspace], sb: dict[str, Subs
     return AdapterSimilarity(
         a=a.label, b=b.label, path_a=str(a.path), path_b=str(b.path), what=what, side=side, k=k, modules=modules,
         unmatched_a=tuple(unmatched_a), unmatched_b=tuple(sorted(by_norm.values())), draws=draws, seed=seed,
+        notes=zero_note(sa, what, a.label) + zero_note(sb, what, b.label),
     )

@@ -41,6 +41,8 @@ class Subspace:
     name: str
     key: LayerKey
     basis: torch.Tensor
+    #: The matrix was zero (an untrained ΔW with B = 0): the basis is arbitrary.
+    zero: bool = False
 
     @property
     def dim(self) -> int:
@@ -110,8 +112,17 @@ def adapter_subspaces(
         sp = spectra[m.name]
         basis = sp.U if side == "left" else sp.Vh.transpose(-1, -2)  # (d, k)
         kk = (m.rank if what == "base" else basis.shape[1]) if k is None else k
-        out[m.name] = Subspace(m.name, m.key, basis[:, :kk].contiguous())
+        out[m.name] = Subspace(m.name, m.key, basis[:, :kk].contiguous(), zero=bool(sp.S.max() <= 0))
     return out
+
+
+def zero_note(subs: "dict[str, Subspace] | list[Subspace]", what: str, label: str) -> tuple[str, ...]:
+    """A warning when some compared matrices are zero, so their φ means nothing."""
+    zero = [s.name for s in (subs.values() if isinstance(subs, dict) else subs) if s.zero]
+    if not zero:
+        return ()
+    return (f"{label}: {what} is zero in {len(zero)} module(s) (e.g. {zero[0]}), as in an untrained adapter "
+            "(B = 0); their φ compares arbitrary bases.",)
 
 
 def padded(bases: Sequence[torch.Tensor]) -> torch.Tensor:
