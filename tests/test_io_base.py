@@ -72,3 +72,21 @@ def test_bf16_stays_bf16_until_compute(tmp_path):
 def test_adapter_folder_refused_as_base(llama_adapter):
     with pytest.raises(CheckpointError, match="adapter folder"):
         open_base(llama_adapter[1])
+
+
+def test_nan_in_base_weight_is_named(tmp_path):
+    from lora_lens import NonFiniteError
+
+    w = torch.randn(4, 4)
+    w[1, 2] = float("nan")
+    save_file({"layers.0.q.weight": w, "layers.1.q.weight": torch.randn(4, 4)}, str(tmp_path / "model.safetensors"))
+    base = open_base(tmp_path)
+    assert base.info("layers.0.q.weight").shape == (4, 4)  # listing reads no data, so no error yet
+    with pytest.raises(NonFiniteError, match=r"model.safetensors: tensor 'layers.0.q.weight' holds 1 NaN/Inf"):
+        base.get("layers.0.q.weight")
+
+
+def test_sharded_index_naming_a_missing_shard(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a.weight": "model-1.safetensors"}}))
+    with pytest.raises(CheckpointError, match="model-1.safetensors"):
+        open_base(tmp_path)
