@@ -90,3 +90,23 @@ def test_sharded_index_naming_a_missing_shard(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a.weight": "model-1.safetensors"}}))
     with pytest.raises(CheckpointError, match="model-1.safetensors"):
         open_base(tmp_path)
+
+
+def test_atomic_writes_leave_no_temp_and_normal_permissions(tmp_path):
+    import os
+
+    from lora_lens.io import atomic_directory, atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out") as d:
+            atomic_write_text(d / "a.txt", "x")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+        assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+        assert (tmp_path / "out" / "a.txt").stat().st_mode & 0o777 == 0o644
+        with pytest.raises(RuntimeError):
+            with atomic_directory(tmp_path / "out2"):
+                raise RuntimeError("boom")
+        assert not (tmp_path / "out2").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    finally:
+        os.umask(mask)
