@@ -334,10 +334,6 @@ def write_report(out_dir: str | os.PathLike, report_spec: Mapping[str, Any] | Re
     page = render_html(report, link_pngs=write_pngs)
     data = json.dumps(results_json(report, json_data, link_pngs=write_pngs), indent=2, allow_nan=False) + "\n"
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        # mkdtemp makes the folder 0700; a report is meant to be shared or served like any new folder.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
         if write_pngs:
             (tmp / "figures").mkdir()
             for s in report.sections:
