@@ -8,8 +8,8 @@ import click
 
 from lora_lens import __version__
 
-from .common import LoraLensGroup
 from .alignment_cmd import alignment_cmd
+from .common import LoraLensGroup
 from .inspect_cmd import inspect_cmd
 from .similarity_cmd import similarity_cmd
 
