@@ -34,7 +34,7 @@ def pair_with_base(modules: Adapter | Sequence[LoraModule], base: BaseWeights) -
     Names are matched by :meth:`BaseWeights.weight_names_for` (backbone prefixes
     such as ``bert.`` bridged; a module absent from the base → ``KeyMatchError``).
     A base weight whose shape does not fit the module's ``ΔW`` (in the base's
-    stored layout) → one ``ShapeError`` naming every mismatched pair.
+    stored layout) → one ``ShapeError`` with the count and the first three pairs, both tensors named.
     """
     modules = list(modules)
     weights = base.weight_names_for([m.name for m in modules])
