@@ -63,6 +63,8 @@ def test_output_reads_back_with_load_adapter(trained, method):
     log = json.loads((result.output / "train_log.json").read_text())
     assert log["losses"] == result.losses and log["method"] == method
     assert log["trainable_parameters"] == result.trainable_parameters
+    assert log["curves"]["train_loss"] == result.losses and log["curves"]["knots"] == list(result.knots)
+    assert log["curves"]["eval_loss"] == [result.eval_loss_before, result.eval_loss]
 
 
 @pytest.mark.realmodel

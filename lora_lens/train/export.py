@@ -84,5 +84,6 @@ def save_run(run: Run, result: TrainResult, out: str | Path, overwrite: bool = F
             # ``tmp`` exists and is empty: save_peft_adapter fills it (atomically, by its own rename).
             save_peft_adapter(tmp, modules, base_model_name_or_path=base_name, metadata=meta)
         atomic_write_json(tmp / LOG_NAME, {**result.to_dict(), "output": str(out), "config": run.config.as_dict(),
-                                           "provenance": run.provenance, "lora_lens_version": __version__})
+                                           "provenance": run.provenance, "curves": result.curves(),
+                                           "lora_lens_version": __version__})
     return Path(out)

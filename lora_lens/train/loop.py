@@ -76,6 +76,15 @@ class TrainResult:
     output: Path | None = None
     model: nn.Module | None = field(default=None, repr=False)
 
+    def curves(self) -> dict:
+        """The run as ``lora_lens.report``'s loss-curve mapping: train loss per step, eval loss before
+        (step 0) and after (last step), Chain-of-LoRA knots."""
+        d = {"train_steps": list(range(1, len(self.losses) + 1)), "train_loss": list(self.losses),
+             "knots": list(self.knots)}
+        if self.eval_loss is not None:
+            d.update(eval_steps=[0, self.steps], eval_loss=[self.eval_loss_before, self.eval_loss])
+        return d
+
     def to_dict(self) -> dict:
         return {
             "method": self.method, "losses": self.losses, "eval_loss": self.eval_loss,
