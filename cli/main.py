@@ -8,8 +8,10 @@ import click
 
 from lora_lens import __version__
 
+from .alignment_cmd import alignment_cmd
 from .common import LoraLensGroup
 from .inspect_cmd import inspect_cmd
+from .similarity_cmd import similarity_cmd
 from .train_cmd import train_cmd
 
 
@@ -28,6 +30,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 main.add_command(inspect_cmd)
+main.add_command(similarity_cmd)
+main.add_command(alignment_cmd)
 main.add_command(train_cmd)
 
 if __name__ == "__main__":  # pragma: no cover
