@@ -5,7 +5,8 @@ the same batches and the same number of steps, with the same per-step work
 (forward, next-token loss, backward, grad-norm clip, AdamW step, zero_grad,
 ``loss.item()``). Rounds alternate between the two so that load on a shared
 machine hits both alike; the median step time per side is reported, and the
-ratio lora_lens / PEFT (target ≤ 1.2).
+ratio lora_lens / PEFT (target ≤ 1.2). Then the step time of each method of
+the trainer on the first model, relative to its plain LoRA.
 
     PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/bench_train.py [--steps 20] [--rounds 5] [--device cpu]
 """
@@ -70,14 +71,14 @@ def peft_steps(model, blocks, steps, lr, device) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def lora_lens_steps(model, seq_len, steps, lr, device) -> float:
+def lora_lens_steps(model, seq_len, steps, lr, device, method="lora") -> float:
     """Seconds per step of lora_lens's own loop (``fit``), the first (warm-up) step not timed.
 
     Times are taken in the injected ``log`` at the end of each step.
     """
     from lora_lens.train import TrainConfig, fit, prepare
 
-    cfg = TrainConfig(method="lora", rank=8, alpha=16, targets=("q_proj", "v_proj"), steps=steps + 1, lr=lr,
+    cfg = TrainConfig(method=method, rank=8, alpha=16, targets=("q_proj", "v_proj"), steps=steps + 1, lr=lr,
                       batch_size=8, seq_len=seq_len, eval_fraction=0.0, device=device)
     stamps = []
     fit(prepare(model, cfg), log=lambda rec: stamps.append(time.perf_counter()) if rec["event"] == "step" else None)
@@ -105,6 +106,14 @@ def main():
         o, t = statistics.median(ours), statistics.median(theirs)
         print(f"{name:38s} lora_lens {o * 1e3:7.2f} ms/step   PEFT+AdamW {t * 1e3:7.2f} ms/step   "
               f"ratio {o / t:.3f}")
+    model = next(iter(models().values()))
+    per_method = {m: [] for m in ("lora", "cora-frozen", "cora-init", "condlora", "lora-sp", "chain")}
+    for _ in range(args.rounds):
+        for m in per_method:
+            per_method[m].append(lora_lens_steps(model, args.seq_len, args.steps, 1e-3, args.device, m))
+    ref = statistics.median(per_method["lora"])
+    print("lora_lens methods on the first model: " + ", ".join(
+        f"{m} {statistics.median(v) * 1e3:.2f} ms ({statistics.median(v) / ref:.2f}x)" for m, v in per_method.items()))
 
 
 if __name__ == "__main__":

@@ -126,3 +126,14 @@ def test_plain_module_is_copied_not_changed(tmp_path):
     adapter = lora_lens.load_adapter(tmp_path / "toy")
     assert adapter.names == ["block.q_proj", "block.v_proj"]
     assert result.trainable_parameters == 2 * 2 * (16 + 16)
+
+
+@pytest.mark.realmodel
+def test_train_log_curves_plot_in_the_report(trained):
+    from matplotlib.figure import Figure
+
+    from lora_lens.report.training_plots import plot_loss_curves
+
+    runs = {m: json.loads((trained[m].output / "train_log.json").read_text())["curves"] for m in ("lora", "chain")}
+    artists = plot_loss_curves(Figure().add_subplot(), runs)
+    assert len(artists) >= 4  # two train curves, two eval curves, knots, legends

@@ -19,7 +19,6 @@ from torch import nn
 
 from .config import TrainConfig
 from .data import TokenData, batches
-from .layers import LoRALinear
 from .masks import UpdateMasks
 from .models import lm_loss
 from .setup import Adapted
@@ -146,9 +145,8 @@ def start_new_link(run: Run) -> None:
 def finish_chain(run: Run) -> None:
     """Merge the last link; the layers then add nothing (``B = 0``) and the base holds the whole chain."""
     merge_link(run)
-    for layer in run.adapted.layers.values():
-        assert isinstance(layer, LoRALinear)
-        with torch.no_grad():
+    with torch.no_grad():
+        for layer in run.adapted.layers.values():
             layer.lora_B.zero_()
 
 
