@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 from torch import nn
 
 from ..errors import ConfigError
+from ..keys import parse_module_path
 from .layers import is_conv1d
 
 #: Tried in order when no targets are given: the first set that matches wins.
@@ -64,8 +65,6 @@ def find_targets(model: nn.Module, targets: Sequence[str] | None) -> list[tuple[
 
 
 def _adaptable_types(named: list[tuple[str, nn.Module]]) -> list[str]:
-    from ..keys import parse_module_path
-
     return list(dict.fromkeys(parse_module_path(p).module for p, m in named if is_adaptable(m)))[:12]
 
 

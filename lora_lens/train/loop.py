@@ -151,7 +151,7 @@ def finish_chain(run: Run) -> None:
 
 
 def fit(run: Run, log: Log | None = None, progress: Progress | None = None) -> TrainResult:
-    """Train ``run`` for ``config.steps`` steps and return the losses and counts."""
+    """Train ``run`` for ``config.steps`` steps and return the losses and counts (the model ends in eval mode)."""
     cfg, model, opt, masks = run.config, run.model, run.optimizer, run.masks
     log = log or (lambda record: None)
     params = run.trainable()
@@ -208,6 +208,7 @@ def fit(run: Run, log: Log | None = None, progress: Progress | None = None) -> T
     if cfg.method == "chain":
         finish_chain(run)
     eval_after = evaluate(run)
+    model.eval()  # trained: hand it back ready for inference
     trainable, allocated = run.parameter_counts()
     result = TrainResult(
         method=cfg.method, losses=losses, eval_loss=eval_after, eval_loss_before=eval_before,
