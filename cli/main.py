@@ -12,6 +12,7 @@ from .alignment_cmd import alignment_cmd
 from .common import LoraLensGroup
 from .inspect_cmd import inspect_cmd
 from .similarity_cmd import similarity_cmd
+from .train_cmd import train_cmd
 
 
 @click.group(cls=LoraLensGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,6 +32,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 main.add_command(inspect_cmd)
 main.add_command(similarity_cmd)
 main.add_command(alignment_cmd)
+main.add_command(train_cmd)
 
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name=os.path.basename("lora-lens"))
