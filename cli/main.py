@@ -10,6 +10,9 @@ from lora_lens import __version__
 
 from .common import LoraLensGroup
 from .inspect_cmd import inspect_cmd
+from .condlora_cmd import condlora_cmd
+from .cora_cmd import cora_cmd
+from .pissa_cmd import pissa_cmd, reduce_cmd
 
 
 @click.group(cls=LoraLensGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,6 +30,10 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 main.add_command(inspect_cmd)
+main.add_command(condlora_cmd)
+main.add_command(cora_cmd)
+main.add_command(pissa_cmd)
+main.add_command(reduce_cmd)
 
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name=os.path.basename("lora-lens"))
