@@ -45,3 +45,4 @@ def test_stacked_lstsq_matches_numpy(p, q):
     X = stacked_lstsq(zip(Ms, Ys))
     ref = np.linalg.lstsq(torch.cat(Ms).numpy(), torch.cat(Ys).numpy(), rcond=None)[0]  # min-norm too
     np.testing.assert_allclose(X.numpy(), ref, atol=1e-10)
+
