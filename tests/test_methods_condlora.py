@@ -200,3 +200,27 @@ def test_init_loads_in_peft_on_stories(stories_path, stories_model, tmp_path):
     pm = load_with_peft(stories_model, tmp_path / "cl" / "peft")
     ids = token_ids(512)
     assert torch.equal(pm(ids).logits, stories_model(ids).logits)
+
+
+def test_analysis_with_rank_pattern_and_alpha_pattern(llama_adapter, tiny_llama):
+    """Layers of different rank are compared with φ's min(i, j) normalisation, one by one."""
+    an = condlora_analysis(llama_adapter[1], tiny_llama[1], device="cpu", dtype="float64")
+    g = an.grid("self_attn.q_proj", "B")
+    assert g.ranks == (4, 2, 4)
+    assert torch.allclose(torch.diagonal(g.phi), torch.ones(3, dtype=torch.float64))
+    assert 0 <= float(g.phi[0, 1]) <= 1 and g.equation == "W0 C_B = B"
+    assert an.grid("self_attn.v_proj", "A").equation == "W0^T C_A = A^T"  # v_proj is 16×32: general
+    # down_proj W0 is 32×48: C_A (m, r) lives in R^32, C_B (n, r) in R^48
+    assert an.grid("mlp.down_proj", "A").dim == 32 and an.grid("mlp.down_proj", "B").dim == 48
+
+
+def test_gpt2_conv1d_factors_use_the_pytorch_layout(tiny_gpt2, tmp_path):
+    model, folder = tiny_gpt2
+    condlora_init(folder, 4, "c_attn", out_dir=tmp_path / "g", mode="general")
+    pm = load_with_peft(model, tmp_path / "g" / "peft")
+    ids = token_ids(64)
+    assert torch.equal(pm(ids).logits, model(ids).logits)
+    theta = load_file(tmp_path / "g" / "condlora_theta.safetensors")
+    W0 = model.transformer.h[1].attn.c_attn.weight.detach().T  # Conv1D stores (n, m): (m, n) = (96, 32)
+    A, _ = condlora_factors(theta["attn.c_attn.theta_A"], theta["attn.c_attn.theta_B"], W0, "general")
+    assert torch.allclose(load_adapter(tmp_path / "g" / "peft")["transformer.h.1.attn.c_attn"].A, A, atol=1e-6)

@@ -43,6 +43,14 @@ def test_stories_residual_plus_adapter_equals_original(stories_path, stories_mod
         assert torch.allclose(res, layer.base_layer.weight.detach(), atol=1e-5)
 
 
+def test_tiny_llama_residual_plus_adapter_equals_original(tiny_llama, tmp_path):
+    model, folder = tiny_llama
+    pissa_init(folder, 4, "q_proj,k_proj,up_proj", out_dir=tmp_path / "p", alpha=16)
+    pm = load_with_peft(_residual_model(model, tmp_path / "p"), tmp_path / "p")
+    ids = token_ids(64)
+    assert torch.allclose(pm(ids).logits, model(ids).logits, atol=1e-5)
+
+
 def test_gpt2_conv1d_and_randomized(tiny_gpt2, tmp_path):
     model, folder = tiny_gpt2
     ids = token_ids(64)

@@ -111,6 +111,15 @@ def load_weight(base: BaseWeights, layer: TargetLayer, dtype: torch.dtype | None
     return W if dtype is None else W.to(dtype)
 
 
+def load_stack(base: BaseWeights, layers: Sequence[TargetLayer], device: torch.device,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Same-shaped weights as one ``(c, m, n)`` tensor, converted one layer at a time (no stored-dtype stack)."""
+    out = torch.empty(len(layers), *layers[0].shape, device=device, dtype=dtype)
+    for i, layer in enumerate(layers):
+        out[i].copy_(load_weight(base, layer))
+    return out
+
+
 def stored_layout(W: torch.Tensor, layout: str) -> torch.Tensor:
     """Back from ``(m, n)`` to the layout the checkpoint stores (``(n, m)`` for Conv1D)."""
     return W.T.contiguous() if layout == "conv1d" else W.contiguous()

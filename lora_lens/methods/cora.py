@@ -45,7 +45,7 @@ from ..io.initfile import InitDescription, write_init_description
 from ..io.peft import save_peft_adapter
 from ..keys import match_modules_to_weights
 from ..linalg import randomized_svd, svd
-from .common import InitResult, TargetLayer, check_rank, layer_chunks, load_weight, lora_module, provenance, \
+from .common import InitResult, TargetLayer, check_rank, layer_chunks, load_stack, lora_module, provenance, \
     target_layers
 
 SOURCE_KINDS = ("weights", "deltas")
@@ -131,12 +131,12 @@ def cora_basis(
 
     def stacked(chunk: list[TargetLayer]) -> torch.Tensor:
         """``(c, m, M·n)``: each layer's sources side by side."""
-        W0 = torch.stack([load_weight(base, x) for x in chunk]).to(dev, dt)  # (c, m, n)
+        W0 = load_stack(base, chunk, dev, dt)  # (c, m, n)
         parts = [] if source_kind == "deltas" else [W0]
         for s, nm in zip(srcs, names):
             Ws = torch.stack([_source_weight(s, nm[x.weight], x) for x in chunk]).to(dev, dt)
             parts.append(Ws - W0 if source_kind == "deltas" else Ws)
-        return torch.cat(parts, dim=-1)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     bases, svals, energy = {}, {}, {}
     total = sum(len(v) for v in layers.values())
@@ -154,7 +154,7 @@ def cora_basis(
                 G += torch.einsum("cij,ckj->ik", S, S)  # Σ_c S_c S_cᵀ (m, m)
             else:
                 U, sv = _top_left(S, rank, oversample, n_iter, seed)
-                frob2 = (S.double() ** 2).sum(dim=(-2, -1))  # (c,)
+                frob2 = torch.linalg.matrix_norm(S).double() ** 2  # (c,), without a float64 copy of S
                 for j, x in enumerate(chunk):
                     bases[x.module] = _scaled(U[j], scale).cpu()
                     svals[x.module] = sv[j].double().cpu()
