@@ -7,8 +7,9 @@ import click
 from lora_lens.methods import condlora_analysis, condlora_init
 
 from .common import echo_json, table
-from .init_options import (device_option, dtype_option, join_targets, json_option, out_option, overwrite_option,
+from .init_options import (join_targets, json_option, out_option, overwrite_option,
                            render_init, seed_option, targets_option)
+from .options import compute_options
 
 
 @click.group("condlora")
@@ -23,8 +24,7 @@ def condlora_cmd() -> None:
               help="Equations: official W0 C_A = Aᵀ (square W0), general W0ᵀ C_A = Aᵀ; auto picks per module type.")
 @click.option("--rcond", type=float, default=None, help="Relative cut-off for small singular values (least squares).")
 @seed_option
-@device_option
-@dtype_option()
+@compute_options
 @json_option
 def analyze_cmd(adapter, base, mode, rcond, seed, device, dtype, as_json) -> None:
     """Conversion matrices of every layer and their cross-layer similarity.
@@ -67,8 +67,7 @@ def analyze_cmd(adapter, base, mode, rcond, seed, device, dtype, as_json) -> Non
 @out_option("Init folder to write (lora_lens_init.json, condlora_theta.safetensors, peft/).")
 @overwrite_option
 @seed_option
-@device_option
-@dtype_option("float64")
+@compute_options
 @json_option
 def init_cmd(base, rank, targets, from_adapter, mode, alpha, out_dir, overwrite, seed, device, dtype, as_json):
     """Write CondLoRA Θ (one pair per module type) and the PEFT adapter it gives.

@@ -7,8 +7,9 @@ import click
 from lora_lens.methods import cora_basis, cora_init, write_cora_basis
 
 from .common import echo_json, table
-from .init_options import (device_option, dtype_option, join_targets, json_option, out_option, overwrite_option,
+from .init_options import (join_targets, json_option, out_option, overwrite_option,
                            render_init, seed_option, targets_option)
+from .options import compute_options
 
 
 def basis_options(f):
@@ -25,7 +26,7 @@ def basis_options(f):
                      show_default=True, help="Orthonormal B, or B scaled to a Kaiming-uniform B's norm."),
         click.option("--n-iter", type=int, default=16, show_default=True,
                      help="Power iterations of the randomized range finder."),
-        seed_option, device_option, dtype_option(), overwrite_option, json_option,
+        seed_option, overwrite_option, json_option, compute_options,
     ]):
         f = opt(f)
     return f

@@ -6,15 +6,9 @@ import click
 
 from .common import echo_json, table
 
-device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 seed_option = click.option("--seed", default=0, show_default=True, type=int, help="Seed for every random draw.")
-
-
-def dtype_option(default: str = "float32"):
-    return click.option("--dtype", type=click.Choice(["float32", "float64"]), default=default, show_default=True,
-                        help="Compute dtype (files are written in float32).")
 
 
 def out_option(what: str):

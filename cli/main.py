@@ -8,8 +8,11 @@ import click
 
 from lora_lens import __version__
 
+from .alignment_cmd import alignment_cmd
 from .common import LoraLensGroup
 from .inspect_cmd import inspect_cmd
+from .similarity_cmd import similarity_cmd
+from .train_cmd import train_cmd
 from .condlora_cmd import condlora_cmd
 from .cora_cmd import cora_cmd
 from .pissa_cmd import pissa_cmd, reduce_cmd
@@ -30,6 +33,9 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 main.add_command(inspect_cmd)
+main.add_command(similarity_cmd)
+main.add_command(alignment_cmd)
+main.add_command(train_cmd)
 main.add_command(condlora_cmd)
 main.add_command(cora_cmd)
 main.add_command(pissa_cmd)

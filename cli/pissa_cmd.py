@@ -6,8 +6,9 @@ import click
 
 from lora_lens.methods import pissa_init, reduce_rank
 
-from .init_options import (device_option, dtype_option, join_targets, json_option, out_option, overwrite_option,
+from .init_options import (join_targets, json_option, out_option, overwrite_option,
                            render_init, seed_option, targets_option)
+from .options import compute_options
 
 
 @click.command("pissa")
@@ -20,8 +21,7 @@ from .init_options import (device_option, dtype_option, join_targets, json_optio
 @out_option("Init folder: a PEFT adapter, residual_model.safetensors and lora_lens_init.json.")
 @overwrite_option
 @seed_option
-@device_option
-@dtype_option()
+@compute_options
 @json_option
 def pissa_cmd(base, rank, targets, alpha, niter, out_dir, overwrite, seed, device, dtype, as_json):
     """PiSSA init: B, A from W0's top-r singular triplets, residual base W0 − s·B·A.
@@ -45,8 +45,7 @@ def pissa_cmd(base, rank, targets, alpha, niter, out_dir, overwrite, seed, devic
               help="Keep the fewest directions holding this fraction of Σσ² per module (PEFT's convention).")
 @out_option("Folder for the reduced PEFT adapter.")
 @overwrite_option
-@device_option
-@dtype_option()
+@compute_options
 @json_option
 def reduce_cmd(adapter, rank, energy, out_dir, overwrite, device, dtype, as_json):
     """Reduce an adapter's rank by truncating each module's SVD (best rank-k approximation).

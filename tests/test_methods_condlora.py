@@ -224,3 +224,21 @@ def test_gpt2_conv1d_factors_use_the_pytorch_layout(tiny_gpt2, tmp_path):
     W0 = model.transformer.h[1].attn.c_attn.weight.detach().T  # Conv1D stores (n, m): (m, n) = (96, 32)
     A, _ = condlora_factors(theta["attn.c_attn.theta_A"], theta["attn.c_attn.theta_B"], W0, "general")
     assert torch.allclose(load_adapter(tmp_path / "g" / "peft")["transformer.h.1.attn.c_attn"].A, A, atol=1e-6)
+
+
+def test_gpt2_analysis_transposes_conv1d_base(gpt2_adapter, tiny_gpt2):
+    """attn.c_proj is a square Conv1D: W0 is the stored weight transposed; checked against NumPy."""
+    _, folder = gpt2_adapter
+    model, base_folder = tiny_gpt2
+    ad = load_adapter(folder)
+    an = condlora_analysis(ad, base_folder, device="cpu", dtype="float64")
+    g = an.grid("attn.c_proj", "A")
+    assert g.equation == "W0 C_A = A^T" and an.grid("attn.c_attn", "A").equation == "W0^T C_A = A^T"
+    Us = []
+    for block in (0, 1):
+        m = ad[f"transformer.h.{block}.attn.c_proj"]
+        W0 = model.transformer.h[block].attn.c_proj.weight.detach().double().T.numpy()  # (m, n)
+        C = np.linalg.solve(W0, m.A.double().numpy().T)
+        Us.append(np.linalg.svd(C, full_matrices=False)[0][:, : m.rank])
+    ref = np.sum((Us[0].T @ Us[1]) ** 2) / ad["transformer.h.0.attn.c_proj"].rank
+    assert abs(float(g.phi[0, 1]) - ref) < 1e-9

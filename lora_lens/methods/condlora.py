@@ -324,7 +324,7 @@ def condlora_init(
     seed: int = 0,
     overwrite: bool = False,
     device: str | torch.device = "auto",
-    dtype: str | torch.dtype = "float64",
+    dtype: str | torch.dtype = "float32",
     rcond: float | None = None,
 ) -> InitResult:
     """Write a CondLoRA init folder: ``Θ`` per module type, and the per-layer A, B it gives as a PEFT adapter.
@@ -342,8 +342,9 @@ def condlora_init(
     the adapter's, ``targets`` to its module types.
 
     ``alpha`` defaults to ``rank`` (``s = 1``). Layout of the folder:
-    :mod:`lora_lens.io.initfile`. ``dtype`` is the compute dtype (the fit is a
-    QR of the stacked layers; float64 by default); files are float32.
+    :mod:`lora_lens.io.initfile`. ``dtype`` is the compute dtype (the warm-start
+    fit is a QR of the stacked layers: ask for float64 when its residual must
+    be read below ~1e-6); files are float32.
     """
     if mode not in MODES:
         raise ConfigError(f"unknown CondLoRA mode {mode!r}; expected one of {list(MODES)}.")
