@@ -233,7 +233,7 @@ def _analyse_type(mt, mods, weights, base, mode, dev, dt, rcond, seed, max_memor
             B = torch.stack([m.B for m in chunk]).to(dev, dt)  # (c, m, r)
             F = {"A": A.transpose(-1, -2), "B": B}  # (c, n, r), (c, m, r)
             Gs = {s: torch.stack([draws[i][s][1] for i in idx]).to(dev, dt) for s in SIDES}
-            X = _solve(W, F, Gs, eq, rcond)
+            X = _solve_sides(W, F, Gs, eq, rcond)
             for s in SIDES:
                 C, Cg = X[s][..., :r], X[s][..., r:]
                 system = W.transpose(-1, -2) if (eq == "general" and s == "A") else W
@@ -264,7 +264,7 @@ def _w0(base: BaseWeights, name: str, m: LoraModule) -> torch.Tensor:
     return W.T if m.layout == "conv1d" else W
 
 
-def _solve(W, F, Gs, eq, rcond) -> dict[str, torch.Tensor]:
+def _solve_sides(W, F, Gs, eq, rcond) -> dict[str, torch.Tensor]:
     """``X_s = S_s⁺ [F_s | G_s]`` per side; one solve for both sides when they share ``S = W0``."""
     if eq == "official":
         r = F["A"].shape[-1]
@@ -380,7 +380,7 @@ def condlora_init(
         if mt in fitted:
             tA, tB, fit = _fit_theta(fitted[mt], base, rank, alpha / rank, mode, dev, dt, rcond)
         else:
-            tA, tB, fit = (*_default_theta(m, n, rank, mode, gen), None)
+            tA, tB, fit = (*condlora_theta_default(m, n, rank, mode, gen), None)
         thetas[f"{mt}.theta_A"], thetas[f"{mt}.theta_B"] = tA.float().cpu(), tB.float().cpu()
         for layer in ls:
             W0 = load_weight(base, layer, dt).to(dev)
@@ -405,15 +405,25 @@ def condlora_init(
     return InitResult(Path(out_dir), desc, tuple(records), summary)
 
 
-def _default_theta(m: int, n: int, r: int, mode: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kaiming-uniform ``Θ_A`` (a = √5, fan-in = the map's input size) and zero ``Θ_B``."""
+def condlora_theta_default(m: int, n: int, rank: int, mode: str, generator: torch.Generator | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh ``Θ`` for a module type of shape ``(m, n)``: Kaiming-uniform ``Θ_A``, zero ``Θ_B`` (float32).
+
+    ``torch.nn.init.kaiming_uniform_(a=√5)`` on the linear map ``Θ_A`` is, so
+    the bound is ``1/√fan_in``: official ``Θ_A (r, n)`` is a ``Linear(n → r)``
+    (fan-in ``n``); general ``Θ_Aᵀ (r, m)`` is a ``Linear(m → r)`` (fan-in
+    ``m``), drawn as ``(r, m)`` and returned transposed ``(m, r)``. ``Θ_B = 0``
+    makes ``B = 0``, so ``ΔW = 0`` at step 0.
+    """
     if mode == "official":
-        tA = torch.empty(r, n)
-        torch.nn.init.kaiming_uniform_(tA, a=math.sqrt(5), generator=gen)  # a Linear(n → r): fan-in n
-        return tA, torch.zeros(r, n)
-    tAT = torch.empty(r, m)
-    torch.nn.init.kaiming_uniform_(tAT, a=math.sqrt(5), generator=gen)  # Θ_Aᵀ is a Linear(m → r): fan-in m
-    return tAT.T.contiguous(), torch.zeros(n, r)
+        tA = torch.empty(rank, n)
+        torch.nn.init.kaiming_uniform_(tA, a=math.sqrt(5), generator=generator)
+        return tA, torch.zeros(rank, n)
+    if mode != "general":
+        raise ConfigError(f"unknown CondLoRA mode {mode!r}; expected one of {list(MODES)}.")
+    tAT = torch.empty(rank, m)
+    torch.nn.init.kaiming_uniform_(tAT, a=math.sqrt(5), generator=generator)
+    return tAT.T.contiguous(), torch.zeros(n, rank)
 
 
 def _adapter_by_type(adapter: Adapter, base: BaseWeights, layers) -> dict[str, list[tuple[TargetLayer, LoraModule]]]:

@@ -153,7 +153,7 @@ def cora_basis(
             if share_across_layers:
                 G += torch.einsum("cij,ckj->ik", S, S)  # Σ_c S_c S_cᵀ (m, m)
             else:
-                U, sv = _top_left(S, rank, oversample, n_iter, seed)
+                U, sv = top_left_subspace(S, rank, oversample, n_iter, seed)
                 frob2 = torch.linalg.matrix_norm(S).double() ** 2  # (c,), without a float64 copy of S
                 for j, x in enumerate(chunk):
                     bases[x.module] = _scaled(U[j], scale).cpu()
@@ -164,7 +164,7 @@ def cora_basis(
                 progress(done, total, mt)
             del S
         if share_across_layers:
-            U, lam = _top_left(G, rank, oversample, n_iter, seed)  # eigenvalues of G = σ² of the stack
+            U, lam = top_left_subspace(G, rank, oversample, n_iter, seed)  # eigenvalues of G = σ² of the stack
             bases[mt] = _scaled(U, scale).cpu()
             svals[mt] = lam.clamp_min(0).sqrt().double().cpu()
             tr = float(torch.diagonal(G).double().sum())
@@ -175,8 +175,15 @@ def cora_basis(
                      tuple(str(x.path) for x in [base, *srcs]))
 
 
-def _top_left(S: torch.Tensor, rank: int, oversample: int, n_iter: int, seed: int):
-    """Top-``r`` left singular vectors and values of ``S (..., m, N)``: exact when small, else randomized."""
+def top_left_subspace(S: torch.Tensor, rank: int, oversample: int = 16, n_iter: int = 16, seed: int = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``r`` left singular vectors ``(..., m, r)`` and values ``(..., r)`` of ``S (..., m, N)``.
+
+    CoRA's kernel, for in-memory matrices (a trainer's loaded weights, stacked
+    sources): the exact SVD when ``r + oversample ≥ min(m, N)/2``, else the
+    randomized range finder with ``n_iter`` power iterations (16: see the
+    module docstring). Signs fixed; batched over leading dimensions.
+    """
     m, N = S.shape[-2:]
     if rank + oversample >= min(m, N) / 2:
         U, sv, _ = svd(S)
