@@ -5,7 +5,7 @@
    q/k/v get LLM-like spectra (a decaying low-rank part over a noise bulk), so their
    top-r subspace is well defined.
 2. ``cora_init`` (r=16, q/k/v, per layer) through lora_lens, in a subprocess: time and
-   peak RSS above the interpreter's.
+   peak RSS (and the RSS after imports, for comparison).
 3. The full-SVD approach in a subprocess: load the checkpoint as a state dict
    (``safetensors.torch.load_file``), then ``torch.linalg.svd`` of each full stacked
    matrix (one source: the weight itself). A full SVD of a 2048² matrix takes seconds,
@@ -41,6 +41,14 @@ TARGETS = ("q_proj", "k_proj", "v_proj")
 
 def rss_peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def rss_now_mib() -> float:
+    """Current resident set (Linux), the baseline a job's peak is compared with."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return rss_peak_mib()
 
 
 def make_base(folder: Path, layers: int, hidden: int, mlp: int, vocab: int, seed: int = 0) -> float:
@@ -97,7 +105,7 @@ def worker_lora(base: str, out: str, rank: int, n_iter: int) -> dict:
 
     from lora_lens.methods import cora_init
 
-    before = rss_peak_mib()
+    before = rss_now_mib()
     t = time.perf_counter()
     res = cora_init(base, rank, list(TARGETS), out_dir=out, mode="frozen", device="cpu", n_iter=n_iter)
     seconds = time.perf_counter() - t
@@ -111,7 +119,7 @@ def worker_ref(base: str, out: str, rank: int, samples: int) -> dict:
 
     from lora_lens.linalg import phi
 
-    before = rss_peak_mib()
+    before = rss_now_mib()
     t = time.perf_counter()
     index = json.loads((Path(base) / "model.safetensors.index.json").read_text())
     state = {}
@@ -232,10 +240,10 @@ def main() -> None:
         "threads": a.threads, "load_average": [round(x, 1) for x in os.getloadavg()], "base_gib_bf16": round(gib, 3), "make_base_seconds": round(make_s, 1),
         "targets": ref["targets"], "rank": a.rank, "n_iter": a.n_iter,
         "lora_lens_seconds": round(lora["seconds"], 2),
-        "lora_lens_peak_rss_mib_above_start": round(lora["peak_rss_mib"] - lora["rss_before_mib"]),
+        "lora_lens_peak_rss_mib": round(lora["peak_rss_mib"]), "lora_lens_rss_at_start_mib": round(lora["rss_before_mib"]),
         "full_svd_seconds_per_matrix": round(per_svd, 2),
         "full_svd_seconds_extrapolated": round(ref_total, 1),
-        "full_svd_peak_rss_mib_above_start": round(ref["peak_rss_mib"] - ref["rss_before_mib"]),
+        "full_svd_peak_rss_mib": round(ref["peak_rss_mib"]), "full_svd_rss_at_start_mib": round(ref["rss_before_mib"]),
         "speedup_extrapolated": round(ref_total / lora["seconds"], 1),
         "per_matrix_speedup": round(per_svd / (lora["seconds"] / ref["targets"]), 1),
         "phi_vs_exact_min": round(min(ref["phi"]), 6),
@@ -245,10 +253,11 @@ def main() -> None:
     print(f"synthetic base: {a.layers} layers, hidden {a.hidden}, MLP {a.mlp}, {gib:.2f} GiB bf16 "
           f"(written in {make_s:.1f} s); CoRA r={a.rank} on {ref['targets']} q/k/v matrices, {a.threads} threads, "
           f"{a.n_iter} power iterations")
-    print(f"  lora_lens cora_init   {lora['seconds']:8.2f} s   peak RSS +{res['lora_lens_peak_rss_mib_above_start']} MiB")
+    print(f"  lora_lens cora_init   {lora['seconds']:8.2f} s   peak RSS {res['lora_lens_peak_rss_mib']} MiB "
+          f"(at start {res['lora_lens_rss_at_start_mib']} MiB)")
     print(f"  full SVD (reference)  {ref_total:8.1f} s   (load {ref['load_seconds']:.1f} s + {per_svd:.2f} s/matrix "
           f"× {ref['targets']}, extrapolated from {len(ref['svd_seconds'])} matrices)   peak RSS "
-          f"+{res['full_svd_peak_rss_mib_above_start']} MiB")
+          f"{res['full_svd_peak_rss_mib']} MiB (at start {res['full_svd_rss_at_start_mib']} MiB)")
     print(f"  speedup ×{res['speedup_extrapolated']} (per matrix ×{res['per_matrix_speedup']}); "
           f"φ(lora_lens, exact top-{a.rank}) ≥ {res['phi_vs_exact_min']}")
     if mini:
