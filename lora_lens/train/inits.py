@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 
-from ..decompose import decompose_matrices
 from ..errors import ConfigError, ShapeError
 from ..io import INIT_NAME, THETA_NAME, load_adapter, open_tensor_file, read_init_description
 from ..keys import match_modules_to_weights
-from .layers import kaiming_uniform
+from ..methods.cora import top_left_subspace
 
 #: The trainer's method → the init-folder method it accepts.
 INIT_METHOD = {"cora-frozen": "cora", "cora-init": "cora", "condlora": "condlora"}
@@ -94,29 +93,31 @@ def read_init(folder: str | Path, method: str, module_paths: list[str]) -> CoraI
     return CondLoraInit(desc.rank, desc.alpha, desc.mode, theta, str(folder))
 
 
-# --------------------------------------------------------------------------- STAND-INS
-# Minimal in-trainer inits used when no --init folder is given. Redirect
-# cora_basis_from_base / condlora_theta_default (and condlora_mode_for) to
-# lora_lens.methods.cora / lora_lens.methods.condlora when they land.
+# --------------------------------------------------------------------------- INITS FROM THE BASE
+# Used when no --init folder is given: the methods package's own kernels, so a
+# trainer-computed init equals what `lora-lens cora init` / `condlora init` write.
 
 
 def cora_basis_from_base(weights: dict[str, torch.Tensor], rank: int, device: str | torch.device = "cpu"
                          ) -> dict[str, torch.Tensor]:
-    """STAND-IN for CoRA's common basis, from the one base alone (methods.md §6, M = 1 source).
+    """CoRA's common basis from the one base alone (methods.md §6, M = 1 source).
 
     For each layer's ``W0 (m, n)``: ``B = U_r``, its top-r left singular
-    vectors ``(m, r)`` (orthonormal, signs fixed), batched by shape through
-    :func:`~lora_lens.decompose.decompose_matrices` (exact when every
-    ``min(m, n) ≤ 1024``, else the randomized range finder).
+    vectors ``(m, r)`` (orthonormal, signs fixed), by
+    :func:`lora_lens.methods.cora.top_left_subspace`, batched by shape.
     """
     small = [f"{p} {tuple(W.shape)}" for p, W in weights.items() if min(W.shape) < rank]
     if small:
         raise ConfigError(f"rank {rank} exceeds min(m, n) of {small[:3]}; lower --rank.")
-    # Exact SVD for small matrices (cheap, and no randomized error on close σ_r, σ_r+1); randomized beyond.
-    small_only = all(min(W.shape) <= 1024 for W in weights.values())
-    spectra = decompose_matrices({p: W.detach().float() for p, W in weights.items()}, k=rank, device=device,
-                                 randomized=False if small_only else None)
-    return {p: spectra[p].U[:, :rank].contiguous() for p in weights}
+    groups: dict[tuple, list[str]] = {}
+    for p, W in weights.items():
+        groups.setdefault(tuple(W.shape), []).append(p)
+    out = {}
+    for names in groups.values():
+        S = torch.stack([weights[p].detach().float() for p in names]).to(device)  # (L, m, n)
+        U, _ = top_left_subspace(S, rank)  # (L, m, r)
+        out.update({p: U[i].cpu().contiguous() for i, p in enumerate(names)})
+    return {p: out[p] for p in weights}
 
 
 def condlora_mode_for(shapes: dict[str, tuple[int, int]], mode: str | None) -> str:
@@ -130,17 +131,3 @@ def condlora_mode_for(shapes: dict[str, tuple[int, int]], mode: str | None) -> s
     elif mode != "general":
         raise ConfigError(f"CondLoRA mode {mode!r} is unknown; expected 'official' or 'general'.")
     return mode
-
-
-def condlora_theta_default(m: int, n: int, rank: int, mode: str, generator: torch.Generator | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """STAND-IN for CondLoRA's fresh init (methods.md §5): ``Θ_A`` Kaiming-uniform (a=√5), ``Θ_B = 0``.
-
-    official: ``theta_A (r, n)`` with fan-in ``n``, ``theta_B (r, n)``;
-    general: ``theta_A (m, r)`` drawn as its transpose ``(r, m)`` with fan-in
-    ``m`` (our choice: the same orientation as LoRA's ``A``), ``theta_B (n, r)``.
-    ``B = W0 Θ_B = 0``, so ``ΔW = 0`` at step 0.
-    """
-    if mode == "official":
-        return kaiming_uniform(rank, n, generator), torch.zeros(rank, n)
-    return kaiming_uniform(rank, m, generator).T.contiguous(), torch.zeros(n, rank)

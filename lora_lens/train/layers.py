@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..methods.condlora import condlora_factors
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's ``transformers.pytorch_utils.Conv1D``, recognised without importing transformers."""
@@ -105,7 +107,7 @@ class CondTheta(nn.Module):
     ``official`` (square ``W0 (n, n)``): ``theta_A (r, n)``, ``theta_B (r, n)``.
     ``general`` (any ``(m, n)``): ``theta_A (m, r)``, ``theta_B (n, r)``.
     Created at zero; the trainer fills it from an init folder or from
-    :func:`~lora_lens.train.inits.condlora_theta_default` (Kaiming ``Θ_A``, zero ``Θ_B``).
+    :func:`~lora_lens.methods.condlora.condlora_theta_default` (Kaiming ``Θ_A``, zero ``Θ_B``).
     """
 
     def __init__(self, m: int, n: int, rank: int, mode: str, dtype=torch.float32, device=None):
@@ -125,9 +127,7 @@ class CondTheta(nn.Module):
 
         official: ``A = Θ_A W0ᵀ``, ``B = W0 Θ_Bᵀ``; general: ``A = Θ_Aᵀ W0``, ``B = W0 Θ_B``.
         """
-        if self.mode == "official":
-            return self.theta_A @ W0.T, W0 @ self.theta_B.T
-        return self.theta_A.T @ W0, W0 @ self.theta_B
+        return condlora_factors(self.theta_A, self.theta_B, W0, self.mode)
 
 
 class CondLoRALinear(nn.Module):

@@ -27,12 +27,12 @@ from torch import nn
 
 from ..errors import ConfigError, ShapeError
 from ..keys import parse_module_path
+from ..methods.condlora import condlora_theta_default
 from .config import DEFAULT_ALPHA, DEFAULT_RANK, TrainConfig
 from .inits import (
     CondLoraInit,
     CoraInit,
     condlora_mode_for,
-    condlora_theta_default,
     cora_basis_from_base,
     read_init,
 )
