@@ -10,6 +10,7 @@ from lora_lens import __version__
 
 from .common import LoraLensGroup
 from .inspect_cmd import inspect_cmd
+from .spectrum_cmd import spectrum_cmd
 
 
 @click.group(cls=LoraLensGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,6 +28,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 main.add_command(inspect_cmd)
+main.add_command(spectrum_cmd)
 
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name=os.path.basename("lora-lens"))
