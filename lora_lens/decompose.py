@@ -91,17 +91,17 @@ def _group_by_shape(modules: Iterable[LoraModule]) -> "OrderedDict[tuple, list[L
 
 
 def _adapter_chunks(
-    modules: Sequence[LoraModule], dev: torch.device, dt: torch.dtype, max_memory: int | None, per_item_factor: int
+    modules: Sequence[LoraModule], dev: torch.device, dt: torch.dtype, max_memory: int | None, buffers: int
 ) -> Iterator[tuple[list[LoraModule], torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Stacked factors of same-``(m, n, r)`` modules, one memory-bounded chunk at a time.
 
     Yields ``(chunk, B (L, m, r), A (L, r, n), s (L,))`` on ``dev`` in ``dt``.
-    ``per_item_factor`` counts the ``(m + n) r`` buffers one item needs on the
-    device (factors, QR copies, outputs).
+    ``buffers`` counts the ``(m + n) r`` buffers one item needs on the device
+    (factors, QR copies, outputs).
     """
     itemsize = torch.finfo(dt).bits // 8
     for ((m, n), r), group in _group_by_shape(modules).items():
-        step = chunk_size(per_item_factor * (m + n) * r * itemsize, max_memory, len(group))
+        step = chunk_size(buffers * (m + n) * r * itemsize, max_memory, len(group))
         for lo in range(0, len(group), step):
             chunk = group[lo: lo + step]
             B = torch.stack([g.B for g in chunk]).to(dev, dt)  # (L, m, r)
@@ -139,6 +139,30 @@ def _check_finite(chunk: list[LoraModule], B: torch.Tensor, A: torch.Tensor, S: 
     )
 
 
+def _map_chunks(
+    modules: list[LoraModule], device, dtype, max_memory: int | None, progress: Progress | None,
+    kernel: Callable[..., tuple[torch.Tensor, ...]], s_pos: int, buffers: int,
+) -> Iterator[tuple[list[LoraModule], tuple[torch.Tensor, ...]]]:
+    """Run ``kernel(B, A, s)`` on every chunk; yield ``(chunk, outputs on the CPU)``.
+
+    ``outputs[s_pos]`` are the singular values ``(L, k)``, checked for NaN/Inf.
+    ``buffers``: how many ``(m + n) r`` buffers one item needs on the device.
+    """
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    done = 0
+    for chunk, B, A, s in _adapter_chunks(modules, dev, dt, max_memory, buffers):
+        try:
+            outs = kernel(B, A, s)
+        except torch.linalg.LinAlgError:  # LAPACK refuses NaN/Inf on the CPU; CUDA returns NaN instead
+            _check_finite(chunk, B, A, None)
+            raise
+        _check_finite(chunk, B, A, outs[s_pos])
+        yield chunk, tuple(o.cpu() for o in outs)
+        done += len(chunk)
+        if progress:
+            progress(done, len(modules), f"{B.shape[1]}x{A.shape[2]} r={A.shape[1]}")
+
+
 def decompose_adapter(
     adapter: Adapter | Sequence[LoraModule],
     device: str | torch.device = "auto",
@@ -154,23 +178,12 @@ def decompose_adapter(
     ``min(r, m, n)`` when the rank exceeds a side) in the adapter's order.
     Non-finite factors raise :class:`NonFiniteError` naming the modules.
     """
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
     modules = list(adapter)
     out: dict[str, Spectrum] = {}
-    done, total = 0, len(modules)
-    for chunk, B, A, s in _adapter_chunks(modules, dev, dt, max_memory, per_item_factor=3):  # factors, Q, U/Vh
-        try:
-            U, S, Vh = factored_svd(B, A, s)
-        except torch.linalg.LinAlgError:  # LAPACK refuses NaN/Inf on the CPU; CUDA returns NaN instead
-            _check_finite(chunk, B, A, None)
-            raise
-        _check_finite(chunk, B, A, S)
-        U, S, Vh = U.cpu(), S.cpu(), Vh.cpu()
+    # 3 buffers per item: factors, Q factors, U/Vh
+    for chunk, (U, S, Vh) in _map_chunks(modules, device, dtype, max_memory, progress, factored_svd, 1, 3):
         for i, g in enumerate(chunk):
             out[g.name] = Spectrum(g.name, g.key, U[i], S[i], Vh[i], kind="delta", exact=True)
-        done += len(chunk)
-        if progress:
-            progress(done, total, f"{B.shape[1]}x{A.shape[2]} r={A.shape[1]}")
     return {m.name: out[m.name] for m in modules}
 
 
@@ -185,26 +198,16 @@ def adapter_singular_values(
 
     The values-only twin of :func:`decompose_adapter` (same grouping, chunks
     and checks) through :func:`~lora_lens.linalg.factored_svdvals`: no ``U``
-    or ``Vh`` is formed, which is what spectra need. ``k = min(r, m, n)``.
+    or ``Vh`` is formed, which is all spectra need. ``k = min(r, m, n)``.
     The values of one chunk are views of one ``(L, k)`` tensor.
     """
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
     modules = list(adapter)
     out: dict[str, torch.Tensor] = {}
-    done, total = 0, len(modules)
-    for chunk, B, A, s in _adapter_chunks(modules, dev, dt, max_memory, per_item_factor=2):  # factors, QR copies
-        try:
-            S = factored_svdvals(B, A, s)  # (L, k)
-        except torch.linalg.LinAlgError:
-            _check_finite(chunk, B, A, None)
-            raise
-        _check_finite(chunk, B, A, S)
-        S = S.cpu()
+    # 2 buffers per item: factors, QR copies
+    for chunk, (S,) in _map_chunks(modules, device, dtype, max_memory, progress,
+                                   lambda B, A, s: (factored_svdvals(B, A, s),), 0, 2):
         for i, g in enumerate(chunk):
             out[g.name] = S[i]
-        done += len(chunk)
-        if progress:
-            progress(done, total, f"{B.shape[1]}x{A.shape[2]} r={A.shape[1]}")
     return {m.name: out[m.name] for m in modules}
 
 

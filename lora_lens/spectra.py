@@ -176,11 +176,11 @@ class AdapterSpectra:
     dtype: str
     flags: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {rep.name: rep for rep in self.layers})
+
     def __getitem__(self, name: str) -> SpectrumReport:
-        for rep in self.layers:
-            if rep.name == name:
-                return rep
-        raise KeyError(name)
+        return self._by_name[name]  # type: ignore[attr-defined]
 
     def to_dict(self) -> dict:
         """JSON-ready: ``adapter``, ``settings``, ``conventions``, ``summary`` (by module type), ``layers``."""

@@ -1,7 +1,6 @@
 """``lora-lens spectrum``: JSON fields, tables, progress on stderr only, bad input → exit 2 with one line."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from cli.main import main
 from lora_lens import save_peft_adapter
 from lora_lens.spectra import adapter_spectra
 from lora_lens.types import LayerKey, LoraModule
-from tests.test_cli_inspect import assert_bad_input
+from tests.test_cli_inspect import adapter_copy, assert_bad_input  # noqa: F401  (adapter_copy: a fixture)
 
 
 def run(*args):
@@ -73,13 +72,6 @@ def test_zero_adapter_prints_note_and_no_nan(tiny_llama, tmp_path):
     assert r.exit_code == 0 and "zero update" in r.stdout and "nan" not in r.stdout.lower()
     d = _strict_json(run("spectrum", tmp_path, "--json").stdout)
     assert all(rec["effective_rank"] == 0 and rec["rank_at_energy"] == 0 for rec in d["layers"])
-
-
-@pytest.fixture
-def adapter_copy(llama_adapter, tmp_path):
-    dst = tmp_path / "adapter"
-    shutil.copytree(llama_adapter[1], dst)
-    return dst
 
 
 def test_nan_adapter_exits_2_naming_the_tensor(adapter_copy):
