@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import traceback
+from contextlib import contextmanager
 
 import click
 
@@ -103,3 +105,71 @@ def set_threads(threads: int | None) -> None:
 
 def stderr(msg: str) -> None:
     click.echo(msg, err=True)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
+               "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
+
+
+def parse_size(text: str) -> int:
+    """``2GB`` → 2·10⁹, ``512MiB`` → 512·2²⁰, ``1.5G`` → 1.5·10⁹, ``4096`` → 4096 bytes (case-insensitive)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size; expected e.g. 2GB, 512MiB or a number of bytes.")
+    n = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if n <= 0:
+        raise ValueError(f"{text!r}: expected a positive size.")
+    return n
+
+
+class ByteSize(click.ParamType):
+    """A click option type for memory budgets such as ``2GB`` or ``512MiB`` (bytes as an int)."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+@contextmanager
+def progress_callback(label: str, min_items: int = 100):
+    """Yield a ``progress(done, total, what)`` callback that draws ``click.progressbar`` on stderr.
+
+    Drawn when stderr is a terminal, or when the run is long (``total ≥
+    min_items``; a non-terminal then gets the label once, click's behaviour).
+    Never writes to stdout, so ``--json`` output stays one object.
+    """
+    state: dict = {}
+    err = click.get_text_stream("stderr")
+
+    def callback(done: int, total: int, what: str) -> None:
+        if "bar" not in state:
+            show = _isatty(err) or total >= min_items
+            state["bar"] = click.progressbar(length=total, label=label, file=err, item_show_func=lambda x: x,
+                                             show_pos=True) if show else None
+            if state["bar"] is not None:
+                state["bar"].__enter__()
+                state["done"] = 0
+        bar = state["bar"]
+        if bar is not None:
+            bar.update(done - state["done"], what)
+            state["done"] = done
+
+    try:
+        yield callback
+    finally:
+        if state.get("bar") is not None:
+            state["bar"].__exit__(None, None, None)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # closed or not a real stream
+        return False

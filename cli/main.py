@@ -12,6 +12,7 @@ from .alignment_cmd import alignment_cmd
 from .common import LoraLensGroup
 from .inspect_cmd import inspect_cmd
 from .similarity_cmd import similarity_cmd
+from .spectrum_cmd import spectrum_cmd
 from .train_cmd import train_cmd
 from .condlora_cmd import condlora_cmd
 from .cora_cmd import cora_cmd
@@ -33,6 +34,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 main.add_command(inspect_cmd)
+main.add_command(spectrum_cmd)
 main.add_command(similarity_cmd)
 main.add_command(alignment_cmd)
 main.add_command(train_cmd)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteError
 from .io.base import BaseWeights
-from .linalg import factored_svd, randomized_svd, svd
+from .linalg import factored_svd, factored_svdvals, randomized_svd, svd
 from .types import Adapter, LayerKey, LoraModule
 
 #: ``progress(done, total, what)`` is called after each chunk.
@@ -90,6 +90,79 @@ def _group_by_shape(modules: Iterable[LoraModule]) -> "OrderedDict[tuple, list[L
     return groups
 
 
+def _adapter_chunks(
+    modules: Sequence[LoraModule], dev: torch.device, dt: torch.dtype, max_memory: int | None, buffers: int
+) -> Iterator[tuple[list[LoraModule], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Stacked factors of same-``(m, n, r)`` modules, one memory-bounded chunk at a time.
+
+    Yields ``(chunk, B (L, m, r), A (L, r, n), s (L,))`` on ``dev`` in ``dt``.
+    ``buffers`` counts the ``(m + n) r`` buffers one item needs on the device
+    (factors, QR copies, outputs).
+    """
+    itemsize = torch.finfo(dt).bits // 8
+    for ((m, n), r), group in _group_by_shape(modules).items():
+        step = chunk_size(buffers * (m + n) * r * itemsize, max_memory, len(group))
+        for lo in range(0, len(group), step):
+            chunk = group[lo: lo + step]
+            B = torch.stack([g.B for g in chunk]).to(dev, dt)  # (L, m, r)
+            A = torch.stack([g.A for g in chunk]).to(dev, dt)  # (L, r, n)
+            s = torch.tensor([g.scaling for g in chunk], dtype=dt, device=dev)  # (L,)
+            yield chunk, B, A, s
+
+
+def _check_finite(chunk: list[LoraModule], B: torch.Tensor, A: torch.Tensor, S: torch.Tensor | None) -> None:
+    """Refuse a chunk with NaN/Inf, naming every module and factor at fault.
+
+    On the happy path only ``S (L, k)`` is scanned (tiny); the factors are
+    searched only to word the error. ``S=None`` (the LAPACK call refused
+    non-finite input) scans every module's factors and returns if all are
+    finite, so the caller re-raises the original error.
+    """
+    if S is not None and bool(torch.isfinite(S).all()):
+        return
+    bad = []
+    for i, g in enumerate(chunk):
+        if S is not None and bool(torch.isfinite(S[i]).all()):
+            continue
+        parts = [f for f, t in (("lora_A", A[i]), ("lora_B", B[i])) if not bool(torch.isfinite(t).all())]
+        if parts:
+            bad.append(f"'{g.name}' ({' and '.join(parts)} hold NaN/Inf)")
+        elif S is not None:
+            bad.append(f"'{g.name}' (ΔW overflows {str(A.dtype).replace('torch.', '')})")
+    if not bad:
+        return
+    overflow = all("overflows" in b for b in bad)
+    raise NonFiniteError(
+        f"{len(bad)} LoRA module(s) have non-finite singular values: {'; '.join(bad[:5])}{' …' if len(bad) > 5 else ''}; "
+        + ("expected finite updates: use --dtype float64." if overflow else
+           "expected finite factors: the adapter is damaged or training diverged; use an earlier checkpoint.")
+    )
+
+
+def _map_chunks(
+    modules: list[LoraModule], device, dtype, max_memory: int | None, progress: Progress | None,
+    kernel: Callable[..., tuple[torch.Tensor, ...]], s_pos: int, buffers: int,
+) -> Iterator[tuple[list[LoraModule], tuple[torch.Tensor, ...]]]:
+    """Run ``kernel(B, A, s)`` on every chunk; yield ``(chunk, outputs on the CPU)``.
+
+    ``outputs[s_pos]`` are the singular values ``(L, k)``, checked for NaN/Inf.
+    ``buffers``: how many ``(m + n) r`` buffers one item needs on the device.
+    """
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    done = 0
+    for chunk, B, A, s in _adapter_chunks(modules, dev, dt, max_memory, buffers):
+        try:
+            outs = kernel(B, A, s)
+        except torch.linalg.LinAlgError:  # LAPACK refuses NaN/Inf on the CPU; CUDA returns NaN instead
+            _check_finite(chunk, B, A, None)
+            raise
+        _check_finite(chunk, B, A, outs[s_pos])
+        yield chunk, tuple(o.cpu() for o in outs)
+        done += len(chunk)
+        if progress:
+            progress(done, len(modules), f"{B.shape[1]}x{A.shape[2]} r={A.shape[1]}")
+
+
 def decompose_adapter(
     adapter: Adapter | Sequence[LoraModule],
     device: str | torch.device = "auto",
@@ -101,29 +174,40 @@ def decompose_adapter(
 
     One batched :func:`~lora_lens.linalg.factored_svd` per group of same
     ``(m, n, r)``; ``max_memory`` (bytes) caps the factors and workspaces of
-    one chunk on the device. Returns ``{module name: Spectrum}`` (k = r) in the
-    adapter's order.
+    one chunk on the device. Returns ``{module name: Spectrum}`` (``k = r``, or
+    ``min(r, m, n)`` when the rank exceeds a side) in the adapter's order.
+    Non-finite factors raise :class:`NonFiniteError` naming the modules.
     """
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
     modules = list(adapter)
     out: dict[str, Spectrum] = {}
-    done, total = 0, len(modules)
-    itemsize = torch.finfo(dt).bits // 8
-    for ((m, n), r), group in _group_by_shape(modules).items():
-        per_item = 3 * (m + n) * r * itemsize  # factors, Q factors, U/Vh
-        step = chunk_size(per_item, max_memory, len(group))
-        for lo in range(0, len(group), step):
-            chunk = group[lo: lo + step]
-            B = torch.stack([g.B for g in chunk]).to(dev, dt)  # (L, m, r)
-            A = torch.stack([g.A for g in chunk]).to(dev, dt)  # (L, r, n)
-            s = torch.tensor([g.scaling for g in chunk], dtype=dt, device=dev)  # (L,)
-            U, S, Vh = factored_svd(B, A, s)
-            U, S, Vh = U.cpu(), S.cpu(), Vh.cpu()
-            for i, g in enumerate(chunk):
-                out[g.name] = Spectrum(g.name, g.key, U[i], S[i], Vh[i], kind="delta", exact=True)
-            done += len(chunk)
-            if progress:
-                progress(done, total, f"{m}x{n} r={r}")
+    # 3 buffers per item: factors, Q factors, U/Vh
+    for chunk, (U, S, Vh) in _map_chunks(modules, device, dtype, max_memory, progress, factored_svd, 1, 3):
+        for i, g in enumerate(chunk):
+            out[g.name] = Spectrum(g.name, g.key, U[i], S[i], Vh[i], kind="delta", exact=True)
+    return {m.name: out[m.name] for m in modules}
+
+
+def adapter_singular_values(
+    adapter: Adapter | Sequence[LoraModule],
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = torch.float32,
+    max_memory: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, torch.Tensor]:
+    """Singular values of every module's ``ΔW = s·B A``: ``{name: S (k,)}`` descending, on the CPU.
+
+    The values-only twin of :func:`decompose_adapter` (same grouping, chunks
+    and checks) through :func:`~lora_lens.linalg.factored_svdvals`: no ``U``
+    or ``Vh`` is formed, which is all spectra need. ``k = min(r, m, n)``.
+    The values of one chunk are views of one ``(L, k)`` tensor.
+    """
+    modules = list(adapter)
+    out: dict[str, torch.Tensor] = {}
+    # 2 buffers per item: factors, QR copies
+    for chunk, (S,) in _map_chunks(modules, device, dtype, max_memory, progress,
+                                   lambda B, A, s: (factored_svdvals(B, A, s),), 0, 2):
+        for i, g in enumerate(chunk):
+            out[g.name] = S[i]
     return {m.name: out[m.name] for m in modules}
 
 

@@ -1,0 +1,78 @@
+"""``lora-lens spectrum ADAPTER``: singular values of every ΔW = s·B·A and what they say."""
+
+from __future__ import annotations
+
+import click
+
+from lora_lens.spectra import adapter_spectra
+
+from .common import ByteSize, echo_json, progress_callback, table
+
+
+@click.command("spectrum")
+@click.argument("adapter", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: settings, conventions, summary, layers.")
+@click.option("--layers", "per_layer", is_flag=True, help="Also print one row per module.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where to compute (auto: CUDA when present).")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Compute precision (factors are upcast from bf16/fp16).")
+@click.option("--energy", type=float, default=0.9, show_default=True,
+              help="Energy fraction for rank_at_energy (PEFT's convention: Σσ² kept).")
+@click.option("--fro", type=float, default=0.9, show_default=True,
+              help="Frobenius fraction for rank_at_fro (kohya's sv_fro: ‖σ‖ kept).")
+@click.option("--max-memory", type=ByteSize(), default=None, help="Memory budget per chunk on the device, e.g. 2GB, 512MiB.")
+@click.option("--adapter", "adapter_name", default=None, help="Which named adapter, when the folder holds several.")
+def spectrum_cmd(adapter: str, as_json: bool, per_layer: bool, device: str, dtype: str, energy: float, fro: float,
+                 max_memory: int | None, adapter_name: str | None) -> None:
+    """Singular values of every LoRA update ΔW = s·B·A (never formed) and its
+    effective rank, stable rank, energy and the rank that keeps a given
+    fraction of it, summarized per module type across layers.
+
+    \b
+    Examples:
+      lora-lens spectrum ./my-adapter
+      lora-lens spectrum ./my-adapter --layers --energy 0.95
+      lora-lens spectrum ./my-adapter --json --dtype float64 > spectra.json
+      lora-lens spectrum ./runs --adapter seed1 --device cuda --max-memory 2GB
+    """
+    with progress_callback("decomposing LoRA modules") as progress:
+        result = adapter_spectra(adapter, device=device, dtype=dtype, energy=energy, fro=fro, max_memory=max_memory,
+                                 progress=progress, adapter_name=adapter_name)
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    click.echo(render(result, per_layer))
+
+
+def _span(stat: dict, fmt: str = "{:.3g}") -> str:
+    lo, hi, mean = (fmt.format(stat[k]) for k in ("min", "max", "mean"))
+    return mean if lo == hi else f"{mean} ({lo}–{hi})"
+
+
+def render(result, per_layer: bool = False) -> str:
+    e, f = f"{result.energy_fraction:.0%}", f"{result.fro_fraction:.0%}"
+    lines = [
+        f"Spectra of ΔW = s·B·A: {result.label} ({len(result.layers)} modules, {result.dtype} on {result.device})",
+        f"  eff. rank: Roy & Vetterli; r@{e} energy: PEFT's cut-off; r@{f} fro: kohya's sv_fro; "
+        "mean (min–max) over layers",
+    ]
+    lines += [f"  note: {flag}" for flag in result.flags]
+    zero = [r.name for r in result.layers if r.fro_norm == 0]
+    if zero:
+        lines.append(f"  note: {len(zero)} module(s) have a zero update (B = 0, untrained?); their ranks read 0.")
+    rows = []
+    for t, s in result.summary.items():
+        st = s.stats
+        rows.append([t, s.layers, ", ".join(f"{m}x{n}" for m, n in s.shapes), ",".join(map(str, s.ranks)),
+                     _span(st["fro_norm"]), _span(st["top_singular_value"]), _span(st["effective_rank"]),
+                     _span(st["stable_rank"]), _span(st["rank_at_energy"], "{:.3g}"), _span(st["rank_at_fro"], "{:.3g}")])
+    out = "\n".join(lines) + "\n\n" + table(
+        rows, ["module type", "layers", "m x n", "r", "‖ΔW‖_F", "σ1", "eff. rank", "stable rank", f"r@{e} energy",
+               f"r@{f} fro"])
+    if per_layer:
+        rows = [[r.name, r.rank, r.fro_norm, r.top_singular_value, float(r.singular_values[-1]), r.effective_rank,
+                 r.stable_rank, r.rank_at_energy, r.rank_at_fro] for r in result.layers]
+        out += "\n\n" + table(rows, ["module", "r", "‖ΔW‖_F", "σ1", "σk", "eff. rank", "stable rank",
+                                     f"r@{e} energy", f"r@{f} fro"])
+    return out + "\n"
