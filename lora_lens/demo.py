@@ -73,8 +73,10 @@ class NextTokenEncoder(nn.Module):
 def load_encoder(folder: Path) -> NextTokenEncoder:
     try:
         from transformers import BertModel
+        from transformers.utils import logging as hf_logging
     except ImportError:
         raise ConfigError("the demo needs transformers: pip install -e '.[demo]'.") from None
+    hf_logging.disable_progress_bar()  # the demo prints its own progress
     bert = BertModel.from_pretrained(folder, local_files_only=True)
     return NextTokenEncoder(bert).eval()
 
