@@ -8,9 +8,17 @@ import click
 
 from lora_lens import __version__
 
+from .alignment_cmd import alignment_cmd
 from .common import LoraLensGroup
 from .inspect_cmd import inspect_cmd
+from .similarity_cmd import similarity_cmd
 from .spectrum_cmd import spectrum_cmd
+from .train_cmd import train_cmd
+from .condlora_cmd import condlora_cmd
+from .cora_cmd import cora_cmd
+from .demo_cmd import demo_cmd
+from .pissa_cmd import pissa_cmd, reduce_cmd
+from .report_cmd import report_cmd
 
 
 @click.group(cls=LoraLensGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,6 +37,15 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 main.add_command(inspect_cmd)
 main.add_command(spectrum_cmd)
+main.add_command(similarity_cmd)
+main.add_command(alignment_cmd)
+main.add_command(train_cmd)
+main.add_command(condlora_cmd)
+main.add_command(cora_cmd)
+main.add_command(pissa_cmd)
+main.add_command(reduce_cmd)
+main.add_command(report_cmd)
+main.add_command(demo_cmd)
 
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name=os.path.basename("lora-lens"))

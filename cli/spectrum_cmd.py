@@ -7,16 +7,14 @@ import click
 from lora_lens.spectra import adapter_spectra
 
 from .common import ByteSize, echo_json, progress_callback, table
+from .options import compute_options
 
 
 @click.command("spectrum")
 @click.argument("adapter", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: settings, conventions, summary, layers.")
 @click.option("--layers", "per_layer", is_flag=True, help="Also print one row per module.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where to compute (auto: CUDA when present).")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
-              help="Compute precision (factors are upcast from bf16/fp16).")
+@compute_options
 @click.option("--energy", type=float, default=0.9, show_default=True,
               help="Energy fraction for rank_at_energy (PEFT's convention: Σσ² kept).")
 @click.option("--fro", type=float, default=0.9, show_default=True,

@@ -159,3 +159,32 @@ def match_modules_to_weights(
             "check that --base is the model this adapter was trained on."
         )
     return out
+
+
+def resolve_targets(targets: str | list[str] | tuple[str, ...], module_types: list[str],
+                    source: str = "the base checkpoint") -> list[str]:
+    """The module types that target names select, in ``module_types`` order.
+
+    ``targets`` is a list of names or one comma-separated string. A name
+    selects every module type equal to it or ending with ``"." + name`` (PEFT's
+    ``target_modules`` rule), so ``q_proj`` selects ``self_attn.q_proj`` and
+    ``c_proj`` selects both ``attn.c_proj`` and ``mlp.c_proj``. Every name that
+    selects nothing is reported at once, with the module types available.
+    """
+    names = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets)]
+    names = [t for t in names if t]
+    if not names:
+        raise KeyMatchError(f"no targets given; expected names such as {module_types[:3]} (from {source}).")
+    chosen: dict[str, None] = {}
+    unknown = []
+    for t in names:
+        hits = [mt for mt in module_types if mt == t or mt.endswith("." + t)]
+        if not hits:
+            unknown.append(t)
+        chosen.update(dict.fromkeys(hits))
+    if unknown:
+        raise KeyMatchError(
+            f"unknown target(s) {unknown}: no module type in {source} is or ends with them; "
+            f"available module types: {module_types}."
+        )
+    return [mt for mt in module_types if mt in chosen]

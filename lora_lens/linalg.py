@@ -224,7 +224,7 @@ def lstsq(
     X = None
     if m == n:
         try:
-            X = torch.linalg.solve(A, B)
+            X = _solve(A, B)
         except RuntimeError:  # singular: fall through to the pseudo-inverse
             X = None
         if X is not None and not bool(torch.isfinite(X).all()):
@@ -238,6 +238,23 @@ def lstsq(
         X = Vh.transpose(-1, -2) @ (Sinv.unsqueeze(-1) * (U.transpose(-1, -2) @ B))
     resid = torch.linalg.matrix_norm(A @ X - B) / torch.linalg.matrix_norm(B).clamp_min(torch.finfo(A.dtype).tiny)
     return X, resid
+
+
+def _solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``torch.linalg.solve``, one matrix at a time on the CPU.
+
+    Batched LU on the CPU with more than one intra-op thread fails in current
+    torch builds (pytorch/pytorch#142815: MKL prints "Parameter 6 was incorrect
+    on entry to SLASWP" to *stdout* and the solve raises), so batches are
+    looped there; on CUDA the batched call is kept.
+    """
+    if A.device.type != "cpu" or A.dim() == 2:
+        return torch.linalg.solve(A, B)
+    batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+    A2 = A.expand(*batch, *A.shape[-2:]).reshape(-1, *A.shape[-2:])
+    B2 = B.expand(*batch, *B.shape[-2:]).reshape(-1, *B.shape[-2:])
+    X = torch.stack([torch.linalg.solve(a, b) for a, b in zip(A2, B2)]) if len(A2) else torch.linalg.solve(A2, B2)
+    return X.reshape(*batch, *X.shape[-2:])
 
 
 def random_orthonormal(d: int, k: int, batch: tuple[int, ...] = (), seed: int = 0,

@@ -72,3 +72,41 @@ def test_bf16_stays_bf16_until_compute(tmp_path):
 def test_adapter_folder_refused_as_base(llama_adapter):
     with pytest.raises(CheckpointError, match="adapter folder"):
         open_base(llama_adapter[1])
+
+
+def test_nan_in_base_weight_is_named(tmp_path):
+    from lora_lens import NonFiniteError
+
+    w = torch.randn(4, 4)
+    w[1, 2] = float("nan")
+    save_file({"layers.0.q.weight": w, "layers.1.q.weight": torch.randn(4, 4)}, str(tmp_path / "model.safetensors"))
+    base = open_base(tmp_path)
+    assert base.info("layers.0.q.weight").shape == (4, 4)  # listing reads no data, so no error yet
+    with pytest.raises(NonFiniteError, match=r"model.safetensors: tensor 'layers.0.q.weight' holds 1 NaN/Inf"):
+        base.get("layers.0.q.weight")
+
+
+def test_sharded_index_naming_a_missing_shard(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a.weight": "model-1.safetensors"}}))
+    with pytest.raises(CheckpointError, match="model-1.safetensors"):
+        open_base(tmp_path)
+
+
+def test_atomic_writes_leave_no_temp_and_normal_permissions(tmp_path):
+    import os
+
+    from lora_lens.io import atomic_directory, atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out") as d:
+            atomic_write_text(d / "a.txt", "x")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+        assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+        assert (tmp_path / "out" / "a.txt").stat().st_mode & 0o777 == 0o644
+        with pytest.raises(RuntimeError):
+            with atomic_directory(tmp_path / "out2"):
+                raise RuntimeError("boom")
+        assert not (tmp_path / "out2").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    finally:
+        os.umask(mask)

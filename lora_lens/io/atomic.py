@@ -22,11 +22,18 @@ from safetensors.torch import save as save_safetensors_bytes
 from ..errors import ConfigError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -56,6 +63,16 @@ def atomic_save_safetensors(
     return atomic_write_bytes(path, save_safetensors_bytes(clean, metadata=meta))
 
 
+def check_destination(dest: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an output folder that :func:`atomic_directory` would refuse; call it before long work."""
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise ConfigError(f"{dest}: exists and is a file; expected a folder to write into. Choose another -o path.")
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        raise ConfigError(f"{dest}: folder exists and is not empty; pass --overwrite to replace it or choose another -o path.")
+    return dest
+
+
 @contextlib.contextmanager
 def atomic_directory(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success it becomes ``dest`` in one rename.
@@ -63,13 +80,10 @@ def atomic_directory(dest: str | os.PathLike, overwrite: bool = False) -> Iterat
     An existing non-empty ``dest`` is refused unless ``overwrite`` is set, in
     which case it is replaced only after the new folder is complete.
     """
-    dest = Path(dest)
-    if dest.exists() and not dest.is_dir():
-        raise ConfigError(f"{dest}: exists and is a file; expected a folder to write into. Choose another -o path.")
-    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
-        raise ConfigError(f"{dest}: folder exists and is not empty; pass --overwrite to replace it or choose another -o path.")
+    dest = check_destination(dest, overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the result should look like any new folder
     try:
         yield tmp
         if dest.exists():

@@ -1,0 +1,36 @@
+"""Render the CLI reference (docs/cli.md) from the commands' own ``--help``.
+
+``python -m cli.reference > docs/cli.md`` regenerates it; a test checks it is current.
+"""
+
+from __future__ import annotations
+
+import click
+
+from .main import main
+
+
+def _walk(cmd: click.Command, name: str, parent: click.Context | None):
+    """Yield a Context for every command, chained so sub-commands inherit settings (``-h``)."""
+    ctx = click.Context(cmd, info_name=name, parent=parent, terminal_width=100, max_content_width=100,
+                        **(cmd.context_settings if parent is None else {}))
+    yield ctx
+    if isinstance(cmd, click.Group):
+        for sub in sorted(cmd.commands):
+            yield from _walk(cmd.commands[sub], sub, ctx)
+
+
+def render_cli_reference() -> str:
+    parts = [
+        "# CLI reference",
+        "",
+        "Generated from `--help` by `python -m cli.reference > docs/cli.md`; a test keeps it current.",
+        "",
+    ]
+    for ctx in _walk(main, "lora-lens", None):
+        parts += [f"## `{ctx.command_path}`", "", "```text", ctx.get_help().rstrip(), "```", ""]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    click.echo(render_cli_reference(), nl=False)

@@ -1,0 +1,107 @@
+"""``lora-lens similarity A [B …]``: φ across layers of one adapter, or across adapters."""
+
+from __future__ import annotations
+
+import click
+
+from lora_lens import load_adapters, open_base
+from lora_lens.compare import layer_similarity, pairwise_similarity
+
+from .common import echo_json, table
+from .options import compute_options
+
+
+@click.command("similarity")
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--base", type=click.Path(path_type=str), help="Base checkpoint (needed for --what base).")
+@click.option("--what", type=click.Choice(["delta", "A", "B", "base"]), default="delta", show_default=True,
+              help="Subspace compared: ΔW's column space, A's row space, B's column space, W0's top-k column space.")
+@click.option("--k", type=click.IntRange(min=1), help="Top directions kept (default: all r; for base: r).")
+@click.option("--side", type=click.Choice(["left", "right"]),
+              help="For delta/base: left = output space (default), right = input space.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random baselines.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (φ grids included).")
+@compute_options
+def similarity_cmd(adapters, base, what, k, side, seed, as_json, device, dtype) -> None:
+    """Subspace similarity φ (LoRA paper §7) with a random baseline beside every number.
+
+    One adapter: per module type, the layers × layers grid of
+    φ = ‖U_aᵀ U_b‖_F² / min(k_a, k_b). Two or more adapters (or a folder of
+    named adapters): every pair, module by module, with φ at i = j = min rank,
+    principal angles, Grassmann distance and (in --json) the φ(i, j) grid.
+
+    \b
+    Examples:
+      lora-lens similarity ./my-adapter
+      lora-lens similarity ./my-adapter --what base --base ./Llama-2-7b-hf --k 16
+      lora-lens similarity ./seed0 ./seed1 --what A --json
+      lora-lens similarity ./r8 ./r64 --what A
+    """
+    loaded = [a for path in adapters for a in load_adapters(path)]
+    b = open_base(base) if base else None
+    kw = dict(what=what, k=k, side=side, device=device, dtype=dtype, seed=seed)
+    if len(loaded) == 1:
+        result = layer_similarity(loaded[0], base=b, **kw)
+        echo_json(result.to_dict()) if as_json else click.echo(render_layers(result))
+        return
+    pairs = pairwise_similarity(loaded, **kw)
+    if as_json:
+        echo_json({"kind": "pairwise_similarity", "adapters": [a.label for a in loaded],
+                   "pairs": [p.to_dict() for p in pairs]})
+    else:
+        click.echo("\n".join(render_pair(p) for p in pairs))
+
+
+def _head(what: str, side: str, k) -> str:
+    space = "output space, left singular vectors" if side == "left" else "input space, right singular vectors"
+    return f"φ of {what} ({space}), k = {k if k else 'all'}"
+
+
+def _cell(x: float) -> str:
+    return "   -" if x != x else (" 1.0" if x > 0.995 else f"{x:4.2f}"[1:].rjust(4))
+
+
+def render_layers(res) -> str:
+    out = [f"Adapter {res.adapter}: layers × layers {_head(res.what, res.side, res.k)}",
+           f"Baseline: Haar-random subspaces of the same dims, mean of {res.draws} draws (seed {res.seed}); "
+           "expected max(k_a, k_b)/d."]
+    out += [f"note: {n}" for n in res.notes]
+    for g in res.grids:
+        s = g.summary()
+        ks = sorted(set(g.ks))
+        out += ["", f"{g.module_type}  d={g.dim}  k={','.join(map(str, ks))}  ({len(g.blocks)} layers)",
+                _summary_line("mean off-diagonal φ", s, ""), _summary_line("deeper half       ", s, "deep_")]
+        labels = ["-" if b is None else str(b) for b in g.blocks]
+        w = max(4, max(len(x) for x in labels))
+        out.append(" " * (w + 2) + " ".join(x.rjust(4) for x in labels))
+        for lab, row in zip(labels, g.phi.tolist()):
+            out.append(f"  {lab.rjust(w)}" + " ".join(_cell(x) for x in row))
+    return "\n".join(out) + "\n"
+
+
+def _summary_line(label: str, s: dict, tag: str) -> str:
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+    return (f"  {label} {f(s[tag + 'mean_offdiag'])}   random {f(s[tag + 'random_mean_offdiag'])}   "
+            f"expected {f(s[tag + 'expected_mean_offdiag'])}")
+
+
+def render_pair(p) -> str:
+    s = p.summary()
+    out = [f"{p.a} vs {p.b}: {_head(p.what, p.side, p.k)}",
+           f"  {s['modules']} matched modules: mean φ {_f(s['phi'])} (random {_f(s['random_phi'])}, "
+           f"expected {_f(s['expected_phi'])}); mean Grassmann {_f(s['grassmann'])} "
+           f"(random {_f(s['random_grassmann'])})"]
+    rows = [[m.name, m.k_a, m.k_b, m.phi, m.baseline.phi, m.baseline.expected_phi, m.phi_full,
+             float(m.angles_deg.mean()), m.grassmann, m.baseline.grassmann] for m in p.modules]
+    header = ["module", "k_a", "k_b", "φ", "random", "expected", "φ(k_a,k_b)", "mean θ°", "Grassmann", "random"]
+    out += ["", table(rows, header)]
+    out += [f"note: {n}" for n in p.notes]
+    for side, names in ((p.a, p.unmatched_a), (p.b, p.unmatched_b)):
+        if names:
+            out.append(f"only in {side} ({len(names)}): " + ", ".join(names[:5]) + (" …" if len(names) > 5 else ""))
+    return "\n".join(out) + "\n"
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.3f}"

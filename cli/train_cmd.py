@@ -1,0 +1,118 @@
+"""``lora-lens train``: train one adapter with the bundled trainer and write it as a PEFT folder."""
+
+from __future__ import annotations
+
+import click
+
+from lora_lens.train import METHODS, train
+
+from .common import echo_json, stderr
+
+
+def _csv(kind):
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return [kind(v.strip()) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: expected a comma-separated list of {kind.__name__}s.") from None
+    return parse
+
+
+@click.command("train")
+@click.option("--base", required=True, type=click.Path(path_type=str), help="Hugging Face causal-LM folder.")
+@click.option("--method", required=True, metavar="|".join(METHODS), help="Which adapter to train.")
+@click.option("--init", "init", type=click.Path(path_type=str), help="Init folder (cora-*, condlora) from "
+              "'lora-lens cora|condlora init'; without it the init is computed from the base.")
+@click.option("--data", type=click.Path(path_type=str), help="Text or JSONL ('text' or 'input_ids') file; "
+              "default: the built-in synthetic counting task.")
+@click.option("--rank", type=int, help="LoRA rank r (default 8, or the init folder's).")
+@click.option("--alpha", type=float, help="LoRA alpha; scaling alpha/r (default 16, or the init folder's).")
+@click.option("--targets", callback=_csv(str), help="Comma-separated module names (default q_proj,v_proj or the "
+              "model's attention projections).")
+@click.option("--steps", default=40, show_default=True, type=int)
+@click.option("--lr", default=5e-3, show_default=True, type=float, help="Peak learning rate (AdamW).")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--seq-len", default=64, show_default=True, type=int)
+@click.option("--warmup-steps", type=int, help="Linear warm-up steps [default: 10% of --steps].")
+@click.option("--weight-decay", default=0.0, show_default=True, type=float)
+@click.option("--max-grad-norm", default=1.0, show_default=True, type=float, help="Clip; 0 turns it off.")
+@click.option("--eval-fraction", default=0.1, show_default=True, type=float, help="Held-out share of the data.")
+@click.option("--knots", callback=_csv(int), help="chain: steps where a new link starts, e.g. 20,40.")
+@click.option("--links", type=int, help="chain: number of links, knots evenly spaced [default: 3].")
+@click.option("--sp-granularity", default="element", show_default=True, help="lora-sp: element|row|column.")
+@click.option("--sp-targets", default="both", show_default=True, help="lora-sp: mask A|B|both.")
+@click.option("--sp-resample", default="never", show_default=True, help="lora-sp: never|epoch|step.")
+@click.option("--condlora-mode", help="condlora: official (square W0) | general [default: official when every "
+              "target is square].")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results.")
+def train_cmd(base, method, init, data, rank, alpha, targets, steps, lr, batch_size, seq_len, warmup_steps,
+              weight_decay, max_grad_norm, eval_fraction, knots, links, sp_granularity, sp_targets, sp_resample,
+              condlora_mode, seed, device, output, overwrite, as_json) -> None:
+    """Train a LoRA-family adapter and write it as a PEFT adapter folder.
+
+    Methods: lora, cora-frozen (B = CoRA basis, frozen), cora-init (B = basis,
+    trained), condlora (shared Θ per module type; also writes OUT/peft),
+    lora-sp (half the update masked), chain (Chain of LoRA). Progress goes to
+    stderr; OUT/train_log.json keeps the losses.
+
+    \b
+    Examples:
+      lora-lens train --base ./stories260K --method lora --steps 40 -o out/lora
+      lora-lens train --base ./stories260K --method cora-frozen --init out/cora-init -o out/cora
+      lora-lens train --base ./stories260K --method chain --links 3 --steps 60 -o out/chain --json
+      lora-lens train --base ./stories260K --method lora-sp --sp-granularity row --data ids.jsonl -o out/sp
+    """
+    with _ProgressBar(f"train {method}") as progress:
+        result = train(
+            base, method, out=output, init=init, data=data, rank=rank, alpha=alpha, targets=targets, steps=steps,
+            lr=lr, batch_size=batch_size, seq_len=seq_len, warmup_steps=warmup_steps, weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm or None, eval_fraction=eval_fraction, knots=knots, links=links,
+            sp_granularity=sp_granularity, sp_targets=sp_targets, sp_resample=sp_resample,
+            condlora_mode=condlora_mode, seed=seed, device=device, overwrite=overwrite, progress=progress,
+        )
+    d = result.to_dict()
+    if as_json:
+        echo_json(d)
+        return
+    first = sum(d["losses"][:5]) / max(len(d["losses"][:5]), 1)
+    last = sum(d["losses"][-5:]) / max(len(d["losses"][-5:]), 1)
+    ev = "-" if d["eval_loss"] is None else f"{d['eval_loss_before']:.4f} → {d['eval_loss']:.4f}"
+    params = f"{d['trainable_parameters']:,}"
+    if d["allocated_parameters"] != d["trainable_parameters"]:
+        params += f" of {d['allocated_parameters']:,} allocated"
+    click.echo(f"{method}: {d['steps']} steps, train loss {first:.4f} → {last:.4f} (mean of first/last 5), "
+               f"eval loss {ev}")
+    click.echo(f"  trainable parameters {params}; {d['wall_time_s']:.2f} s, {d['tokens_per_s']:,.0f} tokens/s")
+    if d["knots"]:
+        click.echo(f"  chain knots at steps {d['knots']}")
+    stderr(f"wrote {d['output']}")
+
+
+class _ProgressBar:
+    """A click progress bar on stderr, opened at the first step (so setup errors print alone) and
+    only when stderr is a terminal."""
+
+    def __init__(self, label: str):
+        self.label, self.bar = label, None
+
+    def __enter__(self):
+        return self.update
+
+    def update(self, step: int, total: int, loss: float) -> None:
+        stream = click.get_text_stream("stderr")
+        if self.bar is None and stream.isatty():
+            self.bar = click.progressbar(length=total, label=self.label, file=stream, show_pos=True,
+                                         item_show_func=lambda v: f"loss {v:.3f}" if v is not None else None)
+            self.bar.__enter__()
+        if self.bar is not None:
+            self.bar.update(1, loss)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)

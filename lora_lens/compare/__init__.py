@@ -1,0 +1,30 @@
+"""Compare stage: subspace similarity, alignment with W0, intruder dimensions.
+
+Runs after :mod:`lora_lens.decompose` and imports only it, ``io``, ``linalg``,
+``keys`` and ``types``. Results are frozen dataclasses with ``to_dict()``
+(JSON-ready, layer order).
+
+- :func:`layer_similarity`: layers × layers φ grids per module type (LoRA §7).
+- :func:`adapter_similarity`, :func:`pairwise_similarity`: adapter × adapter per module.
+- :func:`alignment`: LoRA §7.3 projection norms and amplification.
+- :func:`intruder_dimensions`: Shuttleworth et al. 2024.
+- :func:`analyze_alignment`: both of the last two in one pass over the base.
+"""
+
+from .alignment import Alignment, ModuleAlignment, alignment
+from .analysis import AlignmentAnalysis, analyze_alignment
+from .baselines import PairBaseline, expected_phi_grid, layer_baseline, pair_baseline
+from .intruders import Intruders, ModuleIntruders, intruder_dimensions, max_cosines
+from .pairing import pair_with_base
+from .similarity import (
+    AdapterSimilarity, LayerGrid, LayerSimilarity, ModulePairSimilarity, adapter_similarity, layer_similarity,
+    pairwise_similarity,
+)
+from .subspaces import Subspace, adapter_subspaces
+
+__all__ = [
+    "AdapterSimilarity", "Alignment", "AlignmentAnalysis", "Intruders", "LayerGrid", "LayerSimilarity",
+    "ModuleAlignment", "ModuleIntruders", "ModulePairSimilarity", "PairBaseline", "Subspace", "adapter_similarity",
+    "adapter_subspaces", "alignment", "analyze_alignment", "expected_phi_grid", "intruder_dimensions",
+    "layer_baseline", "layer_similarity", "max_cosines", "pair_baseline", "pair_with_base", "pairwise_similarity",
+]

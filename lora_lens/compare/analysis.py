@@ -1,0 +1,64 @@
+"""Alignment with W0 and intruder dimensions in one pass over the base (what ``lora-lens alignment`` runs).
+
+Each chunk of same-shaped base weights is read once and goes through one
+batched SVD of ``[W0; W0 + ΔW]``; W0's exact singular values from it also give
+the §7.3 ceiling ``‖U0_rᵀ W0 V0_r‖_F``, so nothing is decomposed twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..decompose import Progress, resolve_device, resolve_dtype
+from ..io.base import BaseWeights
+from ..types import Adapter
+from .alignment import DRAWS, Alignment, align_chunk
+from .intruders import EPSILON, K, Intruders, check_params, intruder_bytes, intruder_chunk
+from .pairing import DEFAULT_MAX_MEMORY, base_chunks, pair_with_base
+from .serialize import in_layer_order
+
+
+@dataclass(frozen=True)
+class AlignmentAnalysis:
+    """:class:`Alignment` and :class:`Intruders` of one adapter against its base."""
+
+    alignment: Alignment
+    intruders: Intruders
+
+    def to_dict(self) -> dict:
+        return {"kind": "alignment_analysis", "alignment": self.alignment.to_dict(),
+                "intruders": self.intruders.to_dict()}
+
+
+def analyze_alignment(
+    adapter: Adapter,
+    base: BaseWeights,
+    intruder_k: int = K,
+    epsilon: float | Sequence[float] = EPSILON,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = torch.float32,
+    seed: int = 0,
+    draws: int = DRAWS,
+    max_memory: int | None = DEFAULT_MAX_MEMORY,
+    progress: Progress | None = None,
+) -> AlignmentAnalysis:
+    """LoRA §7.3 projection norms and intruder counts per module, from one read of each base weight."""
+    eps = check_params(intruder_k, epsilon)
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    weights = pair_with_base(adapter, base)
+    aligned, intruding = [], []
+    for chunk in base_chunks(list(adapter), weights, base, dev, dt, intruder_bytes(torch.finfo(dt).bits // 8),
+                             max_memory, progress, "alignment"):
+        rows, S0 = intruder_chunk(chunk, intruder_k, eps)
+        intruding += rows
+        aligned += align_chunk(chunk, S0, draws, seed)
+    notes = tuple(adapter.flags)
+    return AlignmentAnalysis(
+        Alignment(adapter.label, str(adapter.path), str(base.path), in_layer_order(aligned), draws, seed,
+                  True, notes),
+        Intruders(adapter.label, str(adapter.path), str(base.path), intruder_k, eps,
+                  in_layer_order(intruding), notes),
+    )

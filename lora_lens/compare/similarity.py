@@ -1,0 +1,319 @@
+"""Subspace similarity (LoRA paper §7, methods.md §2): layers × layers and adapter × adapter.
+
+``φ(X, Y, i, j) = ‖U_Xⁱᵀ U_Yʲ‖_F² / min(i, j)`` ∈ [0, 1]: 1 when one top
+subspace contains the other, ≈ ``max(i, j)/d`` for unrelated ones. Which
+singular vectors ``U`` are is set by ``what`` (see :mod:`.subspaces`).
+
+- :func:`layer_similarity`: within one adapter, per module type, the ``L × L``
+  grid ``φ(layer a, layer b)`` with ``i = k_a``, ``j = k_b``.
+- :func:`adapter_similarity`: two adapters (two seeds, tasks or ranks), per
+  matching module: φ at ``i = j = min(k_a, k_b)``, the whole ``φ(i, j)`` grid
+  for ``i ≤ k_a``, ``j ≤ k_b`` (LoRA §7.2), the principal angles between the
+  full subspaces and their Grassmann distance ``‖θ‖₂``.
+
+Every number comes with a random baseline (:mod:`.baselines`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..decompose import resolve_device, resolve_dtype
+from ..errors import ConfigError, ShapeError
+from ..io.base import BaseWeights
+from ..keys import normalize_module_path
+from ..linalg import phi_grid, principal_angles
+from ..types import Adapter, LayerKey
+from .baselines import DRAWS, PairBaseline, layer_baseline, nan_mean, pair_baseline
+from .pairing import DEFAULT_MAX_MEMORY
+from .serialize import as_list, in_layer_order, key_fields, num
+from .subspaces import Subspace, adapter_subspaces, cross_phi, padded, resolve_side, zero_note
+
+
+@dataclass(frozen=True, eq=False)
+class LayerGrid:
+    """φ between every pair of layers of one module type (and one ambient dim ``d``).
+
+    ``phi``, ``random_phi`` (sampled Haar baseline), ``expected_phi``
+    (``max(k_a, k_b)/d``): ``(L, L)`` float64, rows/columns in layer order.
+    """
+
+    module_type: str
+    blocks: tuple[int | None, ...]
+    names: tuple[str, ...]
+    dim: int
+    ks: tuple[int, ...]
+    phi: torch.Tensor
+    random_phi: torch.Tensor
+    expected_phi: torch.Tensor
+
+    def summary(self) -> dict[str, float | None]:
+        """Mean off-diagonal φ over all layers and over the deeper half (layers ``≥ L // 2``)."""
+        L = len(self.blocks)
+        off = ~torch.eye(L, dtype=torch.bool)
+        deep = torch.arange(L) >= L // 2
+        deep_off = off & deep[:, None] & deep[None, :]
+        out = {}
+        for tag, mask in (("", off), ("deep_", deep_off)):
+            for what, grid in (("", self.phi), ("random_", self.random_phi), ("expected_", self.expected_phi)):
+                out[f"{tag}{what}mean_offdiag"] = num(nan_mean(grid[mask]))
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "module_type": self.module_type, "blocks": list(self.blocks), "names": list(self.names),
+            "dim": self.dim, "k": list(self.ks), "phi": as_list(self.phi), "random_phi": as_list(self.random_phi),
+            "expected_phi": as_list(self.expected_phi), "summary": self.summary(),
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class LayerSimilarity:
+    """:func:`layer_similarity`'s result: one :class:`LayerGrid` per module type."""
+
+    adapter: str
+    path: str
+    what: str
+    side: str
+    k: int | None
+    grids: tuple[LayerGrid, ...]
+    draws: int
+    seed: int
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": "layer_similarity", "adapter": self.adapter, "path": self.path, "what": self.what,
+            "side": self.side, "k": self.k, "baseline": {"draws": self.draws, "seed": self.seed},
+            "notes": list(self.notes), "grids": [g.to_dict() for g in self.grids],
+        }
+
+
+def layer_similarity(
+    adapter: Adapter,
+    what: str = "delta",
+    k: int | None = None,
+    base: BaseWeights | None = None,
+    side: str | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = torch.float32,
+    max_memory: int | None = DEFAULT_MAX_MEMORY,
+    seed: int = 0,
+    draws: int = DRAWS,
+) -> LayerSimilarity:
+    """Per module type, the ``L × L`` φ grid across the layers of one adapter.
+
+    ``what``: ``delta`` (ΔW's column space, factored), ``A`` (row space of A),
+    ``B`` (column space of B) or ``base`` (``W0``'s top-k left singular
+    vectors, needs ``base``). ``k=None``: every direction (``r``; for ``base``
+    the module's rank). Ranks may differ by layer: ``φ[a, b]`` uses
+    ``i = k_a``, ``j = k_b``. One Gram product per module type.
+    """
+    side = resolve_side(what, side)
+    subs = adapter_subspaces(adapter, what, k, base, side, device, dtype, max_memory, seed)
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    groups: OrderedDict[tuple[str, int], list[Subspace]] = OrderedDict()
+    for s in sorted(subs.values(), key=lambda s: s.key.sort_key()):
+        groups.setdefault((s.key.module, s.dim), []).append(s)
+    grids = []
+    for (module_type, d), members in groups.items():
+        ks = [s.k for s in members]
+        grid = cross_phi(padded([s.basis for s in members]).to(dev, dt), ks)  # (L, L)
+        rand, expected = layer_baseline(d, ks, draws, seed, dev, dt)
+        grids.append(LayerGrid(
+            module_type=module_type, blocks=tuple(s.key.block for s in members), names=tuple(s.name for s in members),
+            dim=d, ks=tuple(ks), phi=grid.cpu().double(), random_phi=rand, expected_phi=expected,
+        ))
+    return LayerSimilarity(adapter.label, str(adapter.path), what, side, k, tuple(grids), draws, seed,
+                           tuple(adapter.flags) + zero_note(subs, what, adapter.label))
+
+
+@dataclass(frozen=True, eq=False)
+class ModulePairSimilarity:
+    """One module compared across two adapters.
+
+    ``grid (k_a, k_b)``: φ(i, j) for ``i ≤ k_a``, ``j ≤ k_b``; ``angles_deg
+    (min(k_a, k_b),)``: principal angles between the full subspaces, ascending;
+    ``grassmann``: ``‖θ‖₂`` in radians.
+    """
+
+    name: str
+    name_b: str
+    key: LayerKey
+    dim: int
+    k_a: int
+    k_b: int
+    grid: torch.Tensor
+    angles_deg: torch.Tensor
+    grassmann: float
+    baseline: PairBaseline
+
+    @property
+    def phi(self) -> float:
+        """φ at ``i = j = min(k_a, k_b)``: the top directions of both, equally many."""
+        m = min(self.k_a, self.k_b)
+        return float(self.grid[m - 1, m - 1])
+
+    @property
+    def phi_full(self) -> float:
+        """φ(k_a, k_b) = mean cos² of the principal angles between the full subspaces."""
+        return float(self.grid[-1, -1])
+
+    def to_dict(self, grids: bool = True) -> dict:
+        b = self.baseline
+        d = {
+            "name": self.name, **key_fields(self.key), "dim": self.dim, "k_a": self.k_a, "k_b": self.k_b,
+            "phi": num(self.phi), "phi_full": num(self.phi_full), "angles_deg": as_list(self.angles_deg),
+            "grassmann": num(self.grassmann),
+            "random": {"phi": num(b.phi), "phi_full": num(b.phi_full), "angles_deg": as_list(b.angles_deg),
+                       "grassmann": num(b.grassmann)},
+            "expected": {"phi": num(b.expected_phi), "phi_full": num(b.expected_phi_full)},
+        }
+        if self.name_b != self.name:
+            d["name_b"] = self.name_b
+        if grids:
+            d["grid"] = as_list(self.grid)
+            d["random"]["grid"] = as_list(b.grid)
+            d["expected"]["grid"] = as_list(b.expected_grid)
+        return d
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterSimilarity:
+    """:func:`adapter_similarity`'s result: matched modules in layer order, and what did not match."""
+
+    a: str
+    b: str
+    path_a: str
+    path_b: str
+    what: str
+    side: str
+    k: int | None
+    modules: tuple[ModulePairSimilarity, ...]
+    unmatched_a: tuple[str, ...]
+    unmatched_b: tuple[str, ...]
+    draws: int
+    seed: int
+    notes: tuple[str, ...] = ()
+
+    def by_module_type(self) -> "OrderedDict[str, dict[str, float | None]]":
+        """Mean φ (and its baselines) per module type, in first-seen order."""
+        groups: OrderedDict[str, list[ModulePairSimilarity]] = OrderedDict()
+        for m in self.modules:
+            groups.setdefault(m.key.module, []).append(m)
+        return OrderedDict((t, _means(ms)) for t, ms in groups.items())
+
+    def summary(self) -> dict[str, float | None]:
+        return _means(self.modules)
+
+    def to_dict(self, grids: bool = True) -> dict:
+        return {
+            "kind": "adapter_similarity", "a": self.a, "b": self.b, "path_a": self.path_a, "path_b": self.path_b,
+            "what": self.what, "side": self.side, "k": self.k, "baseline": {"draws": self.draws, "seed": self.seed},
+            "summary": self.summary(), "by_module_type": dict(self.by_module_type()),
+            "modules": [m.to_dict(grids) for m in self.modules],
+            "unmatched_a": list(self.unmatched_a), "unmatched_b": list(self.unmatched_b), "notes": list(self.notes),
+        }
+
+
+def _means(ms: Sequence[ModulePairSimilarity]) -> dict[str, float | None]:
+    def mean(xs):
+        xs = list(xs)
+        return num(sum(xs) / len(xs)) if xs else None
+    return {
+        "modules": len(ms),
+        "phi": mean(m.phi for m in ms), "random_phi": mean(m.baseline.phi for m in ms),
+        "expected_phi": mean(m.baseline.expected_phi for m in ms),
+        "grassmann": mean(m.grassmann for m in ms), "random_grassmann": mean(m.baseline.grassmann for m in ms),
+    }
+
+
+def adapter_similarity(
+    adapter_a: Adapter,
+    adapter_b: Adapter,
+    what: str = "delta",
+    k: int | None = None,
+    side: str | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = torch.float32,
+    max_memory: int | None = DEFAULT_MAX_MEMORY,
+    seed: int = 0,
+    draws: int = DRAWS,
+) -> AdapterSimilarity:
+    """Compare two adapters module by module (matched by name, backbone prefixes bridged).
+
+    Works across ranks (r=8 vs r=64: ``k_a ≠ k_b``). ``what='base'`` is refused:
+    two adapters on one base have the same base subspaces.
+    """
+    return pairwise_similarity([adapter_a, adapter_b], what, k, side, device, dtype, max_memory, seed, draws)[0]
+
+
+def pairwise_similarity(
+    adapters: Sequence[Adapter],
+    what: str = "delta",
+    k: int | None = None,
+    side: str | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = torch.float32,
+    max_memory: int | None = DEFAULT_MAX_MEMORY,
+    seed: int = 0,
+    draws: int = DRAWS,
+) -> tuple[AdapterSimilarity, ...]:
+    """:func:`adapter_similarity` for every pair ``(i < j)`` of ``adapters``; each adapter decomposed once."""
+    side = resolve_side(what, side)
+    if what == "base":
+        raise ConfigError("what='base' compares a base with itself when given two adapters; "
+                          "use it with one adapter (layers × layers), or what=delta|A|B.")
+    if len(adapters) < 2:
+        raise ConfigError(f"adapter similarity needs at least two adapters; got {len(adapters)}.")
+    subs = [adapter_subspaces(a, what, k, None, side, device, dtype, max_memory, seed) for a in adapters]
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    out = []
+    for i, j in itertools.combinations(range(len(adapters)), 2):
+        out.append(_compare(adapters[i], adapters[j], subs[i], subs[j], what, side, k, dev, dt, seed, draws))
+    return tuple(out)
+
+
+def _compare(a: Adapter, b: Adapter, sa: dict[str, Subspace], sb: dict[str, Subspace], what, side, k, dev, dt,
+             seed, draws) -> AdapterSimilarity:
+    by_norm = {normalize_module_path(n): n for n in sb}
+    pairs, unmatched_a, bad = [], [], []
+    for name in sa:
+        nb = by_norm.pop(normalize_module_path(name), None)
+        if nb is None:
+            unmatched_a.append(name)
+        elif sa[name].dim != sb[nb].dim:
+            bad.append(f"'{name}' in {a.label} spans R^{sa[name].dim}, '{nb}' in {b.label} R^{sb[nb].dim}")
+        else:
+            pairs.append((sa[name], sb[nb]))
+    if bad:
+        raise ShapeError(f"{len(bad)} matching module(s) have different shapes: {'; '.join(bad[:3])}. "
+                         "Compare adapters trained on the same architecture.")
+    # One batched φ grid and principal-angle call per (d, k_a, k_b).
+    groups: OrderedDict[tuple[int, int, int], list[tuple[Subspace, Subspace]]] = OrderedDict()
+    for x, y in pairs:
+        groups.setdefault((x.dim, x.k, y.k), []).append((x, y))
+    results: dict[str, ModulePairSimilarity] = {}
+    for (d, ka, kb), members in groups.items():
+        Ua = torch.stack([x.basis for x, _ in members]).to(dev, dt)  # (N, d, k_a)
+        Ub = torch.stack([y.basis for _, y in members]).to(dev, dt)  # (N, d, k_b)
+        grid = phi_grid(Ua, Ub).cpu().double()  # (N, k_a, k_b)
+        theta = principal_angles(Ua, Ub).cpu().double()  # (N, min)
+        base = pair_baseline(d, ka, kb, draws, seed, dev, dt)
+        for t, (x, y) in enumerate(members):
+            results[x.name] = ModulePairSimilarity(
+                name=x.name, name_b=y.name, key=x.key, dim=d, k_a=ka, k_b=kb, grid=grid[t],
+                angles_deg=torch.rad2deg(theta[t]), grassmann=float(torch.linalg.vector_norm(theta[t])),
+                baseline=base,
+            )
+    modules = in_layer_order(results.values())
+    return AdapterSimilarity(
+        a=a.label, b=b.label, path_a=str(a.path), path_b=str(b.path), what=what, side=side, k=k, modules=modules,
+        unmatched_a=tuple(unmatched_a), unmatched_b=tuple(sorted(by_norm.values())), draws=draws, seed=seed,
+        notes=zero_note(sa, what, a.label) + zero_note(sb, what, b.label),
+    )

@@ -1,0 +1,150 @@
+"""Which subspace of each module is compared, and the batched φ kernel over many of them.
+
+A subspace is an orthonormal basis ``(d, k)`` whose columns are ordered by
+importance (singular vectors, descending σ). Which singular vectors
+(methods.md §2, LoRA §7):
+
+=========  =============================================  =========  ===================
+what       matrix                                         side       d
+=========  =============================================  =========  ===================
+delta      ``ΔW = s·B A`` (factored, never formed)         left (U)   m (output space)
+B          ``B (m, r)``                                   left (U)   m
+A          ``A (r, n)``                                   right (V)  n (input space)
+base       ``W0 (m, n)``, top-k (randomized range finder)  left (U)   m
+=========  =============================================  =========  ===================
+
+``side="right"`` picks the input space of ``delta`` or ``base`` instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..decompose import decompose_adapter, decompose_base, decompose_matrices
+from ..errors import ConfigError
+from ..io.base import BaseWeights
+from ..types import Adapter, LayerKey
+from .pairing import DEFAULT_MAX_MEMORY, TRANSPOSED, pair_with_base
+
+WHATS = ("delta", "A", "B", "base")
+#: Default side per object: output-space objects use U, input-space objects V.
+DEFAULT_SIDE = {"delta": "left", "B": "left", "A": "right", "base": "left"}
+
+
+@dataclass(frozen=True, eq=False)
+class Subspace:
+    """An orthonormal basis ``(d, k)`` of one module's subspace, columns by descending σ."""
+
+    name: str
+    key: LayerKey
+    basis: torch.Tensor
+    #: The matrix was zero (an untrained ΔW with B = 0): the basis is arbitrary.
+    zero: bool = False
+
+    @property
+    def dim(self) -> int:
+        return int(self.basis.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.basis.shape[1])
+
+
+def resolve_side(what: str, side: str | None) -> str:
+    if what not in WHATS:
+        raise ConfigError(f"unknown subspace {what!r}; expected one of {list(WHATS)}.")
+    if side is None:
+        return DEFAULT_SIDE[what]
+    if side not in ("left", "right"):
+        raise ConfigError(f"unknown side {side!r}; expected left (output space) or right (input space).")
+    if what in ("A", "B") and side != DEFAULT_SIDE[what]:
+        raise ConfigError(
+            f"side={side} of {what} lives in the rank-r space, which is not comparable across modules; "
+            f"{what} has only its {DEFAULT_SIDE[what]} side."
+        )
+    return side
+
+
+def adapter_subspaces(
+    adapter: Adapter,
+    what: str = "delta",
+    k: int | None = None,
+    base: BaseWeights | None = None,
+    side: str | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = torch.float32,
+    max_memory: int | None = DEFAULT_MAX_MEMORY,
+    seed: int = 0,
+) -> dict[str, Subspace]:
+    """One :class:`Subspace` per module, in the adapter's (layer) order.
+
+    ``k=None`` keeps every direction (``r`` for delta/A/B); for ``base`` it
+    defaults to the module's rank. ``k`` larger than what exists is clipped.
+    Every SVD is one batched call per shape group (see :mod:`lora_lens.decompose`).
+    """
+    side = resolve_side(what, side)
+    if k is not None and k < 1:
+        raise ConfigError(f"k={k}; expected a positive number of directions (or none for all).")
+    modules = list(adapter)
+    kw = dict(device=device, dtype=dtype, max_memory=max_memory)
+    if what == "delta":
+        spectra = decompose_adapter(modules, **kw)
+    elif what in ("A", "B"):
+        factors = {m.name: (m.A if what == "A" else m.B) for m in modules}
+        spectra = decompose_matrices(factors, keys={m.name: m.key for m in modules}, **kw)
+    else:
+        if base is None:
+            raise ConfigError("what='base' compares the base weights' own subspaces; pass the base (--base DIR).")
+        conv = [m.name for m in modules if m.layout == "conv"]
+        if conv:
+            raise ConfigError(f"what='base' does not handle Conv kernels yet (module '{conv[0]}'); "
+                              "use what='delta', 'A' or 'B'.")
+        weights = pair_with_base(modules, base)
+        kb = k or max(m.rank for m in modules)
+        by_weight = decompose_base(base, [weights[m.name] for m in modules], k=kb, seed=seed,
+                                   transpose=[weights[m.name] for m in modules if m.layout in TRANSPOSED], **kw)
+        spectra = {m.name: by_weight[weights[m.name]] for m in modules}
+    out = {}
+    for m in modules:
+        sp = spectra[m.name]
+        basis = sp.U if side == "left" else sp.Vh.transpose(-1, -2)  # (d, k)
+        kk = (m.rank if what == "base" else basis.shape[1]) if k is None else k
+        out[m.name] = Subspace(m.name, m.key, basis[:, :kk].contiguous(), zero=bool(sp.S.max() <= 0))
+    return out
+
+
+def zero_note(subs: "dict[str, Subspace] | list[Subspace]", what: str, label: str) -> tuple[str, ...]:
+    """A warning when some compared matrices are zero, so their φ means nothing."""
+    zero = [s.name for s in (subs.values() if isinstance(subs, dict) else subs) if s.zero]
+    if not zero:
+        return ()
+    return (f"{label}: {what} is zero in {len(zero)} module(s) (e.g. {zero[0]}), as in an untrained adapter "
+            "(B = 0); their φ compares arbitrary bases.",)
+
+
+def padded(bases: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack bases ``(d, k_l)`` into ``(L, d, k_max)``, zero columns past each ``k_l``.
+
+    Zero columns add nothing to ``‖U_aᵀ U_b‖_F²``, so one product covers ranks
+    that differ by layer (``rank_pattern``).
+    """
+    kmax = max(b.shape[-1] for b in bases)
+    return torch.stack([torch.nn.functional.pad(b, (0, kmax - b.shape[-1])) for b in bases])
+
+
+def cross_phi(P: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """φ between every pair of ``L`` subspaces: ``(..., L, L)``.
+
+    ``P (..., L, d, k)`` padded bases with ``ks[l]`` real columns each;
+    ``φ[a, b] = ‖U_aᵀ U_b‖_F² / min(k_a, k_b)``. One Gram matrix
+    ``(L·k, L·k)`` whose squared blocks are summed: no loop over pairs.
+    """
+    *batch, L, d, k = P.shape
+    X = P.transpose(-2, -3).reshape(*batch, d, L * k)  # (..., d, L·k), layer-major columns
+    G2 = (X.transpose(-1, -2) @ X) ** 2  # (..., L·k, L·k)
+    S = G2.reshape(*batch, L, k, L, k).sum(dim=(-3, -1))  # (..., L, L)
+    kt = torch.as_tensor(list(ks), dtype=P.dtype, device=P.device)
+    return S / torch.minimum(kt[:, None], kt[None, :])

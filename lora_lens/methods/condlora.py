@@ -1,0 +1,494 @@
+"""CondLoRA (Kim et al., LREC-COLING 2024): conversion-matrix analysis and Θ init files (methods.md §5).
+
+Layout is PyTorch's: ``W0 (m, n)``, ``A (r, n)``, ``B (m, r)``; a Conv1D base
+weight is transposed on load. Legend: ``L`` layers, ``r`` rank.
+
+**Parameterization.** One pair of linear maps per module type, shared by every
+layer, turns each layer's frozen ``W0`` into its LoRA factors
+(:func:`condlora_factors`):
+
+- ``official`` (the paper's code, square ``W0``): ``A = Θ_A W0ᵀ``,
+  ``B = W0 Θ_Bᵀ`` with ``Θ_A, Θ_B (r, n)``;
+- ``general`` (ours, any shape): ``A = Θ_Aᵀ W0``, ``B = W0 Θ_B`` with
+  ``Θ_A (m, r)``, ``Θ_B (n, r)``.
+
+**Analysis.** For a trained adapter, the per-layer conversion matrices solve
+the same equations for ``Θ`` layer by layer: official ``W0 C_A = Aᵀ``,
+``W0 C_B = B`` (exact solve, ``W0⁻¹``); general ``W0ᵀ C_A = Aᵀ`` (``C_A (m, r)``),
+``W0 C_B = B`` (``C_B (n, r)``), least squares / minimum norm with the relative
+residual reported. Layers are compared pairwise by φ of the conversion
+matrices' left singular vectors with ``i = j = r``, beside two baselines:
+Gaussian ``(d, r)`` matrices, and ``W0⁻¹ G`` (the same solve applied to a
+Gaussian right-hand side), which shows how much cross-layer similarity ``W0``
+alone creates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..decompose import chunk_size, resolve_device, resolve_dtype
+from ..errors import ConfigError, ShapeError
+from ..io.atomic import atomic_directory, atomic_save_safetensors
+from ..io.base import BaseWeights, open_base
+from ..io.initfile import THETA_NAME, InitDescription, write_init_description
+from ..io.peft import load_adapter, save_peft_adapter
+from ..linalg import lstsq, phi, svd
+from ..types import Adapter, LoraModule
+from .common import InitResult, TargetLayer, load_weight, lora_module, provenance, stacked_lstsq, target_layers
+
+MODES = ("official", "general")
+SIDES = ("A", "B")
+EQUATIONS = {
+    ("official", "A"): "W0 C_A = A^T",
+    ("official", "B"): "W0 C_B = B",
+    ("general", "A"): "W0^T C_A = A^T",
+    ("general", "B"): "W0 C_B = B",
+}
+
+
+def condlora_factors(theta_A: torch.Tensor, theta_B: torch.Tensor, W0: torch.Tensor,
+                     mode: str = "official") -> tuple[torch.Tensor, torch.Tensor]:
+    """The LoRA factors that shared ``Θ`` gives for a frozen ``W0``; differentiable.
+
+    ``W0 (..., m, n)`` in PyTorch's layout (transpose a Conv1D's stored
+    weight); leading dimensions batch over layers. Returns ``A (..., r, n)``,
+    ``B (..., m, r)``:
+
+    - ``official`` (square ``W0``, ``m = n``): ``Θ_A (r, n)``, ``Θ_B (r, n)``;
+      ``A = Θ_A W0ᵀ``, ``B = W0 Θ_Bᵀ``.
+    - ``general``: ``Θ_A (m, r)``, ``Θ_B (n, r)``; ``A = Θ_Aᵀ W0``, ``B = W0 Θ_B``.
+
+    The trainer calls this at every forward; inputs must share dtype and device.
+    """
+    m, n = W0.shape[-2:]
+    if mode == "official":
+        if m != n:
+            raise ShapeError(f"official CondLoRA needs a square W0; got {m}x{n}. Use mode 'general'.")
+        want_A, want_B = (theta_A.shape[0], n), (theta_B.shape[0], n)
+        if tuple(theta_A.shape) != want_A or tuple(theta_B.shape) != want_B or theta_A.shape[0] != theta_B.shape[0]:
+            raise ShapeError(f"official Θ must be theta_A (r, {n}) and theta_B (r, {n}); got "
+                             f"{tuple(theta_A.shape)} and {tuple(theta_B.shape)}.")
+        return theta_A @ W0.transpose(-1, -2), W0 @ theta_B.T
+    if mode == "general":
+        r = theta_A.shape[-1]
+        if tuple(theta_A.shape) != (m, r) or tuple(theta_B.shape) != (n, r):
+            raise ShapeError(f"general Θ must be theta_A ({m}, r) and theta_B ({n}, r); got "
+                             f"{tuple(theta_A.shape)} and {tuple(theta_B.shape)}.")
+        return theta_A.T @ W0, W0 @ theta_B
+    raise ConfigError(f"unknown CondLoRA mode {mode!r}; expected one of {list(MODES)}.")
+
+
+def theta_shapes(m: int, n: int, r: int, mode: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(theta_A shape, theta_B shape)`` for a module type of shape ``(m, n)``."""
+    return ((r, n), (r, n)) if mode == "official" else ((m, r), (n, r))
+
+
+# --------------------------------------------------------------------------------------------- analysis
+
+
+@dataclass(frozen=True, eq=False)
+class ConversionGrid:
+    """Cross-layer similarity of one module type's conversion matrices for one side.
+
+    ``phi``, ``gaussian``, ``structural``: ``(L, L)`` φ grids in layer order
+    (the conversion matrices, Gaussian ``(d, r)`` matrices, and ``W0⁻¹ G``);
+    ``residual (L,)``: ``‖S C − F‖_F / ‖F‖_F`` of each layer's solve (0 for an
+    exact solve); ``dim``: ``d``, the rows of ``C``.
+    """
+
+    module_type: str
+    side: str
+    equation: str
+    blocks: tuple
+    modules: tuple[str, ...]
+    ranks: tuple[int, ...]
+    dim: int
+    phi: torch.Tensor
+    gaussian: torch.Tensor
+    structural: torch.Tensor
+    residual: torch.Tensor
+
+    def summary(self) -> dict:
+        """Mean off-diagonal φ (all layers, and among the deeper half) for the grid and its baselines."""
+        L = len(self.blocks)
+        deep = list(range(L - L // 2, L))
+        out = {}
+        for name, grid in (("phi", self.phi), ("gaussian", self.gaussian), ("structural", self.structural)):
+            out[f"{name}_offdiag"] = _offdiag_mean(grid, list(range(L)))
+            out[f"{name}_offdiag_deep"] = _offdiag_mean(grid, deep)
+        out["random_expectation"] = max(self.ranks) / self.dim if self.ranks else None
+        out["residual_max"] = float(self.residual.max()) if L else None
+        out["residual_mean"] = float(self.residual.mean()) if L else None
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "module_type": self.module_type, "side": self.side, "equation": self.equation,
+            "blocks": list(self.blocks), "modules": list(self.modules), "ranks": list(self.ranks), "dim": self.dim,
+            "phi": _nested(self.phi), "gaussian_baseline": _nested(self.gaussian),
+            "structure_baseline": _nested(self.structural), "residual": _nested(self.residual),
+            "summary": self.summary(),
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class CondLoraAnalysis:
+    """Every module type × side grid of an adapter, plus what was skipped."""
+
+    grids: tuple[ConversionGrid, ...]
+    adapter: str
+    base: str
+    seed: int
+    skipped: tuple[str, ...] = ()
+
+    def grid(self, module_type: str, side: str) -> ConversionGrid:
+        for g in self.grids:
+            if g.module_type == module_type and g.side == side:
+                return g
+        raise KeyError(f"no grid for {module_type!r} side {side!r}")
+
+    def to_dict(self) -> dict:
+        return {"adapter": self.adapter, "base": self.base, "seed": self.seed, "skipped": list(self.skipped),
+                "grids": [g.to_dict() for g in self.grids]}
+
+
+def condlora_analysis(
+    adapter: Adapter | str | Path,
+    base: BaseWeights | str | Path,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "float32",
+    rcond: float | None = None,
+    seed: int = 0,
+    mode: str = "auto",
+    max_memory: int | None = None,
+) -> CondLoraAnalysis:
+    """Conversion matrices of a trained adapter and their cross-layer φ grids (methods.md §5).
+
+    ``mode``: ``auto`` (official equations for square ``W0``, general ones
+    otherwise), ``official`` (refuses non-square) or ``general``. Layers are
+    solved batched by shape, ``max_memory`` bytes at a time; ``rcond`` cuts
+    small singular values in the least-squares path. Embedding and Conv2d
+    modules are skipped (listed in ``skipped``). Deterministic for ``seed``.
+    """
+    adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    base = base if isinstance(base, BaseWeights) else open_base(base)
+    if mode not in ("auto",) + MODES:
+        raise ConfigError(f"unknown CondLoRA analysis mode {mode!r}; expected auto, official or general.")
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    usable = [m for m in adapter if m.layout in ("linear", "conv1d")]
+    skipped = tuple(m.name for m in adapter if m.layout not in ("linear", "conv1d"))
+    if not usable:
+        raise ConfigError(f"{adapter.path}: no Linear or Conv1D LoRA modules to analyse (only {list(skipped)[:3]}).")
+    weights = base.weight_names_for([m.name for m in usable])
+    grids = []
+    for t, mt in enumerate(dict.fromkeys(m.key.module for m in usable)):
+        mods = sorted((m for m in usable if m.key.module == mt), key=lambda m: m.key.sort_key())
+        grids += _analyse_type(mt, mods, weights, base, mode, dev, dt, rcond, seed + 7919 * t, max_memory)
+    return CondLoraAnalysis(tuple(grids), str(adapter.path), str(base.path), seed, skipped)
+
+
+def _analyse_type(mt, mods, weights, base, mode, dev, dt, rcond, seed, max_memory) -> list[ConversionGrid]:
+    for m in mods:
+        info = base.info(weights[m.name])
+        if tuple(info.shape) != m.base_shape:
+            raise ShapeError(f"{base.path}: '{weights[m.name]}' is {tuple(info.shape)} but adapter module '{m.name}' "
+                             f"expects {m.base_shape}; check that --base is the model the adapter was trained on.")
+    square = all(m.shape[0] == m.shape[1] for m in mods)
+    if mode == "official" and not square:
+        bad = next(m for m in mods if m.shape[0] != m.shape[1])
+        raise ConfigError(f"'{bad.name}' is {bad.shape[0]}x{bad.shape[1]}, not square; the official CondLoRA "
+                          "equations need square W0. Use mode 'general' (--mode general) or 'auto'.")
+    eq = "official" if (mode == "official" or (mode == "auto" and square)) else "general"
+    L = len(mods)
+    gen = torch.Generator().manual_seed(seed)
+    # Gaussian draws per layer and side, in layer order, so results do not depend on chunking.
+    draws = []
+    for m in mods:
+        mm, nn_ = m.shape
+        d = {"A": nn_ if eq == "official" else mm, "B": nn_}  # rows of C (its space)
+        rows = {"A": nn_, "B": mm}  # rows of the right-hand side
+        draws.append({s: (torch.randn(d[s], m.rank, generator=gen, dtype=torch.float64),
+                          torch.randn(rows[s], m.rank, generator=gen, dtype=torch.float64)) for s in SIDES})
+    U = {s: {k: [None] * L for k in ("conv", "gauss", "struct")} for s in SIDES}
+    resid = {s: torch.zeros(L, dtype=torch.float64) for s in SIDES}
+    pos = {m.name: i for i, m in enumerate(mods)}
+    itemsize = torch.finfo(dt).bits // 8
+    groups: OrderedDict[tuple, list[LoraModule]] = OrderedDict()
+    for m in mods:
+        groups.setdefault((m.shape, m.rank), []).append(m)
+    for ((mm, nn_), r), group in groups.items():
+        step = chunk_size((3 * mm * nn_ + 8 * (mm + nn_) * r) * itemsize, max_memory, len(group))
+        for lo in range(0, len(group), step):
+            chunk = group[lo: lo + step]
+            idx = [pos[m.name] for m in chunk]
+            W = torch.stack([_w0(base, weights[m.name], m) for m in chunk]).to(dev, dt)  # (c, m, n)
+            A = torch.stack([m.A for m in chunk]).to(dev, dt)  # (c, r, n)
+            B = torch.stack([m.B for m in chunk]).to(dev, dt)  # (c, m, r)
+            F = {"A": A.transpose(-1, -2), "B": B}  # (c, n, r), (c, m, r)
+            Gs = {s: torch.stack([draws[i][s][1] for i in idx]).to(dev, dt) for s in SIDES}
+            X = _solve_sides(W, F, Gs, eq, rcond)
+            for s in SIDES:
+                C, Cg = X[s][..., :r], X[s][..., r:]
+                system = W.transpose(-1, -2) if (eq == "general" and s == "A") else W
+                res = torch.linalg.matrix_norm(system @ C - F[s]) / torch.linalg.matrix_norm(F[s]).clamp_min(1e-30)
+                gauss = torch.stack([draws[i][s][0] for i in idx]).to(dev, dt)
+                for key, M in (("conv", C), ("struct", Cg), ("gauss", gauss)):
+                    Uk = svd(M)[0].cpu()  # (c, d, r) left singular vectors
+                    for j, i in enumerate(idx):
+                        U[s][key][i] = Uk[j]
+                zero = torch.linalg.matrix_norm(F[s]) == 0
+                for j, i in enumerate(idx):
+                    resid[s][i] = float(res[j])
+                    if zero[j]:  # an all-zero factor (untrained B): its C is 0 and has no subspace
+                        U[s]["conv"][i] = None
+    out = []
+    for s in SIDES:
+        out.append(ConversionGrid(
+            module_type=mt, side=s, equation=EQUATIONS[(eq, s)], blocks=tuple(m.key.block for m in mods),
+            modules=tuple(m.name for m in mods), ranks=tuple(m.rank for m in mods), dim=int(U[s]["gauss"][0].shape[0]),
+            phi=_layer_phi(U[s]["conv"]), gaussian=_layer_phi(U[s]["gauss"]), structural=_layer_phi(U[s]["struct"]),
+            residual=resid[s],
+        ))
+    return out
+
+
+def _w0(base: BaseWeights, name: str, m: LoraModule) -> torch.Tensor:
+    W = base.get(name)
+    return W.T if m.layout == "conv1d" else W
+
+
+def _solve_sides(W, F, Gs, eq, rcond) -> dict[str, torch.Tensor]:
+    """``X_s = S_s⁺ [F_s | G_s]`` per side; one solve for both sides when they share ``S = W0``."""
+    if eq == "official":
+        r = F["A"].shape[-1]
+        X, _ = lstsq(W, torch.cat([F["A"], Gs["A"], F["B"], Gs["B"]], -1), rcond=rcond)
+        return {"A": X[..., : 2 * r], "B": X[..., 2 * r:]}
+    XA, _ = lstsq(W.transpose(-1, -2), torch.cat([F["A"], Gs["A"]], -1), rcond=rcond)
+    XB, _ = lstsq(W, torch.cat([F["B"], Gs["B"]], -1), rcond=rcond)
+    return {"A": XA, "B": XB}
+
+
+def _layer_phi(Us: list[torch.Tensor | None]) -> torch.Tensor:
+    """``(L, L)`` φ between every pair of per-layer bases (i = j = all columns), clamped to [0, 1].
+
+    NaN where a layer has no subspace (``None``: an all-zero factor) or two
+    layers' dimensions differ.
+    """
+    L = len(Us)
+    shapes = {tuple(u.shape) for u in Us if u is not None}
+    if len(shapes) == 1 and all(u is not None for u in Us):
+        U = torch.stack(Us).double()  # (L, d, r)
+        return phi(U[:, None], U[None, :]).clamp(0.0, 1.0)
+    out = torch.full((L, L), float("nan"), dtype=torch.float64)
+    for a in range(L):
+        for b in range(L):
+            if Us[a] is not None and Us[b] is not None and Us[a].shape[0] == Us[b].shape[0]:
+                out[a, b] = phi(Us[a].double(), Us[b].double()).clamp(0.0, 1.0)
+    return out
+
+
+def _offdiag_mean(grid: torch.Tensor, idx: list[int]) -> float | None:
+    if len(idx) < 2:
+        return None
+    sub = grid[idx][:, idx]
+    mask = ~torch.eye(len(idx), dtype=torch.bool)
+    vals = sub[mask]
+    vals = vals[~torch.isnan(vals)]
+    return float(vals.mean()) if vals.numel() else None
+
+
+def _nested(t: torch.Tensor):
+    return [None if isinstance(v, float) and math.isnan(v) else v for v in t.tolist()] if t.dim() == 1 else \
+        [_nested(row) for row in t]
+
+
+# ------------------------------------------------------------------------------------------------- init
+
+
+def condlora_init(
+    base: BaseWeights | str | Path,
+    rank: int | None = None,
+    targets: str | Sequence[str] | None = None,
+    *,
+    out_dir: str | Path,
+    alpha: float | None = None,
+    mode: str = "official",
+    from_adapter: Adapter | str | Path | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "float32",
+    rcond: float | None = None,
+) -> InitResult:
+    """Write a CondLoRA init folder: ``Θ`` per module type, and the per-layer A, B it gives as a PEFT adapter.
+
+    Default ``Θ``: ``Θ_A`` Kaiming-uniform (``a = √5``, as
+    ``torch.nn.init.kaiming_uniform_``) on the shape of the linear map it is —
+    official ``Θ_A (r, n)``, fan-in ``n``; general ``Θ_Aᵀ (r, m)``, fan-in
+    ``m`` (so the bound is ``1/√fan_in``) — and ``Θ_B = 0``, so ``ΔW = 0``.
+
+    ``from_adapter``: warm start. ``Θ`` is the least-squares fit of every
+    layer's factors of that module type at once (official ``A_l = Θ_A W0_lᵀ``,
+    ``B_l = W0_l Θ_Bᵀ``; general ``A_l = Θ_Aᵀ W0_l``, ``B_l = W0_l Θ_B``),
+    each ``B_l`` rescaled by ``s_l / s`` so ``s·B A`` matches the adapter's
+    update; the relative residual per side is reported. ``rank`` defaults to
+    the adapter's, ``targets`` to its module types.
+
+    ``alpha`` defaults to ``rank`` (``s = 1``). Layout of the folder:
+    :mod:`lora_lens.io.initfile`. ``dtype`` is the compute dtype (the warm-start
+    fit is a QR of the stacked layers: ask for float64 when its residual must
+    be read below ~1e-6); files are float32.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"unknown CondLoRA mode {mode!r}; expected one of {list(MODES)}.")
+    base = base if isinstance(base, BaseWeights) else open_base(base)
+    adapter = None
+    if from_adapter is not None:
+        adapter = from_adapter if isinstance(from_adapter, Adapter) else load_adapter(from_adapter)
+        adapter = replace(adapter, modules=tuple(m for m in adapter if m.layout in ("linear", "conv1d")))
+    if targets is None:
+        if adapter is None:
+            raise ConfigError("no targets given; pass targets (e.g. 'q_proj,v_proj') or an adapter to warm-start from.")
+        targets = adapter.module_types
+    layers = target_layers(base, targets)
+    if mode == "official":
+        bad = [(ls[0].weight, ls[0].shape) for ls in layers.values() if ls[0].shape[0] != ls[0].shape[1]]
+        if bad:
+            raise ConfigError(
+                f"official CondLoRA needs square W0, but {bad[0][0]} is {bad[0][1][0]}x{bad[0][1][1]}"
+                f"{f' (and {len(bad) - 1} more module types)' if len(bad) > 1 else ''}; use --mode general."
+            )
+    for mt, ls in layers.items():
+        if len({layer.shape for layer in ls}) != 1:
+            raise ShapeError(f"module type '{mt}' has layers of different shapes {sorted({x.shape for x in ls})}; "
+                             "one shared Θ needs one shape. Target it separately or leave it out.")
+    fitted = _adapter_by_type(adapter, base, layers) if adapter is not None else {}
+    rank = _init_rank(rank, fitted, adapter)
+    alpha = float(rank if alpha is None else alpha)
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    thetas, modules, records = {}, [], []
+    for mt, ls in layers.items():
+        m, n = ls[0].shape
+        if mt in fitted:
+            tA, tB, fit = _fit_theta(fitted[mt], base, rank, alpha / rank, mode, dev, dt, rcond)
+        else:
+            tA, tB, fit = (*condlora_theta_default(m, n, rank, mode, gen), None)
+        thetas[f"{mt}.theta_A"], thetas[f"{mt}.theta_B"] = tA.float().cpu(), tB.float().cpu()
+        for layer in ls:
+            W0 = load_weight(base, layer, dt).to(dev)
+            A, B = condlora_factors(tA.to(dev, dt), tB.to(dev, dt), W0, mode)
+            modules.append(lora_module(layer, A.float().cpu(), B.float().cpu(), alpha))
+        records.append({"module_type": mt, "layers": len(ls), "shape": [m, n], "theta_A": list(tA.shape),
+                        "theta_B": list(tB.shape), "parameters": tA.numel() + tB.numel(),
+                        "lora_parameters": len(ls) * rank * (m + n), "init": "warm_start" if fit else "kaiming_uniform",
+                        "fan_in": None if fit else (n if mode == "official" else m), "fit": fit})
+    params = {"mode": mode, "seed": seed, "from_adapter": str(adapter.path) if adapter else None,
+              "init": "warm_start" if fitted else "theta_A kaiming_uniform(a=sqrt(5)), theta_B zeros"}
+    sources = [str(base.path)] + ([str(adapter.path)] if adapter else [])
+    desc = InitDescription(method="condlora", rank=rank, alpha=alpha, targets=list(layers), mode=mode, frozen=[],
+                           peft_adapter="peft", theta_file=THETA_NAME, params=params, sources=sources)
+    meta = provenance("condlora", params, sources)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        atomic_save_safetensors(thetas, tmp / THETA_NAME, meta)
+        save_peft_adapter(tmp / "peft", modules, metadata=meta, base_model_name_or_path=str(base.path))
+        write_init_description(tmp, desc)
+    summary = {"parameters": sum(r["parameters"] for r in records),
+               "lora_parameters": sum(r["lora_parameters"] for r in records), "modules": len(modules)}
+    return InitResult(Path(out_dir), desc, tuple(records), summary)
+
+
+def condlora_theta_default(m: int, n: int, rank: int, mode: str, generator: torch.Generator | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh ``Θ`` for a module type of shape ``(m, n)``: Kaiming-uniform ``Θ_A``, zero ``Θ_B`` (float32).
+
+    ``torch.nn.init.kaiming_uniform_(a=√5)`` on the linear map ``Θ_A`` is, so
+    the bound is ``1/√fan_in``: official ``Θ_A (r, n)`` is a ``Linear(n → r)``
+    (fan-in ``n``); general ``Θ_Aᵀ (r, m)`` is a ``Linear(m → r)`` (fan-in
+    ``m``), drawn as ``(r, m)`` and returned transposed ``(m, r)``. ``Θ_B = 0``
+    makes ``B = 0``, so ``ΔW = 0`` at step 0.
+    """
+    if mode == "official":
+        tA = torch.empty(rank, n)
+        torch.nn.init.kaiming_uniform_(tA, a=math.sqrt(5), generator=generator)
+        return tA, torch.zeros(rank, n)
+    if mode != "general":
+        raise ConfigError(f"unknown CondLoRA mode {mode!r}; expected one of {list(MODES)}.")
+    tAT = torch.empty(rank, m)
+    torch.nn.init.kaiming_uniform_(tAT, a=math.sqrt(5), generator=generator)
+    return tAT.T.contiguous(), torch.zeros(n, rank)
+
+
+def _adapter_by_type(adapter: Adapter, base: BaseWeights, layers) -> dict[str, list[tuple[TargetLayer, LoraModule]]]:
+    """``{module type: [(base layer, adapter module), …]}`` for the targets the adapter covers."""
+    by_weight = {layer.weight: (mt, layer) for mt, ls in layers.items() for layer in ls}
+    weights = base.weight_names_for(adapter.names)
+    mods = [m for m in adapter if weights[m.name] in by_weight]
+    if not mods:
+        raise ConfigError(f"{adapter.path}: has no LoRA module for the targets {list(layers)}; it covers "
+                          f"{adapter.module_types}.")
+    out: dict[str, list] = {}
+    for m in mods:
+        mt, layer = by_weight[weights[m.name]]
+        if m.shape != layer.shape:
+            raise ShapeError(f"adapter module '{m.name}' is {m.shape[0]}x{m.shape[1]} but base weight "
+                             f"'{layer.weight}' is {layer.shape[0]}x{layer.shape[1]}; use the base it was trained on.")
+        out.setdefault(mt, []).append((layer, m))
+    return out
+
+
+def _init_rank(rank: int | None, fitted: dict, adapter: Adapter | None) -> int:
+    ranks = sorted({m.rank for pairs in fitted.values() for _, m in pairs})
+    if rank is None:
+        if not ranks:
+            raise ConfigError("no rank given; pass rank (--rank R) or an adapter to warm-start from.")
+        if len(ranks) > 1:
+            raise ConfigError(f"{adapter.path}: its modules have ranks {ranks}; pass one rank (--rank R) to fit.")
+        return ranks[0]
+    if not isinstance(rank, int) or rank <= 0:
+        raise ConfigError(f"rank must be a positive integer; got {rank!r}.")
+    if ranks and ranks != [rank]:
+        raise ConfigError(f"rank {rank} differs from the adapter's rank(s) {ranks}; a warm start fits Θ to the "
+                          "adapter's own factors: leave --rank out or match it.")
+    return rank
+
+
+def _fit_theta(pairs, base, rank, s, mode, dev, dt, rcond) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Least-squares ``Θ`` over every layer of one module type, and the relative residual per side."""
+
+    def systems():  # yields per layer: [(side(s), system (p, q), rhs (p, k))]
+        for layer, m in pairs:
+            W0 = load_weight(base, layer, dt).to(dev)  # (m, n)
+            At = m.A.to(dev, dt).T  # (n, r)
+            Bs = m.B.to(dev, dt) * (m.scaling / s)  # (m, r): so s·B'A = s_l·B A
+            if mode == "official":  # W0 [Θ_Aᵀ | Θ_Bᵀ] = [Aᵀ | B]
+                yield [("AB", W0, torch.cat([At, Bs], -1))]
+            else:  # W0ᵀ Θ_A = Aᵀ ; W0 Θ_B = B
+                yield [("A", W0.T, At), ("B", W0, Bs)]
+
+    keys = ["AB"] if mode == "official" else ["A", "B"]
+    X = {k: stacked_lstsq(((M, Y) for per in systems() for kk, M, Y in per if kk == k), rcond=rcond, dtype=dt)
+         for k in keys}
+    num = {s: 0.0 for s in SIDES}
+    den = {s: 0.0 for s in SIDES}
+    for per in systems():  # second pass: the exact residual, one layer at a time
+        for k, M, Y in per:
+            E = M @ X[k] - Y
+            cols = {"A": slice(0, rank), "B": slice(rank, 2 * rank)} if k == "AB" else {k: slice(None)}
+            for side, c in cols.items():
+                num[side] += float((E[:, c] ** 2).sum())
+                den[side] += float((Y[:, c] ** 2).sum())
+    fit = {"layers": [layer.key.block for layer, _ in pairs],
+           **{f"residual_{s}": (num[s] / den[s]) ** 0.5 if den[s] > 0 else 0.0 for s in SIDES}}
+    if mode == "official":
+        tA, tB = X["AB"][:, :rank].T, X["AB"][:, rank:].T  # (r, n) each
+    else:
+        tA, tB = X["A"], X["B"]  # (m, r), (n, r)
+    return tA.contiguous(), tB.contiguous(), fit

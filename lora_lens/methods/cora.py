@@ -1,0 +1,277 @@
+"""CoRA (Xiao et al., 2024): a common subspace from model weights as LoRA's B (methods.md §6).
+
+Per module type and layer, the sources' weights are stacked side by side,
+``S = [W_1 | … | W_M] (m, M·n)`` (PyTorch layout; Conv1D transposed), and the
+top-``r`` left singular vectors of ``S`` are the basis ``B (m, r)``. With
+``source_kind="deltas"`` the stacked matrices are ``W_k − W_base``. With
+``share_across_layers`` every layer of the module type is stacked too, giving
+one basis per module type.
+
+How the top-r subspace is computed, and why:
+
+- per layer: the randomized range finder (:func:`~lora_lens.linalg.randomized_svd`)
+  on the stacked matrix, batched over the layers of one shape, with
+  oversampling 16 and **16** power iterations. Real weights have flat spectra
+  (MiniLM q/k/v: ``σ_r / σ_{r+1}`` = 1.001–1.01), so the 4 iterations that
+  suffice for singular *values* leave the *subspace* at φ = 0.93–0.97 against
+  the exact SVD; 16 iterations give φ > 0.99999 there, at
+  ``≈ 34 · 2·m·(M·n)·(r+16)`` flops instead of a full SVD's ``O(m²·M·n)``
+  (measured in benchmarks/bench_inits.py).
+- shared across layers: the stacked matrix would be ``(m, L·M·n)``, so it is
+  never formed; the Gram matrix ``G = Σ_{l,k} W W ᵀ (m, m)`` is accumulated one
+  layer at a time (memory ``m²``) and its top-``r`` eigenvectors — the same
+  left singular vectors — found by the same range finder on ``G``.
+
+The basis is orthonormal (``scale="orthonormal"``) or rescaled to the Frobenius
+norm of a Kaiming-uniform (a = √5) ``B (m, r)`` with fan-in ``r``:
+``‖B‖_F = √(m/3)`` (``scale="kaiming"``). ``A`` starts at zero, so the output
+is unchanged at init while ``A`` still gets gradient.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..decompose import Progress, resolve_device, resolve_dtype
+from ..errors import ConfigError, ShapeError
+from ..io.atomic import atomic_directory, atomic_save_safetensors, atomic_write_json
+from ..io.base import BaseWeights, open_base
+from ..io.initfile import InitDescription, write_init_description
+from ..io.peft import save_peft_adapter
+from ..keys import match_modules_to_weights
+from ..linalg import randomized_svd, svd
+from .common import InitResult, TargetLayer, check_rank, layer_chunks, load_stack, lora_module, provenance, \
+    target_layers
+
+SOURCE_KINDS = ("weights", "deltas")
+SCALES = ("orthonormal", "kaiming")
+MODES = ("frozen", "init")
+BASIS_FILE = "cora_basis.safetensors"
+BASIS_JSON = "cora_basis.json"
+
+
+@dataclass(frozen=True, eq=False)
+class CoraBasis:
+    """Common-subspace bases: ``bases[key] (m, r)`` (scaled as asked), ``singular_values[key] (r,)``.
+
+    ``key`` is a layer's module path, or the module type when ``shared``.
+    ``energy[key]``: ``Σ_{i≤r} σ_i² / ‖S‖_F²``, the share of the stacked
+    matrix's energy the basis captures.
+    """
+
+    rank: int
+    layers: "OrderedDict[str, list[TargetLayer]]"
+    bases: dict[str, torch.Tensor]
+    singular_values: dict[str, torch.Tensor]
+    energy: dict[str, float]
+    shared: bool
+    params: dict = field(default_factory=dict)
+    sources: tuple[str, ...] = ()
+
+    def key_for(self, module_type: str, layer: TargetLayer) -> str:
+        return module_type if self.shared else layer.module
+
+    def basis_for(self, module_type: str, layer: TargetLayer) -> torch.Tensor:
+        """The ``(m, r)`` basis that layer's B gets."""
+        return self.bases[self.key_for(module_type, layer)]
+
+    def to_dict(self) -> dict:
+        entries = []
+        for mt, ls in self.layers.items():
+            for key in dict.fromkeys(self.key_for(mt, x) for x in ls):
+                entries.append({"key": key, "module_type": mt, "shape": list(self.bases[key].shape),
+                                "singular_values": self.singular_values[key].tolist(), "energy": self.energy[key]})
+        return {"rank": self.rank, "shared": self.shared, "targets": list(self.layers), "params": self.params,
+                "sources": list(self.sources), "bases": entries}
+
+
+def cora_basis(
+    base: BaseWeights | str | Path,
+    rank: int,
+    targets: str | Sequence[str],
+    sources: Sequence[BaseWeights | str | Path] = (),
+    *,
+    share_across_layers: bool = False,
+    source_kind: str = "weights",
+    scale: str = "orthonormal",
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "float32",
+    oversample: int = 16,
+    n_iter: int = 16,
+    seed: int = 0,
+    max_memory: int | None = None,
+    progress: Progress | None = None,
+) -> CoraBasis:
+    """Top-``r`` common subspaces of the targets' weights (see the module docstring).
+
+    ``source_kind="weights"``: the stacked matrices are ``[W_base | W_1 | …]``
+    (the base alone when ``sources`` is empty). ``"deltas"``: ``[W_1 − W_base |
+    …]``, at least one source needed. Sources must share the base's
+    architecture (names are matched across ``bert.``/``model.`` prefixes).
+    ``max_memory`` bytes bound one chunk of layers.
+    """
+    if source_kind not in SOURCE_KINDS:
+        raise ConfigError(f"unknown source kind {source_kind!r}; expected one of {list(SOURCE_KINDS)}.")
+    if scale not in SCALES:
+        raise ConfigError(f"unknown basis scale {scale!r}; expected one of {list(SCALES)}.")
+    base = base if isinstance(base, BaseWeights) else open_base(base)
+    srcs = [s if isinstance(s, BaseWeights) else open_base(s) for s in sources]
+    if source_kind == "deltas" and not srcs:
+        raise ConfigError("source kind 'deltas' needs at least one fine-tuned source (--source DIR) besides --base.")
+    layers = target_layers(base, targets)
+    check_rank(rank, layers, limit="m")
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    names = [_source_names(base, s, layers) for s in srcs]
+    M = len(srcs) if source_kind == "deltas" else len(srcs) + 1
+
+    def stacked(chunk: list[TargetLayer]) -> torch.Tensor:
+        """``(c, m, M·n)``: each layer's sources side by side."""
+        W0 = load_stack(base, chunk, dev, dt)  # (c, m, n)
+        parts = [] if source_kind == "deltas" else [W0]
+        for s, nm in zip(srcs, names):
+            Ws = torch.stack([_source_weight(s, nm[x.weight], x) for x in chunk]).to(dev, dt)
+            parts.append(Ws - W0 if source_kind == "deltas" else Ws)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    bases, svals, energy = {}, {}, {}
+    total = sum(len(v) for v in layers.values())
+    done = 0
+    itemsize = torch.finfo(dt).bits // 8
+    for mt, ls in layers.items():
+        if share_across_layers and len({x.shape[0] for x in ls}) != 1:
+            raise ShapeError(f"module type '{mt}' has layers with different output sizes; "
+                             "share_across_layers needs one (m, r) basis for all of them.")
+        m = ls[0].shape[0]
+        G = torch.zeros(m, m, device=dev, dtype=dt) if share_across_layers else None
+        for chunk in layer_chunks(ls, lambda shape: 3 * M * shape[0] * shape[1] * itemsize, max_memory):
+            S = stacked(chunk)  # (c, m, M·n)
+            if share_across_layers:
+                G += torch.einsum("cij,ckj->ik", S, S)  # Σ_c S_c S_cᵀ (m, m)
+            else:
+                U, sv = top_left_subspace(S, rank, oversample, n_iter, seed)
+                frob2 = torch.linalg.matrix_norm(S).double() ** 2  # (c,), without a float64 copy of S
+                for j, x in enumerate(chunk):
+                    bases[x.module] = _scaled(U[j], scale).cpu()
+                    svals[x.module] = sv[j].double().cpu()
+                    energy[x.module] = float((sv[j].double() ** 2).sum() / frob2[j]) if frob2[j] > 0 else 0.0
+            done += len(chunk)
+            if progress:
+                progress(done, total, mt)
+            del S
+        if share_across_layers:
+            U, lam = top_left_subspace(G, rank, oversample, n_iter, seed)  # eigenvalues of G = σ² of the stack
+            bases[mt] = _scaled(U, scale).cpu()
+            svals[mt] = lam.clamp_min(0).sqrt().double().cpu()
+            tr = float(torch.diagonal(G).double().sum())
+            energy[mt] = float(lam.double().sum()) / tr if tr > 0 else 0.0
+    params = {"share_across_layers": share_across_layers, "source_kind": source_kind, "scale": scale,
+              "oversample": oversample, "n_iter": n_iter, "seed": seed, "stacked_sources": M}
+    return CoraBasis(rank, layers, bases, svals, energy, share_across_layers, params,
+                     tuple(str(x.path) for x in [base, *srcs]))
+
+
+def top_left_subspace(S: torch.Tensor, rank: int, oversample: int = 16, n_iter: int = 16, seed: int = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``r`` left singular vectors ``(..., m, r)`` and values ``(..., r)`` of ``S (..., m, N)``.
+
+    CoRA's kernel, for in-memory matrices (a trainer's loaded weights, stacked
+    sources): the exact SVD when ``r + oversample ≥ min(m, N)/2``, else the
+    randomized range finder with ``n_iter`` power iterations (16: see the
+    module docstring). Signs fixed; batched over leading dimensions.
+    """
+    m, N = S.shape[-2:]
+    if rank + oversample >= min(m, N) / 2:
+        U, sv, _ = svd(S)
+        return U[..., :rank], sv[..., :rank]
+    U, sv, _ = randomized_svd(S, rank, oversample=oversample, n_iter=n_iter, seed=seed)
+    return U, sv
+
+
+def _scaled(U: torch.Tensor, scale: str) -> torch.Tensor:
+    """Orthonormal ``U (m, r)``, or scaled to a Kaiming-uniform B's Frobenius norm ``√(m/3)``."""
+    if scale == "orthonormal":
+        return U
+    m, r = U.shape
+    return U * (m / (3.0 * r)) ** 0.5
+
+
+def _source_names(base: BaseWeights, src: BaseWeights, layers) -> dict[str, str]:
+    """``{base weight name: source weight name}``, shapes checked."""
+    modules = [x.module for ls in layers.values() for x in ls]
+    found = match_modules_to_weights(modules, src.names(), source=f"source checkpoint {src.path}")
+    out = {}
+    for ls in layers.values():
+        for x in ls:
+            name = found[x.module]
+            if tuple(src.info(name).shape) != tuple(base.info(x.weight).shape):
+                raise ShapeError(f"{src.path}: '{name}' is {tuple(src.info(name).shape)} but the base's '{x.weight}' is "
+                                 f"{tuple(base.info(x.weight).shape)}; CoRA sources must share the base's architecture.")
+            out[x.weight] = name
+    return out
+
+
+def _source_weight(src: BaseWeights, name: str, layer: TargetLayer) -> torch.Tensor:
+    W = src.get(name)
+    return W.T if layer.layout == "conv1d" else W
+
+
+def write_cora_basis(basis: CoraBasis, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write ``cora_basis.safetensors`` (``<key>.basis (m, r)``, ``<key>.singular_values (r,)``) and ``cora_basis.json``."""
+    tensors = {}
+    for key, B in basis.bases.items():
+        tensors[f"{key}.basis"] = B.float()
+        tensors[f"{key}.singular_values"] = basis.singular_values[key].float()
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        atomic_save_safetensors(tensors, tmp / BASIS_FILE, provenance("cora", basis.params, basis.sources))
+        atomic_write_json(tmp / BASIS_JSON, basis.to_dict())
+    return Path(out_dir)
+
+
+def cora_init(
+    base: BaseWeights | str | Path,
+    rank: int,
+    targets: str | Sequence[str],
+    sources: Sequence[BaseWeights | str | Path] = (),
+    *,
+    out_dir: str | Path,
+    mode: str = "init",
+    alpha: float | None = None,
+    overwrite: bool = False,
+    **basis_options,
+) -> InitResult:
+    """Write a CoRA init folder: a PEFT adapter with ``lora_B`` = the common basis and ``lora_A = 0``.
+
+    ``mode="frozen"``: the trainer keeps B fixed (``frozen = ["lora_B"]`` in
+    ``lora_lens_init.json``); ``"init"``: B is trainable. ``alpha`` defaults to
+    ``rank`` (``s = 1``). ``basis_options`` go to :func:`cora_basis`. The
+    model's output is unchanged at init since ``A = 0``.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"unknown CoRA mode {mode!r}; expected one of {list(MODES)}.")
+    basis = cora_basis(base, rank, targets, sources, **basis_options)
+    alpha = float(rank if alpha is None else alpha)
+    modules, records = [], []
+    for mt, ls in basis.layers.items():
+        for x in ls:
+            B = basis.basis_for(mt, x).float().clone()  # (m, r); a shared basis is copied per layer for safetensors
+            modules.append(lora_module(x, torch.zeros(rank, x.shape[1]), B, alpha))
+        for key in dict.fromkeys(basis.key_for(mt, x) for x in ls):
+            records.append({"key": key, "module_type": mt, "energy": basis.energy[key],
+                            "sigma_first": float(basis.singular_values[key][0]),
+                            "sigma_last": float(basis.singular_values[key][-1])})
+    params = {"mode": mode, **basis.params}
+    desc = InitDescription(method="cora", rank=rank, alpha=alpha, targets=list(basis.layers), mode=mode,
+                           frozen=["lora_B"] if mode == "frozen" else [], peft_adapter=".", params=params,
+                           sources=list(basis.sources))
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        save_peft_adapter(tmp, modules, metadata=provenance("cora", params, basis.sources),
+                          base_model_name_or_path=basis.sources[0], overwrite=True)
+        write_init_description(tmp, desc)
+    summary = {"modules": len(modules), "trainable_parameters": sum(
+        m.A.numel() + (0 if mode == "frozen" else m.B.numel()) for m in modules)}
+    return InitResult(Path(out_dir), desc, tuple(records), summary)

@@ -1,0 +1,23 @@
+"""Plots and the HTML report; the only part of lora_lens that imports matplotlib.
+
+Every ``plot_*`` function draws on an ``Axes`` it is given and returns the
+artists it created; inputs are plain (numpy arrays, lists, ``{name: array}``
+mappings, labels), so any analysis result can be plotted. Figures are built
+with :func:`new_figure` (``Figure`` + Agg canvas, no pyplot) and rendered with
+:func:`figure_to_png_bytes`; :func:`write_report` writes a self-contained
+HTML page, the PNGs and ``results.json``.
+"""
+
+from .alignment_plots import plot_amplification, plot_intruder_counts, plot_intruder_sweep, plot_projection_norms
+from .figures import figure_to_png_bytes, new_figure, panel_figure
+from .html import build_report, render_html, to_jsonable, write_report
+from .similarity_plots import plot_adapter_heatmap, plot_condlora_grid, plot_phi_grid, plot_phi_heatmap
+from .spectra_plots import plot_effective_rank, plot_energy_curves, plot_singular_values
+from .training_plots import plot_loss_curves
+
+__all__ = [
+    "build_report", "figure_to_png_bytes", "new_figure", "panel_figure", "plot_adapter_heatmap",
+    "plot_amplification", "plot_condlora_grid", "plot_effective_rank", "plot_energy_curves",
+    "plot_intruder_counts", "plot_intruder_sweep", "plot_loss_curves", "plot_phi_grid", "plot_phi_heatmap",
+    "plot_projection_norms", "plot_singular_values", "render_html", "to_jsonable", "write_report",
+]

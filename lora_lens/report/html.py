@@ -1,0 +1,344 @@
+"""A self-contained HTML report: inline CSS, figures as base64 PNG data URIs, a table of contents.
+
+The report is built from a plain structure, so any analysis can fill it::
+
+    {"title": "…", "subtitle": "…",                                   # subtitle optional
+     "summary": {"bullets": ["…", …], "table": {"key": value, …}},    # both optional
+     "sections": [
+        {"heading": "…", "text": "paragraph\\n\\nparagraph" | ["…", …],
+         "figures": [{"figure": Figure | png_bytes, "caption": "…", "name": "file-stem"}],
+         "tables": [{"caption": "…", "header": ["…", …], "rows": [[…], …]}]},
+     ]}
+
+Every piece of text is escaped (``html.escape``): captions, cells and headings
+are shown as written, never interpreted as markup. The page opens offline (no
+external CSS, fonts or scripts). :func:`write_report` writes ``index.html``,
+``figures/*.png`` and ``results.json`` into a folder atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from matplotlib.figure import Figure
+
+from .. import __version__
+from ..errors import ConfigError
+from ..io.atomic import atomic_directory
+from .figures import PNG_SIGNATURE, figure_to_png_bytes
+
+REPORT_KEYS = {"title", "subtitle", "summary", "sections"}
+SUMMARY_KEYS = {"bullets", "table"}
+SECTION_KEYS = {"heading", "text", "figures", "tables"}
+FIGURE_KEYS = {"figure", "caption", "name"}
+TABLE_KEYS = {"caption", "header", "rows"}
+
+
+@dataclass(frozen=True)
+class ReportFigure:
+    png: bytes
+    caption: str
+    file: str  # name under figures/, e.g. "03-phi-query.png"
+
+
+@dataclass(frozen=True)
+class ReportTable:
+    caption: str
+    header: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    heading: str
+    anchor: str
+    paragraphs: tuple[str, ...]
+    figures: tuple[ReportFigure, ...]
+    tables: tuple[ReportTable, ...]
+
+
+@dataclass(frozen=True)
+class Report:
+    """A normalized report: text, PNG bytes and table cells, ready to render."""
+
+    title: str
+    subtitle: str
+    bullets: tuple[str, ...]
+    summary_table: tuple[tuple[str, Any], ...]
+    sections: tuple[ReportSection, ...]
+
+
+# ---------------------------------------------------------------- building
+
+def slug(text: str, max_len: int = 40) -> str:
+    """``"φ across layers: q_proj"`` → ``"across-layers-q-proj"`` (ASCII, safe as a file name and anchor)."""
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:max_len].rstrip("-") or "item"
+
+
+def _check_keys(obj: Any, allowed: set[str], where: str, required: Sequence[str] = ()) -> Mapping:
+    if not isinstance(obj, Mapping):
+        raise ConfigError(f"{where}: got {type(obj).__name__}; expected a mapping with keys among {sorted(allowed)}.")
+    unknown = sorted(set(obj) - allowed)
+    missing = [k for k in required if k not in obj]
+    if unknown or missing:
+        raise ConfigError(f"{where}: unknown keys {unknown}, missing keys {missing}; expected keys among {sorted(allowed)}.")
+    return obj
+
+
+def _png(fig: Any, where: str, dpi: float) -> bytes:
+    if isinstance(fig, Figure):
+        return figure_to_png_bytes(fig, dpi=dpi)
+    if isinstance(fig, (bytes, bytearray)) and bytes(fig[:8]) == PNG_SIGNATURE:
+        return bytes(fig)
+    raise ConfigError(f"{where}: got {type(fig).__name__}; expected a matplotlib Figure or PNG bytes.")
+
+
+def _paragraphs(text: Any) -> tuple[str, ...]:
+    if text is None:
+        return ()
+    parts = [text] if isinstance(text, str) else list(text)
+    return tuple(p.strip() for part in parts for p in re.split(r"\n\s*\n", str(part)) if p.strip())
+
+
+def _table(t: Any, where: str) -> ReportTable:
+    t = _check_keys(t, TABLE_KEYS, where, required=("rows",))
+    header = tuple(str(h) for h in t.get("header") or ())
+    rows = tuple(tuple(r) for r in t["rows"])
+    widths = {len(r) for r in rows} | ({len(header)} if header else set())
+    if len(widths) > 1:
+        raise ConfigError(f"{where}: rows of lengths {sorted(widths)} (header included); expected equal lengths.")
+    return ReportTable(str(t.get("caption") or ""), header, rows)
+
+
+def build_report(spec: Mapping[str, Any], dpi: float = 110) -> Report:
+    """Check ``spec`` (every bad key reported at once), render figures to PNG, number them."""
+    spec = _check_keys(spec, REPORT_KEYS, "report", required=("title",))
+    summary = _check_keys(spec.get("summary") or {}, SUMMARY_KEYS, "report.summary")
+    table = summary.get("table") or {}
+    kv = tuple((str(k), v) for k, v in (table.items() if isinstance(table, Mapping) else table))
+    sections, anchors, n_fig = [], {"summary", "contents"}, 0
+    for si, sec in enumerate(spec.get("sections") or []):
+        where = f"report.sections[{si}]"
+        sec = _check_keys(sec, SECTION_KEYS, where, required=("heading",))
+        anchor, n = slug(str(sec["heading"])), 1
+        while anchor in anchors:  # two sections with the same heading still get distinct anchors
+            n += 1
+            anchor = f"{slug(str(sec['heading']))}-{n}"
+        anchors.add(anchor)
+        figures = []
+        for fi, f in enumerate(sec.get("figures") or []):
+            fwhere = f"{where}.figures[{fi}]"
+            f = _check_keys(f, FIGURE_KEYS, fwhere, required=("figure",))
+            n_fig += 1
+            caption = str(f.get("caption") or "")
+            stem = slug(str(f.get("name") or caption or sec["heading"]))
+            figures.append(ReportFigure(_png(f["figure"], fwhere, dpi), caption, f"{n_fig:02d}-{stem}.png"))
+        tables = tuple(_table(t, f"{where}.tables[{ti}]") for ti, t in enumerate(sec.get("tables") or []))
+        sections.append(ReportSection(str(sec["heading"]), anchor, _paragraphs(sec.get("text")), tuple(figures),
+                                      tables))
+    return Report(str(spec["title"]), str(spec.get("subtitle") or ""),
+                  tuple(str(b) for b in summary.get("bullets") or ()), kv, tuple(sections))
+
+
+# ---------------------------------------------------------------- rendering
+
+CSS = """
+:root { --fg: #1d232b; --muted: #5b6673; --line: #dde2e8; --accent: #2f6fad; --bg-soft: #f5f7f9; }
+* { box-sizing: border-box; }
+body { margin: 0; color: var(--fg); background: #fff; line-height: 1.5;
+       font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; }
+header, main, footer { max-width: 1180px; margin: 0 auto; padding: 0 28px; }
+header { padding-top: 28px; padding-bottom: 8px; border-bottom: 3px solid var(--accent); }
+h1 { margin: 0 0 4px; font-size: 1.75em; }
+h2 { margin: 1.6em 0 0.5em; padding-bottom: 4px; border-bottom: 1px solid var(--line); font-size: 1.3em; }
+.subtitle { margin: 0; color: var(--muted); }
+a { color: var(--accent); }
+nav.toc { background: var(--bg-soft); border: 1px solid var(--line); border-radius: 6px; padding: 10px 18px;
+          margin: 20px 0 0; }
+nav.toc h2 { margin: 0 0 4px; border: 0; font-size: 1em; text-transform: uppercase; letter-spacing: .05em;
+             color: var(--muted); }
+nav.toc ol { margin: 0; padding-left: 1.4em; columns: 2; }
+ul.bullets li { margin: 2px 0; }
+.figures { display: flex; flex-wrap: wrap; gap: 18px; margin: 12px 0; }
+figure { margin: 0; flex: 0 1 auto; max-width: 100%; border: 1px solid var(--line); border-radius: 6px;
+         padding: 8px; background: #fff; }
+figure img { display: block; max-width: 100%; height: auto; }  /* natural size: text in plots stays legible */
+figcaption { margin-top: 6px; color: var(--muted); font-size: 0.92em; }
+figcaption .num { font-weight: 600; color: var(--fg); }
+table { border-collapse: collapse; margin: 12px 0 18px; font-size: 0.92em; }
+caption { caption-side: top; text-align: left; color: var(--muted); padding-bottom: 4px; }
+th, td { border-bottom: 1px solid var(--line); padding: 4px 12px; text-align: left; vertical-align: top; }
+th { background: var(--bg-soft); font-weight: 600; }
+tbody tr:nth-child(even) { background: #fafbfc; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+table.kv th { background: none; color: var(--muted); font-weight: normal; }
+footer { color: var(--muted); font-size: 0.85em; padding-top: 24px; padding-bottom: 28px; }
+@media print { nav.toc { display: none; } figure { break-inside: avoid; } }
+"""
+
+
+def format_cell(v: Any) -> tuple[str, bool]:
+    """A table cell's text and whether it is a number (right-aligned). Floats: 4 significant digits."""
+    if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:  # numpy / torch scalars
+        v = v.item()
+    if v is None:
+        return "—", False
+    if isinstance(v, bool):
+        return ("yes" if v else "no"), False
+    if isinstance(v, int):
+        return str(v), True
+    if isinstance(v, float):
+        return ("—" if math.isnan(v) else f"{v:.4g}"), True
+    return str(v), False
+
+
+def _cell(v: Any, tag: str = "td") -> str:
+    text, num = format_cell(v)
+    return f'<{tag} class="num">{html.escape(text)}</{tag}>' if num else f"<{tag}>{html.escape(text)}</{tag}>"
+
+
+def _kv_html(items: Sequence[tuple[str, Any]]) -> str:
+    """The summary's key-value table: keys as row headers."""
+    rows = "".join(f"<tr><th>{html.escape(k)}</th>{_cell(v)}</tr>" for k, v in items)
+    return f'<table class="kv"><tbody>{rows}</tbody></table>'
+
+
+def _table_html(t: ReportTable) -> str:
+    e = html.escape
+    parts = ["<table>"]
+    if t.caption:
+        parts.append(f"<caption>{e(t.caption)}</caption>")
+    if t.header:
+        parts.append("<thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in t.header) + "</tr></thead>")
+    parts.append("<tbody>")
+    parts += ["<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in t.rows]
+    parts.append("</tbody></table>")
+    return "".join(parts)
+
+
+def _figure_html(f: ReportFigure, number: int, link_png: bool) -> str:
+    e = html.escape
+    data = base64.b64encode(f.png).decode("ascii")
+    link = f' <a href="figures/{e(f.file)}">PNG</a>' if link_png else ""
+    alt = f.caption or f"Figure {number}"
+    return (f'<figure id="fig-{number}"><img src="data:image/png;base64,{data}" alt="{e(alt)}">'
+            f'<figcaption><span class="num">Figure {number}.</span> {e(f.caption)}{link}</figcaption></figure>')
+
+
+def render_html(report: Report | Mapping[str, Any], link_pngs: bool = False, dpi: float = 110) -> str:
+    """The whole page as one string. ``link_pngs`` adds a link to ``figures/<file>`` under each figure."""
+    if not isinstance(report, Report):
+        report = build_report(report, dpi=dpi)
+    e = html.escape
+    has_summary = bool(report.bullets or report.summary_table)
+    toc = ([("summary", "Summary")] if has_summary else []) + [(s.anchor, s.heading) for s in report.sections]
+    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
+           f'<meta name="generator" content="lora_lens {e(__version__)}">',
+           f"<title>{e(report.title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>",
+           f"<header><h1>{e(report.title)}</h1>"]
+    if report.subtitle:
+        out.append(f'<p class="subtitle">{e(report.subtitle)}</p>')
+    out.append("</header>")
+    out.append("<main>")
+    if toc:
+        out.append('<nav class="toc" id="contents"><h2>Contents</h2><ol>')
+        out += [f'<li><a href="#{e(a)}">{e(h)}</a></li>' for a, h in toc]
+        out.append("</ol></nav>")
+    if has_summary:
+        out.append('<section id="summary"><h2>Summary</h2>')
+        if report.bullets:
+            out.append('<ul class="bullets">' + "".join(f"<li>{e(b)}</li>" for b in report.bullets) + "</ul>")
+        if report.summary_table:
+            out.append(_kv_html(report.summary_table))
+        out.append("</section>")
+    number = 0
+    for s in report.sections:
+        out.append(f'<section id="{e(s.anchor)}"><h2>{e(s.heading)}</h2>')
+        out += [f"<p>{e(p)}</p>" for p in s.paragraphs]
+        if s.figures:
+            out.append('<div class="figures">')
+            for f in s.figures:
+                number += 1
+                out.append(_figure_html(f, number, link_pngs))
+            out.append("</div>")
+        out += [_table_html(t) for t in s.tables]
+        out.append("</section>")
+    out.append("</main>")
+    out.append(f"<footer>Generated by lora_lens {e(__version__)}. Self-contained: the figures are embedded; "
+               "nothing is loaded from the network.</footer>")
+    out += ["</body>", "</html>", ""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- JSON and files
+
+def to_jsonable(obj: Any, where: str = "json_data") -> Any:
+    """Plain JSON values from numpy/torch arrays and scalars, tuples, dataclasses; NaN/Inf → null."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "detach"):  # torch tensor
+        obj = obj.detach().cpu().numpy()
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy array or scalar
+        return to_jsonable(obj.tolist(), where)
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name), f"{where}.{f.name}") for f in dataclasses.fields(obj)}
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise ConfigError(f"{where}: a {type(obj).__name__} cannot be written to JSON; pass numbers, strings, lists, "
+                      "dicts or arrays.")
+
+
+def results_json(report: Report, json_data: Any = None, link_pngs: bool = True) -> dict[str, Any]:
+    """What ``results.json`` holds: provenance, the summary, figure files, tables, and ``json_data`` as ``data``."""
+    return {
+        "title": report.title,
+        "generated_by": f"lora_lens {__version__}",
+        "summary": {"bullets": list(report.bullets), "table": {k: to_jsonable(v) for k, v in report.summary_table}},
+        "figures": [{"section": s.heading, "caption": f.caption, "file": f"figures/{f.file}" if link_pngs else None}
+                    for s in report.sections for f in s.figures],
+        "tables": [{"section": s.heading, "caption": t.caption, "header": list(t.header),
+                    "rows": to_jsonable([list(r) for r in t.rows])} for s in report.sections for t in s.tables],
+        "data": to_jsonable(json_data),
+    }
+
+
+def write_report(out_dir: str | os.PathLike, report_spec: Mapping[str, Any] | Report, write_pngs: bool = True,
+                 json_data: Any = None, *, overwrite: bool = False, dpi: float = 110) -> Path:
+    """Write ``index.html``, ``figures/*.png`` (when ``write_pngs``) and ``results.json`` into ``out_dir``.
+
+    The folder is built beside ``out_dir`` and renamed into place at the end,
+    so a reader never sees half a report. An existing non-empty ``out_dir`` is
+    refused unless ``overwrite``. Returns the path of ``index.html``.
+    """
+    report = report_spec if isinstance(report_spec, Report) else build_report(report_spec, dpi=dpi)
+    # Serialize everything before touching the disk: a bad json_data leaves no folder behind.
+    page = render_html(report, link_pngs=write_pngs)
+    data = json.dumps(results_json(report, json_data, link_pngs=write_pngs), indent=2, allow_nan=False) + "\n"
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        if write_pngs:
+            (tmp / "figures").mkdir()
+            for s in report.sections:
+                for f in s.figures:
+                    (tmp / "figures" / f.file).write_bytes(f.png)
+        (tmp / "index.html").write_text(page, encoding="utf-8")
+        (tmp / "results.json").write_text(data, encoding="utf-8")
+    return Path(out_dir) / "index.html"

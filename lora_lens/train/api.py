@@ -1,0 +1,112 @@
+"""``train(...)``: the trainer's one public entry point, and ``prepare`` for callers that drive ``fit`` themselves."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..decompose import resolve_device
+from ..io import check_destination
+from .config import TrainConfig
+from .data import load_data
+from .export import save_run
+from .loop import Log, Progress, Run, TrainResult, fit
+from .masks import SparseSettings, UpdateMasks
+from .models import load_model, vocab_size
+from .setup import adapt
+
+
+def prepare(
+    base: str | Path | nn.Module,
+    config: TrainConfig,
+    init: str | Path | None = None,
+    data: str | Path | None = None,
+    tokenizer=None,
+) -> Run:
+    """Load the model and data, inject the method's layers, build the optimizer.
+
+    ``base`` is a Hugging Face causal-LM folder or any ``nn.Module`` mapping
+    token ids to logits (deep-copied: the caller's module is never changed).
+    """
+    torch.manual_seed(config.seed)  # dropout and anything else that draws from the global generator
+    device = resolve_device(config.device)
+    model, tokenizer, base_name = load_model(base, tokenizer)
+    token_data = load_data(data, config.seq_len, vocab_size(model), tokenizer, config.eval_fraction, config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    adapted = adapt(model, config, init, generator)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    masks = None
+    if config.method == "lora-sp":
+        named = {f"{path}.{n}": p for path, layer in adapted.layers.items() for n, p in layer.named_parameters()
+                 if n in ("lora_A", "lora_B")}
+        masks = UpdateMasks(named, config.sparse, seed=config.seed)
+    return Run(
+        model=model, adapted=adapted, data=token_data, config=config, device=device, optimizer=optimizer,
+        generator=generator, masks=masks, knots=config.chain_knots(),
+        provenance={"base": base_name, "init": str(init) if init else None, "data": token_data.source,
+                    "rank": adapted.rank, "alpha": adapted.alpha, "condlora_mode": adapted.mode,
+                    "modules": len(adapted.layers)},
+    )
+
+
+def train(
+    base: str | Path | nn.Module,
+    method: str = "lora",
+    *,
+    out: str | Path | None = None,
+    init: str | Path | None = None,
+    data: str | Path | None = None,
+    rank: int | None = None,
+    alpha: float | None = None,
+    targets: Sequence[str] | None = None,
+    steps: int = 40,
+    lr: float = 5e-3,
+    batch_size: int = 8,
+    seq_len: int = 64,
+    warmup_steps: int | None = None,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    eval_fraction: float = 0.1,
+    knots: Sequence[int] | None = None,
+    links: int | None = None,
+    sp_granularity: str = "element",
+    sp_targets: str = "both",
+    sp_resample: str = "never",
+    condlora_mode: str | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    overwrite: bool = False,
+    tokenizer=None,
+    log: Log | None = None,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train one adapter with ``method`` and, with ``out``, write it (docs/training.md).
+
+    Methods: ``lora``, ``cora-frozen``, ``cora-init``, ``condlora``,
+    ``lora-sp``, ``chain``. ``init``: an init folder (CoRA / CondLoRA) written
+    by ``lora-lens cora|condlora init``; without it CoRA's basis and CondLoRA's
+    Θ are computed from the base. ``data``: a text or JSONL file; without it,
+    the synthetic counting task of :mod:`lora_lens.train.data`. Returns a
+    :class:`TrainResult` (losses, eval loss, parameter counts, timings; the
+    trained model in ``.model``).
+    """
+    config = TrainConfig(
+        method=method, rank=rank, alpha=alpha, targets=tuple(targets) if targets is not None else None,
+        steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, eval_fraction=eval_fraction, seed=seed,
+        knots=tuple(knots) if knots is not None else None, links=links,
+        sparse=SparseSettings(sp_granularity, sp_targets, sp_resample), condlora_mode=condlora_mode, device=device,
+    )
+    if out is not None:
+        check_destination(out, overwrite)  # refuse before training, not after
+    run = prepare(base, config, init=init, data=data, tokenizer=tokenizer)
+    result = fit(run, log=log, progress=progress)
+    if out is not None:
+        result = replace(result, output=save_run(run, result, out, overwrite=overwrite))
+    return result

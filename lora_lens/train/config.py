@@ -1,0 +1,92 @@
+"""One frozen, validated record of every training option (the flat keyword arguments of ``train``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..errors import ConfigError
+from .masks import SparseSettings
+
+METHODS = ("lora", "cora-frozen", "cora-init", "condlora", "lora-sp", "chain")
+
+DEFAULT_RANK, DEFAULT_ALPHA = 8, 16.0
+DEFAULT_LINKS = 3
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of one run; checked on creation.
+
+    ``rank`` / ``alpha`` / ``targets`` left as None take the init folder's
+    values, else 8 / 16 / the model's attention projections. ``warmup_steps``
+    None is 10 % of ``steps``. Chain of LoRA: ``knots`` (step indices where a
+    new link starts) or ``links`` (evenly spaced; 3 when neither is given).
+    """
+
+    method: str = "lora"
+    rank: int | None = None
+    alpha: float | None = None
+    targets: tuple[str, ...] | None = None
+    steps: int = 40
+    lr: float = 5e-3
+    batch_size: int = 8
+    seq_len: int = 64
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    eval_fraction: float = 0.1
+    seed: int = 0
+    knots: tuple[int, ...] | None = None
+    links: int | None = None
+    sparse: SparseSettings = field(default_factory=SparseSettings)
+    condlora_mode: str | None = None
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; expected one of {list(METHODS)}.")
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "seq_len": self.seq_len,
+                    "rank": self.rank if self.rank is not None else 1, "lr": self.lr,
+                    "alpha": self.alpha if self.alpha is not None else 1}
+        bad = [f"{k}={v}" for k, v in positive.items() if not v > 0]
+        if bad:
+            raise ConfigError(f"{', '.join(bad)}: expected positive values.")
+        if self.weight_decay < 0 or not 0 <= self.eval_fraction < 1:
+            raise ConfigError(
+                f"weight_decay={self.weight_decay}, eval_fraction={self.eval_fraction}: expected weight_decay ≥ 0 "
+                "and 0 ≤ eval_fraction < 1."
+            )
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
+            raise ConfigError(f"warmup_steps={self.warmup_steps}: expected 0 … steps ({self.steps}).")
+        if self.targets is not None and not self.targets:
+            raise ConfigError("targets is empty; name at least one module (e.g. q_proj,v_proj) or leave it unset.")
+        if self.method != "chain" and (self.knots is not None or self.links is not None):
+            raise ConfigError(f"--knots / --links are options of --method chain, not {self.method}.")
+        if self.knots is not None and self.links is not None:
+            raise ConfigError("give --knots or --links, not both.")
+        if self.knots is not None:
+            k = list(self.knots)
+            if not k or k != sorted(set(k)) or k[0] <= 0 or k[-1] >= self.steps:
+                raise ConfigError(
+                    f"knots {k}: expected increasing step indices strictly between 0 and steps ({self.steps})."
+                )
+        if self.links is not None and not 1 <= self.links <= self.steps:
+            raise ConfigError(f"links={self.links}: expected 1 … steps ({self.steps}).")
+        if self.condlora_mode not in (None, "official", "general"):
+            raise ConfigError(f"CondLoRA mode {self.condlora_mode!r} is unknown; expected 'official' or 'general'.")
+
+    @property
+    def warmup(self) -> int:
+        return round(0.1 * self.steps) if self.warmup_steps is None else self.warmup_steps
+
+    def chain_knots(self) -> tuple[int, ...]:
+        """Knot steps of a chain: given, or ``round(j · steps / links)`` for ``j = 1 … links − 1``."""
+        if self.method != "chain":
+            return ()
+        if self.knots is not None:
+            return tuple(self.knots)
+        links = self.links or DEFAULT_LINKS
+        return tuple(sorted({round(j * self.steps / links) for j in range(1, links)} - {0}))
+
+    def as_dict(self) -> dict:
+        return asdict(self)

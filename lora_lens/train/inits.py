@@ -1,0 +1,133 @@
+"""Where CoRA's B and CondLoRA's Θ come from: an init folder, or a stand-in computed from the base.
+
+Init folders follow :mod:`lora_lens.io.initfile` (the contract with
+``lora-lens cora init`` / ``condlora init``):
+
+- CoRA: ``lora_lens_init.json`` (method ``cora``) + a PEFT adapter (at
+  ``peft_adapter``, ``"."`` by default) whose ``lora_B`` is the basis. The
+  trainer takes ``B``, ``r`` and ``alpha`` from it; ``A`` always starts at 0.
+- CondLoRA: ``lora_lens_init.json`` (method ``condlora``, mode
+  ``official | general``, targets = module types) + ``condlora_theta.safetensors``
+  with ``"<module type>.theta_A"`` / ``".theta_B"``.
+
+Without an init folder the trainer calls the two STAND-IN functions at the end
+of this file. They are deliberately minimal and will be redirected to
+``lora_lens.methods`` (cora.py / condlora.py) once that package exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, ShapeError
+from ..io import INIT_NAME, THETA_NAME, load_adapter, open_tensor_file, read_init_description
+from ..keys import match_modules_to_weights
+from ..methods.cora import top_left_subspace
+
+#: The trainer's method → the init-folder method it accepts.
+INIT_METHOD = {"cora-frozen": "cora", "cora-init": "cora", "condlora": "condlora"}
+
+
+@dataclass(frozen=True, eq=False)
+class CoraInit:
+    """CoRA's basis per module path: ``B (m, r)``; ``A`` starts at zero."""
+
+    rank: int
+    alpha: float
+    B: dict[str, torch.Tensor]
+    mode: str | None
+    source: str
+
+
+@dataclass(frozen=True, eq=False)
+class CondLoraInit:
+    """CondLoRA's shared pairs per module type: ``{type: (theta_A, theta_B)}``."""
+
+    rank: int
+    alpha: float
+    mode: str
+    theta: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    source: str
+
+
+def read_init(folder: str | Path, method: str, module_paths: list[str]) -> CoraInit | CondLoraInit:
+    """Read an init folder for ``method``; refuse one written for another method.
+
+    ``module_paths``: the model's adaptable module paths, to which a CoRA
+    init's module names are matched (exactly, or with backbone prefixes such as
+    ``model.`` / ``bert.`` bridged).
+    """
+    folder = Path(folder)
+    if method not in INIT_METHOD:
+        raise ConfigError(f"--method {method} takes no --init folder; only {sorted(INIT_METHOD)} do.")
+    desc = read_init_description(folder)
+    if desc.method != INIT_METHOD[method]:
+        raise ConfigError(
+            f"{folder}: is a '{desc.method}' init folder; --method {method} needs one written by "
+            f"'lora-lens {INIT_METHOD[method]} init'."
+        )
+    if desc.method == "cora":
+        adapter = load_adapter(folder / (desc.peft_adapter or "."))
+        match = match_modules_to_weights(
+            adapter.names, [p + ".weight" for p in module_paths], source=f"model (for the init {folder})"
+        )
+        ranks, scalings = {m.rank for m in adapter}, {m.scaling for m in adapter}
+        if ranks != {desc.rank} or len(scalings) != 1:
+            raise ConfigError(
+                f"{folder}: CoRA init modules have ranks {sorted(ranks)} and scalings {sorted(scalings)}; expected "
+                f"rank {desc.rank} (from {INIT_NAME}) and one scaling everywhere. Re-create the init folder."
+            )
+        B = {match[m.name][: -len(".weight")]: m.B.float() for m in adapter}
+        return CoraInit(desc.rank, scalings.pop() * desc.rank, B, desc.mode, str(folder))
+
+    if desc.mode not in ("official", "general"):
+        raise ConfigError(f"{folder}: CondLoRA mode {desc.mode!r}; expected 'official' or 'general'.")
+    store = open_tensor_file(folder / (desc.theta_file or THETA_NAME))
+    missing = [f"{t}.theta_{x}" for t in desc.targets for x in "AB" if f"{t}.theta_{x}" not in store]
+    if missing:
+        raise ShapeError(f"{store.path}: missing {missing}; the JSON's targets are {desc.targets}. Re-create the init.")
+    theta = {t: (store.get(f"{t}.theta_A").float(), store.get(f"{t}.theta_B").float()) for t in desc.targets}
+    return CondLoraInit(desc.rank, desc.alpha, desc.mode, theta, str(folder))
+
+
+# --------------------------------------------------------------------------- INITS FROM THE BASE
+# Used when no --init folder is given: the methods package's own kernels, so a
+# trainer-computed init equals what `lora-lens cora init` / `condlora init` write.
+
+
+def cora_basis_from_base(weights: dict[str, torch.Tensor], rank: int, device: str | torch.device = "cpu"
+                         ) -> dict[str, torch.Tensor]:
+    """CoRA's common basis from the one base alone (methods.md §6, M = 1 source).
+
+    For each layer's ``W0 (m, n)``: ``B = U_r``, its top-r left singular
+    vectors ``(m, r)`` (orthonormal, signs fixed), by
+    :func:`lora_lens.methods.cora.top_left_subspace`, batched by shape.
+    """
+    small = [f"{p} {tuple(W.shape)}" for p, W in weights.items() if min(W.shape) < rank]
+    if small:
+        raise ConfigError(f"rank {rank} exceeds min(m, n) of {small[:3]}; lower --rank.")
+    groups: dict[tuple, list[str]] = {}
+    for p, W in weights.items():
+        groups.setdefault(tuple(W.shape), []).append(p)
+    out = {}
+    for names in groups.values():
+        S = torch.stack([weights[p].detach().float() for p in names]).to(device)  # (L, m, n)
+        U, _ = top_left_subspace(S, rank)  # (L, m, r)
+        out.update({p: U[i].cpu().contiguous() for i, p in enumerate(names)})
+    return {p: out[p] for p in weights}
+
+
+def condlora_mode_for(shapes: dict[str, tuple[int, int]], mode: str | None) -> str:
+    """STAND-IN default: ``official`` when every target ``W0`` is square, else ``general``."""
+    if mode is None:
+        return "official" if all(m == n for m, n in shapes.values()) else "general"
+    if mode == "official":
+        bad = {t: s for t, s in shapes.items() if s[0] != s[1]}
+        if bad:
+            raise ConfigError(f"CondLoRA official mode needs square W0; {bad} are not. Use --condlora-mode general.")
+    elif mode != "general":
+        raise ConfigError(f"CondLoRA mode {mode!r} is unknown; expected 'official' or 'general'.")
+    return mode

@@ -1,0 +1,99 @@
+"""The model side of training: load a base, find its vocabulary, score next-token predictions.
+
+A base is any ``nn.Module`` that maps token ids ``(b, T)`` to logits
+``(b, T, V)`` (a tensor, a tuple whose first item is the logits, or an object
+with ``.logits`` as Hugging Face returns), or a Hugging Face causal-LM folder,
+loaded with ``AutoModelForCausalLM`` from local files only. transformers is
+imported only here, inside functions: it is the optional ``hf`` extra.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(
+            "training a Hugging Face model folder needs transformers: pip install lora-lens[hf]"
+        ) from None
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def load_model(base: str | Path | nn.Module, tokenizer=None) -> tuple[nn.Module, object, str]:
+    """``(model, tokenizer or None, description)``; a module is deep-copied, never modified.
+
+    A folder is read as a Hugging Face causal LM in float32 (adapters train in
+    the base's dtype), with its tokenizer when the folder has tokenizer files.
+    """
+    if isinstance(base, nn.Module):
+        return copy.deepcopy(base), tokenizer, type(base).__name__
+    path = Path(base)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such folder; expected --base to name a Hugging Face model folder.")
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise CheckpointError(
+            f"{path}: not a Hugging Face model folder (no config.json); the trainer loads models with "
+            "AutoModelForCausalLM. Pass the folder that holds config.json and the weights."
+        )
+    tf = _transformers()
+    major, minor = (int(x) for x in tf.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    try:
+        model = tf.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **{dtype_kw: torch.float32})
+    except ValueError as e:
+        raise ConfigError(
+            f"{path}: cannot be loaded as a causal LM ({str(e).splitlines()[0][:160]}); the trainer trains "
+            "causal language models (AutoModelForCausalLM)."
+        ) from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot load the model ({str(e).splitlines()[0][:200]}).") from None
+    if tokenizer is None and any((path / f).is_file() for f in TOKENIZER_FILES):
+        tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # no KV cache while training
+    return model, tokenizer, str(path)
+
+
+def vocab_size(model: nn.Module) -> int:
+    """Size of the input vocabulary: the config's, else the input embedding's rows."""
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if emb is None:
+        raise ConfigError(
+            f"cannot tell the vocabulary size of {type(model).__name__}: it has no config.vocab_size and no "
+            "nn.Embedding; the trainer needs a model that maps token ids to logits."
+        )
+    return int(emb.num_embeddings)
+
+
+def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``(b, T, V)`` logits for token ids ``(b, T)``."""
+    out = model(ids)
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def lm_loss(model: nn.Module, block: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a block ``(b, T + 1)``: inputs ``[:, :-1]``, targets ``[:, 1:]``."""
+    logits = logits_of(model, block[:, :-1])  # (b, T, V)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), block[:, 1:].reshape(-1))

@@ -1,0 +1,124 @@
+"""LoRA §7.3 alignment against a direct float64 computation (Linear, Conv1D, prefix-bridged BERT) and bad bases."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_lens import KeyMatchError, NonFiniteError, ShapeError, load_adapter, open_base
+from lora_lens.compare import alignment, analyze_alignment
+
+
+def ref_alignment(module, W0: np.ndarray) -> dict:
+    """§7.3 by hand: materialize ΔW, numpy SVDs, float64."""
+    dW = module.delta(torch.float64).numpy()
+    r = module.rank
+    U, S, Vh = np.linalg.svd(dW)
+    proj = np.linalg.norm(U[:, :r].T @ W0 @ Vh[:r].T)
+    s0 = np.linalg.svd(W0, compute_uv=False)
+    return {
+        "delta_norm": np.linalg.norm(dW), "w0_norm": np.linalg.norm(W0), "proj_delta": proj,
+        "proj_w0": np.sqrt(np.sum(s0[:r] ** 2)), "amplification": np.linalg.norm(dW) / proj,
+    }
+
+
+def base_matrix(state: dict, weight: str, layout: str) -> np.ndarray:
+    W = state[weight].double().numpy()
+    return W.T if layout == "conv1d" else W  # Conv1D stores (n, m)
+
+
+def check_against_reference(adapter, base_folder: Path, strip: str = "", rtol: float = 1e-9, exact_w0=True, **kw):
+    state = load_file(base_folder / "model.safetensors")
+    res = alignment(adapter, open_base(base_folder), exact_w0=exact_w0, **kw)
+    assert [m.name for m in res.modules] == [m.name for m in adapter]  # layer order
+    for row in res.modules:
+        mod = adapter[row.name]
+        assert row.weight == row.name.removeprefix(strip) + ".weight"
+        ref = ref_alignment(mod, base_matrix(state, row.weight, mod.layout))
+        for k, v in ref.items():
+            tol = rtol if res.w0_exact or k != "proj_w0" else max(rtol, 1e-5)  # randomized top-r of W0
+            assert getattr(row, k) == pytest.approx(v, rel=tol), (row.name, k)
+    return res
+
+
+def test_llama_alignment_matches_float64(tiny_llama, llama_adapter):
+    adapter = load_adapter(llama_adapter[1])
+    assert check_against_reference(adapter, Path(tiny_llama[1]), dtype="float64", device="cpu").w0_exact
+    # defaults: float32, W0's top-r by the randomized range finder (down_proj 32×48: r + 16 < 32)
+    assert not check_against_reference(adapter, Path(tiny_llama[1]), rtol=1e-4, exact_w0=False).w0_exact
+
+
+def test_gpt2_conv1d_alignment_transposes_the_base(tiny_gpt2, gpt2_adapter):
+    adapter = load_adapter(gpt2_adapter[1])
+    assert {m.layout for m in adapter} == {"conv1d"}
+    res = check_against_reference(adapter, Path(tiny_gpt2[1]), dtype="float64")
+    c_attn = next(r for r in res.modules if r.name.endswith("attn.c_attn"))
+    assert (adapter[c_attn.name].shape) == (96, 32)
+
+
+def test_bert_alignment_bridges_prefix(tiny_bert, bert_adapter):
+    adapter = load_adapter(bert_adapter[1])
+    check_against_reference(adapter, Path(tiny_bert[1]), strip="bert.", dtype="float64")
+
+
+def test_random_projection_expectation_and_determinism(tiny_llama, llama_adapter):
+    adapter, base = load_adapter(llama_adapter[1]), open_base(tiny_llama[1])
+    a = alignment(adapter, base, draws=64, seed=3)
+    for row in a.modules:
+        m, n = adapter[row.name].shape
+        expected = row.w0_norm * row.rank / np.sqrt(m * n)  # E‖UᵀW0V‖² = (r/m)(r/n)‖W0‖²
+        assert 0.6 * expected < row.proj_random < 1.2 * expected
+        assert row.proj_random < row.proj_w0
+    b = alignment(adapter, base, draws=64, seed=3)
+    assert [r.proj_random for r in a.modules] == [r.proj_random for r in b.modules]
+
+
+def test_analysis_agrees_with_alignment(tiny_llama, llama_adapter):
+    adapter, base = load_adapter(llama_adapter[1]), open_base(tiny_llama[1])
+    a = alignment(adapter, base, dtype="float64", exact_w0=True)
+    b = analyze_alignment(adapter, base, dtype="float64").alignment
+    for x, y in zip(a.modules, b.modules):
+        assert x.name == y.name and x.proj_w0 == pytest.approx(y.proj_w0, rel=1e-10)
+        assert x.amplification == pytest.approx(y.amplification, rel=1e-10)
+        assert x.proj_random == pytest.approx(y.proj_random, rel=1e-10)
+
+
+def test_wrong_base_refused(llama_adapter, tiny_gpt2):
+    with pytest.raises(KeyMatchError, match="no weight for"):
+        alignment(load_adapter(llama_adapter[1]), open_base(tiny_gpt2[1]))
+
+
+def test_shape_mismatch_names_both_tensors(tiny_llama, llama_adapter, tmp_path):
+    state = load_file(Path(tiny_llama[1]) / "model.safetensors")
+    name = "model.layers.2.self_attn.v_proj.weight"
+    state[name] = torch.zeros(8, 32)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ShapeError) as e:
+        alignment(load_adapter(llama_adapter[1]), open_base(tmp_path))
+    assert "model.layers.2.self_attn.v_proj" in str(e.value) and name in str(e.value) and "8x32" in str(e.value)
+
+
+def test_non_finite_base_weight_refused(tiny_llama, llama_adapter, tmp_path):
+    shutil.copy(Path(tiny_llama[1]) / "config.json", tmp_path)
+    state = load_file(Path(tiny_llama[1]) / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    state[name][3, 4] = float("nan")
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(NonFiniteError, match=name.replace(".", r"\.")):
+        alignment(load_adapter(llama_adapter[1]), open_base(tmp_path))
+
+
+def test_chunked_equals_batched_and_reports_progress(tiny_llama, llama_adapter):
+    adapter, base = load_adapter(llama_adapter[1]), open_base(tiny_llama[1])
+    calls = []
+    one = analyze_alignment(adapter, base, dtype="float64", max_memory=1, progress=lambda *a: calls.append(a))
+    whole = analyze_alignment(adapter, base, dtype="float64", max_memory=None)
+    assert len(calls) == len(adapter) and calls[-1][:2] == (len(adapter), len(adapter))
+    for x, y in zip(one.alignment.modules, whole.alignment.modules):
+        assert x.proj_delta == pytest.approx(y.proj_delta, rel=1e-10) and x.proj_w0 == pytest.approx(y.proj_w0, rel=1e-10)
+        assert x.proj_random == pytest.approx(y.proj_random, rel=1e-10)  # seeded per shape, not per chunk
+    for x, y in zip(one.intruders.modules, whole.intruders.modules):
+        assert np.allclose(x.max_cos, y.max_cos, atol=1e-10)

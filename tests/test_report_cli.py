@@ -1,0 +1,72 @@
+"""``lora-lens report`` and ``lora-lens demo`` end to end (small sizes)."""
+
+import json
+from html.parser import HTMLParser
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(map(str, args)))
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs, self.headings, self._in_h2 = [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.imgs.append(dict(attrs)["src"])
+        self._in_h2 = tag == "h2"
+
+    def handle_data(self, data):
+        if self._in_h2 and data.strip():
+            self.headings.append(data.strip())
+            self._in_h2 = False
+
+
+def test_report_two_adapters_with_base(llama_adapter, tiny_llama, tmp_path):
+    import shutil
+
+    second = tmp_path / "second"
+    shutil.copytree(llama_adapter[1], second)
+    r = run("report", llama_adapter[1], second, "--base", tiny_llama[1], "-o", tmp_path / "rep", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    index = tmp_path / "rep" / "index.html"
+    assert out["report"] == str(index) and index.is_file()
+    p = _Collect()
+    p.feed(index.read_text())
+    assert any(h.startswith("Alignment with W0") for h in p.headings)
+    assert "Adapter vs adapter" in p.headings
+    assert p.imgs and all(src.startswith("data:image/png;base64,") for src in p.imgs)
+    data = json.loads((tmp_path / "rep" / "results.json").read_text())["data"]
+    # an adapter compared with an identical copy: φ = 1 on every module
+    pair = data["pairs"][0]
+    assert all(m["phi"] == pytest.approx(1.0, abs=1e-5) for m in pair["modules"])
+    assert data["adapters"][0]["alignment"]["alignment"]["modules"]
+    # refuses to overwrite without --overwrite, and says so in one line
+    r = run("report", llama_adapter[1], "-o", tmp_path / "rep")
+    assert r.exit_code == 2 and "--overwrite" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_report_bad_adapter_path(tmp_path):
+    r = run("report", tmp_path / "missing", "-o", tmp_path / "rep")
+    assert r.exit_code == 2 and "missing" in r.stderr
+    assert not (tmp_path / "rep").exists()  # nothing half-written
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_demo_runs_end_to_end_small(minilm_path, tmp_path):
+    r = run("demo", "-o", tmp_path / "demo", "--steps", "3", "--rank", "4", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert set(out["adapters"]) == {"lora-seed0", "lora-seed1", "cora-frozen", "condlora"}
+    assert (tmp_path / "demo" / "report" / "index.html").is_file()
+    summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert summary["rank"] == 4 and set(summary["eval_loss"]) == set(out["adapters"])

@@ -1,0 +1,112 @@
+"""``lora-lens train`` for every method, and bad input: exit 2, one line on stderr, no traceback."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import lora_lens
+from cli.main import main
+
+from .train_utils import write_condlora_init, write_cora_init
+
+pytestmark = pytest.mark.realmodel
+
+FAST = ["--steps", "3", "--batch-size", "2", "--seq-len", "16"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["train", *map(str, args)])
+
+
+def assert_bad_input(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("method", ["lora", "cora-frozen", "cora-init", "condlora", "lora-sp", "chain"])
+def test_each_method_json(stories_path, tmp_path, method):
+    r = run("--base", stories_path, "--method", method, *FAST, "-o", tmp_path / "out", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    for key in ("losses", "eval_loss", "trainable_parameters", "allocated_parameters", "wall_time_s",
+                "tokens_per_s", "method", "output"):
+        assert key in d, key
+    assert d["method"] == method and len(d["losses"]) == 3 and d["output"] == str(tmp_path / "out")
+    if method == "lora-sp":
+        assert d["trainable_parameters"] < d["allocated_parameters"]
+    adapter = lora_lens.load_adapter(tmp_path / "out")
+    assert len(adapter) == 10
+
+
+def test_text_output_and_init_folders(stories_path, tmp_path):
+    write_cora_init(tmp_path / "cora", stories_path, rank=4)
+    r = run("--base", stories_path, "--method", "cora-frozen", "--init", tmp_path / "cora", *FAST,
+            "-o", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    assert "cora-frozen: 3 steps" in r.stdout and "trainable parameters 2,560" in r.stdout
+    write_condlora_init(tmp_path / "cond", {"self_attn.q_proj": (64, 64), "self_attn.v_proj": (32, 64)})
+    r = run("--base", stories_path, "--method", "condlora", "--init", tmp_path / "cond", *FAST, "-o", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    r = run("--base", stories_path, "--method", "chain", "--knots", "1,2", *FAST, "--sp-granularity", "element",
+            "-o", tmp_path / "c")
+    assert r.exit_code == 0 and "chain knots at steps [1, 2]" in r.stdout, r.output
+
+
+def test_jsonl_token_ids(stories_path, tmp_path):
+    data = tmp_path / "ids.jsonl"
+    data.write_text("\n".join(json.dumps({"input_ids": list(range(i, i + 40))}) for i in range(0, 400, 40)))
+    r = run("--base", stories_path, "--method", "lora", "--data", data, *FAST, "-o", tmp_path / "o", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o" / "train_log.json").read_text())["provenance"]["data"] == str(data)
+
+
+def test_unknown_method(stories_path, tmp_path):
+    assert_bad_input(run("--base", stories_path, "--method", "dora", "-o", tmp_path / "o"), "unknown method 'dora'")
+
+
+def test_missing_base(tmp_path):
+    assert_bad_input(run("--base", tmp_path / "nope", "--method", "lora", "-o", tmp_path / "o"), "nope")
+
+
+def test_base_without_config(tmp_path):
+    (tmp_path / "m").mkdir()
+    assert_bad_input(run("--base", tmp_path / "m", "--method", "lora", "-o", tmp_path / "o"), "config.json")
+
+
+def test_init_of_the_wrong_method(stories_path, tmp_path):
+    write_condlora_init(tmp_path / "cond", {"self_attn.q_proj": (64, 64)})
+    assert_bad_input(
+        run("--base", stories_path, "--method", "cora-frozen", "--init", tmp_path / "cond", "-o", tmp_path / "o"),
+        "'condlora' init folder", "cora init",
+    )
+    assert_bad_input(run("--base", stories_path, "--method", "lora", "--init", tmp_path / "cond", "-o", tmp_path / "o"),
+                     "takes no --init")
+    assert_bad_input(run("--base", stories_path, "--method", "cora-init", "--init", tmp_path, "-o", tmp_path / "o"),
+                     "lora_lens_init.json")
+
+
+def test_text_data_without_tokenizer(stories_path, tmp_path):
+    (tmp_path / "t.txt").write_text("once upon a time\n" * 50)
+    assert_bad_input(run("--base", stories_path, "--method", "lora", "--data", tmp_path / "t.txt", "-o", tmp_path / "o"),
+                     "no tokenizer", "input_ids")
+
+
+def test_bad_options(stories_path, tmp_path):
+    base = ["--base", stories_path, "-o", tmp_path / "o"]
+    assert_bad_input(run(*base, "--method", "lora", "--knots", "5"), "options of --method chain")
+    assert_bad_input(run(*base, "--method", "lora-sp", "--sp-resample", "daily"), "re-sample 'daily'")
+    assert_bad_input(run(*base, "--method", "lora", "--targets", "c_attn"), "match no module")
+    assert_bad_input(run(*base, "--method", "lora", "--steps", "0"), "steps=0")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "x").write_text("keep")
+    assert_bad_input(run(*base, "--method", "lora"), "not empty", "--overwrite")
+
+
+def test_help_has_examples():
+    r = CliRunner().invoke(main, ["train", "--help"])
+    assert r.exit_code == 0 and "Examples:" in r.output and "--sp-granularity" in r.output

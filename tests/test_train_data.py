@@ -1,0 +1,91 @@
+"""Training data: the synthetic task as documented, files, tokenizers, the held-out split, batches."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from lora_lens import CheckpointError, ConfigError
+from lora_lens.train import train
+from lora_lens.train.data import batches, file_blocks, load_data, split, synthetic_blocks
+from lora_lens.train.loop import learning_rate
+from lora_lens.train.config import TrainConfig
+
+
+def test_synthetic_task_is_cyclic_counting():
+    x = synthetic_blocks(512, seq_len=20, n=64, seed=3)
+    assert x.shape == (64, 21) and x.dtype == torch.long
+    assert int(x.min()) >= 256 and int(x.max()) < 256 + 16  # o = V // 2, K = 16
+    step = (x[:, 1:] - x[:, :-1]) % 16  # (n, T): the stride d of each row, constant along the row
+    assert bool((step == step[:, :1]).all()) and set(step[:, 0].tolist()) == {1, 2}
+    assert torch.equal(x, synthetic_blocks(512, seq_len=20, n=64, seed=3))
+    assert not torch.equal(x, synthetic_blocks(512, seq_len=20, n=64, seed=4))
+    small = synthetic_blocks(10, seq_len=8, n=8)  # K = min(16, V // 2) = 5 tokens 5 … 9
+    assert int(small.min()) >= 5 and int(small.max()) <= 9
+    with pytest.raises(ConfigError, match="at least 4"):
+        synthetic_blocks(3, 8)
+
+
+def test_split_and_batches():
+    blocks = torch.arange(50).view(10, 5)
+    train_part, held = split(blocks, 0.2, seed=0)
+    assert train_part.shape == (8, 5) and held.shape == (2, 5)
+    assert sorted(torch.cat([train_part, held])[:, 0].tolist()) == list(range(0, 50, 5))
+    it = batches(train_part, 3, seed=0)
+    got = [next(it) for _ in range(4)]
+    assert [e for e, _ in got] == [0, 0, 1, 1]  # 8 blocks → 2 full batches of 3 per epoch
+    assert all(b.shape == (3, 5) for _, b in got)
+    assert split(blocks[:1], 0.2, 0)[1].shape[0] == 0
+
+
+def test_jsonl_input_ids_and_errors(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"input_ids": [1, 2, 3, 4, 5]}\n\n{"input_ids": [6, 7, 8, 9, 10, 11]}\n')
+    b = file_blocks(f, seq_len=4, vocab_size=20)
+    assert b.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    f.write_text('{"input_ids": [1, 2, 99]}\n')
+    with pytest.raises(ConfigError, match=r"\[99\] are outside"):
+        file_blocks(f, 1, 20)
+    f.write_text('{"tokens": [1]}\n')
+    with pytest.raises(ConfigError, match="line 1 has neither"):
+        file_blocks(f, 1, 20)
+    f.write_text('{"input_ids": [1, 2, 3]}\n')
+    with pytest.raises(ConfigError, match="need at least 2"):
+        file_blocks(f, 4, 20)
+    with pytest.raises(CheckpointError, match="no such file"):
+        file_blocks(tmp_path / "none.txt", 4, 20)
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(steps=10, lr=1.0, warmup_steps=2)
+    lrs = [learning_rate(t, cfg) for t in range(10)]
+    assert lrs[:3] == [0.5, 1.0, 1.0] and lrs[-1] == pytest.approx(1 / 8)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_text_with_the_folders_tokenizer(tiny_llama, tmp_path):
+    """A model folder with tokenizer files: text data is tokenized with it (local files only)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    import transformers
+
+    _, folder = tiny_llama
+    words = ["<unk>", "</s>"] + [f"w{i}" for i in range(40)]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    model_dir = tmp_path / "model"
+    shutil.copytree(folder, model_dir)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>").save_pretrained(
+        model_dir)
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(" ".join(f"w{(i + j) % 40}" for j in range(12)) for i in range(30)))
+    from lora_lens.train.models import load_model
+
+    _, tokenizer, _ = load_model(model_dir)
+    data = load_data(text, seq_len=8, vocab_size=64, tokenizer=tokenizer, eval_fraction=0.25)
+    assert data.train.shape[1] == 9 and data.eval.shape[0] >= 1
+    assert 1 in torch.cat([data.train, data.eval]).flatten().tolist()  # EOS between documents
+    jl = tmp_path / "t.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": line}) for line in text.read_text().splitlines()))
+    result = train(model_dir, "lora", data=jl, steps=3, batch_size=2, seq_len=8)
+    assert len(result.losses) == 3 and result.eval_loss is not None

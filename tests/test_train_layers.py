@@ -1,0 +1,87 @@
+"""Adapter layers against independent references: PEFT's init, float64 maths, Linear vs Conv1D."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lora_lens.train.inject import find_targets, inject
+from lora_lens.train.layers import CondLoRALinear, CondTheta, LoRALinear, base_weight, kaiming_uniform
+
+
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D as transformers defines it: weight (n, m), y = x W + b."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
+
+
+def test_kaiming_uniform_is_peft_lora_a_init():
+    ref = torch.empty(8, 48)
+    nn.init.kaiming_uniform_(ref, a=math.sqrt(5), generator=torch.Generator().manual_seed(1))
+    ours = kaiming_uniform(8, 48, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+
+
+def test_lora_forward_and_merge_linear_and_conv1d():
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 5)
+    conv = Conv1D(5, 6)
+    with torch.no_grad():
+        conv.weight.copy_(lin.weight.T)
+        conv.bias.copy_(lin.bias)
+    x = torch.randn(3, 4, 6)
+    layers = [LoRALinear(m, rank=2, alpha=3.0) for m in (lin, conv)]
+    for layer in layers:
+        layer.reset(torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            layer.lora_B.normal_(generator=torch.Generator().manual_seed(5))
+    assert layers[1].layout == "conv1d" and torch.equal(base_weight(conv), lin.weight)
+    A, B = (t.double() for t in layers[0].factors())
+    ref = x.double() @ (lin.weight.double() + 1.5 * B @ A).T + lin.bias.double()  # s = 3 / 2
+    for layer in layers:
+        torch.testing.assert_close(layer(x).double(), ref, atol=1e-5, rtol=0)
+        y = layer(x)
+        layer.merge_()
+        with torch.no_grad():
+            layer.lora_B.zero_()
+        torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=0)
+    torch.testing.assert_close(conv.weight.T, lin.weight, atol=1e-6, rtol=0)  # merged in the stored layout
+
+
+@pytest.mark.parametrize("mode", ["official", "general"])
+def test_condlora_factors_and_gradients_reach_theta(mode):
+    torch.manual_seed(0)
+    m, n = (6, 6) if mode == "official" else (4, 6)
+    theta = CondTheta(m, n, rank=2, mode=mode)
+    with torch.no_grad():
+        theta.theta_A.normal_()
+        theta.theta_B.normal_()
+    bases = [nn.Linear(n, m).requires_grad_(False) for _ in range(2)]
+    layers = [CondLoRALinear(b, theta, alpha=2.0) for b in bases]
+    x = torch.randn(3, n)
+    total = sum(layer(x).sum() for layer in layers)
+    total.backward()
+    assert theta.theta_A.grad is not None and theta.theta_B.grad is not None
+    W0 = bases[0].weight.double()
+    tA, tB = theta.theta_A.double(), theta.theta_B.double()
+    A, B = (tA @ W0.T, W0 @ tB.T) if mode == "official" else (tA.T @ W0, W0 @ tB)
+    ref = x.double() @ (W0 + 1.0 * B @ A).T + bases[0].bias.double()
+    torch.testing.assert_close(layers[0](x).double(), ref, atol=1e-5, rtol=0)
+
+
+def test_inject_keeps_paths_and_freezes_base():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ModuleDict({"q_proj": nn.Linear(4, 4), "k_proj": nn.Linear(4, 4)}))
+    targets = find_targets(model, ["q_proj", "0"])
+    assert [p for p, _ in targets] == ["0", "1.q_proj"]
+    layers = inject(model, targets, lambda p, m: LoRALinear(m, 2, 4))
+    assert isinstance(model[1]["q_proj"], LoRALinear) and set(layers) == {"0", "1.q_proj"}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(trainable) == ["0.lora_A", "0.lora_B", "1.q_proj.lora_A", "1.q_proj.lora_B"]
