@@ -4,7 +4,7 @@
 adapter φ when there are several; alignment with W0 and intruder dimensions
 when a base is given) and keeps the results; :func:`analysis_report_spec`
 turns them into the spec that :func:`~lora_lens.report.write_report` renders;
-:func:`write_analysis_report` does both and writes the folder.
+:func:`write_analysis_report` writes the folder.
 """
 
 from __future__ import annotations
@@ -277,22 +277,13 @@ def analysis_report_spec(an: Analysis, title: str = "lora_lens report", energy: 
 
 def write_analysis_report(
     out_dir: str | Path,
-    adapters: Sequence[Adapter],
-    base: BaseWeights | None = None,
-    runs: Mapping[str, Mapping[str, Any]] | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
-    energy: float = 0.9,
-    intruder_k: int = 10,
-    epsilon: float = 0.5,
-    seed: int = 0,
+    analysis: Analysis,
     title: str = "lora_lens report",
+    energy: float = 0.9,
     extra_sections: Sequence[dict] = (),
     extra_json: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Analyze and write ``out_dir/index.html`` + ``figures/*.png`` + ``results.json``; returns index.html."""
-    an = analyze_adapters(adapters, base, runs, device, dtype, energy, intruder_k, epsilon, seed)
-    spec = analysis_report_spec(an, title, energy, extra_sections)
-    data = {**an.to_dict(), **(extra_json or {})}
-    return write_report(out_dir, spec, json_data=data, overwrite=overwrite)
+    """Write ``out_dir/index.html`` + ``figures/*.png`` + ``results.json`` for an :class:`Analysis`; returns index.html."""
+    spec = analysis_report_spec(analysis, title, energy, extra_sections)
+    return write_report(out_dir, spec, json_data={**analysis.to_dict(), **(extra_json or {})}, overwrite=overwrite)
