@@ -101,6 +101,9 @@ def run_demo(
     """Run the pipeline of the module docstring; returns where everything was written."""
     t0 = time.perf_counter()
     out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not (out / "demo.json").is_file():
+        raise ConfigError(f"{out}: folder exists and was not written by an earlier demo (no demo.json); "
+                          "choose another -o folder.")
     check_destination(out, overwrite)
     base_dir = minilm_folder()
     model = load_encoder(base_dir)
