@@ -9,7 +9,7 @@ turns them into the spec that :func:`~lora_lens.report.write_report` renders;
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -82,6 +82,7 @@ def analyze_adapters(
     seed: int = 0,
 ) -> Analysis:
     """Run every analysis the report shows. ``runs``: loss curves (``plot_loss_curves`` format)."""
+    adapters = unique_labels(adapters)
     eps = sorted(set(EPS_SWEEP) | {epsilon})
     per = []
     for ad in adapters:
@@ -95,6 +96,13 @@ def analyze_adapters(
     pairs = tuple(pairwise_similarity(list(adapters), device=device, dtype=dtype, seed=seed)) if len(adapters) > 1 else ()
     return Analysis(tuple(per), pairs, str(base.path) if base is not None else None, dict(runs or {}), epsilon,
                     intruder_k)
+
+
+def unique_labels(adapters: Sequence[Adapter]) -> list[Adapter]:
+    """Adapters whose labels collide (``x1/ad``, ``x2/ad``) are labelled ``x1/ad``, ``x2/ad``."""
+    labels = [a.label for a in adapters]
+    return [replace(a, adapter_name=f"{a.path.parent.name}/{a.label}") if labels.count(a.label) > 1 else a
+            for a in adapters]
 
 
 def _section(heading: str, text: str, figures=(), tables=()) -> dict:
