@@ -84,6 +84,31 @@ def naive_svdvals(mod: LoraModule, device: str, dtype: torch.dtype) -> torch.Ten
     return torch.linalg.svdvals(mod.scaling * (B @ A))
 
 
+def naive_reference(by_shape: dict, res, rank: int) -> tuple[float, float]:
+    """Time the naive SVD on one matrix per shape, print a row per shape; return (extrapolated s, worst rel err)."""
+    print("naive reference: materialize ΔW = s·B·A (float32) + torch.linalg.svdvals, timed on ONE matrix per shape,")
+    print("extrapolated to all modules of that shape; max rel err: top-r singular values against a float64 SVD of")
+    print("the materialized ΔW, max_i |Δσ_i|/σ_i, for lora_lens (float32) and for the naive float32 SVD:")
+    print(f"  {'shape':<12}{'count':>6}{'1 matrix s':>12}{'all s':>10}{'max rel err ours':>18}{'naive f32':>11}",
+          flush=True)
+    total, worst = 0.0, 0.0
+    for (m, n), group in by_shape.items():
+        mod = group[0]
+        t = time.perf_counter()
+        S32 = naive_svdvals(mod, "cpu", torch.float32)
+        t_naive = time.perf_counter() - t
+        S64 = naive_svdvals(mod, "cpu", torch.float64)[:rank]  # the float64 reference
+        ours = res[mod.name].singular_values  # lora_lens, float32 factored (upcast for the metrics)
+        rel = ((ours - S64).abs() / S64).max().item()
+        rel_naive = ((S32[:rank].double() - S64).abs() / S64).max().item()
+        worst = max(worst, rel)
+        total += t_naive * len(group)
+        print(f"  {f'{m}x{n}':<12}{len(group):>6}{t_naive:>12.2f}{t_naive * len(group):>10.1f}{rel:>18.1e}"
+              f"{rel_naive:>11.1e}", flush=True)
+    print(f"  naive total (extrapolated): {total:.0f} s\n")
+    return total, worst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -91,6 +116,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--no-cli", action="store_true", help="skip the CLI subprocess timing")
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive reference (minutes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
@@ -109,38 +135,20 @@ def main() -> None:
     t_dec, _ = timed(lambda: decompose_adapter(mods, device="cpu"), max(3, args.repeat // 2))
     best = min(t_spec)
 
-    # naive: one matrix per shape, extrapolated
+    print(f"{'lora_lens, in process':<52}{'best s':>9}{'median s':>10}")
+    print(f"{'  adapter_spectra (CPU, float32, all modules)':<52}{best:>9.3f}{statistics.median(t_spec):>10.3f}")
+    print(f"{'  decompose_adapter (U, S, Vh; CPU)':<52}{min(t_dec):>9.3f}{statistics.median(t_dec):>10.3f}\n",
+          flush=True)
+
     by_shape: dict[tuple[int, int], list[LoraModule]] = {}
     for m in mods:
         by_shape.setdefault(m.shape, []).append(m)
-    rows, naive_total, worst_rel = [], 0.0, 0.0
-    for shape, group in by_shape.items():
-        mod = group[0]
-        t = time.perf_counter()
-        S32 = naive_svdvals(mod, "cpu", torch.float32)
-        t_naive = time.perf_counter() - t
-        S64 = naive_svdvals(mod, "cpu", torch.float64)[: args.rank]  # the float64 reference
-        ours = res[mod.name].singular_values  # float32 factored, upcast for the metrics
-        rel = ((ours - S64).abs() / S64).max().item()
-        rel_naive = ((S32[: args.rank].double() - S64).abs() / S64).max().item()
-        worst_rel = max(worst_rel, rel)
-        naive_total += t_naive * len(group)
-        rows.append((f"{shape[0]}x{shape[1]}", len(group), t_naive, t_naive * len(group), rel, rel_naive))
-
-    print("naive reference: materialize ΔW = s·B·A (float32) + torch.linalg.svdvals, timed on ONE matrix per shape,")
-    print("extrapolated to all modules of that shape:")
-    print(f"  {'shape':<12}{'count':>6}{'1 matrix s':>12}{'all s':>10}{'max rel err ours':>18}{'naive f32':>11}")
-    for shape, count, t1, tall, rel, reln in rows:
-        print(f"  {shape:<12}{count:>6}{t1:>12.2f}{tall:>10.1f}{rel:>18.1e}{reln:>11.1e}")
-    print("  (max rel err: top-r singular values vs a float64 SVD of the materialized ΔW, |Δσ_i|/σ_i)\n")
-
-    print(f"{'what':<52}{'best s':>9}{'median s':>10}")
-    print(f"{'lora_lens adapter_spectra (CPU, float32, 224 modules)':<52}{best:>9.3f}{statistics.median(t_spec):>10.3f}")
-    print(f"{'lora_lens decompose_adapter (U, S, Vh; CPU)':<52}{min(t_dec):>9.3f}{statistics.median(t_dec):>10.3f}")
-    print(f"{'naive materialize + svdvals (extrapolated)':<52}{naive_total:>9.1f}")
-    print(f"\nspeed-up adapter_spectra vs naive: {naive_total / best:,.0f}x (best), "
-          f"{naive_total / statistics.median(t_spec):,.0f}x (median); "
-          f"worst top-{args.rank} relative difference {worst_rel:.1e}")
+    naive_total = float("nan")
+    if not args.no_naive:
+        naive_total, worst_rel = naive_reference(by_shape, res, args.rank)
+        print(f"speed-up adapter_spectra vs naive: {naive_total / best:,.0f}x (best), "
+              f"{naive_total / statistics.median(t_spec):,.0f}x (median); "
+              f"worst top-{args.rank} relative difference {worst_rel:.1e}")
 
     if cuda:
         sync = torch.cuda.synchronize
@@ -165,10 +173,10 @@ def main() -> None:
             d = json.loads(out.stdout)
             assert len(d["layers"]) == n_mod
             size = sum(f.stat().st_size for f in folder.iterdir())
-            print(f"\nCLI end to end: {' '.join(['lora-lens'] + cmd[3:5])} <{size / 2**20:.0f} MiB adapter> --json "
-                  f"--device cpu\n  {min(t_cli):.2f} s best of 3 (of which Python start-up + imports "
-                  f"{min(t_imp):.2f} s); {len(out.stdout) / 2**10:.0f} KiB of JSON; "
-                  f"{naive_total / min(t_cli):,.0f}x faster than the naive in-process estimate")
+            ratio = "" if naive_total != naive_total else f"; {naive_total / min(t_cli):,.0f}x faster than the naive estimate"
+            print(f"\nCLI end to end: lora-lens spectrum <{size / 2**20:.0f} MiB adapter> --json --device cpu (subprocess)"
+                  f"\n  {min(t_cli):.2f} s best of 3, of which Python start-up + imports {min(t_imp):.2f} s; "
+                  f"{len(out.stdout) / 2**10:.0f} KiB of JSON{ratio}")
 
 
 if __name__ == "__main__":

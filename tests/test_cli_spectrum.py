@@ -124,3 +124,13 @@ def test_parse_size():
 def test_help_has_example():
     r = run("spectrum", "--help")
     assert r.exit_code == 0 and "Examples" in r.output and "--max-memory" in r.output
+
+
+def test_progress_bar_on_a_terminal_goes_to_stderr_only(llama_adapter, monkeypatch):
+    import cli.common
+
+    monkeypatch.setattr(cli.common, "_isatty", lambda stream: True)  # 9 modules: shown only on a terminal
+    r = run("spectrum", llama_adapter[1], "--json")
+    assert r.exit_code == 0, r.output
+    assert "decomposing LoRA modules" in r.stderr  # click itself draws the bar only on a real terminal
+    _strict_json(r.stdout)

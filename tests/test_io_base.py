@@ -110,3 +110,23 @@ def test_atomic_writes_leave_no_temp_and_normal_permissions(tmp_path):
         assert not (tmp_path / "out2").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     finally:
         os.umask(mask)
+
+
+def test_overwrite_never_replaces_an_input_or_the_current_folder(tmp_path, monkeypatch):
+    from lora_lens import ConfigError
+    from lora_lens.io import check_destination
+    from lora_lens.io.atomic import register_input
+
+    nest = tmp_path / "nest"
+    (nest / "ad").mkdir(parents=True)
+    (nest / "ad" / "adapter_config.json").write_text("{}")
+    (nest / "notes.txt").write_text("keep me")
+    register_input(nest / "ad")
+    with pytest.raises(ConfigError, match="holds an input"):
+        check_destination(nest, overwrite=True)
+    with pytest.raises(ConfigError, match="holds an input"):
+        check_destination(nest / "ad", overwrite=True)
+    monkeypatch.chdir(nest)
+    with pytest.raises(ConfigError, match="current folder"):
+        check_destination("..", overwrite=True)
+    assert (nest / "notes.txt").read_text() == "keep me"

@@ -142,7 +142,9 @@ def test_default_init_is_kaiming_and_preserves_output(tiny_llama, tmp_path):
 def test_general_mode_fan_in_and_non_square_refused_in_official(tiny_llama, tmp_path):
     _, folder = tiny_llama
     with pytest.raises(ConfigError, match="--mode general"):
-        condlora_init(folder, 4, "k_proj", out_dir=tmp_path / "x")
+        condlora_init(folder, 4, "k_proj", out_dir=tmp_path / "x", mode="official")
+    auto = condlora_init(folder, 4, "k_proj", out_dir=tmp_path / "auto")  # auto: general for a non-square W0
+    assert auto.description.mode == "general"
     res = condlora_init(folder, 4, "k_proj,down_proj", out_dir=tmp_path / "g", mode="general")
     theta = load_file(tmp_path / "g" / "condlora_theta.safetensors")
     assert theta["self_attn.k_proj.theta_A"].shape == (16, 4)  # (m, r): k_proj is 16×32

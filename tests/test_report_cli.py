@@ -70,3 +70,22 @@ def test_demo_runs_end_to_end_small(minilm_path, tmp_path):
     assert (tmp_path / "demo" / "report" / "index.html").is_file()
     summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert summary["rank"] == 4 and set(summary["eval_loss"]) == set(out["adapters"])
+
+
+def test_reduce_and_report_refuse_to_overwrite_their_input(llama_adapter, tmp_path):
+    import shutil
+
+    ad = tmp_path / "nest" / "ad"
+    shutil.copytree(llama_adapter[1], ad)
+    (tmp_path / "nest" / "notes.txt").write_text("keep")
+    for args in (["reduce", ad, "--rank", "1", "-o", tmp_path / "nest", "--overwrite"],
+                 ["report", ad, "-o", ad, "--overwrite"]):
+        r = run(*args)
+        assert r.exit_code == 2 and "holds an input" in r.stderr, r.output
+    assert (ad / "adapter_model.safetensors").is_file() and (tmp_path / "nest" / "notes.txt").is_file()
+
+
+def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "mine.txt").write_text("x")
+    r = run("demo", "-o", tmp_path)
+    assert r.exit_code == 2 and "demo.json" in r.stderr and (tmp_path / "mine.txt").is_file()

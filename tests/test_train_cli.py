@@ -110,3 +110,43 @@ def test_bad_options(stories_path, tmp_path):
 def test_help_has_examples():
     r = CliRunner().invoke(main, ["train", "--help"])
     assert r.exit_code == 0 and "Examples:" in r.output and "--sp-granularity" in r.output
+
+
+def test_train_refuses_nan_base_truncated_base_and_encoders(tmp_path, stories_path, minilm_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from cli.main import main as cli_main
+    from click.testing import CliRunner
+
+    def run(*args):
+        return CliRunner().invoke(cli_main, list(map(str, args)))
+
+    bad = tmp_path / "nan"
+    shutil.copytree(stories_path, bad)
+    sd = load_file(str(bad / "model.safetensors"))
+    sd["model.layers.0.self_attn.q_proj.weight"][0, 0] = float("inf")
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    r = run("train", "--base", bad, "--method", "lora", "--steps", "2", "-o", tmp_path / "o1")
+    assert r.exit_code == 2 and "q_proj" in r.stderr and "NaN/Inf" in r.stderr and not (tmp_path / "o1").exists()
+
+    trunc = tmp_path / "trunc"
+    shutil.copytree(stories_path, trunc)
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    r = run("train", "--base", trunc, "--method", "lora", "--steps", "2", "-o", tmp_path / "o2")
+    assert r.exit_code == 2 and "not a valid safetensors" in r.stderr
+
+    r = run("train", "--base", minilm_path, "--method", "lora", "--steps", "2", "-o", tmp_path / "o3")
+    assert r.exit_code == 2 and "encoder" in r.stderr
+
+
+def test_train_divergence_is_an_error_not_nan_output(tmp_path, stories_path):
+    from cli.main import main as cli_main
+    from click.testing import CliRunner
+
+    r = CliRunner().invoke(cli_main, ["train", "--base", str(stories_path), "--method", "lora", "--steps", "5",
+                                      "--lr", "1e12", "--max-grad-norm", "0", "-o", str(tmp_path / "o"), "--json"])
+    assert r.exit_code == 2 and "diverged" in r.stderr and not (tmp_path / "o").exists()

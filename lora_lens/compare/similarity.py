@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from ..decompose import resolve_device, resolve_dtype
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError, KeyMatchError, ShapeError
 from ..io.base import BaseWeights
 from ..keys import normalize_module_path
 from ..linalg import phi_grid, principal_angles
@@ -294,6 +294,11 @@ def _compare(a: Adapter, b: Adapter, sa: dict[str, Subspace], sb: dict[str, Subs
     if bad:
         raise ShapeError(f"{len(bad)} matching module(s) have different shapes: {'; '.join(bad[:3])}. "
                          "Compare adapters trained on the same architecture.")
+    if not pairs:
+        raise KeyMatchError(
+            f"{a.label} ({a.path}) and {b.label} ({b.path}) have no LoRA module in common (e.g. {unmatched_a[:2]} vs "
+            f"{sorted(by_norm.values())[:2]}); compare adapters on the same modules of the same architecture."
+        )
     # One batched φ grid and principal-angle call per (d, k_a, k_b).
     groups: OrderedDict[tuple[int, int, int], list[tuple[Subspace, Subspace]]] = OrderedDict()
     for x, y in pairs:

@@ -63,13 +63,36 @@ def atomic_save_safetensors(
     return atomic_write_bytes(path, save_safetensors_bytes(clean, metadata=meta))
 
 
+#: Every file or folder read in this process (resolved). An output folder that
+#: holds one of them is never replaced, so ``--overwrite`` cannot delete an input.
+_INPUTS: set[Path] = set()
+
+
+def register_input(path: str | os.PathLike) -> None:
+    """Record a path this process reads from; :func:`check_destination` will never replace it."""
+    _INPUTS.add(Path(path).resolve())
+
+
 def check_destination(dest: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an output folder that :func:`atomic_directory` would refuse; call it before long work."""
+    """Refuse an output folder that :func:`atomic_directory` would refuse; call it before long work.
+
+    Refused: a file; a non-empty folder without ``overwrite``; and, even with
+    ``overwrite``, the current folder or one holding it, or a folder that is or
+    holds an input of this process (an adapter, a base, an init folder).
+    """
     dest = Path(dest)
     if dest.exists() and not dest.is_dir():
         raise ConfigError(f"{dest}: exists and is a file; expected a folder to write into. Choose another -o path.")
-    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
-        raise ConfigError(f"{dest}: folder exists and is not empty; pass --overwrite to replace it or choose another -o path.")
+    if dest.is_dir() and any(dest.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{dest}: folder exists and is not empty; pass --overwrite to replace it or choose another -o path.")
+        resolved, cwd = dest.resolve(), Path.cwd().resolve()
+        if resolved == cwd or resolved in cwd.parents:
+            raise ConfigError(f"{dest}: is the current folder or holds it; refusing to replace it. Choose a new -o folder.")
+        held = sorted(str(p) for p in _INPUTS if p == resolved or resolved in p.parents)
+        if held:
+            raise ConfigError(f"{dest}: holds an input of this run ({held[0]}); replacing it would delete that input. "
+                              "Choose another -o folder.")
     return dest
 
 

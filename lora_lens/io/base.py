@@ -21,6 +21,7 @@ import torch
 from ..errors import CheckpointError
 from ..keys import match_modules_to_weights, parse_module_path
 from ..types import LayerKey, TensorInfo
+from .atomic import register_input
 from .tensors import PICKLE_SUFFIXES, PickleStore, SafetensorsStore, TensorStore, open_sharded, open_tensor_file
 
 _FOLDER_CANDIDATES = (
@@ -106,6 +107,7 @@ def open_base(path: str | Path) -> BaseWeights:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder; expected a model folder or a .safetensors/.bin file.")
+    register_input(path)
     if path.is_dir():
         return BaseWeights(path, _open_folder(path))
     if path.name.endswith(".index.json"):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import CheckpointError, ConfigError
-from .atomic import atomic_write_json
+from .atomic import atomic_write_json, register_input
 
 INIT_NAME = "lora_lens_init.json"
 THETA_NAME = "condlora_theta.safetensors"
@@ -75,6 +75,7 @@ def write_init_description(folder: str | Path, desc: InitDescription) -> Path:
 def read_init_description(folder: str | Path) -> InitDescription:
     """Read ``lora_lens_init.json`` from an init folder, validating its fields."""
     path = Path(folder) / INIT_NAME
+    register_input(folder)
     if not path.is_file():
         raise CheckpointError(
             f"{folder}: no {INIT_NAME}; expected an init folder written by 'lora-lens cora init' or "

@@ -25,7 +25,7 @@ from .. import __version__
 from ..errors import CheckpointError, ConfigError, ShapeError
 from ..keys import PEFT_PREFIX, parse_module_path, parse_peft_key
 from ..types import Adapter, LoraModule, LoraSettings, TensorInfo
-from .atomic import atomic_directory, atomic_save_safetensors, atomic_write_json
+from .atomic import atomic_directory, atomic_save_safetensors, atomic_write_json, register_input
 from .tensors import check_tensor, open_tensor_file
 
 CONFIG_NAME = "adapter_config.json"
@@ -102,6 +102,7 @@ def find_adapters(path: str | Path) -> list[tuple[str | None, Path]]:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder; expected a PEFT adapter folder with {CONFIG_NAME}.")
+    register_input(path)
     if path.is_file():
         if path.name in WEIGHT_NAMES or path.name == CONFIG_NAME:
             return [(None, path.parent)]

@@ -319,7 +319,7 @@ def condlora_init(
     *,
     out_dir: str | Path,
     alpha: float | None = None,
-    mode: str = "official",
+    mode: str = "auto",
     from_adapter: Adapter | str | Path | None = None,
     seed: int = 0,
     overwrite: bool = False,
@@ -346,8 +346,8 @@ def condlora_init(
     fit is a QR of the stacked layers: ask for float64 when its residual must
     be read below ~1e-6); files are float32.
     """
-    if mode not in MODES:
-        raise ConfigError(f"unknown CondLoRA mode {mode!r}; expected one of {list(MODES)}.")
+    if mode not in ("auto",) + MODES:
+        raise ConfigError(f"unknown CondLoRA mode {mode!r}; expected auto, official or general.")
     base = base if isinstance(base, BaseWeights) else open_base(base)
     adapter = None
     if from_adapter is not None:
@@ -355,9 +355,11 @@ def condlora_init(
         adapter = replace(adapter, modules=tuple(m for m in adapter if m.layout in ("linear", "conv1d")))
     if targets is None:
         if adapter is None:
-            raise ConfigError("no targets given; pass targets (e.g. 'q_proj,v_proj') or an adapter to warm-start from.")
+            raise ConfigError("no targets given; pass --targets (e.g. q_proj,v_proj) or --from ADAPTER to warm-start from.")
         targets = adapter.module_types
     layers = target_layers(base, targets)
+    if mode == "auto":  # the paper's form where it applies (every W0 square), the general one otherwise
+        mode = "official" if all(ls[0].shape[0] == ls[0].shape[1] for ls in layers.values()) else "general"
     if mode == "official":
         bad = [(ls[0].weight, ls[0].shape) for ls in layers.values() if ls[0].shape[0] != ls[0].shape[1]]
         if bad:

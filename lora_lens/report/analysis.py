@@ -4,12 +4,12 @@
 adapter φ when there are several; alignment with W0 and intruder dimensions
 when a base is given) and keeps the results; :func:`analysis_report_spec`
 turns them into the spec that :func:`~lora_lens.report.write_report` renders;
-:func:`write_analysis_report` does both and writes the folder.
+:func:`write_analysis_report` writes the folder.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -82,6 +82,7 @@ def analyze_adapters(
     seed: int = 0,
 ) -> Analysis:
     """Run every analysis the report shows. ``runs``: loss curves (``plot_loss_curves`` format)."""
+    adapters = unique_labels(adapters)
     eps = sorted(set(EPS_SWEEP) | {epsilon})
     per = []
     for ad in adapters:
@@ -95,6 +96,13 @@ def analyze_adapters(
     pairs = tuple(pairwise_similarity(list(adapters), device=device, dtype=dtype, seed=seed)) if len(adapters) > 1 else ()
     return Analysis(tuple(per), pairs, str(base.path) if base is not None else None, dict(runs or {}), epsilon,
                     intruder_k)
+
+
+def unique_labels(adapters: Sequence[Adapter]) -> list[Adapter]:
+    """Adapters whose labels collide (``x1/ad``, ``x2/ad``) are labelled ``x1/ad``, ``x2/ad``."""
+    labels = [a.label for a in adapters]
+    return [replace(a, adapter_name=f"{a.path.parent.name}/{a.label}") if labels.count(a.label) > 1 else a
+            for a in adapters]
 
 
 def _section(heading: str, text: str, figures=(), tables=()) -> dict:
@@ -277,22 +285,13 @@ def analysis_report_spec(an: Analysis, title: str = "lora_lens report", energy: 
 
 def write_analysis_report(
     out_dir: str | Path,
-    adapters: Sequence[Adapter],
-    base: BaseWeights | None = None,
-    runs: Mapping[str, Mapping[str, Any]] | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
-    energy: float = 0.9,
-    intruder_k: int = 10,
-    epsilon: float = 0.5,
-    seed: int = 0,
+    analysis: Analysis,
     title: str = "lora_lens report",
+    energy: float = 0.9,
     extra_sections: Sequence[dict] = (),
     extra_json: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Analyze and write ``out_dir/index.html`` + ``figures/*.png`` + ``results.json``; returns index.html."""
-    an = analyze_adapters(adapters, base, runs, device, dtype, energy, intruder_k, epsilon, seed)
-    spec = analysis_report_spec(an, title, energy, extra_sections)
-    data = {**an.to_dict(), **(extra_json or {})}
-    return write_report(out_dir, spec, json_data=data, overwrite=overwrite)
+    """Write ``out_dir/index.html`` + ``figures/*.png`` + ``results.json`` for an :class:`Analysis`; returns index.html."""
+    spec = analysis_report_spec(analysis, title, energy, extra_sections)
+    return write_report(out_dir, spec, json_data={**analysis.to_dict(), **(extra_json or {})}, overwrite=overwrite)

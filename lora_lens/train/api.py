@@ -11,6 +11,7 @@ from torch import nn
 
 from ..decompose import resolve_device
 from ..io import check_destination
+from ..io.atomic import register_input
 from .config import TrainConfig
 from .data import load_data
 from .export import save_run
@@ -103,6 +104,9 @@ def train(
         knots=tuple(knots) if knots is not None else None, links=links,
         sparse=SparseSettings(sp_granularity, sp_targets, sp_resample), condlora_mode=condlora_mode, device=device,
     )
+    for p in (base, init, data):
+        if isinstance(p, (str, Path)) and Path(p).exists():
+            register_input(p)  # so that --overwrite can never replace an input
     if out is not None:
         check_destination(out, overwrite)  # refuse before training, not after
     run = prepare(base, config, init=init, data=data, tokenizer=tokenizer)

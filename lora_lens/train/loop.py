@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import NonFiniteError
 from .config import TrainConfig
 from .data import TokenData, batches
 from .masks import UpdateMasks
@@ -185,6 +186,11 @@ def fit(run: Run, log: Log | None = None, progress: Progress | None = None) -> T
             group["lr"] = lr
         block = block.to(run.device, non_blocking=True)
         loss = lm_loss(model, block)
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteError(
+                f"training diverged at step {step}: the loss is {loss.item()}; nothing was written. "
+                "Lower --lr, keep --max-grad-norm > 0, or check the data."
+            )
         loss.backward()
         if masks:
             masks.mask_grads()  # frozen entries get no gradient ...

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, NonFiniteError
+from ..io import open_base
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
 
@@ -49,6 +50,8 @@ def load_model(base: str | Path | nn.Module, tokenizer=None) -> tuple[nn.Module,
             f"{path}: not a Hugging Face model folder (no config.json); the trainer loads models with "
             "AutoModelForCausalLM. Pass the folder that holds config.json and the weights."
         )
+    open_base(path)  # our own validation first: a truncated or corrupt file is named, not a library traceback
+    _refuse_encoder(path)
     tf = _transformers()
     major, minor = (int(x) for x in tf.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
@@ -63,9 +66,34 @@ def load_model(base: str | Path | nn.Module, tokenizer=None) -> tuple[nn.Module,
         raise CheckpointError(f"{path}: cannot load the model ({str(e).splitlines()[0][:200]}).") from None
     if tokenizer is None and any((path / f).is_file() for f in TOKENIZER_FILES):
         tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise NonFiniteError(f"{path}: weight '{name}' holds NaN/Inf; expected finite weights. The checkpoint is "
+                                 "damaged: use an earlier one.")
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # no KV cache while training
     return model, tokenizer, str(path)
+
+
+#: Encoder-only families: AutoModelForCausalLM would give them a random LM head
+#: and bidirectional attention, so a next-token loss would read the future.
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert", "deberta", "deberta-v2",
+                 "mpnet", "camembert")
+
+
+def _refuse_encoder(path: Path) -> None:
+    import json
+
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path / 'config.json'}: unreadable ({e}); expected a Hugging Face config.") from None
+    if cfg.get("model_type") in ENCODER_TYPES and not cfg.get("is_decoder", False):
+        raise ConfigError(
+            f"{path}: is an encoder ({cfg.get('model_type')}); the trainer trains causal LMs, and an encoder loaded as "
+            "one gets a random LM head and sees the future tokens. Pass a causal LM folder, or an nn.Module "
+            "(see lora_lens.demo.NextTokenEncoder) from Python."
+        )
 
 
 def vocab_size(model: nn.Module) -> int:
