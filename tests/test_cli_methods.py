@@ -70,7 +70,7 @@ def test_pissa_and_reduce(tiny_llama, tmp_path):
 
 @pytest.mark.parametrize("args,needles", [
     (["cora", "init", "--rank", 2, "--targets", "nope_proj"], ["unknown target", "nope_proj", "self_attn.q_proj"]),
-    (["condlora", "init", "--rank", 2, "--targets", "k_proj"], ["square", "--mode general"]),
+    (["condlora", "init", "--rank", 2, "--targets", "k_proj", "--mode", "official"], ["square", "--mode general"]),
     (["cora", "basis", "--rank", 2, "--targets", "q_proj", "--source-kind", "deltas"], ["deltas", "--source"]),
     (["pissa", "--rank", 99, "--targets", "q_proj"], ["rank 99"]),
     (["condlora", "init", "--targets", "q_proj"], ["no rank"]),
