@@ -9,7 +9,7 @@ HTML page, the PNGs and ``results.json``.
 """
 
 from .alignment_plots import plot_amplification, plot_intruder_counts, plot_intruder_sweep, plot_projection_norms
-from .figures import figure_to_png_bytes, new_figure, panel_figure
+from .figures import figure_to_png_bytes, new_figure, panel_figure, show_figures_in_notebook
 from .html import build_report, render_html, to_jsonable, write_report
 from .similarity_plots import plot_adapter_heatmap, plot_condlora_grid, plot_phi_grid, plot_phi_heatmap
 from .spectra_plots import plot_effective_rank, plot_energy_curves, plot_singular_values
@@ -19,5 +19,6 @@ __all__ = [
     "build_report", "figure_to_png_bytes", "new_figure", "panel_figure", "plot_adapter_heatmap",
     "plot_amplification", "plot_condlora_grid", "plot_effective_rank", "plot_energy_curves",
     "plot_intruder_counts", "plot_intruder_sweep", "plot_loss_curves", "plot_phi_grid", "plot_phi_heatmap",
-    "plot_projection_norms", "plot_singular_values", "render_html", "to_jsonable", "write_report",
+    "plot_projection_norms", "plot_singular_values", "render_html", "show_figures_in_notebook", "to_jsonable",
+    "write_report",
 ]

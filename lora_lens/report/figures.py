@@ -72,3 +72,20 @@ def panel_figure(items: Mapping[str, Any], plot: Callable[..., Any], ncols: int 
     if suptitle:
         fig.suptitle(suptitle)
     return fig
+
+
+def show_figures_in_notebook() -> bool:
+    """Make Jupyter display ``Figure`` objects as PNG (no pyplot involved); False outside IPython.
+
+    IPython only registers a PNG formatter for matplotlib figures when pyplot
+    is imported, so a ``Figure`` from :func:`new_figure` would print as text.
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    if ip is None:
+        return False
+    ip.display_formatter.formatters["image/png"].for_type(Figure, figure_to_png_bytes)
+    return True
