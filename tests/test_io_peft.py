@@ -145,3 +145,14 @@ def test_unknown_config_keys_ignored(llama_adapter, tmp_path):
     cfg["some_future_option"] = {"x": 1}
     (dst / "adapter_config.json").write_text(json.dumps(cfg))
     assert len(load_adapter(dst)) == len(load_adapter(folder))
+
+
+def test_a_linear_whose_path_says_embedding_is_not_an_embedding(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    save_file({"base_model.model.time_embedding.linear_1.lora_A.weight": torch.randn(2, 8),
+               "base_model.model.time_embedding.linear_1.lora_B.weight": torch.randn(6, 2)},
+              str(tmp_path / "adapter_model.safetensors"))
+    m = load_adapter(tmp_path)["time_embedding.linear_1"]
+    assert m.layout == "linear" and m.base_shape == (6, 8)

@@ -101,3 +101,17 @@ def test_lstsq_exact_square_and_least_squares():
     S = torch.diag(torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64))
     Xs, _ = lstsq(S, torch.ones(3, 1, dtype=torch.float64))
     assert torch.allclose(Xs.squeeze(), torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64))
+
+
+def test_lstsq_rank_deficient_square_uses_the_pseudo_inverse():
+    # a 64×64 matrix of rank 56: LU returns huge finite garbage; the min-norm solution is the reference
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(64, 56, generator=g, dtype=torch.float64) @ torch.randn(56, 64, generator=g, dtype=torch.float64)
+    B = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    X, r = lstsq(A, B)
+    ref = torch.linalg.pinv(A, rtol=64 * torch.finfo(torch.float64).eps) @ B
+    assert torch.allclose(X, ref, atol=1e-8) and X.abs().max() < 100
+    assert r.item() == pytest.approx(torch.linalg.matrix_norm(A @ ref - B).item() / torch.linalg.matrix_norm(B).item())
+    # an explicit rcond always takes the pseudo-inverse, also for a square, well-conditioned A
+    X2, _ = lstsq(A[:, :8].T @ A[:, :8] + torch.eye(8, dtype=torch.float64), B[:8], rcond=0.5)
+    assert torch.isfinite(X2).all()

@@ -199,7 +199,7 @@ def _load_folder(folder: Path, adapter_name: str | None) -> Adapter:
     for name, p in pairs.items():
         A = check_tensor(store.get(p["A"], validate=False), p["A"], wfile)
         B = check_tensor(store.get(p["B"], validate=False), p["B"], wfile)
-        embedding = "embedding" in p["A"]
+        embedding = parse_peft_key(p["A"]).role == "emb_A"  # the key's role, not a substring of the path
         A, conv = _as_2d(A, "A", p["A"], wfile)
         B, _ = _as_2d(B, "B", p["B"], wfile)
         if A.shape[0] != B.shape[1]:
