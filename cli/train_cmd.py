@@ -80,13 +80,14 @@ def train_cmd(base, method, init, data, rank, alpha, targets, steps, lr, batch_s
     if as_json:
         echo_json(d)
         return
-    first = sum(d["losses"][:5]) / max(len(d["losses"][:5]), 1)
-    last = sum(d["losses"][-5:]) / max(len(d["losses"][-5:]), 1)
+    w = max(1, min(5, len(d["losses"]) // 2))  # windows that never overlap, even for a few steps
+    first = sum(d["losses"][:w]) / w
+    last = sum(d["losses"][-w:]) / w
     ev = "-" if d["eval_loss"] is None else f"{d['eval_loss_before']:.4f} → {d['eval_loss']:.4f}"
     params = f"{d['trainable_parameters']:,}"
     if d["allocated_parameters"] != d["trainable_parameters"]:
         params += f" of {d['allocated_parameters']:,} allocated"
-    click.echo(f"{method}: {d['steps']} steps, train loss {first:.4f} → {last:.4f} (mean of first/last 5), "
+    click.echo(f"{method}: {d['steps']} steps, train loss {first:.4f} → {last:.4f} (mean of first/last {w}), "
                f"eval loss {ev}")
     click.echo(f"  trainable parameters {params}; {d['wall_time_s']:.2f} s, {d['tokens_per_s']:,.0f} tokens/s")
     if d["knots"]:

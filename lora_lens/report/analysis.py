@@ -200,14 +200,23 @@ def _alignment_section(a: AdapterAnalysis, epsilon: float, k: int) -> dict:
     first = [m for m in al.modules if m.key.module == types[0]]
     blocks = [m.key.block for m in first]
     figs = []
-    fig, (ax1, ax2) = new_figure(1, 2, size=(12, 4))
-    plot_projection_norms(ax1, [m.proj_delta for m in first], [m.proj_w0 for m in first],
-                          [m.proj_random for m in first], blocks, rank=first[0].rank,
-                          delta_norm=[m.delta_norm for m in first],
-                          title=f"{types[0]}: W0 projected on three direction sets")
+    # one projection-norm panel per module type, then the amplification factors of all of them
+    n = len(types) + 1
+    ncols = min(4, n)
+    nrows = -(-n // ncols)
+    fig, axes = new_figure(nrows, ncols, size=(5.5 * ncols, 4 * nrows), squeeze=False)
+    axes = list(axes.ravel())
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    axes = axes[:n]
+    for ax, t in zip(axes, types):
+        mods = [m for m in al.modules if m.key.module == t]
+        plot_projection_norms(ax, [m.proj_delta for m in mods], [m.proj_w0 for m in mods],
+                              [m.proj_random for m in mods], [m.key.block for m in mods], rank=mods[0].rank,
+                              delta_norm=[m.delta_norm for m in mods], title=f"{t}: W0 on three direction sets")
     amp = {t: np.array([m.amplification for m in al.modules if m.key.module == t]) for t in types}
     if all(len(v) == len(blocks) for v in amp.values()):
-        plot_amplification(ax2, amp, blocks)
+        plot_amplification(axes[-1], amp, blocks)
     figs.append((fig, "‖U_rᵀ W0 V_r‖_F for ΔW's, W0's own and random top-r directions, and the amplification factor "
                       "‖ΔW‖_F / ‖U_rᵀ W0 V_r‖_F (LoRA §7.3).", f"alignment-{a.adapter.label}"))
     ie = list(intr.epsilons).index(epsilon)
