@@ -1,6 +1,7 @@
 """LoRA §7.3 alignment against a direct float64 computation (Linear, Conv1D, prefix-bridged BERT) and bad bases."""
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,20 @@ def test_chunked_equals_batched_and_reports_progress(tiny_llama, llama_adapter):
         assert x.proj_random == pytest.approx(y.proj_random, rel=1e-10)  # seeded per shape, not per chunk
     for x, y in zip(one.intruders.modules, whole.intruders.modules):
         assert np.allclose(x.max_cos, y.max_cos, atol=1e-10)
+
+
+def test_zero_update_is_flagged_in_alignment(tiny_llama, tmp_path):
+    """A CoRA-style init (A = 0) has ΔW = 0: its projection numbers must come with a warning."""
+    from lora_lens import load_adapter, open_base, save_peft_adapter
+    from lora_lens.compare import analyze_alignment
+
+    from .conftest import make_peft_adapter
+
+    model, folder = tiny_llama
+    make_peft_adapter(model, tmp_path / "ad", r=2, lora_alpha=2, target_modules=["q_proj"])
+    ad = load_adapter(tmp_path / "ad")
+    zero = [replace(m, A=torch.zeros_like(m.A)) for m in ad]
+    save_peft_adapter(tmp_path / "zero", zero)
+    res = analyze_alignment(load_adapter(tmp_path / "zero"), open_base(folder), device="cpu")
+    assert any("ΔW = 0" in n for n in res.alignment.notes)
+    assert not any("ΔW = 0" in n for n in analyze_alignment(ad, open_base(folder), device="cpu").alignment.notes)

@@ -160,5 +160,14 @@ def alignment(
         # randomized_svd falls back to the exact SVD when r + oversample reaches min(m, n)
         exact &= exact_w0 or chunk.A.shape[-2] + RANDOMIZED_OVERSAMPLE >= min(m, n)
     return Alignment(adapter.label, str(adapter.path), str(base.path), in_layer_order(rows), draws, seed, exact,
-                     tuple(adapter.flags))
+                     tuple(adapter.flags) + zero_delta_notes(rows))
+
+
+def zero_delta_notes(rows: list[ModuleAlignment]) -> tuple[str, ...]:
+    """A warning when some ΔW are zero (B = 0, untrained): their 'top-r directions' are arbitrary."""
+    zero = [r.name for r in rows if r.delta_norm == 0]
+    if not zero:
+        return ()
+    return (f"{len(zero)} module(s) have ΔW = 0 (B = 0, untrained?), e.g. {zero[0]}: their top-r directions are "
+            "arbitrary, so their proj ΔW and amplification mean nothing.",)
 

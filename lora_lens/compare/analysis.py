@@ -15,7 +15,7 @@ import torch
 from ..decompose import Progress, resolve_device, resolve_dtype
 from ..io.base import BaseWeights
 from ..types import Adapter
-from .alignment import DRAWS, Alignment, align_chunk
+from .alignment import DRAWS, Alignment, align_chunk, zero_delta_notes
 from .intruders import EPSILON, K, Intruders, check_params, intruder_bytes, intruder_chunk
 from .pairing import DEFAULT_MAX_MEMORY, base_chunks, pair_with_base
 from .serialize import in_layer_order
@@ -55,7 +55,7 @@ def analyze_alignment(
         rows, S0 = intruder_chunk(chunk, intruder_k, eps)
         intruding += rows
         aligned += align_chunk(chunk, S0, draws, seed)
-    notes = tuple(adapter.flags)
+    notes = tuple(adapter.flags) + zero_delta_notes(aligned)
     return AlignmentAnalysis(
         Alignment(adapter.label, str(adapter.path), str(base.path), in_layer_order(aligned), draws, seed,
                   True, notes),
