@@ -130,3 +130,11 @@ def test_overwrite_never_replaces_an_input_or_the_current_folder(tmp_path, monke
     with pytest.raises(ConfigError, match="current folder"):
         check_destination("..", overwrite=True)
     assert (nest / "notes.txt").read_text() == "keep me"
+
+
+def test_tied_lm_head_pairs_with_the_embedding(stories_path):
+    base = open_base(stories_path)  # tie_word_embeddings: true, no lm_head.weight stored
+    assert "lm_head.weight" not in base.names()
+    got = base.weight_names_for(["lm_head", "model.layers.0.self_attn.q_proj"])
+    assert got == {"lm_head": "model.embed_tokens.weight",
+                   "model.layers.0.self_attn.q_proj": "model.layers.0.self_attn.q_proj.weight"}

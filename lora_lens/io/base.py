@@ -12,6 +12,7 @@ one tensor. Accepted:
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,9 @@ from ..keys import match_modules_to_weights, parse_module_path
 from ..types import LayerKey, TensorInfo
 from .atomic import register_input
 from .tensors import PICKLE_SUFFIXES, PickleStore, SafetensorsStore, TensorStore, open_sharded, open_tensor_file
+
+#: Input embeddings an output head can be tied to.
+_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
 _FOLDER_CANDIDATES = (
     "model.safetensors.index.json", "model.safetensors",
@@ -87,8 +91,27 @@ class BaseWeights:
         return [WeightGroup(m, tuple(v)) for m, v in groups.items()]
 
     def weight_names_for(self, module_names: list[str]) -> dict[str, str]:
-        """Map adapter module paths to this checkpoint's weight names (prefixes bridged)."""
-        return match_modules_to_weights(module_names, self.names(), source=f"base checkpoint {self.path}")
+        """Map adapter module paths to this checkpoint's weight names (prefixes bridged).
+
+        A tied output head (``lm_head`` with ``tie_word_embeddings``, which the
+        checkpoint stores only as the input embedding) maps to the embedding.
+        """
+        tied = self._tied_head()
+        names = self.names() + [f"{head}.weight" for head in tied]
+        found = match_modules_to_weights(module_names, names, source=f"base checkpoint {self.path}")
+        return {m: tied.get(w.removesuffix(".weight"), w) for m, w in found.items()}
+
+    def _tied_head(self) -> dict[str, str]:
+        """``{"lm_head": "<embedding>.weight"}`` when the head is tied and not stored, else ``{}``."""
+        config = (self.path if self.path.is_dir() else self.path.parent) / "config.json"
+        if "lm_head.weight" in self.store or not config.is_file():
+            return {}
+        try:
+            tie = json.loads(config.read_text()).get("tie_word_embeddings", True)  # transformers' default
+        except (OSError, ValueError):
+            return {}
+        emb = [n for n in self.names() if n.endswith(_EMBEDDING_SUFFIXES)]
+        return {"lm_head": emb[0]} if tie and len(emb) == 1 else {}
 
     def layer_key(self, weight_name: str) -> LayerKey:
         return parse_module_path(weight_name.removesuffix(".weight"))
