@@ -1,6 +1,7 @@
 """Init methods and their analyses, one module per paper (methods.md §5, §6, §9).
 
-- :mod:`.condlora`: CondLoRA conversion-matrix analysis, ``Θ`` init files, :func:`condlora_factors`.
+- :mod:`.condlora`: CondLoRA's shared-``Θ`` parameterization (:func:`condlora_factors`) and ``Θ`` init files;
+  :mod:`.condlora_analysis`: its conversion-matrix analysis.
 - :mod:`.cora`: CoRA common-subspace bases and frozen-B / init-B init files.
 - :mod:`.pissa`: PiSSA init (principal factors + residual base).
 - :mod:`.reduce`: rank reduction of a trained adapter by truncating its SVD.
@@ -9,8 +10,8 @@ Init folders follow :mod:`lora_lens.io.initfile`.
 """
 
 from .common import InitResult, TargetLayer, target_layers
-from .condlora import (CondLoraAnalysis, ConversionGrid, condlora_analysis, condlora_factors, condlora_init,
-                       condlora_theta_default)
+from .condlora import condlora_factors, condlora_init, condlora_theta_default
+from .condlora_analysis import CondLoraAnalysis, ConversionGrid, condlora_analysis
 from .cora import CoraBasis, cora_basis, cora_init, top_left_subspace, write_cora_basis
 from .pissa import pissa_init
 from .reduce import ReducedAdapter, rank_for_energy, reduce_rank

@@ -1,4 +1,4 @@
-"""CondLoRA (Kim et al., LREC-COLING 2024): conversion-matrix analysis and Θ init files (methods.md §5).
+"""CondLoRA (Kim et al., LREC-COLING 2024): the shared-Θ parameterization and Θ init files (methods.md §5).
 
 Layout is PyTorch's: ``W0 (m, n)``, ``A (r, n)``, ``B (m, r)``; a Conv1D base
 weight is transposed on load. Legend: ``L`` layers, ``r`` rank.
@@ -12,34 +12,24 @@ layer, turns each layer's frozen ``W0`` into its LoRA factors
 - ``general`` (ours, any shape): ``A = Θ_Aᵀ W0``, ``B = W0 Θ_B`` with
   ``Θ_A (m, r)``, ``Θ_B (n, r)``.
 
-**Analysis.** For a trained adapter, the per-layer conversion matrices solve
-the same equations for ``Θ`` layer by layer: official ``W0 C_A = Aᵀ``,
-``W0 C_B = B`` (exact solve, ``W0⁻¹``); general ``W0ᵀ C_A = Aᵀ`` (``C_A (m, r)``),
-``W0 C_B = B`` (``C_B (n, r)``), least squares / minimum norm with the relative
-residual reported. Layers are compared pairwise by φ of the conversion
-matrices' left singular vectors with ``i = j = r``, beside two baselines:
-Gaussian ``(d, r)`` matrices, and ``W0⁻¹ G`` (the same solve applied to a
-Gaussian right-hand side), which shows how much cross-layer similarity ``W0``
-alone creates.
+The conversion-matrix analysis lives in :mod:`lora_lens.methods.condlora_analysis`.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ..decompose import chunk_size, resolve_device, resolve_dtype
+from ..decompose import resolve_device, resolve_dtype
 from ..errors import ConfigError, ShapeError
 from ..io.atomic import atomic_directory, atomic_save_safetensors
 from ..io.base import BaseWeights, open_base
 from ..io.initfile import THETA_NAME, InitDescription, write_init_description
 from ..io.peft import load_adapter, save_peft_adapter
-from ..linalg import lstsq, phi, svd
 from ..types import Adapter, LoraModule
 from .common import InitResult, TargetLayer, load_weight, lora_module, provenance, stacked_lstsq, target_layers
 
@@ -91,225 +81,6 @@ def theta_shapes(m: int, n: int, r: int, mode: str) -> tuple[tuple[int, int], tu
 
 
 # --------------------------------------------------------------------------------------------- analysis
-
-
-@dataclass(frozen=True, eq=False)
-class ConversionGrid:
-    """Cross-layer similarity of one module type's conversion matrices for one side.
-
-    ``phi``, ``gaussian``, ``structural``: ``(L, L)`` φ grids in layer order
-    (the conversion matrices, Gaussian ``(d, r)`` matrices, and ``W0⁻¹ G``);
-    ``residual (L,)``: ``‖S C − F‖_F / ‖F‖_F`` of each layer's solve (0 for an
-    exact solve); ``dim``: ``d``, the rows of ``C``.
-    """
-
-    module_type: str
-    side: str
-    equation: str
-    blocks: tuple
-    modules: tuple[str, ...]
-    ranks: tuple[int, ...]
-    dim: int
-    phi: torch.Tensor
-    gaussian: torch.Tensor
-    structural: torch.Tensor
-    residual: torch.Tensor
-
-    def summary(self) -> dict:
-        """Mean off-diagonal φ (all layers, and among the deeper half) for the grid and its baselines."""
-        L = len(self.blocks)
-        deep = list(range(L - L // 2, L))
-        out = {}
-        for name, grid in (("phi", self.phi), ("gaussian", self.gaussian), ("structural", self.structural)):
-            out[f"{name}_offdiag"] = _offdiag_mean(grid, list(range(L)))
-            out[f"{name}_offdiag_deep"] = _offdiag_mean(grid, deep)
-        out["random_expectation"] = max(self.ranks) / self.dim if self.ranks else None
-        out["residual_max"] = float(self.residual.max()) if L else None
-        out["residual_mean"] = float(self.residual.mean()) if L else None
-        return out
-
-    def to_dict(self) -> dict:
-        return {
-            "module_type": self.module_type, "side": self.side, "equation": self.equation,
-            "blocks": list(self.blocks), "modules": list(self.modules), "ranks": list(self.ranks), "dim": self.dim,
-            "phi": _nested(self.phi), "gaussian_baseline": _nested(self.gaussian),
-            "structure_baseline": _nested(self.structural), "residual": _nested(self.residual),
-            "summary": self.summary(),
-        }
-
-
-@dataclass(frozen=True, eq=False)
-class CondLoraAnalysis:
-    """Every module type × side grid of an adapter, plus what was skipped."""
-
-    grids: tuple[ConversionGrid, ...]
-    adapter: str
-    base: str
-    seed: int
-    skipped: tuple[str, ...] = ()
-
-    def grid(self, module_type: str, side: str) -> ConversionGrid:
-        for g in self.grids:
-            if g.module_type == module_type and g.side == side:
-                return g
-        raise KeyError(f"no grid for {module_type!r} side {side!r}")
-
-    def to_dict(self) -> dict:
-        return {"adapter": self.adapter, "base": self.base, "seed": self.seed, "skipped": list(self.skipped),
-                "grids": [g.to_dict() for g in self.grids]}
-
-
-def condlora_analysis(
-    adapter: Adapter | str | Path,
-    base: BaseWeights | str | Path,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = "float32",
-    rcond: float | None = None,
-    seed: int = 0,
-    mode: str = "auto",
-    max_memory: int | None = None,
-) -> CondLoraAnalysis:
-    """Conversion matrices of a trained adapter and their cross-layer φ grids (methods.md §5).
-
-    ``mode``: ``auto`` (official equations for square ``W0``, general ones
-    otherwise), ``official`` (refuses non-square) or ``general``. Layers are
-    solved batched by shape, ``max_memory`` bytes at a time; ``rcond`` cuts
-    small singular values in the least-squares path. Embedding and Conv2d
-    modules are skipped (listed in ``skipped``). Deterministic for ``seed``.
-    """
-    adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
-    base = base if isinstance(base, BaseWeights) else open_base(base)
-    if mode not in ("auto",) + MODES:
-        raise ConfigError(f"unknown CondLoRA analysis mode {mode!r}; expected auto, official or general.")
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
-    usable = [m for m in adapter if m.layout in ("linear", "conv1d")]
-    skipped = tuple(m.name for m in adapter if m.layout not in ("linear", "conv1d"))
-    if not usable:
-        raise ConfigError(f"{adapter.path}: no Linear or Conv1D LoRA modules to analyse (only {list(skipped)[:3]}).")
-    weights = base.weight_names_for([m.name for m in usable])
-    grids = []
-    for t, mt in enumerate(dict.fromkeys(m.key.module for m in usable)):
-        mods = sorted((m for m in usable if m.key.module == mt), key=lambda m: m.key.sort_key())
-        grids += _analyse_type(mt, mods, weights, base, mode, dev, dt, rcond, seed + 7919 * t, max_memory)
-    return CondLoraAnalysis(tuple(grids), str(adapter.path), str(base.path), seed, skipped)
-
-
-def _analyse_type(mt, mods, weights, base, mode, dev, dt, rcond, seed, max_memory) -> list[ConversionGrid]:
-    for m in mods:
-        info = base.info(weights[m.name])
-        if tuple(info.shape) != m.base_shape:
-            raise ShapeError(f"{base.path}: '{weights[m.name]}' is {tuple(info.shape)} but adapter module '{m.name}' "
-                             f"expects {m.base_shape}; check that --base is the model the adapter was trained on.")
-    square = all(m.shape[0] == m.shape[1] for m in mods)
-    if mode == "official" and not square:
-        bad = next(m for m in mods if m.shape[0] != m.shape[1])
-        raise ConfigError(f"'{bad.name}' is {bad.shape[0]}x{bad.shape[1]}, not square; the official CondLoRA "
-                          "equations need square W0. Use mode 'general' (--mode general) or 'auto'.")
-    eq = "official" if (mode == "official" or (mode == "auto" and square)) else "general"
-    L = len(mods)
-    gen = torch.Generator().manual_seed(seed)
-    # Gaussian draws per layer and side, in layer order, so results do not depend on chunking.
-    draws = []
-    for m in mods:
-        mm, nn_ = m.shape
-        d = {"A": nn_ if eq == "official" else mm, "B": nn_}  # rows of C (its space)
-        rows = {"A": nn_, "B": mm}  # rows of the right-hand side
-        draws.append({s: (torch.randn(d[s], m.rank, generator=gen, dtype=torch.float64),
-                          torch.randn(rows[s], m.rank, generator=gen, dtype=torch.float64)) for s in SIDES})
-    U = {s: {k: [None] * L for k in ("conv", "gauss", "struct")} for s in SIDES}
-    resid = {s: torch.zeros(L, dtype=torch.float64) for s in SIDES}
-    pos = {m.name: i for i, m in enumerate(mods)}
-    itemsize = torch.finfo(dt).bits // 8
-    groups: OrderedDict[tuple, list[LoraModule]] = OrderedDict()
-    for m in mods:
-        groups.setdefault((m.shape, m.rank), []).append(m)
-    for ((mm, nn_), r), group in groups.items():
-        step = chunk_size((3 * mm * nn_ + 8 * (mm + nn_) * r) * itemsize, max_memory, len(group))
-        for lo in range(0, len(group), step):
-            chunk = group[lo: lo + step]
-            idx = [pos[m.name] for m in chunk]
-            W = torch.stack([_w0(base, weights[m.name], m) for m in chunk]).to(dev, dt)  # (c, m, n)
-            A = torch.stack([m.A for m in chunk]).to(dev, dt)  # (c, r, n)
-            B = torch.stack([m.B for m in chunk]).to(dev, dt)  # (c, m, r)
-            F = {"A": A.transpose(-1, -2), "B": B}  # (c, n, r), (c, m, r)
-            Gs = {s: torch.stack([draws[i][s][1] for i in idx]).to(dev, dt) for s in SIDES}
-            X = _solve_sides(W, F, Gs, eq, rcond)
-            for s in SIDES:
-                C, Cg = X[s][..., :r], X[s][..., r:]
-                system = W.transpose(-1, -2) if (eq == "general" and s == "A") else W
-                res = torch.linalg.matrix_norm(system @ C - F[s]) / torch.linalg.matrix_norm(F[s]).clamp_min(1e-30)
-                gauss = torch.stack([draws[i][s][0] for i in idx]).to(dev, dt)
-                for key, M in (("conv", C), ("struct", Cg), ("gauss", gauss)):
-                    Uk = svd(M)[0].cpu()  # (c, d, r) left singular vectors
-                    for j, i in enumerate(idx):
-                        U[s][key][i] = Uk[j]
-                zero = torch.linalg.matrix_norm(F[s]) == 0
-                for j, i in enumerate(idx):
-                    resid[s][i] = float(res[j])
-                    if zero[j]:  # an all-zero factor (untrained B): its C is 0 and has no subspace
-                        U[s]["conv"][i] = None
-    out = []
-    for s in SIDES:
-        out.append(ConversionGrid(
-            module_type=mt, side=s, equation=EQUATIONS[(eq, s)], blocks=tuple(m.key.block for m in mods),
-            modules=tuple(m.name for m in mods), ranks=tuple(m.rank for m in mods), dim=int(U[s]["gauss"][0].shape[0]),
-            phi=_layer_phi(U[s]["conv"]), gaussian=_layer_phi(U[s]["gauss"]), structural=_layer_phi(U[s]["struct"]),
-            residual=resid[s],
-        ))
-    return out
-
-
-def _w0(base: BaseWeights, name: str, m: LoraModule) -> torch.Tensor:
-    W = base.get(name)
-    return W.T if m.layout == "conv1d" else W
-
-
-def _solve_sides(W, F, Gs, eq, rcond) -> dict[str, torch.Tensor]:
-    """``X_s = S_s⁺ [F_s | G_s]`` per side; one solve for both sides when they share ``S = W0``."""
-    if eq == "official":
-        r = F["A"].shape[-1]
-        X, _ = lstsq(W, torch.cat([F["A"], Gs["A"], F["B"], Gs["B"]], -1), rcond=rcond)
-        return {"A": X[..., : 2 * r], "B": X[..., 2 * r:]}
-    XA, _ = lstsq(W.transpose(-1, -2), torch.cat([F["A"], Gs["A"]], -1), rcond=rcond)
-    XB, _ = lstsq(W, torch.cat([F["B"], Gs["B"]], -1), rcond=rcond)
-    return {"A": XA, "B": XB}
-
-
-def _layer_phi(Us: list[torch.Tensor | None]) -> torch.Tensor:
-    """``(L, L)`` φ between every pair of per-layer bases (i = j = all columns), clamped to [0, 1].
-
-    NaN where a layer has no subspace (``None``: an all-zero factor) or two
-    layers' dimensions differ.
-    """
-    L = len(Us)
-    shapes = {tuple(u.shape) for u in Us if u is not None}
-    if len(shapes) == 1 and all(u is not None for u in Us):
-        U = torch.stack(Us).double()  # (L, d, r)
-        return phi(U[:, None], U[None, :]).clamp(0.0, 1.0)
-    out = torch.full((L, L), float("nan"), dtype=torch.float64)
-    for a in range(L):
-        for b in range(L):
-            if Us[a] is not None and Us[b] is not None and Us[a].shape[0] == Us[b].shape[0]:
-                out[a, b] = phi(Us[a].double(), Us[b].double()).clamp(0.0, 1.0)
-    return out
-
-
-def _offdiag_mean(grid: torch.Tensor, idx: list[int]) -> float | None:
-    if len(idx) < 2:
-        return None
-    sub = grid[idx][:, idx]
-    mask = ~torch.eye(len(idx), dtype=torch.bool)
-    vals = sub[mask]
-    vals = vals[~torch.isnan(vals)]
-    return float(vals.mean()) if vals.numel() else None
-
-
-def _nested(t: torch.Tensor):
-    return [None if isinstance(v, float) and math.isnan(v) else v for v in t.tolist()] if t.dim() == 1 else \
-        [_nested(row) for row in t]
-
-
-# ------------------------------------------------------------------------------------------------- init
 
 
 def condlora_init(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..methods.condlora import CondLoraAnalysis
+from ..methods.condlora_analysis import CondLoraAnalysis
 from .figures import new_figure
 from .similarity_plots import plot_condlora_grid
 
