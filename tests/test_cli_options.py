@@ -104,3 +104,41 @@ def test_train_methods_match_the_library():
     from lora_lens_cli.train_cmd import METHODS as CLI_METHODS
 
     assert CLI_METHODS == METHODS
+
+
+def test_wheel_installs_lora_lens_cli_and_no_cli_package(tmp_path):
+    """The built wheel: lora_lens (every sub-package), lora_lens_cli, the console script, nothing named cli."""
+    import shutil
+    import zipfile
+
+    import pytest
+
+    if not _can_build_wheels():
+        pytest.skip("no bdist_wheel here (setuptools < 70 without the wheel package)")
+    src = tmp_path / "src"  # a copy, so that the build's build/ and egg-info stay out of the checkout
+    for name in ("lora_lens", "cli"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src),
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"lora_lens", "lora_lens_cli"}
+    packages = {str(p.parent.relative_to(ROOT)) for p in (ROOT / "lora_lens").rglob("__init__.py")}
+    assert {p + "/__init__.py" for p in packages} <= set(names)
+    assert {"lora_lens_cli/" + p.name for p in (ROOT / "cli").glob("*.py")} <= set(names)
+    entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "lora-lens = lora_lens_cli.main:main" in entry
+
+
+
+def _can_build_wheels() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("setuptools") is None:
+        return False
+    import setuptools
+
+    return importlib.util.find_spec("wheel") is not None or int(setuptools.__version__.split(".")[0]) >= 70
