@@ -26,6 +26,7 @@ import torch
 from ..decompose import decompose_adapter, decompose_base, decompose_matrices
 from ..errors import ConfigError
 from ..io.base import BaseWeights
+from ..io.layout import with_base_layouts
 from ..types import Adapter, LayerKey
 from .pairing import DEFAULT_MAX_MEMORY, TRANSPOSED, pair_with_base
 
@@ -102,6 +103,7 @@ def adapter_subspaces(
         if conv:
             raise ConfigError(f"what='base' does not handle Conv kernels yet (module '{conv[0]}'); "
                               "use what='delta', 'A' or 'B'.")
+        modules = list(with_base_layouts(adapter, base))  # Linear vs Conv1D per module, as PEFT decides
         weights = pair_with_base(modules, base)
         kb = k or max(m.rank for m in modules)
         by_weight = decompose_base(base, [weights[m.name] for m in modules], k=kb, seed=seed,

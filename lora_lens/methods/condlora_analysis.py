@@ -24,6 +24,7 @@ import torch
 from ..decompose import chunk_size, resolve_device, resolve_dtype
 from ..errors import ConfigError, ShapeError
 from ..io.base import BaseWeights, open_base
+from ..io.layout import with_base_layouts
 from ..io.peft import load_adapter
 from ..linalg import lstsq, phi, svd
 from ..types import Adapter, LoraModule
@@ -119,6 +120,7 @@ def condlora_analysis(
     if mode not in ("auto",) + MODES:
         raise ConfigError(f"unknown CondLoRA analysis mode {mode!r}; expected auto, official or general.")
     dev, dt = resolve_device(device), resolve_dtype(dtype)
+    adapter = with_base_layouts(adapter, base)  # Linear vs Conv1D per module, as PEFT decides
     usable = [m for m in adapter if m.layout in ("linear", "conv1d")]
     skipped = tuple(m.name for m in adapter if m.layout not in ("linear", "conv1d"))
     if not usable:
