@@ -29,7 +29,7 @@ from ..io.base import BaseWeights
 from ..keys import normalize_module_path
 from ..linalg import phi_grid, principal_angles
 from ..types import Adapter, LayerKey
-from .baselines import DRAWS, PairBaseline, layer_baseline, nan_mean, pair_baseline
+from .baselines import DRAWS, PairBaseline, deeper_half, layer_baseline, nan_mean, pair_baseline
 from .pairing import DEFAULT_MAX_MEMORY
 from .serialize import as_list, in_layer_order, key_fields, num
 from .subspaces import (
@@ -55,10 +55,11 @@ class LayerGrid:
     expected_phi: torch.Tensor
 
     def summary(self) -> dict[str, float | None]:
-        """Mean off-diagonal φ over all layers and over the deeper half (layers ``≥ L // 2``)."""
+        """Mean off-diagonal φ over all layers and over the deeper half (:data:`.baselines.DEEPER_HALF`)."""
         L = len(self.blocks)
         off = ~torch.eye(L, dtype=torch.bool)
-        deep = torch.arange(L) >= L // 2
+        deep = torch.zeros(L, dtype=torch.bool)
+        deep[deeper_half(L)] = True
         deep_off = off & deep[:, None] & deep[None, :]
         out = {}
         for tag, mask in (("", off), ("deep_", deep_off)):

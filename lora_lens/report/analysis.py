@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..compare import AlignmentAnalysis, LayerSimilarity, analyze_alignment, layer_similarity, pairwise_similarity
+from ..compare.baselines import DEEPER_HALF
 from ..compare.similarity import AdapterSimilarity, LayerGrid
 from ..io.base import BaseWeights
 from ..spectra import AdapterSpectra, adapter_spectra
@@ -160,7 +161,7 @@ def _layer_similarity_section(a: AdapterAnalysis) -> dict:
     return _section(f"Similarity across layers — {a.adapter.label}",
                     "φ(i = j = r) = ‖U_aᵀ U_b‖²_F / r between the top singular vectors of ΔW (left, output space) "
                     "of every pair of layers of one module type (LoRA §7). The baseline is φ for random subspaces "
-                    "of the same dimensions.", [(fig, "φ between layers, one panel per module type.",
+                    f"of the same dimensions. The deeper half is {DEEPER_HALF}.", [(fig, "φ between layers, one panel per module type.",
                                                   f"phi-layers-{a.adapter.label}")], [table])
 
 

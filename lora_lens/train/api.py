@@ -56,7 +56,7 @@ def prepare(
         model=model, adapted=adapted, data=token_data, config=config, device=device, optimizer=optimizer,
         generator=generator, masks=masks, knots=config.chain_knots(),
         provenance={"base": base_name, "init": str(init) if init else None, "data": token_data.source,
-                    "rank": adapted.rank, "alpha": adapted.alpha, "condlora_mode": adapted.mode,
+                    "rank": adapted.rank, "alpha": adapted.alpha, "condlora_mode": adapted.mode, "condlora_modes": adapted.modes,
                     "modules": len(adapted.layers)},
     )
 

@@ -72,8 +72,9 @@ class TrainConfig:
                 )
         if self.links is not None and not 1 <= self.links <= self.steps:
             raise ConfigError(f"links={self.links}: expected 1 … steps ({self.steps}).")
-        if self.condlora_mode not in (None, "official", "general"):
-            raise ConfigError(f"CondLoRA mode {self.condlora_mode!r} is unknown; expected 'official' or 'general'.")
+        if self.condlora_mode not in (None, "auto", "official", "general"):
+            raise ConfigError(f"CondLoRA mode {self.condlora_mode!r} is unknown; expected 'auto' (official where W0 is "
+                              "square, per module type), 'official' or 'general'.")
 
     @property
     def warmup(self) -> int:
