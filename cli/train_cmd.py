@@ -28,7 +28,7 @@ def _csv(kind):
 @click.option("--data", type=click.Path(path_type=str), help="Text or JSONL ('text' or 'input_ids') file; "
               "default: the built-in synthetic counting task.")
 @click.option("--rank", type=int, help="LoRA rank r (default 8, or the init folder's).")
-@click.option("--alpha", type=float, help="LoRA alpha; scaling alpha/r (default 16, or the init folder's).")
+@click.option("--alpha", type=float, help="LoRA alpha; scaling alpha/r (default 16; cora-*: = rank, s = 1; or the init folder's).")
 @click.option("--targets", callback=_csv(str), help="Comma-separated module names (default q_proj,v_proj or the "
               "model's attention projections).")
 @click.option("--steps", default=40, show_default=True, type=int)

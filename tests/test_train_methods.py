@@ -69,6 +69,21 @@ def test_cora_basis_from_base_is_top_singular_subspace(stories_path):
         assert torch.count_nonzero(layer.lora_A) == 0
 
 
+@pytest.mark.parametrize("method", ["cora-frozen", "cora-init"])
+def test_cora_from_the_base_scales_as_an_init_folder(stories_path, tmp_path, method):
+    """One default scaling for CoRA, s = α/r = 1 (methods.cora.DEFAULT_SCALING): the trainer's own basis used
+    LoRA's α = 16 at r = 8 (s = 2) while `cora init` folders default to α = r (s = 1)."""
+    from lora_lens.methods.cora import DEFAULT_SCALING, cora_init
+
+    run = prepare(stories_path, config(method))
+    res = cora_init(stories_path, 8, "q_proj,v_proj", out_dir=tmp_path / "cora", device="cpu")
+    from_folder = prepare(stories_path, config(method), init=tmp_path / "cora")
+    assert res.description.alpha / res.description.rank == DEFAULT_SCALING == 1.0
+    assert {layer.scaling for layer in run.adapted.layers.values()} == {DEFAULT_SCALING}
+    assert {layer.scaling for layer in from_folder.adapted.layers.values()} == {DEFAULT_SCALING}
+    assert {layer.scaling for layer in prepare(stories_path, config("lora")).adapted.layers.values()} == {2.0}
+
+
 def test_cora_frozen_b_is_bit_identical_after_training(stories_path, base_logits, tmp_path):
     ids, ref = base_logits
     basis = write_cora_init(tmp_path / "init", stories_path, rank=4, alpha=8.0, mode="frozen")

@@ -18,7 +18,8 @@ class TrainConfig:
     """Options of one run; checked on creation.
 
     ``rank`` / ``alpha`` / ``targets`` left as None take the init folder's
-    values, else 8 / 16 / the model's attention projections. ``warmup_steps``
+    values, else 8 / 16 (CoRA: ``α = r``, ``s = 1``, as ``cora init``) / the
+    model's attention projections. ``warmup_steps``
     None is 10 % of ``steps``. Chain of LoRA: ``knots`` (step indices where a
     new link starts) or ``links`` (evenly spaced; 3 when neither is given).
     """

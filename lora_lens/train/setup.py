@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import ConfigError, ShapeError
 from ..keys import parse_module_path
 from ..methods.condlora import condlora_modes, condlora_theta_default, summary_mode
+from ..methods.cora import cora_default_alpha
 from .config import DEFAULT_ALPHA, DEFAULT_RANK, TrainConfig
 from .inits import (
     CondLoraInit,
@@ -66,7 +67,9 @@ def adapt(model: nn.Module, cfg: TrainConfig, init: str | Path | None, generator
         adaptable = [p for p, m in model.named_modules() if p and is_adaptable(m)]
         loaded = read_init(init, method, adaptable)
     rank = _pick(cfg.rank, loaded.rank if loaded else None, "rank", init) or DEFAULT_RANK
-    alpha = _pick(cfg.alpha, loaded.alpha if loaded else None, "alpha", init) or DEFAULT_ALPHA
+    # CoRA's default scale is CoRA's (s = 1, as `cora init` writes), not LoRA's α = 16 at r = 8 (s = 2)
+    default_alpha = cora_default_alpha(rank) if method.startswith("cora") else DEFAULT_ALPHA
+    alpha = _pick(cfg.alpha, loaded.alpha if loaded else None, "alpha", init) or default_alpha
 
     if method == "condlora":
         return _adapt_condlora(model, cfg, loaded, rank, alpha, generator)
