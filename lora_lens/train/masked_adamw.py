@@ -1,4 +1,4 @@
-"""AdamW with one step count per entry, for LoRA-SP's masks (methods.md §8).
+"""AdamW with one step count per entry, for LoRA-SP's masks (docs/maths.md §8).
 
 ``torch.optim.AdamW`` keeps one step count ``t`` per tensor. Under LoRA-SP an
 entry can be frozen for many steps and then unfrozen by a re-sampled mask; with
