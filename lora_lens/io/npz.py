@@ -34,7 +34,7 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
     size = require_regular_file(path, "an .npz archive").st_size
     try:
         z = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:  # e.g. 'zip file version 10.9'
         raise _bad(path, str(e)) from None
     out: dict[str, np.ndarray] = {}
     with z:
@@ -46,7 +46,7 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
                     out[name] = _read_member(path, info, f)
             except CheckpointError:
                 raise
-            except (zipfile.BadZipFile, OSError, ValueError, TypeError, EOFError, SyntaxError) as e:
+            except (zipfile.BadZipFile, OSError, ValueError, TypeError, EOFError, SyntaxError, NotImplementedError) as e:
                 raise _bad(path, f"member '{info.filename}': {e}") from None
     return out
 

@@ -74,7 +74,7 @@ def _check_entries(path: Path, header: dict, data_len: int) -> None:
         if not isinstance(e, dict):
             raise _bad(path, f"tensor '{name}' is described by a {type(e).__name__}, not an object")
         dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
-        if dtype not in ITEMSIZE:
+        if not isinstance(dtype, str) or dtype not in ITEMSIZE:
             raise _bad(path, f"tensor '{name}' has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
             raise _bad(path, f"tensor '{name}' has shape {shape!r}; expected a list of non-negative integers")

@@ -38,7 +38,7 @@ def check_torch_zip(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as z:
             infos = z.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:  # e.g. 'zip file version 10.9'
         raise CheckpointError(f"{path}: not a readable PyTorch zip archive ({e}); it may be truncated. "
                               "Re-save it, preferably as safetensors.") from None
     total = 0
