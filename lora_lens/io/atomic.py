@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import save as save_safetensors_bytes
 
 from ..errors import ConfigError, DiskFullError
+from .safetensors_write import safetensors_bytes
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
@@ -132,7 +132,7 @@ def atomic_save_safetensors(
     """Write tensors as safetensors; ``metadata`` values must be strings (provenance)."""
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
-    return atomic_write_bytes(path, save_safetensors_bytes(clean, metadata=meta))
+    return atomic_write_bytes(path, safetensors_bytes(clean, metadata=meta))
 
 
 #: Every file or folder read in this process (resolved). An output folder that
