@@ -32,6 +32,9 @@ def _bad(path: Path, what: str) -> CheckpointError:
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """``{name: array}`` for every member (``.npy`` suffix dropped); object arrays refused unread."""
     size = require_regular_file(path, "an .npz archive").st_size
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # numpy's own test; zipfile alone would skip leading junk
+            raise _bad(path, "it does not start with a zip entry")
     try:
         z = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:  # e.g. 'zip file version 10.9'
