@@ -271,3 +271,15 @@ def test_npz_member_claiming_10_gb(tmp_path):
     with pytest.raises(CheckpointError, match="claims"):
         read_npz(f)
     assert _peak_bytes(read_npz, f) < 1 << 20
+
+
+def test_hostile_layout_metadata_is_ignored(adapter):
+    from safetensors.torch import load as st_load, save as st_save
+
+    from lora_lens.io.peft import LAYOUTS_KEY
+
+    tensors = st_load(seed_safetensors())
+    deep = "[" * 10_000 + "]" * 10_000
+    (adapter / "adapter_model.safetensors").write_bytes(st_save(tensors, metadata={LAYOUTS_KEY: deep}))
+    r = run(adapter, "--json")
+    assert r.exit_code == 0, r.output

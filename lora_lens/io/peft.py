@@ -13,6 +13,7 @@ first key that matches the end of the module path at a dot boundary wins
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -215,7 +216,7 @@ def _written_layouts(store) -> dict[str, str]:
     """``{module: linear|conv1d}`` recorded by :func:`save_peft_adapter`, or ``{}``."""
     try:
         found = json.loads(getattr(store, "metadata", {}).get(LAYOUTS_KEY, "{}"))
-    except ValueError:
+    except (ValueError, RecursionError):  # hostile metadata only loses the recorded layouts
         return {}
     return {str(k): v for k, v in found.items() if v in ("linear", "conv1d")} if isinstance(found, dict) else {}
 
