@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import click
 
-from lora_lens.errors import LoraLensError
+from lora_lens.errors import DiskFullError, LoraLensError
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -48,8 +48,8 @@ class LazyGroup(click.Group):
 class LoraLensGroup(LazyGroup):
     """The top-level group: lazy sub-commands, and errors turned into one line and an exit code.
 
-    ``LoraLensError`` (bad input) → exit 2; any other exception (a bug) → exit 1
-    and a hint to rerun with ``--debug``, which prints the traceback.
+    ``LoraLensError`` (bad input) → exit 2; disk full → exit 1 and one line;
+    any other exception (a bug) → exit 1 and a hint to rerun with ``--debug``, which prints the traceback.
     """
 
     def invoke(self, ctx: click.Context):
@@ -62,6 +62,9 @@ class LoraLensGroup(LazyGroup):
                 traceback.print_exc()
             click.echo(f"error: {_one_line(str(e))}", err=True)
             ctx.exit(EXIT_BAD_INPUT)
+        except DiskFullError as e:  # not bad input, not a bug: the run could not finish writing
+            click.echo(f"error: {_one_line(e.strerror or str(e))}", err=True)
+            ctx.exit(EXIT_FAILURE)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)

@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 
 # public name → the submodule that defines it
 _LAZY = {
-    **dict.fromkeys(["CheckpointError", "ConfigError", "KeyMatchError", "LoraLensError", "NonFiniteError",
-                     "ShapeError", "UnsafeFileError"], ".errors"),
+    **dict.fromkeys(["CheckpointError", "ConfigError", "DiskFullError", "KeyMatchError", "LoraLensError",
+                     "NonFiniteError", "ShapeError", "UnsafeFileError"], ".errors"),
     "inspect_path": ".inspect",
     **dict.fromkeys(["load_adapter", "load_adapters", "open_base", "save_peft_adapter"], ".io"),
     "parse_module_path": ".keys",
