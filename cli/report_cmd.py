@@ -11,7 +11,7 @@ from lora_lens.io import check_destination
 from lora_lens.report.analysis import analyze_adapters, write_analysis_report
 
 from .common import echo_json
-from .options import compute_options
+from .options import compute_options, format_option
 
 
 @click.command("report")
@@ -27,7 +27,8 @@ from .options import compute_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: where the report was written.")
 @compute_options
-def report_cmd(adapters, base, out, title, energy, intruder_k, epsilon, seed, overwrite, as_json, device, dtype):
+@format_option
+def report_cmd(adapters, base, out, title, energy, intruder_k, epsilon, seed, overwrite, as_json, device, dtype, fmt):
     """Analyze one or more adapters and write a self-contained HTML report
     (index.html, figures/*.png, results.json): spectra and effective ranks,
     φ across layers with random baselines, adapter vs adapter φ, and with
@@ -38,7 +39,7 @@ def report_cmd(adapters, base, out, title, energy, intruder_k, epsilon, seed, ov
       lora-lens report ./adapter -o report/
       lora-lens report ./seed0 ./seed1 --base ./Llama-2-7b-hf -o report/ --overwrite
     """
-    loaded = [a for path in adapters for a in load_adapters(path)]
+    loaded = [a for path in adapters for a in load_adapters(path, fmt)]
     base_weights = open_base(base) if base else None
     check_destination(Path(out), overwrite)  # refuse before the analysis runs, not after
     analysis = analyze_adapters(loaded, base_weights, device=device, dtype=dtype, energy=energy,

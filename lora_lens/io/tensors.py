@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Iterable
 
@@ -55,7 +56,14 @@ class TensorStore:
 
     def __init__(self, path: Path, infos: Iterable[TensorInfo]):
         self.path = path
-        self._infos = {i.name: i for i in infos}
+        self._infos: dict[str, TensorInfo] = {}
+        for i in infos:
+            if i.name in self._infos:  # two shards with one name: one would silently overwrite the other
+                raise CheckpointError(
+                    f"{path}: tensor '{i.name}' is in both {self._infos[i.name].file} and {i.file}; shards of one "
+                    "checkpoint never repeat a name. These are different checkpoints: pass one file."
+                )
+            self._infos[i.name] = i
 
     def names(self) -> list[str]:
         return list(self._infos)
@@ -118,12 +126,14 @@ class PickleStore(TensorStore):
     def __init__(self, path: Path, files: list[Path] | None = None):
         files = files or [path]
         self._tensors: dict[str, tuple[Path, torch.Tensor]] = {}
+        infos, self.metadata = [], {}
         for f in files:
-            for k, t in _load_weights_only(f).items():
+            tensors, meta = _load_weights_only(f)
+            self.metadata.update(meta)
+            for k, t in tensors.items():
                 self._tensors[k] = (f, t)
-        infos = [TensorInfo(k, tuple(t.shape), str(t.dtype).replace("torch.", ""), f) for k, (f, t) in self._tensors.items()]
+                infos.append(TensorInfo(k, tuple(t.shape), str(t.dtype).replace("torch.", ""), f))
         super().__init__(path, infos)
-        self.metadata = {}
 
     def _read(self, info: TensorInfo) -> torch.Tensor:
         return self._tensors[info.name][1]
@@ -146,8 +156,35 @@ def _open_safetensors(path: Path):
         ) from None
 
 
-def _load_weights_only(path: Path) -> dict[str, torch.Tensor]:
-    """``torch.load(weights_only=True)``, memory-mapped when the format allows."""
+class NpzStore(TensorStore):
+    """A NumPy ``.npz`` archive (old MLX adapters), read with ``allow_pickle=False``: never unpickled."""
+
+    format = "npz"
+
+    def __init__(self, path: Path):
+        import numpy as np
+
+        if not path.is_file():
+            raise CheckpointError(f"{path}: file not found; expected a .npz archive. Check the path.")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except ValueError as e:  # object arrays need pickle: refused
+            raise UnsafeFileError(f"{path}: refused: the archive holds pickled objects ({e}); lora_lens reads "
+                                  "plain numeric arrays only.") from None
+        except (OSError, EOFError, zipfile.BadZipFile) as e:
+            raise CheckpointError(f"{path}: not a readable .npz archive ({type(e).__name__}: {e}); re-save it.") from None
+        self._tensors = {k: torch.from_numpy(a.astype(a.dtype.newbyteorder("="))) for k, a in arrays.items()}
+        super().__init__(path, [TensorInfo(k, tuple(t.shape), str(t.dtype).replace("torch.", ""), path)
+                                for k, t in self._tensors.items()])
+        self.metadata = {}
+
+    def _read(self, info: TensorInfo) -> torch.Tensor:
+        return self._tensors[info.name]
+
+
+def _load_weights_only(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """``torch.load(weights_only=True)``, memory-mapped when the format allows: (tensors, scalar metadata)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found; expected a PyTorch state dict. Check the path.")
     try:
@@ -171,18 +208,35 @@ def _load_weights_only(path: Path) -> dict[str, torch.Tensor]:
     return _flatten_state_dict(obj, path)
 
 
-def _flatten_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
+def _flatten_state_dict(obj, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if isinstance(obj, dict):
         for key in NESTED_STATE_KEYS:
             if isinstance(obj.get(key), dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
                 return _flatten_state_dict(obj[key], path)
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors:
-            return tensors
+            return tensors, {}
+        # Research scripts nest: {"weights": {layer: {module: {A, B}}}, "metadata": {r, alpha}}.
+        tensors, meta = {}, {}
+        _walk(obj, "", tensors, meta)
+        if tensors:
+            return tensors, meta
     raise CheckpointError(
         f"{path}: holds a {type(obj).__name__} with no tensors at its top level; expected a state dict "
         f"(name → tensor), possibly nested under one of {list(NESTED_STATE_KEYS)}."
     )
+
+
+def _walk(obj: dict, prefix: str, tensors: dict, meta: dict) -> None:
+    """Flatten nested dicts of tensors to dotted names; scalars and strings become metadata."""
+    for k, v in obj.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, torch.Tensor):
+            tensors[name.removeprefix("weights.")] = v
+        elif isinstance(v, dict):
+            _walk(v, name + ".", tensors, meta)
+        elif isinstance(v, (int, float, str, bool)):
+            meta[str(k)] = v
 
 
 def open_tensor_file(path: Path) -> TensorStore:
@@ -191,8 +245,10 @@ def open_tensor_file(path: Path) -> TensorStore:
         return SafetensorsStore(path)
     if path.suffix in PICKLE_SUFFIXES:
         return PickleStore(path)
+    if path.suffix == ".npz":
+        return NpzStore(path)
     raise CheckpointError(
-        f"{path}: unknown file type '{path.suffix}'; expected .safetensors, .bin, .pt or .pth, or a model folder."
+        f"{path}: unknown file type '{path.suffix}'; expected .safetensors, .bin, .pt, .pth or .npz, or a model folder."
     )
 
 

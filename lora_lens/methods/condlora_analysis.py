@@ -24,7 +24,7 @@ import torch
 from ..decompose import chunk_size, resolve_device, resolve_dtype
 from ..errors import ConfigError, ShapeError
 from ..io.base import BaseWeights, open_base
-from ..io.peft import load_adapter
+from ..io.formats import load_adapter
 from ..linalg import lstsq, phi, svd
 from ..types import Adapter, LoraModule
 from .condlora import EQUATIONS, MODES, SIDES
