@@ -15,6 +15,7 @@ from .similarity_cmd import similarity_cmd
 from .spectrum_cmd import spectrum_cmd
 from .train_cmd import train_cmd
 from .condlora_cmd import condlora_cmd
+from .convert_cmd import convert_cmd
 from .cora_cmd import cora_cmd
 from .demo_cmd import demo_cmd
 from .pissa_cmd import pissa_cmd, reduce_cmd
@@ -45,6 +46,7 @@ main.add_command(cora_cmd)
 main.add_command(pissa_cmd)
 main.add_command(reduce_cmd)
 main.add_command(report_cmd)
+main.add_command(convert_cmd)
 main.add_command(demo_cmd)
 
 if __name__ == "__main__":  # pragma: no cover

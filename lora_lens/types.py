@@ -105,6 +105,8 @@ class LoraModule:
     kind: str = "lora"
     #: The module's name as the file writes it, when ``name`` was mapped to a model path.
     stored_as: str = ""
+    #: ``(kh, kw)`` of a Conv2d update whose ``A`` was flattened from ``(r, in, kh, kw)``; ``()`` otherwise.
+    kernel: tuple[int, ...] = ()
 
     @property
     def rank(self) -> int:

@@ -317,3 +317,17 @@ def test_kohya_orphans_and_nan_named(tmp_path):
     t[f"{KOHYA_TE}.lora_up.weight"][0, 0] = float("nan")
     save_file(t, tmp_path / "nan.safetensors")
     assert_bad_input(run("inspect", tmp_path / "nan.safetensors"), f"{KOHYA_TE}.lora_up.weight", "NaN")
+
+
+def test_convert_lycoris_to_peft_keeps_delta(tmp_path):
+    """LoKr / LoHa (a conv LoKr among them) become PEFT LoRA pairs of rank r₁·r₂ with the same ΔW."""
+    save_file(lokr_loha_tensors(), tmp_path / "lycoris.safetensors")
+    r = run("convert", tmp_path / "lycoris.safetensors", "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    source = load_adapter(tmp_path / "lycoris.safetensors")
+    back = {f"{c}.{m.name}": m for c in ("unet", "text_encoder") for m in load_adapter(tmp_path / "out" / c)}
+    assert sorted(back) == sorted(m.name for m in source)
+    for m in source:
+        assert back[m.name].kind == "lora" and back[m.name].rank == m.rank
+        assert torch.allclose(back[m.name].delta(), m.delta(), rtol=0, atol=0), m.name
+    assert_bad_input(run("convert", tmp_path / "lycoris.safetensors", "-o", tmp_path / "out"), "out")

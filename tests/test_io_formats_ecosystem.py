@@ -160,3 +160,53 @@ def test_kohya_and_diffusers_exports_compare_with_phi_one(diffusers_lora, tmp_pa
     assert len(phis) == len(d.modules)
     # identical ΔW: φ = ‖UᵀU‖²/k = 1 up to float64 round-off in the QR/SVD (k·u ≈ 1e-15)
     assert all(abs(p - 1) < 1e-10 for p in phis), phis
+
+
+# --- convert --to peft -----------------------------------------------------------------------------
+
+def peft_deltas(model, folder):
+    """ΔW of every LoRA layer after PEFT loads ``folder`` onto a float64 copy of ``model``."""
+    from .peft_check import load_with_peft
+
+    pm = load_with_peft(copy.deepcopy(model).double(), folder)
+    out = {}
+    for name, mod in pm.base_model.model.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            d = mod.get_delta_weight("default").detach()
+            out[name] = d.reshape(d.shape[0], -1)
+    return out
+
+
+def test_convert_mlx_to_peft_loads_with_identical_delta(tiny_llama, tmp_path):
+    model, _ = tiny_llama
+    src = tmp_path / "mlx"
+    src.mkdir()
+    g = torch.Generator().manual_seed(0)
+    t = {}
+    for i in range(3):
+        for p, out_dim in (("q_proj", 32), ("v_proj", 16)):
+            t[f"model.layers.{i}.self_attn.{p}.lora_a"] = torch.randn(32, 4, generator=g)
+            t[f"model.layers.{i}.self_attn.{p}.lora_b"] = torch.randn(4, out_dim, generator=g)
+    save_file(t, src / "adapters.safetensors")
+    (src / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "lora_parameters": {"rank": 4, "scale": 10.0}}))
+    r = run("convert", src, "--to", "peft", "-o", tmp_path / "peft")
+    assert r.exit_code == 0, r.output
+    got = peft_deltas(model, tmp_path / "peft")
+    source = load_adapter(src)
+    assert sorted(got) == sorted(m.name for m in source)
+    for m in source:  # float32 factors loaded into a float64 model: the same products, exactly
+        assert torch.allclose(got[m.name], m.delta(), rtol=0, atol=1e-12 * float(m.delta().norm())), m.name
+
+
+def test_convert_kohya_unet_to_peft_and_lokr_round_trip(diffusers_lora, tmp_path):
+    unet, folder = diffusers_lora
+    kohya_export(folder, tmp_path / "kohya.safetensors")
+    r = run("convert", tmp_path / "kohya.safetensors", "-o", tmp_path / "out", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["written"] == [str(tmp_path / "out" / "unet")]
+    got = peft_deltas(unet, tmp_path / "out" / "unet")
+    source = load_adapter(tmp_path / "kohya.safetensors")
+    assert sorted(f"unet.{n}" for n in got) == sorted(m.name for m in source)
+    for m in source:  # includes the Conv2d resnets (lora_A written back as (r, in, 3, 3))
+        ref = m.delta()
+        assert torch.allclose(got[m.name.removeprefix("unet.")], ref, rtol=0, atol=1e-12 * float(ref.norm())), m.name

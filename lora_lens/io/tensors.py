@@ -239,6 +239,19 @@ def _walk(obj: dict, prefix: str, tensors: dict, meta: dict) -> None:
             meta[str(k)] = v
 
 
+def factor_2d(t: torch.Tensor, role: str, name: str, file: Path | str) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """A LoRA factor as 2-D, and the Conv2d kernel size it carried (``()`` for a matrix).
+
+    Conv factors ``A (r, in, kh, kw)`` → ``(r, in·kh·kw)``, ``B (out, r, 1, 1)`` → ``(out, r)``.
+    """
+    if t.dim() == 2:
+        return t, ()
+    if t.dim() == 4 and (role == "A" or t.shape[2:] == (1, 1)):
+        return t.reshape(t.shape[0], -1), tuple(int(k) for k in t.shape[2:])
+    raise ShapeError(f"{file}: tensor '{name}' has shape {tuple(t.shape)}; expected a 2-D LoRA factor "
+                     "(or a Conv2d factor: A (r, in, kh, kw), B (out, r, 1, 1)).")
+
+
 def open_tensor_file(path: Path) -> TensorStore:
     """A single tensor file: ``.safetensors``, or a weights-only pickle (``.bin``/``.pt``/``.pth``)."""
     if path.suffix == ".safetensors":

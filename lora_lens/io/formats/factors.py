@@ -18,41 +18,32 @@ import torch
 from ...errors import CheckpointError, ShapeError
 from ...keys import parse_module_path
 from ...types import Adapter, LoraModule, LoraSettings, TensorInfo
-from ..tensors import check_tensor
+from ..tensors import check_tensor, factor_2d
 
 #: Flag of a module whose scale the file does not say (read as 1).
 SCALE_UNKNOWN = "scale-unknown"
 
 
-def as_2d(t: torch.Tensor, role: str, name: str, file: Path) -> tuple[torch.Tensor, bool]:
-    """Conv factors ``A (r, in, kh, kw)`` / ``B (out, r, 1, 1)`` flattened to 2-D; ``(tensor, is_conv)``."""
-    if t.dim() == 2:
-        return t, False
-    if t.dim() == 4 and (role == "A" or t.shape[2:] == (1, 1)):
-        return t.reshape(t.shape[0], -1), True
-    raise ShapeError(f"{file}: tensor '{name}' has shape {tuple(t.shape)}; expected a 2-D LoRA factor "
-                     "(or a Conv2d factor: down (r, in, kh, kw), up (out, r, 1, 1)).")
-
-
 def lora_module(name: str, A: torch.Tensor, B: torch.Tensor, *, scaling: float, alpha: float, file: Path,
                 keys: tuple[str, str], layout: str | None = None, kind: str = "lora",
-                stored_as: str = "") -> LoraModule:
+                stored_as: str = "", kernel: tuple[int, ...] = ()) -> LoraModule:
     """One module ``s · B A`` from stored factors ``A (k, n)`` (or conv ``(k, in, kh, kw)``) and ``B (m, k)``.
 
     Both are checked (float, finite); their shared dimension must agree.
     """
     A = check_tensor(A, keys[0], file)
     B = check_tensor(B, keys[1], file)
-    A, conv_a = as_2d(A, "A", keys[0], file)
-    B, conv_b = as_2d(B, "B", keys[1], file)
+    A, kernel_a = factor_2d(A, "A", keys[0], file)
+    B, _ = factor_2d(B, "B", keys[1], file)
+    kernel = kernel or kernel_a
     if A.shape[0] != B.shape[1]:
         raise ShapeError(
             f"{file}: '{stored_as or name}' has factors {keys[0]} {tuple(A.shape)} and {keys[1]} {tuple(B.shape)}; "
             "expected A (r, n) and B (m, r) with the same r. The file is corrupt or was not written as a LoRA."
         )
-    layout = layout or ("conv" if conv_a or conv_b else "linear")
+    layout = layout or ("conv" if kernel else "linear")
     return LoraModule(name=name, key=parse_module_path(name), A=A, B=B, alpha=float(alpha), scaling=float(scaling),
-                      layout=layout, kind=kind, stored_as=stored_as if stored_as != name else "")
+                      layout=layout, kind=kind, stored_as=stored_as if stored_as != name else "", kernel=kernel)
 
 
 def refuse_orphans(file: Path, orphans: Sequence[str], what: str = "both factors") -> None:

@@ -79,6 +79,7 @@ def _module(store: TensorStore, file: Path, stem: str, g: dict[str, str], orphan
         alpha = float(alpha_t.float().reshape(-1)[0]) if alpha_t is not None else float(r)
         return lora_module(name, A, B, scaling=alpha / r, alpha=alpha, file=file,
                            keys=(g["lora_down"], g["lora_up"]), stored_as=stem)
+    kernel = ()
     if any(k.startswith("hada_") for k in g):
         missing = [k for k in LOHA_KEYS if k not in g]
         if missing:
@@ -92,7 +93,7 @@ def _module(store: TensorStore, file: Path, stem: str, g: dict[str, str], orphan
         if bad:
             orphans.append(f"LoKr '{stem}' lacks lokr_w{bad[0]} (or lokr_w{bad[0]}_a and _b)")
             return None
-        B, A, dim, both_full = lokr_parts(get, have)
+        B, A, dim, both_full, kernel = lokr_parts(get, have)
         kind = "lokr"
         scale_of = (lambda alpha: 1.0) if both_full else (lambda alpha: alpha / dim)
     else:  # only an alpha or a dora_scale: not a module
@@ -100,4 +101,5 @@ def _module(store: TensorStore, file: Path, stem: str, g: dict[str, str], orphan
         return None
     alpha = float(alpha_t.double().reshape(-1)[0]) if alpha_t is not None else float(dim or 1)
     return lora_module(name, A, B, scaling=scale_of(alpha), alpha=alpha, file=file,
-                       keys=(f"{stem}.{kind} A", f"{stem}.{kind} B"), kind=kind, stored_as=stem)
+                       keys=(f"{stem}.{kind} A", f"{stem}.{kind} B"), kind=kind, stored_as=stem, kernel=kernel,
+                       layout="conv" if kernel else None)

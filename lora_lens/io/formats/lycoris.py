@@ -58,16 +58,17 @@ LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 TUCKER_KEYS = ("lokr_t1", "lokr_t2", "hada_t1", "hada_t2", "lora_mid")
 
 
-def lokr_parts(get, have: set[str]) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
-    """``(B, A, dim, both_full)`` of a LoKr module from its tensors (``get(suffix)`` reads one).
+def lokr_parts(get, have: set[str]) -> tuple[torch.Tensor, torch.Tensor, int, bool, tuple[int, ...]]:
+    """``(B, A, dim, both_full, kernel)`` of a LoKr module from its tensors (``get(suffix)`` reads one).
 
     ``dim`` is the stored low rank (``lokr_w*_b``'s rows; 0 when both factors
-    are full, where LyCORIS uses scale 1). Conv ``lokr_w2`` is flattened.
+    are full, where LyCORIS uses scale 1). Conv ``lokr_w2`` is flattened; ``kernel`` is its ``(kh, kw)``.
     """
-    parts, dim = [], 0
+    parts, dim, kernel = [], 0, ()
     for i in ("1", "2"):
         if f"lokr_w{i}" in have:
             W = get(f"lokr_w{i}").double()
+            kernel = tuple(int(k) for k in W.shape[2:]) or kernel
             parts.append(full_as_product(W.reshape(W.shape[0], -1)))
         else:
             a, b = get(f"lokr_w{i}_a").double(), get(f"lokr_w{i}_b").double()
@@ -75,7 +76,7 @@ def lokr_parts(get, have: set[str]) -> tuple[torch.Tensor, torch.Tensor, int, bo
             parts.append((a, b.reshape(b.shape[0], -1)))
     (B1, A1), (B2, A2) = parts
     B, A = kron_factors(B1, A1, B2, A2)
-    return B, A, dim, dim == 0
+    return B, A, dim, dim == 0, kernel
 
 
 def loha_parts(get) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -81,14 +81,16 @@ def read(path: Path, file: Path, config: Path) -> Adapter:
                 orphans.append(f"'{stem}' lacks {missing}")
                 continue
             B, A, _ = loha_parts(get)
+            kernel = ()
         else:
             have = set(g)
             bad = [i for i in "12" if f"lokr_w{i}" not in have and not {f"lokr_w{i}_a", f"lokr_w{i}_b"} <= have]
             if bad:
                 orphans.append(f"'{stem}' lacks lokr_w{bad[0]} (or lokr_w{bad[0]}_a and _b)")
                 continue
-            B, A, _, _ = lokr_parts(get, have)
+            B, A, _, _, kernel = lokr_parts(get, have)
         modules.append(lora_module(stem, A, B, scaling=alpha / r, alpha=alpha, file=file, kind=peft_type.lower(),
+                                   kernel=kernel, layout="conv" if kernel else None,
                                    keys=(f"{stem} ({peft_type} A)", f"{stem} ({peft_type} B)")))
     refuse_orphans(file, orphans, "all its factors")
     refuse_empty(file, modules, f"{peft_type} keys {roles[:2]} …")
