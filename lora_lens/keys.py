@@ -56,6 +56,8 @@ def architecture_family(paths: list[str]) -> str:
     """Guess the naming family of a set of module paths (for display only)."""
     text = " ".join(paths[:50])
     for family, pattern in (
+        ("unet", r"\b(down_blocks\.\d+|mid_block|up_blocks\.\d+)\."),
+        ("dit", r"\b(single_)?transformer_blocks\.\d+\."),
         ("gpt2", r"\bh\.\d+\.(attn|mlp)\."),
         ("distilbert", r"transformer\.layer\.\d+\.attention\.q_lin"),
         ("bert", r"layer\.\d+\.attention\.self\."),

@@ -26,13 +26,15 @@ SCALE_UNKNOWN = "scale-unknown"
 
 def lora_module(name: str, A: torch.Tensor, B: torch.Tensor, *, scaling: float, alpha: float, file: Path,
                 keys: tuple[str, str], layout: str | None = None, kind: str = "lora",
-                stored_as: str = "", kernel: tuple[int, ...] = ()) -> LoraModule:
+                stored_as: str = "", kernel: tuple[int, ...] = (), checked: bool = False) -> LoraModule:
     """One module ``s · B A`` from stored factors ``A (k, n)`` (or conv ``(k, in, kh, kw)``) and ``B (m, k)``.
 
-    Both are checked (float, finite); their shared dimension must agree.
+    Both are checked (float, finite) unless ``checked`` says they are products of checked
+    tensors (LoKr / LoHa); their shared dimension must agree.
     """
-    A = check_tensor(A, keys[0], file)
-    B = check_tensor(B, keys[1], file)
+    if not checked:
+        A = check_tensor(A, keys[0], file)
+        B = check_tensor(B, keys[1], file)
     A, kernel_a = factor_2d(A, "A", keys[0], file)
     B, _ = factor_2d(B, "B", keys[1], file)
     kernel = kernel or kernel_a

@@ -102,4 +102,4 @@ def _module(store: TensorStore, file: Path, stem: str, g: dict[str, str], orphan
     alpha = float(alpha_t.double().reshape(-1)[0]) if alpha_t is not None else float(dim or 1)
     return lora_module(name, A, B, scaling=scale_of(alpha), alpha=alpha, file=file,
                        keys=(f"{stem}.{kind} A", f"{stem}.{kind} B"), kind=kind, stored_as=stem, kernel=kernel,
-                       layout="conv" if kernel else None)
+                       layout="conv" if kernel else None, checked=True)

@@ -90,7 +90,7 @@ def read(path: Path, file: Path, config: Path) -> Adapter:
                 continue
             B, A, _, _, kernel = lokr_parts(get, have)
         modules.append(lora_module(stem, A, B, scaling=alpha / r, alpha=alpha, file=file, kind=peft_type.lower(),
-                                   kernel=kernel, layout="conv" if kernel else None,
+                                   kernel=kernel, layout="conv" if kernel else None, checked=True,
                                    keys=(f"{stem} ({peft_type} A)", f"{stem} ({peft_type} B)")))
     refuse_orphans(file, orphans, "all its factors")
     refuse_empty(file, modules, f"{peft_type} keys {roles[:2]} …")
