@@ -3,7 +3,7 @@
 Every similarity number is shown beside the same number for Haar-random
 subspaces of the same dimensions (sampled, seeded, averaged over ``draws``)
 and, for φ, the analytic expectation for independent uniformly random
-subspaces of dims ``i`` and ``j`` in ``R^d`` (methods.md §2):
+subspaces of dims ``i`` and ``j`` in ``R^d`` (docs/maths.md §2):
 
     E[φ(i, j)] = E‖U_iᵀ U_j‖_F² / min(i, j) = (i·j/d) / min(i, j) = max(i, j) / d.
 
@@ -115,6 +115,15 @@ def pair_baseline(d: int, k_a: int, k_b: int, draws: int = DRAWS, seed: int = 0,
         grassmann=float(torch.linalg.vector_norm(theta, dim=-1).mean()),
         draws=draws,
     )
+
+
+#: The one definition of "the deeper half" of ``L`` layers, as every summary and report states it.
+DEEPER_HALF = "the last ⌈L/2⌉ layers (positions ≥ ⌊L/2⌋ in layer order; for odd L the middle layer counts as deep)"
+
+
+def deeper_half(L: int) -> list[int]:
+    """Positions (0-based, layer order) of the deeper half of ``L`` layers: :data:`DEEPER_HALF`."""
+    return list(range(L // 2, L))
 
 
 def nan_mean(x: torch.Tensor) -> float:
