@@ -136,7 +136,7 @@ def _json(p: Path) -> dict:
     try:
         raw = json.loads(p.read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{p}: not readable JSON ({e}); expected an adapter config. Fix or re-save it.") from None
+        raise ConfigError(f"{p}: invalid JSON or unreadable ({e}); expected an adapter config. Fix or re-save it.") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: holds a JSON {type(raw).__name__}; expected an object.")
     return raw

@@ -37,7 +37,7 @@ def _config(folder: Path) -> dict:
     try:
         raw = json.loads(p.read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{p}: not readable JSON ({e}); expected MLX-LM's adapter config.") from None
+        raise ConfigError(f"{p}: invalid JSON or unreadable ({e}); expected MLX-LM's adapter config.") from None
     return raw if isinstance(raw, dict) else {}
 
 
