@@ -9,13 +9,14 @@ low-rank update (IA3, OFT/BOFT, VeRA, prompt tuning …).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import CheckpointError, ConfigError
 from ...keys import adapter_key_scheme
+from ..files import missing
+from ..jsonfile import read_json
 from ..tensors import PICKLE_SUFFIXES, open_tensor_file
 from . import diffusers, mlx
 
@@ -56,7 +57,7 @@ def detect(path: str | Path, format: str | None = None) -> Found | None:
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder; expected an adapter (folder or file) or a checkpoint.")
+        raise CheckpointError(f"{path}: {missing(path)}; expected an adapter (folder or file) or a checkpoint.")
     if format is not None and format not in FORMATS:
         raise ConfigError(f"--format {format!r}: unknown; expected one of {list(FORMATS)}.")
     if path.is_dir():
@@ -70,7 +71,7 @@ def detect(path: str | Path, format: str | None = None) -> Found | None:
 
 def _folder(folder: Path, format: str | None) -> Found | None:
     config = folder / PEFT_CONFIG
-    mlx_file = next((folder / n for n in mlx.WEIGHT_NAMES if (folder / n).is_file()), None)
+    mlx_file = next((folder / n for n in mlx.WEIGHT_NAMES if _present(folder / n)), None)
     if config.is_file():
         raw = _json(config)
         if format == "mlx" or (format is None and (mlx.is_mlx_config(raw) or mlx_file is not None)):
@@ -81,7 +82,7 @@ def _folder(folder: Path, format: str | None) -> Found | None:
         peft_type = str(raw.get("peft_type") or "LORA").upper()
         if peft_type not in LOW_RANK_PEFT_TYPES:
             raise not_low_rank(folder, _tuner_name(peft_type))
-        weights = next((folder / n for n in PEFT_WEIGHTS if (folder / n).is_file()), None)
+        weights = next((folder / n for n in PEFT_WEIGHTS if _present(folder / n)), None)
         if weights is None:
             raise CheckpointError(
                 f"{folder}: has {PEFT_CONFIG} but no weights file; expected adapter_model.safetensors (or "
@@ -132,11 +133,13 @@ def _tuner_name(peft_type: str) -> str:
             "P_TUNING": "p-tuning", "PREFIX_TUNING": "prefix tuning"}.get(peft_type, peft_type)
 
 
+def _present(p: Path) -> bool:
+    """Something is there (a FIFO, a folder or a broken link too: the reader names what it is)."""
+    return p.exists() or p.is_symlink()
+
+
 def _json(p: Path) -> dict:
-    try:
-        raw = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{p}: invalid JSON or unreadable ({e}); expected an adapter config. Fix or re-save it.") from None
+    raw = read_json(p, "an adapter config")
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: holds a JSON {type(raw).__name__}; expected an object.")
     return raw

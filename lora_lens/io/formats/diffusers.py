@@ -19,12 +19,13 @@ writes beside the weights (``unet.lora_alpha``, ``unet.r``, patterns); else
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from ...keys import diffusers_module_path
 from ...types import Adapter
+from ...errors import LoraLensError
+from ..jsonfile import loads_strict
 from ..peft import pattern_key
 from ..tensors import check_tensor, open_tensor_file
 from .factors import lora_module, make_adapter, refuse_empty, refuse_orphans
@@ -68,8 +69,8 @@ def read(path: Path, file: Path) -> Adapter:
 
 def _adapter_metadata(md: dict) -> dict:
     try:
-        return json.loads(md.get("lora_adapter_metadata", "{}")) or {}
-    except ValueError:
+        return loads_strict(md.get("lora_adapter_metadata", "{}"), "lora_adapter_metadata", "a JSON object") or {}
+    except (ValueError, LoraLensError):
         return {}
 
 

@@ -13,11 +13,11 @@ dora`` (or ``.m`` magnitudes) is flagged as for PEFT; ``full`` is refused.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ...errors import ConfigError, ShapeError
 from ...types import Adapter
+from ..jsonfile import read_json
 from ..tensors import open_tensor_file
 from .factors import lora_module, make_adapter, refuse_empty, refuse_orphans
 
@@ -34,10 +34,7 @@ def _config(folder: Path) -> dict:
     p = folder / CONFIG_NAME
     if not p.is_file():
         return {}
-    try:
-        raw = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{p}: invalid JSON or unreadable ({e}); expected MLX-LM's adapter config.") from None
+    raw = read_json(p, "MLX-LM's adapter config")
     return raw if isinstance(raw, dict) else {}
 
 

@@ -16,12 +16,12 @@ LoKr and LoHa are rewritten in factored form by :mod:`.lycoris`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ...errors import ConfigError
 from ...keys import strip_peft_prefix
 from ...types import Adapter
+from ..jsonfile import read_json
 from ..peft import pattern_key
 from ..tensors import check_tensor, open_tensor_file
 from .factors import lora_module, make_adapter, refuse_empty, refuse_orphans
@@ -33,7 +33,7 @@ PEFT_TYPES = ("LOHA", "LOKR", "ADALORA")
 
 
 def read(path: Path, file: Path, config: Path) -> Adapter:
-    raw = json.loads(config.read_text())
+    raw = read_json(config, "a PEFT adapter config")
     peft_type = str(raw.get("peft_type")).upper()
     store = open_tensor_file(file)
     roles = {"LOHA": LOHA_KEYS + TUCKER_KEYS, "LOKR": LOKR_KEYS + TUCKER_KEYS,

@@ -19,7 +19,6 @@ flagged ``scale-unknown``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ import torch
 from ...errors import ConfigError, ShapeError
 from ...keys import split_pair_token
 from ...types import Adapter
+from ..jsonfile import read_json
 from ..tensors import check_tensor, open_tensor_file
 from .factors import lora_module, make_adapter, refuse_empty, refuse_orphans
 
@@ -99,10 +99,7 @@ def _file_scale(store, file: Path) -> tuple[float | None, float | None]:
     meta = dict(getattr(store, "metadata", {}) or {})
     sidecar = file.with_suffix(".json")
     if sidecar.is_file():
-        try:
-            side = json.loads(sidecar.read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{sidecar}: not readable JSON ({e}); expected the adapter's settings.") from None
+        side = read_json(sidecar, "the adapter's settings")
         if isinstance(side, dict):
             meta.update(side.get("lora_parameters", side))
     try:
