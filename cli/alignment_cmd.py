@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .common import echo_json, progress_callback, table
-from .options import compute_options, epsilon_option, json_option, quiet_option, seed_option
+from .options import compute_options, epsilon_option, format_option, json_option, quiet_option, seed_option
 
 
 @click.command("alignment")
@@ -19,7 +19,8 @@ from .options import compute_options, epsilon_option, json_option, quiet_option,
 @json_option
 @quiet_option
 @compute_options
-def alignment_cmd(adapter, base, intruder_k, epsilon, seed, as_json, quiet, device, dtype) -> None:
+@format_option
+def alignment_cmd(adapter, base, intruder_k, epsilon, seed, as_json, quiet, device, dtype, fmt) -> None:
     """Projection of W0 on ΔW's directions, amplification, and intruder dimensions.
 
     Per module: ‖ΔW‖_F, ‖W0‖_F, ‖U_rᵀ W0 V_r‖_F for ΔW's top-r singular vectors,
@@ -37,7 +38,7 @@ def alignment_cmd(adapter, base, intruder_k, epsilon, seed, as_json, quiet, devi
     from lora_lens.compare import analyze_alignment
 
     with progress_callback("alignment with W0", quiet) as progress:
-        res = analyze_alignment(load_adapter(adapter), open_base(base), intruder_k=intruder_k,
+        res = analyze_alignment(load_adapter(adapter, format=fmt), open_base(base), intruder_k=intruder_k,
                                 epsilon=list(epsilon) or 0.5, device=device, dtype=dtype, seed=seed,
                                 progress=progress)
     if as_json:

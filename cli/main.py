@@ -17,6 +17,7 @@ from .common import LoraLensGroup
 COMMANDS = {
     "alignment": ".alignment_cmd:alignment_cmd",
     "condlora": ".condlora_cmd:condlora_cmd",
+    "convert": ".convert_cmd:convert_cmd",
     "cora": ".cora_cmd:cora_cmd",
     "demo": ".demo_cmd:demo_cmd",
     "inspect": ".inspect_cmd:inspect_cmd",

@@ -91,3 +91,13 @@ def renamed_option(old: str, new: str, dest: str, **attrs):
         return click.option(old, hidden_dest, hidden=True, default=None, **attrs)(command)
 
     return decorate
+
+
+#: Reader names for ``--format`` (kept here, not imported from the library, so ``--help`` stays light).
+ADAPTER_FORMATS = ("peft", "mlx", "kohya", "lycoris", "diffusers", "state_dict")
+
+
+def format_option(f):
+    """Add ``--format NAME`` (passed as ``fmt``): force the adapter reader instead of detecting it."""
+    return click.option("--format", "fmt", type=click.Choice(ADAPTER_FORMATS), default=None,
+                        help="Adapter format; detected from file and tensor names when omitted (docs/formats.md).")(f)

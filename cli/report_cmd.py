@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from .common import echo_json, progress_callback
-from .options import (compute_options, epsilon_option, json_option, out_option, overwrite_option, quiet_option,
-                      seed_option)
+from .options import (compute_options, epsilon_option, format_option, json_option, out_option, overwrite_option,
+                      quiet_option, seed_option)
 
 
 @click.command("report")
@@ -25,8 +25,9 @@ from .options import (compute_options, epsilon_option, json_option, out_option, 
 @json_option
 @quiet_option
 @compute_options
+@format_option
 def report_cmd(adapters, base, out, title, energy, intruder_k, epsilon, seed, overwrite, as_json, quiet, device,
-               dtype):
+               dtype, fmt):
     """Analyze one or more adapters and write a self-contained HTML report
     (index.html, figures/*.png, results.json): spectra and effective ranks,
     φ across layers with random baselines, adapter vs adapter φ, and with
@@ -41,7 +42,7 @@ def report_cmd(adapters, base, out, title, energy, intruder_k, epsilon, seed, ov
     from lora_lens.io import check_destination
     from lora_lens.report.analysis import analyze_adapters, write_analysis_report
 
-    loaded = [a for path in adapters for a in load_adapters(path)]
+    loaded = [a for path in adapters for a in load_adapters(path, fmt)]
     base_weights = open_base(base) if base else None
     check_destination(Path(out), overwrite)  # refuse before the analysis runs, not after
     with progress_callback("analysing", quiet) as progress:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .common import echo_json, table
-from .options import compute_options, json_option, seed_option
+from .options import compute_options, format_option, json_option, seed_option
 
 
 @click.command("similarity")
@@ -19,7 +19,8 @@ from .options import compute_options, json_option, seed_option
 @seed_option
 @json_option
 @compute_options
-def similarity_cmd(adapters, base, what, k, side, seed, as_json, device, dtype) -> None:
+@format_option
+def similarity_cmd(adapters, base, what, k, side, seed, as_json, device, dtype, fmt) -> None:
     """Subspace similarity φ (LoRA paper §7) with a random baseline beside every number.
 
     One adapter: per module type, the layers × layers grid of
@@ -37,7 +38,7 @@ def similarity_cmd(adapters, base, what, k, side, seed, as_json, device, dtype) 
     from lora_lens import load_adapters, open_base
     from lora_lens.compare import layer_similarity, pairwise_similarity
 
-    loaded = [a for path in adapters for a in load_adapters(path)]
+    loaded = [a for path in adapters for a in load_adapters(path, fmt)]
     b = open_base(base) if base else None
     kw = dict(what=what, k=k, side=side, device=device, dtype=dtype, seed=seed)
     if len(loaded) == 1:

@@ -7,24 +7,11 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from lora_lens_cli.main import main
+from .cli_utils import assert_bad_input, run  # noqa: F401  (re-exported: other modules import them from here)
 
 
-def run(*args):
-    return CliRunner().invoke(main, list(map(str, args)))
-
-
-def assert_bad_input(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    assert lines[0].startswith("error: ")
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_inspect_adapter_json(llama_adapter):
