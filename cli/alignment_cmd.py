@@ -22,7 +22,7 @@ from .options import compute_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random projections.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @compute_options
-def alignment_cmd(adapter, base, intruder_k, epsilon, seed, as_json, device, dtype) -> None:
+def alignment_cmd(adapter, base, intruder_k, epsilon, seed, as_json, compute) -> None:
     """Projection of W0 on ΔW's directions, amplification, and intruder dimensions.
 
     Per module: ‖ΔW‖_F, ‖W0‖_F, ‖U_rᵀ W0 V_r‖_F for ΔW's top-r singular vectors,
@@ -37,7 +37,7 @@ def alignment_cmd(adapter, base, intruder_k, epsilon, seed, as_json, device, dty
       lora-lens alignment ./my-adapter --base ./base --epsilon 0.3 --epsilon 0.5 --epsilon 0.7 --json
     """
     res = analyze_alignment(load_adapter(adapter), open_base(base), intruder_k=intruder_k,
-                            epsilon=list(epsilon) or 0.5, device=device, dtype=dtype, seed=seed)
+                            epsilon=list(epsilon) or 0.5, compute=compute, seed=seed)
     if as_json:
         echo_json(res.to_dict())
         return

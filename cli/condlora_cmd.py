@@ -26,7 +26,7 @@ def condlora_cmd() -> None:
 @seed_option
 @compute_options
 @json_option
-def analyze_cmd(adapter, base, mode, rcond, seed, device, dtype, as_json) -> None:
+def analyze_cmd(adapter, base, mode, rcond, seed, compute, as_json) -> None:
     """Conversion matrices of every layer and their cross-layer similarity.
 
     For each module type and factor, solves W0 · C = factor per layer and
@@ -39,7 +39,7 @@ def analyze_cmd(adapter, base, mode, rcond, seed, device, dtype, as_json) -> Non
       lora-lens condlora analyze ./my-adapter --base ./all-MiniLM-L6-v2
       lora-lens condlora analyze ./my-adapter --base ./Llama-2-7b-hf --json > grids.json
     """
-    result = condlora_analysis(adapter, base, device=device, dtype=dtype, rcond=rcond, seed=seed, mode=mode)
+    result = condlora_analysis(adapter, base, rcond=rcond, mode=mode, compute=compute, seed=seed)
     if as_json:
         echo_json(result.to_dict())
         return
@@ -70,7 +70,7 @@ def analyze_cmd(adapter, base, mode, rcond, seed, device, dtype, as_json) -> Non
 @seed_option
 @compute_options
 @json_option
-def init_cmd(base, rank, targets, from_adapter, mode, alpha, out_dir, overwrite, seed, device, dtype, as_json):
+def init_cmd(base, rank, targets, from_adapter, mode, alpha, out_dir, overwrite, seed, compute, as_json):
     """Write CondLoRA Θ (one pair per module type) and the PEFT adapter it gives.
 
     \b
@@ -80,6 +80,6 @@ def init_cmd(base, rank, targets, from_adapter, mode, alpha, out_dir, overwrite,
       lora-lens condlora init --base ./all-MiniLM-L6-v2 --from ./my-adapter -o warm
     """
     result = condlora_init(base, rank, join_targets(targets), out_dir=out_dir, alpha=alpha, mode=mode,
-                           from_adapter=from_adapter, seed=seed, overwrite=overwrite, device=device, dtype=dtype)
+                           from_adapter=from_adapter, overwrite=overwrite, compute=compute, seed=seed)
     render_init(result, as_json, ["module_type", "layers", "shape", "theta_A", "theta_B", "parameters",
                                   "lora_parameters", "init", "fit"])

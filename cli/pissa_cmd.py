@@ -23,7 +23,7 @@ from .options import compute_options
 @seed_option
 @compute_options
 @json_option
-def pissa_cmd(base, rank, targets, alpha, niter, out_dir, overwrite, seed, device, dtype, as_json):
+def pissa_cmd(base, rank, targets, alpha, niter, out_dir, overwrite, seed, compute, as_json):
     """PiSSA init: B, A from W0's top-r singular triplets, residual base W0 − s·B·A.
 
     Load the residual weights into the base model, then the adapter with PEFT.
@@ -34,7 +34,7 @@ def pissa_cmd(base, rank, targets, alpha, niter, out_dir, overwrite, seed, devic
       lora-lens pissa --base ./stories260K --rank 4 --targets q_proj --niter 4 -o pissa --json
     """
     result = pissa_init(base, rank, join_targets(targets), out_dir=out_dir, alpha=alpha, niter=niter,
-                        overwrite=overwrite, seed=seed, device=device, dtype=dtype)
+                        overwrite=overwrite, compute=compute, seed=seed)
     render_init(result, as_json, ["module", "shape", "sigma_first", "sigma_last", "energy"])
 
 
@@ -47,7 +47,7 @@ def pissa_cmd(base, rank, targets, alpha, niter, out_dir, overwrite, seed, devic
 @overwrite_option
 @compute_options
 @json_option
-def reduce_cmd(adapter, rank, energy, out_dir, overwrite, device, dtype, as_json):
+def reduce_cmd(adapter, rank, energy, out_dir, overwrite, compute, as_json):
     """Reduce an adapter's rank by truncating each module's SVD (best rank-k approximation).
 
     \b
@@ -55,6 +55,5 @@ def reduce_cmd(adapter, rank, energy, out_dir, overwrite, device, dtype, as_json
       lora-lens reduce ./my-r64-adapter --rank 16 -o my-r16-adapter
       lora-lens reduce ./my-adapter --energy 0.9 -o smaller --json
     """
-    result = reduce_rank(adapter, rank=rank, energy=energy, out_dir=out_dir, overwrite=overwrite, device=device,
-                         dtype=dtype)
+    result = reduce_rank(adapter, rank=rank, energy=energy, out_dir=out_dir, overwrite=overwrite, compute=compute)
     render_init(result, as_json, ["module", "rank_before", "rank_after", "energy_kept"])

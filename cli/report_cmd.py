@@ -27,7 +27,7 @@ from .options import compute_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: where the report was written.")
 @compute_options
-def report_cmd(adapters, base, out, title, energy, intruder_k, epsilon, seed, overwrite, as_json, device, dtype):
+def report_cmd(adapters, base, out, title, energy, intruder_k, epsilon, seed, overwrite, as_json, compute):
     """Analyze one or more adapters and write a self-contained HTML report
     (index.html, figures/*.png, results.json): spectra and effective ranks,
     φ across layers with random baselines, adapter vs adapter φ, and with
@@ -41,8 +41,8 @@ def report_cmd(adapters, base, out, title, energy, intruder_k, epsilon, seed, ov
     loaded = [a for path in adapters for a in load_adapters(path)]
     base_weights = open_base(base) if base else None
     check_destination(Path(out), overwrite)  # refuse before the analysis runs, not after
-    analysis = analyze_adapters(loaded, base_weights, device=device, dtype=dtype, energy=energy,
-                                intruder_k=intruder_k, epsilon=epsilon, seed=seed)
+    analysis = analyze_adapters(loaded, base_weights, energy=energy, intruder_k=intruder_k, epsilon=epsilon,
+                                compute=compute, seed=seed)
     index = write_analysis_report(out, analysis, title=title, energy=energy, overwrite=overwrite)
     if as_json:
         echo_json({"report": str(index), "folder": out, "adapters": [a.label for a in loaded]})

@@ -22,7 +22,7 @@ from .options import compute_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random baselines.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (φ grids included).")
 @compute_options
-def similarity_cmd(adapters, base, what, k, side, seed, as_json, device, dtype) -> None:
+def similarity_cmd(adapters, base, what, k, side, seed, as_json, compute) -> None:
     """Subspace similarity φ (LoRA paper §7) with a random baseline beside every number.
 
     One adapter: per module type, the layers × layers grid of
@@ -39,7 +39,7 @@ def similarity_cmd(adapters, base, what, k, side, seed, as_json, device, dtype) 
     """
     loaded = [a for path in adapters for a in load_adapters(path)]
     b = open_base(base) if base else None
-    kw = dict(what=what, k=k, side=side, device=device, dtype=dtype, seed=seed)
+    kw = dict(what=what, k=k, side=side, compute=compute, seed=seed)
     if len(loaded) == 1:
         result = layer_similarity(loaded[0], base=b, **kw)
         echo_json(result.to_dict()) if as_json else click.echo(render_layers(result))

@@ -6,7 +6,7 @@ import click
 
 from lora_lens.spectra import adapter_spectra
 
-from .common import ByteSize, echo_json, progress_callback, table
+from .common import echo_json, progress_callback, table
 from .options import compute_options
 
 
@@ -19,10 +19,9 @@ from .options import compute_options
               help="Energy fraction for rank_at_energy (PEFT's convention: Σσ² kept).")
 @click.option("--fro", type=float, default=0.9, show_default=True,
               help="Frobenius fraction for rank_at_fro (kohya's sv_fro: ‖σ‖ kept).")
-@click.option("--max-memory", type=ByteSize(), default=None, help="Memory budget per chunk on the device, e.g. 2GB, 512MiB.")
 @click.option("--adapter", "adapter_name", default=None, help="Which named adapter, when the folder holds several.")
-def spectrum_cmd(adapter: str, as_json: bool, per_layer: bool, device: str, dtype: str, energy: float, fro: float,
-                 max_memory: int | None, adapter_name: str | None) -> None:
+def spectrum_cmd(adapter: str, as_json: bool, per_layer: bool, compute, energy: float, fro: float,
+                 adapter_name: str | None) -> None:
     """Singular values of every LoRA update ΔW = s·B·A (never formed) and its
     effective rank, stable rank, energy and the rank that keeps a given
     fraction of it, summarized per module type across layers.
@@ -35,8 +34,8 @@ def spectrum_cmd(adapter: str, as_json: bool, per_layer: bool, device: str, dtyp
       lora-lens spectrum ./runs --adapter seed1 --device cuda --max-memory 2GB
     """
     with progress_callback("decomposing LoRA modules") as progress:
-        result = adapter_spectra(adapter, device=device, dtype=dtype, energy=energy, fro=fro, max_memory=max_memory,
-                                 progress=progress, adapter_name=adapter_name)
+        result = adapter_spectra(adapter, energy=energy, fro=fro, adapter_name=adapter_name, compute=compute,
+                                 progress=progress)
     if as_json:
         echo_json(result.to_dict())
         return

@@ -15,6 +15,8 @@ bf16/fp16 are upcast to ``compute_dtype`` (float32 unless asked) before
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
@@ -115,7 +117,7 @@ def randomized_svd(
     k: int,
     oversample: int = 16,
     n_iter: int = 4,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``k`` SVD of ``W (..., m, n)`` by a randomized range finder (Halko et al. 2011).
@@ -125,7 +127,9 @@ def randomized_svd(
     float32 loses the tail: methods.md §1), then an exact SVD of the small
     ``(q, n)`` matrix ``Qᵀ W``. Returns ``U (..., m, k)``, ``S (..., k)``,
     ``Vh (..., k, n)``, signs fixed. Falls back to the exact SVD when ``q``
-    reaches ``min(m, n)``. Deterministic for a given ``seed``.
+    reaches ``min(m, n)``. Deterministic for a given ``seed``; a sequence of
+    seeds (one per matrix of a ``(L, m, n)`` batch) gives each matrix its own
+    sketch, so its result does not depend on the batch it is computed in.
     """
     W = upcast(W, dtype)
     m, n = W.shape[-2:]
@@ -133,8 +137,7 @@ def randomized_svd(
     if q >= min(m, n):
         U, S, Vh = svd(W)
         return U[..., :k], S[..., :k], Vh[..., :k, :]
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    omega = torch.randn(*W.shape[:-2], n, q, generator=gen, dtype=W.dtype).to(W.device)  # (..., n, q)
+    omega = gaussian_sketch(W.shape[:-2], n, q, seed, W.dtype).to(W.device)  # (..., n, q)
     Wt = W.transpose(-1, -2)
     Q, _ = torch.linalg.qr(W @ omega)  # (..., m, q)
     for _ in range(n_iter):
@@ -144,6 +147,18 @@ def randomized_svd(
     U = Q @ Ub
     U, Vh = sign_fix(U[..., :k], Vh[..., :k, :])
     return U, S[..., :k], Vh
+
+
+def gaussian_sketch(batch: tuple[int, ...], n: int, q: int, seed: int | Sequence[int],
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian ``(*batch, n, q)`` on the CPU: one generator for an int ``seed``, one per matrix for a sequence."""
+    if isinstance(seed, int):
+        return torch.randn(*batch, n, q, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    seeds = list(seed)
+    if len(batch) != 1 or len(seeds) != batch[0]:
+        raise ValueError(f"{len(seeds)} seeds for a batch of shape {tuple(batch)}; expected one seed per matrix of (L, m, n).")
+    return torch.stack([torch.randn(n, q, generator=torch.Generator().manual_seed(s), dtype=dtype) for s in seeds]) \
+        if seeds else torch.empty(0, n, q, dtype=dtype)
 
 
 def orthonormal_basis(X: torch.Tensor) -> torch.Tensor:

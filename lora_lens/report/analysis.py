@@ -17,6 +17,7 @@ import numpy as np
 
 from ..compare import AlignmentAnalysis, LayerSimilarity, analyze_alignment, layer_similarity, pairwise_similarity
 from ..compare.similarity import AdapterSimilarity
+from ..compute import Compute, as_compute
 from ..io.base import BaseWeights
 from ..spectra import AdapterSpectra, adapter_spectra
 from ..types import Adapter
@@ -74,26 +75,30 @@ def analyze_adapters(
     adapters: Sequence[Adapter],
     base: BaseWeights | None = None,
     runs: Mapping[str, Mapping[str, Any]] | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
+    *,
     energy: float = 0.9,
     intruder_k: int = 10,
     epsilon: float = 0.5,
-    seed: int = 0,
+    compute: Compute | None = None,
+    **options,
 ) -> Analysis:
-    """Run every analysis the report shows. ``runs``: loss curves (``plot_loss_curves`` format)."""
+    """Run every analysis the report shows. ``runs``: loss curves (``plot_loss_curves`` format).
+
+    ``compute`` (or its fields as keywords) is resolved once and shared by every analysis.
+    """
+    cx = as_compute(compute, **options)
     adapters = unique_labels(adapters)
     eps = sorted(set(EPS_SWEEP) | {epsilon})
     per = []
     for ad in adapters:
         per.append(AdapterAnalysis(
             adapter=ad,
-            spectra=adapter_spectra(ad, device=device, dtype=dtype, energy=energy),
-            layers=layer_similarity(ad, what="delta", device=device, dtype=dtype, seed=seed),
-            alignment=analyze_alignment(ad, base, intruder_k=intruder_k, epsilon=eps, device=device, dtype=dtype,
-                                        seed=seed) if base is not None else None,
+            spectra=adapter_spectra(ad, energy=energy, compute=cx),
+            layers=layer_similarity(ad, what="delta", compute=cx),
+            alignment=analyze_alignment(ad, base, intruder_k=intruder_k, epsilon=eps, compute=cx)
+            if base is not None else None,
         ))
-    pairs = tuple(pairwise_similarity(list(adapters), device=device, dtype=dtype, seed=seed)) if len(adapters) > 1 else ()
+    pairs = tuple(pairwise_similarity(list(adapters), compute=cx)) if len(adapters) > 1 else ()
     return Analysis(tuple(per), pairs, str(base.path) if base is not None else None, dict(runs or {}), epsilon,
                     intruder_k)
 
