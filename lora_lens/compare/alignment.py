@@ -45,12 +45,14 @@ def random_projection_norm(W0: torch.Tensor, r: int, draws: int = DRAWS, seed: i
 
     ``W0 (L, m, n)`` → ``(L,)``. Every module of the chunk sees the same
     ``draws`` pairs (a baseline needs no independence across modules, and this
-    keeps the random bases at ``draws·(m + n)·r`` numbers).
+    keeps the random bases at ``draws·(m + n)·r`` numbers). One module at a
+    time: a product broadcast over the chunk is blocked differently for each
+    chunk size, and the numbers must not depend on ``max_memory``.
     """
     L, m, n = W0.shape
-    U = random_orthonormal(m, r, batch=(draws, 1), seed=seed, dtype=W0.dtype).to(W0.device)  # (draws, 1, m, r)
-    V = random_orthonormal(n, r, batch=(draws, 1), seed=seed + 1, dtype=W0.dtype).to(W0.device)  # (draws, 1, n, r)
-    return projection_norm(U, W0, V.transpose(-1, -2)).mean(0)  # (draws, L) → (L,)
+    U = random_orthonormal(m, r, batch=(draws,), seed=seed, dtype=W0.dtype).to(W0.device)  # (draws, m, r)
+    Vh = random_orthonormal(n, r, batch=(draws,), seed=seed + 1, dtype=W0.dtype).to(W0.device).transpose(-1, -2)
+    return torch.stack([projection_norm(U, W, Vh).mean(0) for W in W0])  # (draws,) per module → (L,)
 
 
 @dataclass(frozen=True)
