@@ -114,19 +114,20 @@ class Compute:
 
 
 _FIELDS = tuple(f.name for f in fields(Compute))
+_NONE_IS_A_VALUE = ("max_memory", "progress")
 
 
 def as_compute(compute: Compute | None = None, **options) -> Compute:
-    """One :class:`Compute` from ``compute`` and/or its fields given as keywords.
+    """One :class:`Compute` from ``compute`` and/or its fields given as keywords (given ones win).
 
-    Keywords that are ``None`` are ignored (``max_memory=None`` therefore
-    means "the default"; to lift the cap pass ``Compute(max_memory=None)``).
+    ``max_memory=None`` and ``progress=None`` are values (no cap, no
+    progress); ``device``, ``dtype`` or ``seed`` given as ``None`` mean "keep".
     Unknown keywords raise ``TypeError``, as a misspelt argument would.
     """
     bad = [k for k in options if k not in _FIELDS]
     if bad:
         raise TypeError(f"unexpected keyword argument(s) {bad}; compute options are {list(_FIELDS)}.")
-    given = {k: v for k, v in options.items() if v is not None}
+    given = {k: v for k, v in options.items() if v is not None or k in _NONE_IS_A_VALUE}
     if compute is None:
         return Compute(**given)
     if not isinstance(compute, Compute):

@@ -182,7 +182,8 @@ def test_compute_resolved_once_and_keywords_folded():
     cx = Compute("cpu", "float64")
     assert cx.device == torch.device("cpu") and cx.dtype is torch.float64 and cx.max_memory == DEFAULT_MAX_MEMORY
     assert as_compute(cx) is cx
-    assert as_compute(cx, max_memory=None) is cx  # None keywords mean "not given"
+    assert as_compute(cx, device=None) is cx  # None device/dtype/seed: "keep"
+    assert as_compute(cx, max_memory=None).max_memory is None  # None budget: no cap (as before Compute)
     assert as_compute(cx, seed=5).seed == 5 and as_compute(dtype=torch.float32).dtype is torch.float32
     with pytest.raises(TypeError, match="max_memroy"):
         as_compute(max_memroy=1)
