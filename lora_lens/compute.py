@@ -139,7 +139,7 @@ def item_seed(seed: int, name: str) -> int:
     """A 63-bit seed for one named item: BLAKE2b of ``"<seed>:<name>"``.
 
     Stable across processes, platforms and Python versions (unlike ``hash``),
-    and independent of how items are grouped, ordered or chunked.
+    and independent of how items are grouped, ordered or chunked (docs/maths.md §10).
     """
     digest = hashlib.blake2b(f"{int(seed)}:{name}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
