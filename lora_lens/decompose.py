@@ -22,7 +22,7 @@ from .chunks import TRANSPOSED, chunk_size, chunks, load_w0, stack
 from .compute import DTYPES, Compute, Progress, as_compute, resolve_device, resolve_dtype
 from .errors import NonFiniteError
 from .io.base import BaseWeights
-from .linalg import factored_svd, factored_svdvals, randomized_svd, svd
+from .linalg import factored_svd, factored_svdvals, randomized_svd, svd, top_subspace_svd
 from .types import Adapter, LayerKey, LoraModule
 
 #: Re-exported for callers that import them from here.
@@ -36,7 +36,10 @@ class Spectrum:
 
     ``U (m, k)``, ``S (k,)`` descending, ``Vh (k, n)``; signs fixed. ``kind`` is
     ``delta`` (a LoRA update, exact with ``k = r``), ``base`` (a base weight,
-    exact or randomized top-k) or ``matrix``.
+    exact or randomized top-k) or ``matrix``. ``method``: ``svd`` (full SVD),
+    ``randomized`` (fixed power iterations: accuracy unknown, ``error`` None) or
+    ``iterated`` (:func:`~lora_lens.linalg.top_subspace_svd`); ``error``: the
+    estimated ``1 − φ`` of ``U`` against the exact top-k subspace (0 for ``svd``).
     """
 
     name: str
@@ -46,6 +49,8 @@ class Spectrum:
     Vh: torch.Tensor
     kind: str = "delta"
     exact: bool = True
+    method: str = "svd"
+    error: float | None = 0.0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -168,21 +173,25 @@ class TopK:
     """How many directions a full-matrix SVD keeps, and how they are found.
 
     ``k=None``: the exact thin SVD (``k = min(m, n)``). With ``k``: the top-k,
-    by the randomized range finder when ``randomized`` (``None``: when
-    ``k + oversample < min(m, n) / 2``), else the truncated exact SVD.
+    by the randomized range finder with ``n_iter`` power iterations when
+    ``randomized`` (``None``: when ``k + oversample < min(m, n) / 2``), else the
+    truncated exact SVD. ``n_iter="auto"``: subspaces accurate enough to compare
+    (:func:`~lora_lens.linalg.top_subspace_svd`), ``randomized`` ignored.
     """
 
     k: int | None = None
     randomized: bool | None = None
     oversample: int = 16
-    n_iter: int = 4
+    n_iter: int | str = 4
 
-    def for_shape(self, m: int, n: int) -> tuple[int, bool]:
-        """``(kept directions, randomized?)`` for an ``(m, n)`` matrix."""
+    def for_shape(self, m: int, n: int) -> tuple[int, str]:
+        """``(kept directions, how)`` for an ``(m, n)`` matrix; ``how``: ``svd``, ``randomized`` or ``auto``."""
         kk = min(m, n) if self.k is None else min(self.k, m, n)
+        if self.n_iter == "auto":
+            return kk, "auto"
         rand = self.randomized if self.randomized is not None else \
             (self.k is not None and kk + self.oversample < min(m, n) / 2)
-        return kk, bool(rand)
+        return kk, "randomized" if rand else "svd"
 
 
 def decompose_matrices(
@@ -192,7 +201,7 @@ def decompose_matrices(
     keys: dict[str, LayerKey] | None = None,
     randomized: bool | None = None,
     oversample: int = 16,
-    n_iter: int = 4,
+    n_iter: int | str = 4,
     kind: str = "matrix",
     compute: Compute | None = None,
     **options,
@@ -214,7 +223,7 @@ def decompose_base(
     layouts: Mapping[str, str] | None = None,
     randomized: bool | None = None,
     oversample: int = 16,
-    n_iter: int = 4,
+    n_iter: int | str = 4,
     compute: Compute | None = None,
     **options,
 ) -> dict[str, Spectrum]:
@@ -225,7 +234,10 @@ def decompose_base(
     (``conv1d``, ``embedding``: stored ``(n, m)``; see
     :func:`~lora_lens.chunks.load_w0`); they are decomposed in PyTorch's
     ``(m, n)`` layout so they line up with adapter spectra. Keys of the result
-    are the weight names. Random sketches are seeded per weight name.
+    are the weight names. ``n_iter="auto"``: subspaces accurate enough to
+    compare (:func:`~lora_lens.linalg.top_subspace_svd`: a full SVD for small
+    matrices, else iterations until a measured error bound; ``randomized`` is
+    then ignored). Random sketches are seeded per weight name.
     """
     layouts = dict(layouts or {})
     shapes = {}
@@ -252,11 +264,13 @@ def _decompose_named(names: list[str], shape: Callable[[str], tuple[int, int]], 
         return (3 * m * n + (m + n) * min(m, n)) * cx.itemsize
 
     for (m, n), chunk in chunks(names, shape, per_item, cx, lambda mn: f"{mn[0]}x{mn[1]}"):
-        kk, use_rand = top.for_shape(m, n)
+        kk, how = top.for_shape(m, n)
         W = stack(cx, chunk, load)  # (L, m, n)
-        if use_rand:
-            U, S, Vh = randomized_svd(W, kk, oversample=top.oversample, n_iter=top.n_iter,
-                                      seed=cx.seeds_for(chunk))
+        seeds = cx.seeds_for(chunk)  # one sketch per matrix: its numbers do not depend on the chunk
+        if how == "auto":
+            U, S, Vh, acc = top_subspace_svd(W, kk, oversample=top.oversample, seed=seeds)
+        elif how == "randomized":
+            U, S, Vh = randomized_svd(W, kk, oversample=top.oversample, n_iter=top.n_iter, seed=seeds)
         else:
             U, S, Vh = svd(W)
             U, S, Vh = U[..., :kk], S[..., :kk], Vh[..., :kk, :]
@@ -264,5 +278,10 @@ def _decompose_named(names: list[str], shape: Callable[[str], tuple[int, int]], 
         del W
         for i, name in enumerate(chunk):
             key = keys.get(name) or LayerKey("", None, name)
-            out[name] = Spectrum(name, key, U[i], S[i], Vh[i], kind=kind, exact=not use_rand)
+            if how == "auto":
+                exact = bool(acc.exact[i])
+                info = dict(exact=exact, method="svd" if exact else "iterated", error=float(acc.error[i]))
+            else:
+                info = dict(exact=how == "svd", method=how, error=None if how == "randomized" else 0.0)
+            out[name] = Spectrum(name, key, U[i], S[i], Vh[i], kind=kind, **info)
     return {n: out[n] for n in names}

@@ -24,6 +24,7 @@ import torch
 
 from ..compute import Compute, as_compute
 from ..io.base import BaseWeights
+from ..io.layout import with_base_layouts
 from ..linalg import factored_svd, random_orthonormal, randomized_svd
 from ..types import Adapter, LayerKey
 from .pairing import Chunk, base_chunks, pair_with_base
@@ -147,6 +148,7 @@ def alignment(
     from ``torch.linalg.svdvals`` with ``exact_w0=True``.
     """
     cx = as_compute(compute, **options)
+    adapter = with_base_layouts(adapter, base)  # Linear vs Conv1D per module, as PEFT decides
     weights = pair_with_base(adapter, base)
     itemsize = cx.itemsize
     rows, exact = [], True

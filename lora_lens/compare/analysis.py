@@ -13,6 +13,7 @@ from typing import Sequence
 
 from ..compute import Compute, as_compute
 from ..io.base import BaseWeights
+from ..io.layout import with_base_layouts
 from ..types import Adapter
 from .alignment import DRAWS, Alignment, align_chunk, zero_delta_notes
 from .intruders import EPSILON, K, Intruders, check_params, intruder_bytes, intruder_chunk
@@ -45,6 +46,7 @@ def analyze_alignment(
     """LoRA §7.3 projection norms and intruder counts per module, from one read of each base weight."""
     eps = check_params(intruder_k, epsilon)
     cx = as_compute(compute, **options)
+    adapter = with_base_layouts(adapter, base)  # Linear vs Conv1D per module, as PEFT decides
     weights = pair_with_base(adapter, base)
     aligned, intruding = [], []
     for chunk in base_chunks(list(adapter), weights, base, cx, intruder_bytes(cx.itemsize), "alignment"):

@@ -30,6 +30,7 @@ import torch
 from ..compute import Compute, as_compute
 from ..errors import ConfigError
 from ..io.base import BaseWeights
+from ..io.layout import with_base_layouts
 from ..linalg import svd
 from ..types import Adapter, LayerKey
 from .pairing import Chunk, base_chunks, pair_with_base
@@ -139,6 +140,7 @@ def intruder_dimensions(
     """
     eps = check_params(k, epsilon)
     cx = as_compute(compute, **options)
+    adapter = with_base_layouts(adapter, base)  # Linear vs Conv1D per module, as PEFT decides
     weights = pair_with_base(adapter, base)
     rows = []
     for chunk in base_chunks(list(adapter), weights, base, cx, intruder_bytes(cx.itemsize), "intruders"):
