@@ -10,6 +10,7 @@ from .compute import Compute  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
     ConfigError,
+    DiskFullError,
     KeyMatchError,
     LoraLensError,
     NonFiniteError,
@@ -22,7 +23,8 @@ from .keys import parse_module_path  # noqa: E402
 from .types import Adapter, LayerKey, LoraModule, LoraSettings, TensorInfo  # noqa: E402
 
 __all__ = [
-    "Adapter", "CheckpointError", "Compute", "ConfigError", "KeyMatchError", "LayerKey", "LoraLensError",
+    "Adapter", "CheckpointError", "Compute", "ConfigError", "DiskFullError", "KeyMatchError", "LayerKey",
+    "LoraLensError",
     "LoraModule", "LoraSettings", "NonFiniteError", "ShapeError", "TensorInfo", "UnsafeFileError",
     "__version__", "inspect_path", "load_adapter", "load_adapters", "open_base", "parse_module_path",
     "save_peft_adapter",
