@@ -53,7 +53,7 @@ def sign_fix(U: torch.Tensor, Vh: torch.Tensor | None = None) -> tuple[torch.Ten
 def factored_svd(
     B: torch.Tensor, A: torch.Tensor, scaling: float | torch.Tensor = 1.0, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD of ``ΔW = s · B A`` without forming it (methods.md §1).
+    """Thin SVD of ``ΔW = s · B A`` without forming it (docs/maths.md §1).
 
     ``B (..., m, r)``, ``A (..., r, n)``; ``scaling`` a float or ``(...)`` tensor.
     QR of ``B = Qb Rb`` and ``Aᵀ = Qa Ra``, SVD of the small core
@@ -103,7 +103,7 @@ def svd(W: torch.Tensor, dtype: torch.dtype | None = None, fix_signs: bool = Tru
     """Full thin SVD ``W (..., m, n) = U (..., m, k) diag(S) Vh (..., k, n)``, ``k = min(m, n)``.
 
     Decomposes the tall orientation (a wide 4096×11008 matrix was 3× slower
-    than its transpose with MKL, methods.md §1) and transposes back.
+    than its transpose with MKL, docs/maths.md §1) and transposes back.
     """
     W = upcast(W, dtype)
     if W.shape[-1] > W.shape[-2]:
@@ -129,7 +129,7 @@ def randomized_svd(
 
     ``q = k + oversample`` Gaussian columns, ``n_iter`` power iterations
     re-orthonormalized after every product (without it float32 loses the
-    tail: methods.md §1) by CholeskyQR2 with a Householder fallback; see
+    tail: docs/maths.md §10) by CholeskyQR2 with a Householder fallback; see
     :mod:`lora_lens.randomized`, whose keyword options (``tol``,
     ``max_iter``, ``phi_tol``, ``probes``, ``householder``, ``block``)
     ``finder`` passes on — ``tol`` replaces the fixed ``n_iter`` by an

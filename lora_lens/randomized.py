@@ -15,7 +15,7 @@ finishes, ``U = Qₜ Ur``, ``V = Zₜ Vr``, without the extra pass ``Qᵀ W`` an
 the ``(q, n)`` SVD of ``torch.svd_lowrank`` — same subspace, same numbers in
 exact arithmetic as HMT Algorithm 4.4 + 5.1 with ``t`` iterations.
 
-Orthonormalization between passes (needed in float32: methods.md §1) is
+Orthonormalization between passes (needed in float32: docs/maths.md §10) is
 CholeskyQR2 (Yamamoto et al. 2015): Gram ``XᵀX``, Cholesky, triangular
 solve, twice — all GEMM-shaped, 10–40× cheaper than Householder QR on skinny
 ``(m, q)`` blocks on the CPU. When the Gram is too ill-conditioned (``κ(X)``
