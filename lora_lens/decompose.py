@@ -33,7 +33,10 @@ class Spectrum:
 
     ``U (m, k)``, ``S (k,)`` descending, ``Vh (k, n)``; signs fixed. ``kind`` is
     ``delta`` (a LoRA update, exact with ``k = r``), ``base`` (a base weight,
-    exact or randomized top-k) or ``matrix``.
+    exact or randomized top-k) or ``matrix``. A randomized top-k records its
+    ``passes`` over the matrix and the estimated relative ``error`` of ``S``
+    (:class:`~lora_lens.randomized.LowRankSVD`; NaN before 2 iterations);
+    both are 0 when exact.
     """
 
     name: str
@@ -43,6 +46,8 @@ class Spectrum:
     Vh: torch.Tensor
     kind: str = "delta"
     exact: bool = True
+    passes: int = 0
+    error: float = 0.0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -291,16 +296,19 @@ def _decompose_groups(groups, load, k, keys, device, dtype, max_memory, randomiz
         step = chunk_size(per_item, max_memory, len(names))
         for lo in range(0, len(names), step):
             chunk = names[lo: lo + step]
-            W = load(chunk).to(dev, dt)  # (L, m, n)
+            W = load(chunk).to(dev)  # (L, m, n) as stored: the range finder upcasts one matrix at a time
+            passes, error = torch.zeros(len(chunk), dtype=torch.long), torch.zeros(len(chunk))
             if use_rand:
-                U, S, Vh = randomized_svd(W, kk, oversample=oversample, n_iter=n_iter, seed=seed)
+                res = randomized_svd(W, kk, oversample=oversample, n_iter=n_iter, seed=seed, dtype=dt)
+                (U, S, Vh), passes, error = res, res.passes, res.error
             else:
-                U, S, Vh = svd(W)
+                U, S, Vh = svd(W, dt)
                 U, S, Vh = U[..., :kk], S[..., :kk], Vh[..., :kk, :]
             U, S, Vh = U.cpu(), S.cpu(), Vh.cpu()
             for i, name in enumerate(chunk):
                 key = keys.get(name) or LayerKey("", None, name)
-                out[name] = Spectrum(name, key, U[i], S[i], Vh[i], kind=kind, exact=not use_rand)
+                out[name] = Spectrum(name, key, U[i], S[i], Vh[i], kind=kind, exact=not use_rand,
+                                     passes=int(passes[i]), error=float(error[i]))
             done += len(chunk)
             if progress:
                 progress(done, total, f"{m}x{n}")

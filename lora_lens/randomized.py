@@ -70,7 +70,8 @@ class LowRankSVD:
     (HMT §4.3, holds with probability ``≥ 1 − 10^{-probes}``; close to the
     Frobenius tail on flat spectra, so loose there; NaN without probes);
     ``fallbacks (...)``: orthonormalizations redone by Householder QR.
-    Unpacks as ``U, S, Vh``.
+    Behaves as the tuple ``(U, S, Vh)`` (unpacking, indexing, ``len``), as
+    ``randomized_svd`` always returned.
     """
 
     U: torch.Tensor
@@ -84,6 +85,12 @@ class LowRankSVD:
 
     def __iter__(self):
         return iter((self.U, self.S, self.Vh))
+
+    def __getitem__(self, i):
+        return (self.U, self.S, self.Vh)[i]
+
+    def __len__(self) -> int:
+        return 3
 
 
 def cholesky_qr2(X: torch.Tensor, householder: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

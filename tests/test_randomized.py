@@ -150,6 +150,26 @@ def test_empty_stack_and_shapes():
     assert res.U.shape == (0, 30, 3) and res.S.shape == (0, 3) and res.Vh.shape == (0, 3, 20)
     res = randomized_svd(torch.randn(2, 3, 30, 20), 3, oversample=4)
     U, S, Vh = res
+    assert len(res) == 3 and res[1] is S
     assert U.shape == (2, 3, 30, 3) and res.passes.shape == (2, 3) and Vh.shape == (2, 3, 3, 20)
     with pytest.raises(ValueError, match="one seed per matrix"):
         range_svd(torch.randn(2, 30, 20), 3, seed=[1])
+
+
+def test_decompose_base_runs_the_finder_on_bf16_weights_and_records_its_passes(tmp_path):
+    from safetensors.torch import save_file
+
+    from lora_lens import open_base
+    from lora_lens.decompose import decompose_base
+
+    i = torch.arange(1, 81, dtype=torch.float64)
+    weights = {f"model.layers.{j}.mlp.up_proj.weight": _matrix(96, 80, i ** -0.5, seed=j, dtype=torch.bfloat16)
+               for j in range(3)}
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    names = list(weights)
+    out = decompose_base(open_base(tmp_path / "model.safetensors"), names, k=4, randomized=True, device="cpu")
+    ref = randomized_svd(torch.stack([weights[w] for w in names]).float(), 4)  # same seed, same upcast
+    for j, w in enumerate(names):
+        sp = out[w]
+        assert sp.S.dtype == torch.float32 and not sp.exact and sp.passes == 10
+        assert torch.equal(sp.S, ref.S[j]) and 0 < sp.error < 1
