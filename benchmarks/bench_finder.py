@@ -14,7 +14,8 @@ power iterations (error < 3e-4 on σ_256, < 1e-9 on σ_≤128 for this spectrum)
 on the first ``--check`` matrices of each group.
 
 Printed per group and k: best-of-``--repeats`` times (the CPU is shared, so
-single timings are noisy), the ratio, the errors of both (max relative error
+single timings are noisy; ``--clock cpu`` times this process's CPU instead of
+the wall, steadier with ``--threads 1`` when other jobs share the cores), the ratio, the errors of both (max relative error
 of σ_1..σ_{k/2} and of σ_k, ``φ`` of the top-k left subspace against the
 reference: 1 = same), and the finder's achieved GEMM rate (flops of its passes
 over its whole time) against this machine's measured rates: a square 2048³
@@ -48,15 +49,17 @@ from lora_lens.linalg import phi, randomized_svd  # noqa: E402
 from lora_lens.randomized import range_svd, sketches  # noqa: E402
 
 KS = (16, 64, 256)
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter
 
 
 def best_of(fn, repeats: int) -> tuple[float, object]:
     """Smallest wall time of ``repeats`` calls, and the last result."""
     best, out = float("inf"), None
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = clock()
         out = fn()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock() - t)
     return best, out
 
 
@@ -123,7 +126,9 @@ def ortho_variants(W: torch.Tensor, Uref, Sref, repeats: int) -> None:
     }
     for name, fn in variants.items():
         t, out = best_of(fn, repeats)
-        U, S = (out.U, out.S) if hasattr(out, "U") else (torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out]))
+        if isinstance(out, list):  # one (U, S, Vh) per matrix
+            out = tuple(torch.stack(t) for t in zip(*out))
+        U, S = out[0], out[1]
         e = errors(U[:c], S[:c], Uref, Sref, k)
         print(f"  {name:<34}{t:>8.2f}{e[0]:>11.1e}{e[1]:>10.1e}{e[2]:>9.5f}")
     print()
@@ -181,11 +186,16 @@ def main() -> None:
     ap.add_argument("--llama-count", type=int, default=2, help="weights of each Llama-7B shape (4096², 11008x4096)")
     ap.add_argument("--check", type=int, default=2, help="matrices per group checked against float64")
     ap.add_argument("--tol", type=float, default=1e-2, help="adaptive row on the 2048² group (0: skip)")
+    ap.add_argument("--clock", choices=CLOCK, default="wall",
+                    help="wall time, or this process's CPU time (steadier with 1 thread on a loaded, shared machine)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCK[args.clock]
     t0 = time.perf_counter()
     square = gemm_rate(2048, 2048, 2048, 5)
-    print(f"torch {torch.__version__}, {args.threads} thread(s); float32 GEMM 2048³: {square:.0f} GF/s\n")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.clock} clock; float32 GEMM 2048³: "
+          f"{square:.0f} GF/s\n")
     groups = [((2048, 2048), args.count), ((4096, 4096), args.llama_count), ((11008, 4096), args.llama_count)]
     ratios = []
     for (m, n), count in groups:
@@ -194,7 +204,8 @@ def main() -> None:
         Uref, Sref = reference(W[:c])
         if (m, n) == (2048, 2048):
             ortho_variants(W, Uref, Sref, args.repeats)
-        ratios += compare(W, Uref, Sref, args.repeats, square, args.tol if (m, n) == (2048, 2048) and args.tol else None)
+        adaptive = args.tol if (m, n) == (2048, 2048) and args.tol else None
+        ratios += compare(W, Uref, Sref, args.repeats, square, adaptive)
         del W
     print(f"speed-up over the loop at n_iter=4 (same passes, same q): min {min(ratios):.2f}x, max {max(ratios):.2f}x")
     print(f"total {time.perf_counter() - t0:.0f} s")

@@ -202,8 +202,7 @@ def range_svd(
 def _empty(batch: tuple[int, ...], m: int, n: int, k: int, dt: torch.dtype, device) -> LowRankSVD:
     f, i = dict(dtype=dt, device=device), dict(dtype=torch.long, device=device)
     return LowRankSVD(torch.empty(*batch, m, k, **f), torch.empty(*batch, k, **f), torch.empty(*batch, k, n, **f),
-                      torch.empty(batch, **i), torch.empty(batch, **f), torch.empty(batch, **f), torch.empty(batch, **f),
-                      torch.empty(batch, **i))
+                      torch.empty(batch, **i), *(torch.empty(batch, **f) for _ in range(3)), torch.empty(batch, **i))
 
 
 def _finder_block(W: torch.Tensor, omega: torch.Tensor, probe: torch.Tensor, k: int, n_iter: int,
