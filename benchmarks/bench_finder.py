@@ -186,6 +186,7 @@ def main() -> None:
     ap.add_argument("--llama-count", type=int, default=2, help="weights of each Llama-7B shape (4096², 11008x4096)")
     ap.add_argument("--check", type=int, default=2, help="matrices per group checked against float64")
     ap.add_argument("--tol", type=float, default=1e-2, help="adaptive row on the 2048² group (0: skip)")
+    ap.add_argument("--groups", default="2048,llama", help="which groups: 2048 and/or llama")
     ap.add_argument("--clock", choices=CLOCK, default="wall",
                     help="wall time, or this process's CPU time (steadier with 1 thread on a loaded, shared machine)")
     args = ap.parse_args()
@@ -196,7 +197,8 @@ def main() -> None:
     square = gemm_rate(2048, 2048, 2048, 5)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.clock} clock; float32 GEMM 2048³: "
           f"{square:.0f} GF/s\n")
-    groups = [((2048, 2048), args.count), ((4096, 4096), args.llama_count), ((11008, 4096), args.llama_count)]
+    groups = ([((2048, 2048), args.count)] if "2048" in args.groups else []) + \
+        ([((4096, 4096), args.llama_count), ((11008, 4096), args.llama_count)] if "llama" in args.groups else [])
     ratios = []
     for (m, n), count in groups:
         W = stack(m, n, count)
