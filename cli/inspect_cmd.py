@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import click
 
-from lora_lens import inspect_path
-
 from .common import echo_json, human_bytes, table
+from .options import json_option
 
 
 @click.command("inspect")
 @click.argument("path", type=click.Path(path_type=str))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (schema in docs/formats.md).")
+@json_option
 def inspect_cmd(path: str, as_json: bool) -> None:
     """Show what an adapter folder or a base checkpoint holds.
 
@@ -25,6 +24,8 @@ def inspect_cmd(path: str, as_json: bool) -> None:
       lora-lens inspect ./my-adapter
       lora-lens inspect ./Llama-2-7b-hf --json
     """
+    from lora_lens import inspect_path
+
     info = inspect_path(path)
     if as_json:
         echo_json(info)

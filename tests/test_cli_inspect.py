@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from cli.main import main
+from lora_lens_cli.main import main
 
 
 def run(*args):
@@ -154,12 +154,12 @@ def test_pickle_exploit_bin_refused_and_never_run(tmp_path):
 
 
 def test_internal_error_exits_1_without_traceback(monkeypatch, llama_adapter):
-    import cli.inspect_cmd as mod
+    import lora_lens
 
     def boom(path):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(mod, "inspect_path", boom)
+    monkeypatch.setattr(lora_lens, "inspect_path", boom)  # the command imports it from lora_lens when it runs
     r = run("inspect", llama_adapter[1])
     assert r.exit_code == 1 and "internal error" in r.stderr and "Traceback" not in r.output
 

@@ -36,13 +36,28 @@ def check_tensor(t: torch.Tensor, name: str, file: Path | str | None, require_fl
             f"{where} has integer dtype {str(t.dtype).replace('torch.', '')}; expected a floating-point weight. "
             "Quantized checkpoints are not supported: dequantize the weights first."
         )
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not _all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         raise NonFiniteError(
             f"{where} holds {bad} NaN/Inf value(s) of {t.numel()}; expected finite weights. "
             "The checkpoint is damaged or training diverged: use an earlier checkpoint."
         )
     return t
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite, in one pass without a mask for the usual (finite) case.
+
+    A sum is NaN or ±Inf whenever any term is, so a finite sum proves every
+    term finite. A non-finite sum may also come from overflow of finite terms
+    (|Σ| beyond the accumulator's range): only then is the element-wise test
+    run. float16/bfloat16 are accumulated in float32, so float16's small
+    range (65504) does not send every large tensor down the slow path.
+    """
+    acc = torch.float32 if t.element_size() < 4 else None
+    if bool(torch.isfinite(t.sum(dtype=acc))):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 class TensorStore:
