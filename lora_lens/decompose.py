@@ -40,6 +40,10 @@ class Spectrum:
     ``randomized`` (fixed power iterations: accuracy unknown, ``error`` None) or
     ``iterated`` (:func:`~lora_lens.linalg.top_subspace_svd`); ``error``: the
     estimated ``1 − φ`` of ``U`` against the exact top-k subspace (0 for ``svd``).
+    A ``randomized`` top-k also records its ``passes`` over the matrix and
+    ``sv_error``, the estimated relative error of ``S``
+    (:class:`~lora_lens.randomized.LowRankSVD`; NaN before 2 iterations); both
+    0 otherwise.
     """
 
     name: str
@@ -51,6 +55,8 @@ class Spectrum:
     exact: bool = True
     method: str = "svd"
     error: float | None = 0.0
+    passes: int = 0
+    sv_error: float = 0.0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -267,10 +273,12 @@ def _decompose_named(names: list[str], shape: Callable[[str], tuple[int, int]], 
         kk, how = top.for_shape(m, n)
         W = stack(cx, chunk, load)  # (L, m, n)
         seeds = cx.seeds_for(chunk)  # one sketch per matrix: its numbers do not depend on the chunk
+        passes, sv_error = torch.zeros(len(chunk), dtype=torch.long), torch.zeros(len(chunk))
         if how == "auto":
             U, S, Vh, acc = top_subspace_svd(W, kk, oversample=top.oversample, seed=seeds)
         elif how == "randomized":
-            U, S, Vh = randomized_svd(W, kk, oversample=top.oversample, n_iter=top.n_iter, seed=seeds)
+            res = randomized_svd(W, kk, oversample=top.oversample, n_iter=top.n_iter, seed=seeds)
+            (U, S, Vh), passes, sv_error = res, res.passes, res.error
         else:
             U, S, Vh = svd(W)
             U, S, Vh = U[..., :kk], S[..., :kk], Vh[..., :kk, :]
@@ -283,5 +291,6 @@ def _decompose_named(names: list[str], shape: Callable[[str], tuple[int, int]], 
                 info = dict(exact=exact, method="svd" if exact else "iterated", error=float(acc.error[i]))
             else:
                 info = dict(exact=how == "svd", method=how, error=None if how == "randomized" else 0.0)
-            out[name] = Spectrum(name, key, U[i], S[i], Vh[i], kind=kind, **info)
+            out[name] = Spectrum(name, key, U[i], S[i], Vh[i], kind=kind, **info, passes=int(passes[i]),
+                                 sv_error=float(sv_error[i]))
     return {n: out[n] for n in names}

@@ -7,7 +7,8 @@ bf16/fp16 are upcast to ``compute_dtype`` (float32 unless asked) before
 - :func:`factored_svd`: SVD of ``s·B A`` without forming the ``(m, n)`` matrix;
   :func:`factored_svdvals`: its singular values only.
 - :func:`svd`: full thin SVD, run in the tall orientation (faster with MKL).
-- :func:`randomized_svd`: top-k by a randomized range finder with power iterations.
+- :func:`randomized_svd`: top-k by a randomized range finder with power iterations
+  (the kernel lives in :mod:`lora_lens.randomized`).
 - :func:`top_subspace_svd`: top-k accurate enough to compare subspaces: a full SVD
   for small matrices, else subspace iteration until a measured error bound is met.
 - :func:`sign_fix`: deterministic signs (``svd_flip``-style).
@@ -18,10 +19,12 @@ bf16/fp16 are upcast to ``compute_dtype`` (float32 unless asked) before
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
+
+from .randomized import LowRankSVD, range_svd
 
 
 def upcast(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -123,34 +126,34 @@ def randomized_svd(
     n_iter: int = 4,
     seed: int | Sequence[int] = 0,
     dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    **finder,
+) -> LowRankSVD:
     """Top-``k`` SVD of ``W (..., m, n)`` by a randomized range finder (Halko et al. 2011).
 
-    Sketch ``Y = W Ω`` with ``q = k + oversample`` Gaussian columns, ``n_iter``
-    power iterations re-orthonormalized by QR after every product (without it
-    float32 loses the tail: docs/maths.md §10), then an exact SVD of the small
-    ``(q, n)`` matrix ``Qᵀ W``. Returns ``U (..., m, k)``, ``S (..., k)``,
-    ``Vh (..., k, n)``, signs fixed. Falls back to the exact SVD when ``q``
-    reaches ``min(m, n)``. Deterministic for a given ``seed``; a sequence of
-    seeds (one per matrix of a ``(L, m, n)`` batch) gives each matrix its own
-    sketch, so its result does not depend on the batch it is computed in.
+    ``q = k + oversample`` Gaussian columns, ``n_iter`` power iterations
+    re-orthonormalized after every product (without it float32 loses the
+    tail: docs/maths.md §10) by CholeskyQR2 with a Householder fallback; see
+    :mod:`lora_lens.randomized`, whose keyword options (``tol``,
+    ``max_iter``, ``phi_tol``, ``probes``, ``householder``, ``block``)
+    ``finder`` passes on — ``tol`` replaces the fixed ``n_iter`` by an
+    accuracy target. Returns a :class:`~lora_lens.randomized.LowRankSVD`
+    that unpacks as ``U (..., m, k), S (..., k), Vh (..., k, n)``, signs
+    fixed, plus passes, last change and a residual bound per matrix. Input
+    in bf16/fp16 is upcast one matrix at a time on the CPU. Falls back to the
+    exact SVD when ``q`` reaches ``min(m, n)``. Deterministic for a given
+    ``seed``; a sequence of seeds (one per matrix of a ``(L, m, n)`` stack)
+    makes each matrix's result independent of the stack it is in.
     """
-    W = upcast(W, dtype)
     m, n = W.shape[-2:]
-    q = min(k + oversample, m, n)
-    if q >= min(m, n):
-        U, S, Vh = svd(W)
-        return U[..., :k], S[..., :k], Vh[..., :k, :]
-    omega = gaussian_sketch(W.shape[:-2], n, q, seed, W.dtype).to(W.device)  # (..., n, q)
-    Wt = W.transpose(-1, -2)
-    Q, _ = torch.linalg.qr(W @ omega)  # (..., m, q)
-    for _ in range(n_iter):
-        Z, _ = torch.linalg.qr(Wt @ Q)  # (..., n, q)
-        Q, _ = torch.linalg.qr(W @ Z)  # (..., m, q)
-    Ub, S, Vh = torch.linalg.svd(Q.transpose(-1, -2) @ W, full_matrices=False)  # (..., q, q), (..., q), (..., q, n)
-    U = Q @ Ub
-    U, Vh = sign_fix(U[..., :k], Vh[..., :k, :])
-    return U, S[..., :k], Vh
+    if min(k + oversample, m, n) >= min(m, n):
+        U, S, Vh = svd(W, dtype)
+        batch = W.shape[:-2]
+        zero = torch.zeros(batch, dtype=torch.long, device=S.device)
+        exact = torch.zeros(batch, dtype=S.dtype, device=S.device)  # no change, no error, no residual
+        return LowRankSVD(U[..., :k], S[..., :k], Vh[..., :k, :], zero, exact, exact, exact, zero)
+    res = range_svd(W, k, oversample=oversample, n_iter=n_iter, seed=seed, dtype=dtype, **finder)
+    U, Vh = sign_fix(res.U, res.Vh)
+    return replace(res, U=U, Vh=Vh)
 
 
 def gaussian_sketch(batch: tuple[int, ...], n: int, q: int, seed: int | Sequence[int],

@@ -1,0 +1,178 @@
+"""The range finder (lora_lens/randomized.py) against float64 references and its own Householder path."""
+
+import math
+
+import pytest
+import torch
+
+from lora_lens.linalg import phi, random_orthonormal, randomized_svd
+from lora_lens.randomized import cholesky_qr2, range_svd, sketches
+
+U32 = torch.finfo(torch.float32).eps / 2  # unit round-off
+U64 = torch.finfo(torch.float64).eps / 2
+
+
+def _matrix(m: int, n: int, sig: torch.Tensor, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    """``U diag(sig) Vᵀ`` with Haar-random singular vectors, built in float64."""
+    k = sig.numel()
+    U = random_orthonormal(m, k, seed=seed, dtype=torch.float64)
+    V = random_orthonormal(n, k, seed=seed + 1, dtype=torch.float64)
+    return ((U * sig) @ V.T).to(dtype)
+
+
+def _bound(passes: int, m: int, q: int, u: float, norm: float) -> float:
+    """Rounding two runs of the finder may differ by: one GEMM/QR error ``√(m q) u ‖W‖`` per pass, ``passes`` deep."""
+    return passes * math.sqrt(m * q) * u * norm
+
+
+def _projector_gap(Ua: torch.Tensor, Ub: torch.Tensor) -> float:
+    return torch.linalg.matrix_norm(Ua @ Ua.mT - Ub @ Ub.mT, ord=2).max().item()
+
+
+def test_fixed_iterations_are_halko_martinsson_tropp_in_float64():
+    """Same Ω, same maths as HMT Alg. 4.4 + 5.1 (Householder QR, B = QᵀW, SVD of B): equal to float64 rounding."""
+    m, n, k, p = 90, 70, 6, 10
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    W = _matrix(m, n, i ** -0.5)
+    for n_iter in (0, 1, 3):
+        res = range_svd(W, k, oversample=p, n_iter=n_iter, seed=4)
+        omega = sketches(1, n, k + p, 4, 4, torch.float64)[0][0]
+        Q = torch.linalg.qr(W @ omega)[0]
+        for _ in range(n_iter):
+            Q = torch.linalg.qr(W @ torch.linalg.qr(W.T @ Q)[0])[0]
+        Ub, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)
+        tol = _bound(2 + 2 * n_iter, m, k + p, U64, 1.0)
+        assert (res.S - S[:k]).abs().max() <= tol
+        assert _projector_gap(res.U, Q @ Ub[:, :k]) <= tol / (S[k - 1] - S[k])  # Davis–Kahan: rounding / gap
+        assert int(res.passes) == 2 + 2 * n_iter
+
+
+def test_batched_equals_looped_with_per_item_seeds_fixed_and_adaptive():
+    i = torch.arange(1, 41, dtype=torch.float64)
+    W = torch.stack([_matrix(60, 50, i ** -e, seed=s, dtype=torch.float32) for s, e in ((0, 0.5), (2, 1.0), (4, 0.3))])
+    seeds = [11, 12, 13]
+    for kw in ({}, {"tol": 1e-3}):
+        batched = range_svd(W, 5, seed=seeds, block=3, **kw)
+        for j in range(3):
+            alone = range_svd(W[j], 5, seed=[seeds[j]], **kw)
+            assert torch.equal(alone.passes.reshape(()), batched.passes[j])
+            tol = _bound(int(alone.passes), 60, 21, U32, float(alone.S[..., 0]))
+            assert (alone.S - batched.S[j]).abs().max() <= tol
+            assert (alone.U @ (alone.S[..., None] * alone.Vh) - batched.U[j] @ (batched.S[j, :, None] * batched.Vh[j])
+                    ).abs().max() <= 4 * tol
+    # the adaptive run gives each item its own number of passes: the slow i^-0.3 spectrum needs more
+    assert batched.passes[2] > batched.passes[1]
+
+
+def test_bf16_is_upcast_per_matrix_to_the_same_numbers():
+    W = _matrix(64, 48, torch.linspace(1, 0.1, 30, dtype=torch.float64), dtype=torch.bfloat16).expand(2, 64, 48)
+    a, b = range_svd(W, 4), range_svd(W.float(), 4)
+    assert a.U.dtype == torch.float32 and torch.equal(a.S, b.S) and torch.equal(a.U, b.U)
+
+
+def test_cholesky_qr2_falls_back_to_householder_exactly_when_the_gram_is_too_ill_conditioned():
+    g = torch.Generator().manual_seed(0)
+    decay = torch.logspace(0, -6, 12)
+    Ux, Vx = random_orthonormal(200, 12, seed=5), random_orthonormal(12, 12, seed=6)
+    X = torch.stack([
+        torch.randn(200, 12, generator=g),  # κ ≈ 1.5: CholeskyQR2
+        (Ux * decay) @ Vx.T,  # κ = 1e6 spread over every column: κ² u ≫ 1, the Gram's Cholesky breaks down
+        (Ux * decay.sqrt()) @ Vx.T,  # κ = 1e3: κ² u ≈ 0.06, pass 1 leaves Q₁ visibly off, pass 2 repairs it
+        torch.randn(200, 12, generator=g) * decay,  # κ ≈ 1e6 but only by column scaling: Cholesky is immune
+    ])
+    Q, R, fell_back = cholesky_qr2(X)
+    assert fell_back.tolist() == [False, True, False, False]
+    for Qx, Rx, Xx in zip(Q, R, X):
+        # both paths: orthonormal and X = QR to a few ulps × √(m q) (Householder's and CholeskyQR2's bounds)
+        assert (Qx.T @ Qx - torch.eye(12)).abs().max() <= 8 * math.sqrt(200 * 12) * U32
+        assert (Qx @ Rx - Xx).abs().max() <= 8 * math.sqrt(200 * 12) * U32 * Xx.abs().max()
+        assert torch.equal(Rx, Rx.triu())
+
+
+@pytest.mark.parametrize("spectrum,falls_back", [("1/sqrt(i)", False), ("10^(-i/3)", True)])
+def test_cholesky_path_equals_householder_path(spectrum, falls_back):
+    i = torch.arange(1, 61, dtype=torch.float64)
+    sig = i ** -0.5 if falls_back is False else 10 ** (-(i - 1) / 3)  # the steep one: κ(X) ≈ 1e8 over q = 26
+    W = _matrix(120, 100, sig, dtype=torch.float32)
+    k = 10
+    chol, house = range_svd(W, k), range_svd(W, k, householder=True)
+    assert (int(chol.fallbacks) > 0) is falls_back
+    assert int(house.fallbacks) == int(house.passes)  # the reference path is Householder on every pass
+    tol = _bound(int(chol.passes), 120, k + 16, U32, float(sig[0]))
+    assert (chol.S - house.S).abs().max() <= tol
+    assert _projector_gap(chol.U, house.U) <= tol / float(sig[k - 1] - sig[k])
+
+
+@pytest.mark.parametrize("spectrum,tol", [("flat i^-1/4", 1e-3), ("Marchenko-Pastur", 1e-3), ("steep 1/i", 1e-5),
+                                          ("steep 0.8^i", 1e-5)])
+def test_adaptive_stop_reaches_the_requested_accuracy(spectrum, tol):
+    # steep spectra converge in a pass or two, so they are asked for more (float32 floor here: u σ_1/σ_k ≈ 1e-6)
+    m, n, k = 240, 160, 10
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    if spectrum == "Marchenko-Pastur":
+        W = torch.randn(m, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    else:
+        sig = {"flat i^-1/4": i ** -0.25, "steep 1/i": 1 / i, "steep 0.8^i": 0.8 ** i}[spectrum]
+        W = _matrix(m, n, sig)
+    S64 = torch.linalg.svdvals(W)[:k]  # float64 truth
+    res = randomized_svd(W.float(), k, tol=tol, max_iter=64)
+    err = ((res.S.double() - S64) / S64).abs().max().item()
+    assert err <= tol
+    assert int(res.passes) < 2 + 2 * 64 and float(res.error) <= tol / 2  # stopped on accuracy, not on the cap
+    one_pass = randomized_svd(W.float(), k, n_iter=0)  # the test has teeth: no iteration is far off
+    assert ((one_pass.S.double() - S64) / S64).abs().max().item() > 10 * tol
+
+
+def test_phi_tol_settles_the_subspace_too():
+    i = torch.arange(1, 101, dtype=torch.float64)
+    W = _matrix(150, 100, 1 / i)
+    U64_, _, _ = torch.linalg.svd(W)
+    plain = randomized_svd(W.float(), 8, tol=1e-2)
+    both = randomized_svd(W.float(), 8, tol=1e-2, phi_tol=1e-5)
+    assert both.passes >= plain.passes
+    assert 1 - phi(both.U.double(), U64_[:, :8]).item() <= 1e-5
+
+
+def test_residual_bound_brackets_the_projection_error():
+    i = torch.arange(1, 81, dtype=torch.float64)
+    W = _matrix(100, 80, 1 / i)
+    res = range_svd(W, 5, oversample=5)  # q = 10
+    # any rank-q projection leaves σ_{q+1}; HMT (4.3) bounds ‖(I − QQᵀ)W‖₂ from above (probability 1 − 1e-4)
+    assert float(res.residual) >= (1 / 11) / 1.0
+    low_rank = _matrix(100, 80, torch.ones(4, dtype=torch.float64))
+    res = range_svd(low_rank, 2, oversample=8)  # rank 4 < q = 10: span found exactly, Gram singular → Householder
+    # left over: rounding of W P − Q Qᵀ W P, √(m q) u ‖W ω‖ (‖W ω‖ ≈ 2 here), times the bound's 10 √(2/π) < 8
+    assert float(res.residual) <= 8 * math.sqrt(100 * 10) * U64 * 4 and int(res.fallbacks) > 0
+
+
+def test_empty_stack_and_shapes():
+    res = range_svd(torch.empty(0, 30, 20), 3)
+    assert res.U.shape == (0, 30, 3) and res.S.shape == (0, 3) and res.Vh.shape == (0, 3, 20)
+    res = randomized_svd(torch.randn(2, 3, 30, 20), 3, oversample=4)
+    U, S, Vh = res
+    assert len(res) == 3 and res[1] is S
+    assert U.shape == (2, 3, 30, 3) and res.passes.shape == (2, 3) and Vh.shape == (2, 3, 3, 20)
+    with pytest.raises(ValueError, match="one seed per matrix"):
+        range_svd(torch.randn(2, 30, 20), 3, seed=[1])
+
+
+def test_decompose_base_runs_the_finder_on_bf16_weights_and_records_its_passes(tmp_path):
+    from safetensors.torch import save_file
+
+    from lora_lens import open_base
+    from lora_lens.decompose import decompose_base
+
+    i = torch.arange(1, 81, dtype=torch.float64)
+    weights = {f"model.layers.{j}.mlp.up_proj.weight": _matrix(96, 80, i ** -0.5, seed=j, dtype=torch.bfloat16)
+               for j in range(3)}
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    names = list(weights)
+    out = decompose_base(open_base(tmp_path / "model.safetensors"), names, k=4, randomized=True, device="cpu")
+    from lora_lens.compute import item_seed
+
+    # the seeds decompose_base derives per weight name (seed 0), the same upcast
+    ref = randomized_svd(torch.stack([weights[w] for w in names]).float(), 4, seed=[item_seed(0, w) for w in names])
+    for j, w in enumerate(names):
+        sp = out[w]
+        assert sp.S.dtype == torch.float32 and sp.method == "randomized" and sp.passes == 10
+        assert torch.equal(sp.S, ref.S[j]) and 0 < sp.sv_error < 1
