@@ -7,7 +7,8 @@ bf16/fp16 are upcast to ``compute_dtype`` (float32 unless asked) before
 - :func:`factored_svd`: SVD of ``s·B A`` without forming the ``(m, n)`` matrix;
   :func:`factored_svdvals`: its singular values only.
 - :func:`svd`: full thin SVD, run in the tall orientation (faster with MKL).
-- :func:`randomized_svd`: top-k by a randomized range finder with power iterations.
+- :func:`randomized_svd`: top-k by a randomized range finder with power iterations;
+  :func:`top_left_subspace`: CoRA's top-r left subspace (exact or randomized).
 - :func:`sign_fix`: deterministic signs (``svd_flip``-style).
 - :func:`principal_angles`, :func:`phi`, :func:`phi_grid`: subspace comparisons.
 - :func:`lstsq`: least squares / exact solve with the residual.
@@ -144,6 +145,23 @@ def randomized_svd(
     U = Q @ Ub
     U, Vh = sign_fix(U[..., :k], Vh[..., :k, :])
     return U, S[..., :k], Vh
+
+
+def top_left_subspace(S: torch.Tensor, rank: int, oversample: int = 16, n_iter: int = 16, seed: int = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``r`` left singular vectors ``(..., m, r)`` and values ``(..., r)`` of ``S (..., m, N)``.
+
+    CoRA's common-subspace kernel (:mod:`lora_lens.methods.cora`), also the
+    collection's shared basis (:mod:`lora_lens.compare.collection`): the exact
+    SVD when ``r + oversample ≥ min(m, N)/2``, else the randomized range finder with ``n_iter`` power iterations (16: see
+    :mod:`lora_lens.methods.cora`). Signs fixed; batched over leading dimensions.
+    """
+    m, N = S.shape[-2:]
+    if rank + oversample >= min(m, N) / 2:
+        U, sv, _ = svd(S)
+        return U[..., :rank], sv[..., :rank]
+    U, sv, _ = randomized_svd(S, rank, oversample=oversample, n_iter=n_iter, seed=seed)
+    return U, sv
 
 
 def orthonormal_basis(X: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ from ..io.base import BaseWeights, open_base
 from ..io.initfile import InitDescription, write_init_description
 from ..io.peft import save_peft_adapter
 from ..keys import match_modules_to_weights
-from ..linalg import randomized_svd, svd
+from ..linalg import top_left_subspace  # noqa: F401  (CoRA's kernel; lives in linalg so compare can share it)
 from .common import InitResult, TargetLayer, check_rank, layer_chunks, load_stack, lora_module, provenance, \
     target_layers
 
@@ -173,23 +173,6 @@ def cora_basis(
               "oversample": oversample, "n_iter": n_iter, "seed": seed, "stacked_sources": M}
     return CoraBasis(rank, layers, bases, svals, energy, share_across_layers, params,
                      tuple(str(x.path) for x in [base, *srcs]))
-
-
-def top_left_subspace(S: torch.Tensor, rank: int, oversample: int = 16, n_iter: int = 16, seed: int = 0
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``r`` left singular vectors ``(..., m, r)`` and values ``(..., r)`` of ``S (..., m, N)``.
-
-    CoRA's kernel, for in-memory matrices (a trainer's loaded weights, stacked
-    sources): the exact SVD when ``r + oversample ≥ min(m, N)/2``, else the
-    randomized range finder with ``n_iter`` power iterations (16: see the
-    module docstring). Signs fixed; batched over leading dimensions.
-    """
-    m, N = S.shape[-2:]
-    if rank + oversample >= min(m, N) / 2:
-        U, sv, _ = svd(S)
-        return U[..., :rank], sv[..., :rank]
-    U, sv, _ = randomized_svd(S, rank, oversample=oversample, n_iter=n_iter, seed=seed)
-    return U, sv
 
 
 def _scaled(U: torch.Tensor, scale: str) -> torch.Tensor:
