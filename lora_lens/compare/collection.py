@@ -362,7 +362,8 @@ def plan_collection(
 
     Returns ``(tasks, labels, partial, skipped)``: ``partial[name]`` lists the
     adapters a compared module is missing from; ``skipped[name]`` says why a
-    module was left out (in one adapter only; shapes differ under ``allow_partial``).
+    module was left out or narrowed (in one adapter only; under ``allow_partial``
+    a module whose shapes differ is compared over the adapters of its most common shape).
     """
     paths = [str(p) for p in paths]
     if len(paths) < 2:
@@ -394,10 +395,11 @@ def plan_collection(
             if not allow_partial:
                 raise ShapeError(f"{msg}; expected adapters of one base. Pass --allow-partial to compare only the "
                                  "modules whose shapes agree.")
-            skipped[key] = f"shapes differ ({msg})"
-            continue
+            keep = max(shapes, key=lambda sh: len(shapes[sh]))  # the most common shape (first on ties)
+            skipped[key] = f"shapes differ ({msg}); compared over the {len(shapes[keep])} adapters of shape {keep}"
+            members = [x for x in members if x[2].shape == keep]
         if len(members) < 2:
-            skipped[key] = f"only in {labels[members[0][0]]}"
+            skipped[key] = (skipped.get(key, "") + "; " if key in skipped else "") + f"only in {labels[members[0][0]]}"
             continue
         if len(members) < len(paths):
             have = {i for i, _, _ in members}
