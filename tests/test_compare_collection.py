@@ -155,3 +155,26 @@ def test_bad_collections_are_refused_naming_the_problem(tmp_path):
     other = _adapter(tmp_path / "other", ["encoder.layer.0.attention.self.query"])
     with pytest.raises(KeyMatchError, match="no LoRA module"):
         plan_collection([a, other])
+
+
+def test_dask_local_cluster_gives_the_in_process_numbers(planted_collection):
+    pytest.importorskip("distributed")
+    from lora_lens.dist import dask_mapper
+
+    paths, _ = planted_collection
+    st = CollectionSettings(device="cpu", dtype="float32", shared_rank=12)
+    ref = collection_similarity(paths, st)
+    with dask_mapper("local", workers=2, processes=False) as mapper:
+        got = collection_similarity(paths, st, mapper=mapper)
+    # Same function on the same files; only the thread that runs it differs.
+    torch.testing.assert_close(got.phi, ref.phi, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.shared_energy()[1], ref.shared_energy()[1], rtol=0, atol=1e-6)
+
+
+def test_unreachable_scheduler_is_bad_input_naming_the_address():
+    pytest.importorskip("distributed")
+    from lora_lens.dist import dask_mapper
+
+    with pytest.raises(ConfigError, match="tcp://127.0.0.1:9"):
+        with dask_mapper("tcp://127.0.0.1:9", timeout=1):
+            pass
