@@ -9,6 +9,7 @@ import click
 from lora_lens import __version__
 
 from .alignment_cmd import alignment_cmd
+from .collection_cmd import collection_cmd
 from .common import LoraLensGroup
 from .inspect_cmd import inspect_cmd
 from .similarity_cmd import similarity_cmd
@@ -44,6 +45,7 @@ main.add_command(condlora_cmd)
 main.add_command(cora_cmd)
 main.add_command(pissa_cmd)
 main.add_command(reduce_cmd)
+main.add_command(collection_cmd)
 main.add_command(report_cmd)
 main.add_command(demo_cmd)
 

@@ -110,6 +110,7 @@ class ModuleTask:
     ranks: tuple[int, ...]
     shared_rank: int
     settings: CollectionSettings
+    layout: str = "linear"
 
 
 @dataclass(frozen=True, eq=False)
@@ -141,6 +142,9 @@ class ModuleResult:
     energy_both: torch.Tensor
     basis_left: torch.Tensor | None = None
     basis_right: torch.Tensor | None = None
+    #: The module's path in the first adapter that has it (what PEFT wraps), and its base layout.
+    module_path: str = ""
+    layout: str = "linear"
 
     @property
     def phi(self) -> torch.Tensor:
@@ -195,6 +199,7 @@ def module_task(task: ModuleTask) -> ModuleResult:
         energy_both=(both / safe[:, None]).cpu(),
         basis_left=left.basis[:, :R].float().cpu() if st.keep_basis else None,
         basis_right=right.basis[:, :R].float().cpu() if st.keep_basis else None,
+        module_path=task.names[0], layout=task.layout,
     )
 
 
@@ -410,7 +415,7 @@ def plan_collection(
             name=key, module_type=ref0.key.module, shape=ref0.shape, members=tuple(i for i, _, _ in members),
             paths=tuple(paths[i] for i, _, _ in members),
             names=tuple(name for _, name, _ in members), ranks=ranks,
-            shared_rank=settings.shared_rank or max(ranks), settings=settings,
+            shared_rank=settings.shared_rank or max(ranks), settings=settings, layout=ref0.layout,
         ))
     if not tasks:
         raise KeyMatchError(f"no LoRA module is shared by two of the {len(paths)} adapters "

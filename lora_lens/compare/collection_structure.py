@@ -81,7 +81,7 @@ def collection_structure(
     coll: CollectionSimilarity,
     clusters: int | str = "auto",
     distance_threshold: float | None = None,
-    duplicate: float = 0.95,
+    duplicate: float = 0.99,
     seed: int = 0,
 ) -> CollectionStructure:
     """Clusters, order, map, duplicates and outliers of a collection (see the module docstring)."""
@@ -91,7 +91,7 @@ def collection_structure(
     N = coll.size
     D = distance_matrix(coll)
     if not 0.0 < duplicate <= 1.0:
-        raise ConfigError(f"duplicate threshold {duplicate}: expected a φ in (0, 1], e.g. 0.95.")
+        raise ConfigError(f"duplicate threshold {duplicate}: expected a φ in (0, 1], e.g. 0.99.")
     labels, method, sil = _clusters(D, clusters, distance_threshold)
     Z = linkage(squareform(D, checks=False), method="average") if N > 1 else np.zeros((0, 4))
     order = tuple(int(i) for i in leaves_list(Z)) if N > 1 else (0,)

@@ -43,7 +43,8 @@ from ..io.atomic import atomic_directory, atomic_save_safetensors, atomic_write_
 from ..io.base import BaseWeights, open_base
 from ..io.initfile import InitDescription, write_init_description
 from ..io.peft import save_peft_adapter
-from ..keys import match_modules_to_weights
+from ..types import LoraModule
+from ..keys import match_modules_to_weights, parse_module_path
 from ..linalg import top_left_subspace  # noqa: F401  (CoRA's kernel; lives in linalg so compare can share it)
 from .common import InitResult, TargetLayer, check_rank, layer_chunks, load_stack, lora_module, provenance, \
     target_layers
@@ -257,4 +258,52 @@ def cora_init(
         write_init_description(tmp, desc)
     summary = {"modules": len(modules), "trainable_parameters": sum(
         m.A.numel() + (0 if mode == "frozen" else m.B.numel()) for m in modules)}
+    return InitResult(Path(out_dir), desc, tuple(records), summary)
+
+
+def collection_cora_init(
+    collection,
+    out_dir: str | Path,
+    *,
+    mode: str = "init",
+    alpha: float | None = None,
+    overwrite: bool = False,
+) -> InitResult:
+    """A CoRA init folder from a collection's shared basis (:mod:`lora_lens.compare.collection`).
+
+    Per module: ``lora_B`` = the collection's top-``R`` left basis ``U_R (m, R)``
+    (orthonormal), ``lora_A = 0``, so a new adapter trains in the subspace the
+    collection's adapters share (``mode="frozen"`` keeps B fixed). The run must
+    have kept the bases (``CollectionSettings(keep_basis=True)``). Modules whose
+    shared rank differs (a rank clipped by a small module) go to ``rank_pattern``.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"unknown CoRA mode {mode!r}; expected one of {list(MODES)}.")
+    missing = [m.name for m in collection.modules if m.basis_left is None]
+    if missing:
+        raise ConfigError(f"the collection was computed without its bases (e.g. module '{missing[0]}'); "
+                          "rerun with keep_basis=True (the CLI's --write-basis does).")
+    modules, records = [], []
+    for m in collection.modules:
+        B = m.basis_left.float().contiguous()  # (m, R)
+        R = int(B.shape[1])
+        a = float(R if alpha is None else alpha)
+        key = parse_module_path(m.module_path)
+        modules.append(LoraModule(m.module_path, key, torch.zeros(R, m.shape[1]), B, alpha=a, scaling=a / R,
+                                  layout=m.layout))
+        records.append({"key": m.module_path, "module_type": m.module_type, "rank": R,
+                        "energy": float(m.energy_left[:, R - 1].mean()),
+                        "sigma_first": float(m.sv_left[0]), "sigma_last": float(m.sv_left[R - 1])})
+    rank = max(x.rank for x in modules)
+    params = {"mode": mode, "source_kind": "collection", "scale": "orthonormal",
+              "shared_rank": collection.settings.shared_rank, "adapters": len(collection.labels)}
+    desc = InitDescription(method="cora", rank=rank, alpha=float(rank if alpha is None else alpha),
+                           targets=list(dict.fromkeys(m.module_type for m in collection.modules)), mode=mode,
+                           frozen=["lora_B"] if mode == "frozen" else [], peft_adapter=".", params=params,
+                           sources=list(collection.paths))
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        save_peft_adapter(tmp, modules, metadata=provenance("cora", params, collection.paths), overwrite=True)
+        write_init_description(tmp, desc)
+    summary = {"modules": len(modules), "trainable_parameters": sum(
+        x.A.numel() + (0 if mode == "frozen" else x.B.numel()) for x in modules)}
     return InitResult(Path(out_dir), desc, tuple(records), summary)
