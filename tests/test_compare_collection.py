@@ -178,3 +178,24 @@ def test_unreachable_scheduler_is_bad_input_naming_the_address():
     with pytest.raises(ConfigError, match="tcp://127.0.0.1:9"):
         with dask_mapper("tcp://127.0.0.1:9", timeout=1):
             pass
+
+
+def test_peft_written_adapters_with_mixed_ranks(llama_adapter, tiny_llama, tmp_path):
+    """Real PEFT files (rank_pattern: one module at r=2, the rest r=4), a byte copy, and other seeds."""
+    import shutil
+
+    from .conftest import make_peft_adapter
+
+    model, _ = tiny_llama
+    src = llama_adapter[1]
+    copy = shutil.copytree(src, tmp_path / "copy")
+    other = tmp_path / "seed1"
+    make_peft_adapter(model, other, seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    coll = collection_similarity([src, copy, other], CollectionSettings(device="cpu", dtype="float64"))
+    assert float(coll.phi[0, 1]) == pytest.approx(1.0, abs=1e-12)
+    # Independent random inits: φ at the random baseline's level, far from 1.
+    assert abs(float(coll.phi[0, 2]) - float(coll.random_phi[0, 2])) < 6 * float(coll.random_std[0, 2]) + 0.05
+    ks = {m.name: m.k for m in coll.modules}
+    assert ks["layers.1.self_attn.q_proj"] == 2 and ks["layers.0.self_attn.q_proj"] == 4
+    st = collection_structure(coll)
+    assert [(i, j) for i, j, _ in st.duplicates] == [(0, 1)]

@@ -67,7 +67,7 @@ def index_adapter(path: str | Path) -> AdapterIndex:
     return _lazy_peft(found[0][1], wfile)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=1024)
 def cached_index(path: str, mtime_ns: int) -> AdapterIndex:
     """:func:`index_adapter` kept per process (workers reuse headers across module tasks); keyed by mtime."""
     return index_adapter(path)
