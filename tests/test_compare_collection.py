@@ -15,6 +15,7 @@ from lora_lens.keys import parse_module_path
 from lora_lens.types import LoraModule
 
 from .conftest import PLANTED
+from .tolerances import U64, gamma
 
 F64 = CollectionSettings(device="cpu", dtype="float64", shared_rank=PLANTED["groups"] * PLANTED["rank"])
 
@@ -36,13 +37,22 @@ def _reference_phi(paths, k):
     return out / len(ads[0].names)
 
 
+def _kappa(paths) -> float:
+    """Largest κ(B)·κ(A) over every module of every adapter."""
+    return max(float(torch.linalg.cond(m.B.double()) * torch.linalg.cond(m.A.double()))
+               for p in paths for m in load_adapter(p))
+
+
 def test_phi_matches_the_naive_pairwise_reference(planted_collection):
     paths, _ = planted_collection
     coll = collection_similarity(paths, F64)
-    ref = _reference_phi(paths, PLANTED["rank"])
-    # float64 throughout: unit round-off 1e-16 × a few hundred flops per entry; 1e-10 leaves room for
-    # the SVD's own backward error on well-separated singular values.
-    np.testing.assert_allclose(coll.phi.numpy(), ref, atol=1e-10)
+    k, d = PLANTED["rank"], max(PLANTED["m"], PLANTED["n"])
+    ref = _reference_phi(paths, k)
+    # Both sides are backward stable in float64; the reference takes the top-k singular vectors of ΔW = s·B·A,
+    # whose subspace moves by ≤ γ·‖ΔW‖/σ_k ≤ γ·κ(B)·κ(A), ours the spans of B and Aᵀ (QR, ≤ γ·κ). φ moves by
+    # ≤ 2k × the perturbation of each of the two bases.
+    tol = 8 * k * gamma(d, U64) * _kappa(paths)
+    np.testing.assert_allclose(coll.phi.numpy(), ref, atol=tol)
     # Left side needs p·r = 56 > m = 40 (F Fᵀ and blocked Gram), right side p·r ≤ n = 56 (one Gram): both paths ran.
     assert len(paths) * PLANTED["rank"] > PLANTED["m"] and len(paths) * PLANTED["rank"] <= PLANTED["n"]
 
@@ -52,10 +62,15 @@ def test_float32_and_row_blocks_agree_with_float64(planted_collection):
     ref = collection_similarity(paths, F64).phi
     small = CollectionSettings(device="cpu", dtype="float32", max_memory=1, shared_rank=F64.shared_rank)
     got = collection_similarity(paths, small).phi
-    # φ sums k² ≤ 16 squared cosines ≤ 1 each from products of length d ≤ 56 of unit vectors: error
-    # ≲ k·d·u₃₂ ≈ 16·56·6e-8 ≈ 5e-5 per module; the QR/SVD of the factors adds a few u·κ of the
-    # cores (κ ≲ 1e2 here). 1e-4 is that bound, not a measured number.
-    np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-4)
+    # k = r: φ compares span(B) and span(Aᵀ), computed by Householder QR, whose backward error γ_d perturbs a
+    # basis by ≤ γ_d·κ(factor) (κ: the factor's condition number); φ = ‖U_iᵀU_j‖²/k moves by at most
+    # 2·k·(that, for both bases) plus the Gram's own rounding 2·k·γ_d (cosines of unit vectors, length d).
+    ads = [load_adapter(p) for p in paths]
+    kappa = max(float(torch.linalg.cond(f.double())) for a in ads for m in a for f in (m.B, m.A.T))
+    d, k = max(PLANTED["m"], PLANTED["n"]), PLANTED["rank"]
+    tol = 2 * k * (2 * gamma(d) * kappa) + 2 * k * gamma(d)
+    assert tol < 0.01  # meaningful: the groups differ in φ by ~0.9
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=tol)
 
 
 def test_planted_groups_duplicate_and_outlier_are_recovered(planted_collection):
@@ -93,7 +108,10 @@ def test_shared_basis_captures_the_planted_groups(planted_collection):
     coll = collection_similarity(paths[:-1], F64)  # the groups and the duplicate, no outlier
     at, curve = coll.shared_energy("both")
     assert at.min() >= 0.99
-    assert bool((curve[:, 1:] >= curve[:, :-1] - 1e-12).all()) and float(curve.max()) <= 1 + 1e-9
+    # Cumulative sums of non-negative terms: monotone exactly; a fraction ≤ 1 up to the rounding of its
+    # two sums of squares (length ≤ d each).
+    assert bool((curve[:, 1:] >= curve[:, :-1]).all())
+    assert float(curve.max()) <= 1 + 2 * gamma(PLANTED["m"] + PLANTED["n"], U64)
     # Against an independent SVD of the stacked ΔW of one module.
     ads = [load_adapter(p) for p in paths[:-1]]
     name = ads[0].names[0]
@@ -104,7 +122,11 @@ def test_shared_basis_captures_the_planted_groups(planted_collection):
     ref = np.array([np.sum((Ur.T @ D @ Vr) ** 2) / np.sum(D ** 2) for D in Ds])
     m = coll.modules[0]
     assert m.name.endswith(name.split("layers.")[-1])
-    np.testing.assert_allclose(m.energy_both[:, R - 1].numpy(), ref, atol=1e-8)
+    # Ours goes through the Gram of the stacked factors (squares the spectrum): the basis moves by
+    # ≤ γ·σ_1²/(σ_R² − σ_{R+1}²); the captured fraction by ≤ 4× that (two bases, squared norms).
+    sv = np.linalg.svd(np.hstack(Ds), compute_uv=False)
+    tol = 4 * gamma(len(Ds) * PLANTED["rank"] + PLANTED["m"], U64) * sv[0] ** 2 / (sv[R - 1] ** 2 - sv[R] ** 2)
+    np.testing.assert_allclose(m.energy_both[:, R - 1].numpy(), ref, atol=tol)
 
 
 def test_lazy_index_reads_what_load_adapter_reads(planted_collection, llama_adapter, gpt2_adapter, bert_adapter):
@@ -136,7 +158,9 @@ def test_missing_modules_are_reported_and_compared_over_those_that_have_them(tmp
     assert coll.common.tolist() == [[2, 2, 1], [2, 2, 1], [1, 1, 1]]
     only_q = collection_similarity([a, c], CollectionSettings(device="cpu", dtype="float64"),
                                    allow_partial=True).phi[0, 1]
-    assert float(coll.phi[0, 2]) == pytest.approx(float(only_q), abs=1e-12)
+    # The same module's φ from a 3-adapter and a 2-adapter Gram: the same inner products, rounded alike
+    # up to the summation order (≤ 2k·γ_m per φ, k = 2, m = 8).
+    assert float(coll.phi[0, 2]) == pytest.approx(float(only_q), abs=4 * gamma(8, U64))
 
 
 def test_bad_collections_are_refused_naming_the_problem(tmp_path):
@@ -166,7 +190,8 @@ def test_dask_local_cluster_gives_the_in_process_numbers(planted_collection):
     ref = collection_similarity(paths, st)
     with dask_mapper("local", workers=2, processes=False) as mapper:
         got = collection_similarity(paths, st, mapper=mapper)
-    # Same function on the same files; only the thread that runs it differs.
+    # Same function on the same files; only the thread that runs it differs. 1e-6 is the issue's requirement
+    # (the numbers here are in fact bitwise equal: same BLAS, same thread count).
     torch.testing.assert_close(got.phi, ref.phi, rtol=0, atol=1e-6)
     torch.testing.assert_close(got.shared_energy()[1], ref.shared_energy()[1], rtol=0, atol=1e-6)
 
@@ -192,7 +217,8 @@ def test_peft_written_adapters_with_mixed_ranks(llama_adapter, tiny_llama, tmp_p
     other = tmp_path / "seed1"
     make_peft_adapter(model, other, seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
     coll = collection_similarity([src, copy, other], CollectionSettings(device="cpu", dtype="float64"))
-    assert float(coll.phi[0, 1]) == pytest.approx(1.0, abs=1e-12)
+    # Identical bytes → identical bases; ‖UᵀU‖²/k = 1 up to the Gram's rounding (2k·γ_d, k ≤ 4, d ≤ 64).
+    assert float(coll.phi[0, 1]) == pytest.approx(1.0, abs=8 * gamma(64, U64))
     # Independent random inits: φ at the random baseline's level, far from 1.
     assert abs(float(coll.phi[0, 2]) - float(coll.random_phi[0, 2])) < 6 * float(coll.random_std[0, 2]) + 0.05
     ks = {m.name: m.k for m in coll.modules}
