@@ -1,4 +1,4 @@
-"""``lora-lens collection ADAPTER… | --list FILE -o DIR``: similarity map, clusters and shared basis of many adapters."""
+"""``lora-lens collection ADAPTER… | --list FILE -o DIR``: φ map, clusters and shared basis of many adapters."""
 
 from __future__ import annotations
 

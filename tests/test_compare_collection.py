@@ -53,7 +53,7 @@ def test_phi_matches_the_naive_pairwise_reference(planted_collection):
     # ≤ 2k × the perturbation of each of the two bases.
     tol = 8 * k * gamma(d, U64) * _kappa(paths)
     np.testing.assert_allclose(coll.phi.numpy(), ref, atol=tol)
-    # Left side needs p·r = 56 > m = 40 (F Fᵀ and blocked Gram), right side p·r ≤ n = 56 (one Gram): both paths ran.
+    # Left: p·r = 56 > m = 40 (F Fᵀ and the blocked Gram); right: p·r ≤ n = 56 (one Gram): both paths ran.
     assert len(paths) * PLANTED["rank"] > PLANTED["m"] and len(paths) * PLANTED["rank"] <= PLANTED["n"]
 
 

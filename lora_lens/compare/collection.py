@@ -48,7 +48,7 @@ import functools
 import math
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -183,7 +183,8 @@ def module_task(task: ModuleTask) -> ModuleResult:
     left, right = _side(U, S, k, rc, st), _side(V, S, k, rc, st)
     total = (S.double() ** 2).sum(-1)  # (p,) ‖ΔW_i‖²
     safe = torch.where(total > 0, total, torch.ones_like(total))
-    # ‖U_Rᵀ ΔW_i V_R‖² for every R at once: M_i = (U_Rᵀ U_i) S_i (V_iᵀ V_R) (rc, rc), 2-D prefix sums of M_i².
+    # ‖U_Rᵀ ΔW_i V_R‖² for every R at once: M_i = (U_Rᵀ U_i) S_i (V_iᵀ V_R) (rc, rc),
+    # then the 2-D prefix sums of M_i².
     M = (left.coef * S[:, None, :]) @ right.coef.transpose(-1, -2)  # (p, rc, rc)
     both = torch.diagonal((M.double() ** 2).cumsum(-1).cumsum(-2), dim1=-2, dim2=-1)  # (p, rc)
     met = spectrum_metrics(S.cpu())
@@ -341,13 +342,14 @@ class CollectionSimilarity:
 
 
 CONVENTIONS = {
-    "phi": "½(‖U_iᵀU_j‖_F² + ‖V_iᵀV_j‖_F²)/k over the top-k left (output) and right (input) singular vectors of "
-           "each ΔW = s·B·A, averaged over the modules both adapters have (weighted by sqrt(‖ΔW_i‖·‖ΔW_j‖) when "
-           "settings.weighted); 1 = same subspaces",
+    "phi": "½(‖U_iᵀU_j‖_F² + ‖V_iᵀV_j‖_F²)/k over the top-k left (output) and right (input) singular "
+           "vectors of each ΔW = s·B·A, averaged over the modules both adapters have (weighted by "
+           "sqrt(‖ΔW_i‖·‖ΔW_j‖) when settings.weighted); 1 = same subspaces",
     "random_phi": "the same aggregate for Haar-random k-dim subspaces (sampled mean; random_std its spread)",
-    "shared_basis": "per module, top-R left (U_R) and right (V_R) singular vectors of the stacked factors "
-                    "[U_1 S_1 | … | U_N S_N] (CoRA's common subspace); energy_both = ‖U_Rᵀ ΔW V_R‖²/‖ΔW‖², "
-                    "energy_left = ‖U_Rᵀ ΔW‖²/‖ΔW‖², summed over modules weighted by ‖ΔW‖²; curves for R = 1..",
+    "shared_basis": "per module, top-R left (U_R) and right (V_R) singular vectors of the stacked "
+                    "factors [U_1 S_1 | … | U_N S_N] (CoRA's common subspace); "
+                    "energy_both = ‖U_Rᵀ ΔW V_R‖²/‖ΔW‖², energy_left = ‖U_Rᵀ ΔW‖²/‖ΔW‖², summed over "
+                    "modules weighted by ‖ΔW‖²; curves for R = 1..",
     "norm": "sqrt(Σ over compared modules of ‖ΔW‖_F²)",
     "effective_rank": "Roy & Vetterli effective rank of ΔW, mean over compared modules",
 }

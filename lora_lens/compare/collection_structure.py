@@ -25,7 +25,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..errors import ConfigError
 from .collection import CollectionSimilarity
@@ -120,7 +119,8 @@ def collection_structure(
 
 
 def _robust_z(x: np.ndarray, big) -> list[tuple[int, float]]:
-    """``(i, z)`` for entries with ``|z| > ROBUST_Z``, ``z = (x − median) / (1.4826 · MAD)``, and ``big(|x − median|, median)``."""
+    """``(i, z)`` for entries with ``|z| > ROBUST_Z`` (``z = (x − median) / (1.4826 · MAD)``)
+    and ``big(|x − median|, median)``."""
     if len(x) < 3:
         return []
     med = float(np.median(x))

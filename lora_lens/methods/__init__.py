@@ -19,5 +19,6 @@ from .reduce import ReducedAdapter, rank_for_energy, reduce_rank
 __all__ = [
     "CondLoraAnalysis", "ConversionGrid", "CoraBasis", "InitResult", "ReducedAdapter", "TargetLayer",
     "condlora_analysis", "condlora_factors", "condlora_init", "condlora_theta_default", "cora_basis", "cora_init",
-    "collection_cora_init", "pissa_init", "rank_for_energy", "reduce_rank", "target_layers", "top_left_subspace", "write_cora_basis",
+    "collection_cora_init", "pissa_init", "rank_for_energy", "reduce_rank", "target_layers", "top_left_subspace",
+    "write_cora_basis",
 ]
