@@ -11,7 +11,7 @@ CoRA (``method="cora"``)::
 
 CondLoRA (``method="condlora"``)::
 
-    OUT/lora_lens_init.json           mode "official" | "general"; targets = module types
+    OUT/lora_lens_init.json           mode "auto" | "official" | "general" (params.modes: per module type); targets
     OUT/condlora_theta.safetensors    "<module type>.theta_A", "<module type>.theta_B"
     OUT/peft/…                        the per-layer A, B that Θ gives, as a PEFT adapter
 

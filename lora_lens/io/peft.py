@@ -30,6 +30,9 @@ from .tensors import check_tensor, open_tensor_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+#: safetensors metadata key where :func:`save_peft_adapter` records each module's
+#: layout, since PEFT's ``fan_in_fan_out`` is one flag for modules that differ.
+LAYOUTS_KEY = "lora_lens_layouts"
 
 #: ``init_lora_weights`` values whose init rewrites the base weights, so that
 #: ``s·B·A`` is not the change against the *original* base.
@@ -195,6 +198,7 @@ def _load_folder(folder: Path, adapter_name: str | None) -> Adapter:
             "expected a PEFT LoRA adapter."
         )
 
+    written = _written_layouts(store)
     modules, rank_errors = [], []
     for name, p in pairs.items():
         A = check_tensor(store.get(p["A"], validate=False), p["A"], wfile)
@@ -210,7 +214,10 @@ def _load_folder(folder: Path, adapter_name: str | None) -> Adapter:
         r, alpha = rank_and_alpha(settings, name)
         if r != A.shape[0]:
             rank_errors.append(f"'{name}': config r={r}, tensors r={A.shape[0]}")
-        layout = "embedding" if embedding else "conv" if conv else "conv1d" if settings.fan_in_fan_out else "linear"
+        # Linear vs Conv1D: what lora_lens wrote, else the config's hint (PEFT decides per module;
+        # io.layout.with_base_layouts settles it once a base is known).
+        hint = written.get(name, "conv1d" if settings.fan_in_fan_out else "linear")
+        layout = "embedding" if embedding else "conv" if conv else hint
         modules.append(LoraModule(
             name=name, key=parse_module_path(name), A=A, B=B, alpha=alpha,
             scaling=lora_scaling(alpha, int(A.shape[0]), settings.use_rslora), layout=layout,
@@ -226,6 +233,15 @@ def _load_folder(folder: Path, adapter_name: str | None) -> Adapter:
         path=folder, settings=settings, modules=tuple(modules), other_tensors=tuple(others),
         flags=tuple(flags), delta_is_sBA=exact, adapter_name=adapter_name, weights_file=wfile,
     )
+
+
+def _written_layouts(store) -> dict[str, str]:
+    """``{module: linear|conv1d}`` recorded by :func:`save_peft_adapter`, or ``{}``."""
+    try:
+        found = json.loads(getattr(store, "metadata", {}).get(LAYOUTS_KEY, "{}"))
+    except ValueError:
+        return {}
+    return {str(k): v for k, v in found.items() if v in ("linear", "conv1d")} if isinstance(found, dict) else {}
 
 
 def _flags(settings: LoraSettings, others: list[TensorInfo]) -> tuple[list[str], bool]:
@@ -268,7 +284,10 @@ def save_peft_adapter(
     ``rank_pattern`` / ``alpha_pattern`` under their full path, and
     ``target_modules`` lists full paths so PEFT wraps exactly these modules.
     ``extra_tensors`` (e.g. ``modules_to_save`` copies) are written under
-    ``base_model.model.<name>``.
+    ``base_model.model.<name>``. ``fan_in_fan_out`` is true when any module is
+    a Conv1D (PEFT re-decides it per module on load); each module's layout is
+    also recorded in the file's metadata (``lora_lens_layouts``) so that
+    :func:`load_adapter` reads a mixed adapter back exactly.
     """
     if not modules:
         raise ConfigError(f"{out_dir}: nothing to write; no LoRA modules were given.")
@@ -306,7 +325,8 @@ def save_peft_adapter(
         tensors[b_key] = m.B.to(dtype) if dtype else m.B
     for name, t in (extra_tensors or {}).items():
         tensors[f"{PEFT_PREFIX}{name}"] = t
-    meta = {"lora_lens_version": __version__, **(metadata or {})}
+    layouts = {m.name: m.layout for m in modules if m.layout in ("linear", "conv1d")}
+    meta = {"lora_lens_version": __version__, LAYOUTS_KEY: json.dumps(layouts), **(metadata or {})}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         atomic_save_safetensors(tensors, tmp / "adapter_model.safetensors", meta)
         atomic_write_json(tmp / CONFIG_NAME, config)

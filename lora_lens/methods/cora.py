@@ -43,9 +43,9 @@ from ..io.atomic import atomic_directory, atomic_save_safetensors, atomic_write_
 from ..io.base import BaseWeights, open_base
 from ..io.initfile import InitDescription, write_init_description
 from ..io.peft import save_peft_adapter
-from ..types import LoraModule
 from ..keys import match_modules_to_weights, parse_module_path
 from ..linalg import top_left_subspace  # noqa: F401  (CoRA's kernel; lives in linalg so compare can share it)
+from ..types import LoraModule
 from .common import InitResult, TargetLayer, check_rank, layer_chunks, load_stack, lora_module, provenance, \
     target_layers
 
@@ -54,6 +54,16 @@ SCALES = ("orthonormal", "kaiming")
 MODES = ("frozen", "init")
 BASIS_FILE = "cora_basis.safetensors"
 BASIS_JSON = "cora_basis.json"
+
+#: CoRA's default scaling ``s = α / r`` (not B's ``scale``, see :data:`SCALES`): 1, i.e. ``α = r``.
+#: B is an orthonormal basis, so ``‖ΔW‖_F = s·‖A‖_F``; ``cora init`` and ``train --method cora-*``
+#: without an init folder both use it (LoRA's trainer default α = 16 at r = 8 would give s = 2).
+DEFAULT_SCALING = 1.0
+
+
+def cora_default_alpha(rank: int) -> float:
+    """``α`` for ``rank`` when none is given: ``DEFAULT_SCALING · rank`` (``s = 1``)."""
+    return DEFAULT_SCALING * rank
 
 
 @dataclass(frozen=True, eq=False)
@@ -232,13 +242,13 @@ def cora_init(
 
     ``mode="frozen"``: the trainer keeps B fixed (``frozen = ["lora_B"]`` in
     ``lora_lens_init.json``); ``"init"``: B is trainable. ``alpha`` defaults to
-    ``rank`` (``s = 1``). ``basis_options`` go to :func:`cora_basis`. The
+    ``rank`` (``s = 1``, :data:`DEFAULT_SCALING`, as the trainer's own CoRA basis). ``basis_options`` go to :func:`cora_basis`. The
     model's output is unchanged at init since ``A = 0``.
     """
     if mode not in MODES:
         raise ConfigError(f"unknown CoRA mode {mode!r}; expected one of {list(MODES)}.")
     basis = cora_basis(base, rank, targets, sources, **basis_options)
-    alpha = float(rank if alpha is None else alpha)
+    alpha = float(cora_default_alpha(rank) if alpha is None else alpha)
     modules, records = [], []
     for mt, ls in basis.layers.items():
         for x in ls:
@@ -287,7 +297,7 @@ def collection_cora_init(
     for m in collection.modules:
         B = m.basis_left.float().contiguous()  # (m, R)
         R = int(B.shape[1])
-        a = float(R if alpha is None else alpha)
+        a = float(cora_default_alpha(R) if alpha is None else alpha)
         key = parse_module_path(m.module_path)
         modules.append(LoraModule(m.module_path, key, torch.zeros(R, m.shape[1]), B, alpha=a, scaling=a / R,
                                   layout=m.layout))
@@ -297,7 +307,8 @@ def collection_cora_init(
     rank = max(x.rank for x in modules)
     params = {"mode": mode, "source_kind": "collection", "scale": "orthonormal",
               "shared_rank": collection.settings.shared_rank, "adapters": len(collection.labels)}
-    desc = InitDescription(method="cora", rank=rank, alpha=float(rank if alpha is None else alpha),
+    a0 = float(cora_default_alpha(rank) if alpha is None else alpha)
+    desc = InitDescription(method="cora", rank=rank, alpha=a0,
                            targets=list(dict.fromkeys(m.module_type for m in collection.modules)), mode=mode,
                            frozen=["lora_B"] if mode == "frozen" else [], peft_adapter=".", params=params,
                            sources=list(collection.paths))
