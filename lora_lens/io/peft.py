@@ -26,6 +26,9 @@ from ..errors import CheckpointError, ConfigError, ShapeError
 from ..keys import PEFT_PREFIX, parse_module_path, parse_peft_key
 from ..types import Adapter, LoraModule, LoraSettings, TensorInfo
 from .atomic import atomic_directory, atomic_save_safetensors, atomic_write_json, register_input
+from .files import missing
+from .jsonfile import read_json
+from .peft_config import checked_fields
 from .tensors import check_tensor, open_tensor_file
 
 CONFIG_NAME = "adapter_config.json"
@@ -62,51 +65,23 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
 
 
 def read_settings(config_path: Path) -> LoraSettings:
-    """Parse ``adapter_config.json``; unknown keys are kept in ``raw`` and otherwise ignored."""
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{config_path}: invalid JSON ({e.msg} at line {e.lineno}); expected a PEFT adapter config. Fix or re-save it.") from None
-    except OSError as e:
-        raise CheckpointError(f"{config_path}: cannot be read ({e.strerror}).") from None
+    """Parse ``adapter_config.json`` strictly; unknown keys are kept in ``raw`` and otherwise ignored."""
+    raw = read_json(config_path, "a PEFT adapter config")
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_path}: holds a JSON {type(raw).__name__}; expected an object with 'r' and 'lora_alpha'.")
     peft_type = str(raw.get("peft_type") or "LORA").upper()
     if peft_type != "LORA":
         raise ConfigError(f"{config_path}: peft_type is {peft_type!r}; lora_lens reads LoRA adapters (peft_type 'LORA') only.")
-    try:
-        r = int(raw.get("r", 8))
-        alpha = float(raw.get("lora_alpha", 8))
-        rank_pattern = {str(k): int(v) for k, v in (raw.get("rank_pattern") or {}).items()}
-        alpha_pattern = {str(k): float(v) for k, v in (raw.get("alpha_pattern") or {}).items()}
-    except (TypeError, ValueError, AttributeError) as e:
-        raise ConfigError(f"{config_path}: 'r', 'lora_alpha', 'rank_pattern' or 'alpha_pattern' is not numeric ({e}).") from None
-    if r <= 0 or any(v <= 0 for v in rank_pattern.values()):
-        raise ConfigError(f"{config_path}: ranks must be positive; found r={r}, rank_pattern={rank_pattern}.")
-    return LoraSettings(
-        r=r,
-        lora_alpha=alpha,
-        use_rslora=bool(raw.get("use_rslora", False)),
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
-        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
-        target_modules=raw.get("target_modules"),
-        modules_to_save=tuple(raw.get("modules_to_save") or ()),
-        use_dora=bool(raw.get("use_dora", False)),
-        init_lora_weights=raw.get("init_lora_weights", True),
-        base_model_name_or_path=raw.get("base_model_name_or_path"),
-        peft_type=peft_type,
-        raw=raw,
-    )
+    return LoraSettings(**checked_fields(raw, config_path), peft_type=peft_type, raw=raw)
 
 
 def find_adapters(path: str | Path) -> list[tuple[str | None, Path]]:
     """Every adapter under ``path``: ``(name, folder)``; the root's own adapter has name None."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder; expected a PEFT adapter folder with {CONFIG_NAME}.")
+        raise CheckpointError(f"{path}: {missing(path)}; expected a PEFT adapter folder with {CONFIG_NAME}.")
     register_input(path)
-    if path.is_file():
+    if not path.is_dir():
         if path.name in WEIGHT_NAMES or path.name == CONFIG_NAME:
             return [(None, path.parent)]
         raise CheckpointError(f"{path}: is a file; expected a PEFT adapter folder (with {CONFIG_NAME} and adapter_model.safetensors).")
@@ -155,6 +130,8 @@ def _weights_file(folder: Path) -> Path:
     for name in WEIGHT_NAMES:
         if (folder / name).is_file():
             return folder / name
+        if (folder / name).exists() or (folder / name).is_symlink():
+            return folder / name  # a folder, FIFO or broken link: the reader names what it is
     raise CheckpointError(
         f"{folder}: has {CONFIG_NAME} but no weights file; expected adapter_model.safetensors (or adapter_model.bin). "
         "The save was interrupted or the file was not copied."
@@ -239,7 +216,7 @@ def _written_layouts(store) -> dict[str, str]:
     """``{module: linear|conv1d}`` recorded by :func:`save_peft_adapter`, or ``{}``."""
     try:
         found = json.loads(getattr(store, "metadata", {}).get(LAYOUTS_KEY, "{}"))
-    except ValueError:
+    except (ValueError, RecursionError):  # hostile metadata only loses the recorded layouts
         return {}
     return {str(k): v for k, v in found.items() if v in ("linear", "conv1d")} if isinstance(found, dict) else {}
 
