@@ -23,7 +23,8 @@ from pathlib import Path
 from ..errors import CheckpointError, ShapeError
 from ..keys import parse_module_path, parse_peft_key
 from ..types import Adapter, LayerKey, LoraModule
-from .peft import CONFIG_NAME, find_adapters, load_adapter, lora_scaling, rank_and_alpha, read_settings
+from .peft import (CONFIG_NAME, _written_layouts, find_adapters, load_adapter, lora_scaling, rank_and_alpha,
+                   read_settings)
 from .tensors import SafetensorsStore, check_tensor, open_tensor_file
 
 
@@ -87,6 +88,7 @@ def _lazy_peft(folder: Path, wfile: Path) -> AdapterIndex:
         pk = parse_peft_key(info.name)
         if pk.role != "other":
             pairs.setdefault(pk.module, {})[pk.role] = info.name
+    written = _written_layouts(store)  # layouts lora_lens recorded (as load_adapter reads them)
     refs = {}
     for name, p in pairs.items():
         if len(p) != 2:
@@ -96,7 +98,7 @@ def _lazy_peft(folder: Path, wfile: Path) -> AdapterIndex:
         b_key = p.get("B") or p["emb_B"]
         a_shape, b_shape = store.info(a_key).shape, store.info(b_key).shape
         layout = ("embedding" if "emb_A" in p else "conv" if len(a_shape) == 4
-                  else "conv1d" if settings.fan_in_fan_out else "linear")
+                  else written.get(name, "conv1d" if settings.fan_in_fan_out else "linear"))
         r = int(a_shape[0])
         n = 1
         for d in a_shape[1:]:
