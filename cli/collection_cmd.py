@@ -7,15 +7,14 @@ from pathlib import Path
 
 import click
 
-from lora_lens import ConfigError
-from lora_lens.io import check_destination
-
 from .common import echo_json, progress_callback, table
-from .options import compute_options
+from .options import compute_options, json_option, out_option, overwrite_option, quiet_option, seed_option
 
 
 def read_list(path: str) -> list[str]:
     """One adapter path per line; blank lines and ``#`` comments skipped; relative paths from the file's folder."""
+    from lora_lens import ConfigError
+
     p = Path(path)
     try:
         lines = p.read_text().splitlines()
@@ -31,8 +30,7 @@ def read_list(path: str) -> list[str]:
 @click.command("collection")
 @click.argument("adapters", nargs=-1, type=click.Path(path_type=str))
 @click.option("--list", "list_file", type=click.Path(path_type=str), help="A file with one adapter path per line.")
-@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=str),
-              help="Folder for collection.json, collection.safetensors and report/.")
+@out_option("Folder for collection.json, collection.safetensors and report/.")
 @click.option("--top-k", type=click.IntRange(min=1), help="Directions compared per module (default: its min rank).")
 @click.option("--weighted", is_flag=True, help="Average modules weighted by ‖ΔW‖ (default: plain mean).")
 @click.option("--clusters", default="auto", show_default=True, metavar="K|auto",
@@ -47,12 +45,14 @@ def read_list(path: str) -> list[str]:
 @click.option("--scheduler", metavar="local|tcp://HOST:8786",
               help="Run the per-module work on Dask: a local cluster, or a running scheduler (needs lora-lens[dist]).")
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes of --scheduler local (default 2).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random baselines and the map.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the collection.json content).")
+@seed_option
+@overwrite_option
+@json_option
+@quiet_option
 @compute_options
 def collection_cmd(adapters, list_file, out, top_k, weighted, clusters, distance_threshold, duplicate, shared_rank,
-                   write_basis, allow_partial, scheduler, workers, seed, overwrite, as_json, device, dtype) -> None:
+                   write_basis, allow_partial, scheduler, workers, seed, overwrite, as_json, quiet, device,
+                   dtype) -> None:
     """Compare many adapters of one base at once: the adapter × adapter φ
     matrix (per module, per module type and overall, with a random
     baseline), clusters, a 2-D map, near-duplicates and outliers, and the
@@ -66,8 +66,10 @@ def collection_cmd(adapters, list_file, out, top_k, weighted, clusters, distance
       lora-lens collection --list adapters.txt -o coll/ --clusters 5 --shared-rank 32 --write-basis cora-init/
       lora-lens collection --list adapters.txt -o coll/ --scheduler tcp://head:8786
     """
+    from lora_lens import ConfigError
     from lora_lens.compare.collection import CollectionSettings, collection_similarity
     from lora_lens.compare.collection_structure import collection_structure
+    from lora_lens.io import check_destination
     from lora_lens.report.collection import write_collection
 
     paths = list(adapters) + (read_list(list_file) if list_file else [])
@@ -85,7 +87,7 @@ def collection_cmd(adapters, list_file, out, top_k, weighted, clusters, distance
         if scheduler:
             from lora_lens.dist import dask_mapper
             mapper = stack.enter_context(dask_mapper(scheduler, workers))
-        progress = stack.enter_context(progress_callback("modules"))
+        progress = stack.enter_context(progress_callback("modules", quiet))
         coll = collection_similarity(paths, settings, allow_partial=allow_partial, mapper=mapper, progress=progress)
     structure = collection_structure(coll, clusters, distance_threshold, duplicate, seed)
     write_collection(out, coll, structure, overwrite=overwrite)
