@@ -16,6 +16,7 @@ from .common import LoraLensGroup
 # command name → "module:attribute", relative to this package
 COMMANDS = {
     "alignment": ".alignment_cmd:alignment_cmd",
+    "collection": ".collection_cmd:collection_cmd",
     "condlora": ".condlora_cmd:condlora_cmd",
     "convert": ".convert_cmd:convert_cmd",
     "cora": ".cora_cmd:cora_cmd",

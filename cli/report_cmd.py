@@ -31,25 +31,39 @@ def report_cmd(adapters, base, out, title, energy, intruder_k, epsilon, seed, ov
     """Analyze one or more adapters and write a self-contained HTML report
     (index.html, figures/*.png, results.json): spectra and effective ranks,
     φ across layers with random baselines, adapter vs adapter φ, and with
-    --base the alignment with W0 and intruder dimensions. Opens offline.
+    --base the alignment with W0 and intruder dimensions. A folder written
+    by `lora-lens collection` adds its section (clustered φ heatmap, map,
+    shared-basis energy). Opens offline.
 
     \b
     Examples:
       lora-lens report ./adapter -o report/
       lora-lens report ./seed0 ./seed1 --base ./Llama-2-7b-hf -o report/ --overwrite
+      lora-lens report ./coll -o report/
     """
     from lora_lens import load_adapters, open_base
     from lora_lens.io import check_destination
+    from lora_lens.report import write_report
     from lora_lens.report.analysis import analyze_adapters, write_analysis_report
+    from lora_lens.report.collection import COLLECTION_JSON, collection_section, read_collection
 
-    loaded = [a for path in adapters for a in load_adapters(path, fmt)]
+    collections = [p for p in adapters if (Path(p) / COLLECTION_JSON).is_file()]
+    loaded = [a for path in adapters if path not in collections for a in load_adapters(path, fmt)]
     base_weights = open_base(base) if base else None
     check_destination(Path(out), overwrite)  # refuse before the analysis runs, not after
-    with progress_callback("analysing", quiet) as progress:
-        analysis = analyze_adapters(loaded, base_weights, energy=energy, intruder_k=intruder_k, epsilon=epsilon,
-                                    progress=progress, compute=compute, seed=seed)
-    index = write_analysis_report(out, analysis, title=title, energy=energy, overwrite=overwrite)
+    sections = [collection_section(read_collection(p)) for p in collections]
+    if loaded:
+        with progress_callback("analysing", quiet) as progress:
+            analysis = analyze_adapters(loaded, base_weights, energy=energy, intruder_k=intruder_k,
+                                        epsilon=epsilon, progress=progress, compute=compute, seed=seed)
+        index = write_analysis_report(out, analysis, title=title, energy=energy, overwrite=overwrite,
+                                      extra_sections=sections)
+    else:
+        index = write_report(out, {"title": title, "subtitle": f"collections: {', '.join(collections)}",
+                                   "sections": sections}, json_data={"collections": collections},
+                             overwrite=overwrite)
     if as_json:
-        echo_json({"report": str(index), "folder": out, "adapters": [a.label for a in loaded]})
+        echo_json({"report": str(index), "folder": out, "adapters": [a.label for a in loaded],
+                   "collections": collections})
     else:
         click.echo(f"report written: {index}")

@@ -8,7 +8,8 @@ bf16/fp16 are upcast to ``compute_dtype`` (float32 unless asked) before
   :func:`factored_svdvals`: its singular values only.
 - :func:`svd`: full thin SVD, run in the tall orientation (faster with MKL).
 - :func:`randomized_svd`: top-k by a randomized range finder with power iterations
-  (the kernel lives in :mod:`lora_lens.randomized`).
+  (the kernel lives in :mod:`lora_lens.randomized`);
+  :func:`top_left_subspace`: CoRA's top-r left subspace (exact or randomized).
 - :func:`top_subspace_svd`: top-k accurate enough to compare subspaces: a full SVD
   for small matrices, else subspace iteration until a measured error bound is met.
 - :func:`sign_fix`: deterministic signs (``svd_flip``-style).
@@ -166,6 +167,25 @@ def gaussian_sketch(batch: tuple[int, ...], n: int, q: int, seed: int | Sequence
         raise ValueError(f"{len(seeds)} seeds for a batch of shape {tuple(batch)}; expected one seed per matrix of (L, m, n).")
     return torch.stack([torch.randn(n, q, generator=torch.Generator().manual_seed(s), dtype=dtype) for s in seeds]) \
         if seeds else torch.empty(0, n, q, dtype=dtype)
+
+
+def top_left_subspace(S: torch.Tensor, rank: int, oversample: int = 16, n_iter: int = 16,
+                      seed: int | Sequence[int] = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``r`` left singular vectors ``(..., m, r)`` and values ``(..., r)`` of ``S (..., m, N)``.
+
+    CoRA's common-subspace kernel (:mod:`lora_lens.methods.cora`), also the
+    collection's shared basis (:mod:`lora_lens.compare.collection`): the exact
+    SVD when ``r + oversample ≥ min(m, N)/2``, else the randomized range finder
+    with ``n_iter`` power iterations (16: see :mod:`lora_lens.methods.cora`).
+    Signs fixed; batched over leading dimensions; ``seed`` may give one seed
+    per matrix of an ``(L, m, N)`` batch.
+    """
+    m, N = S.shape[-2:]
+    if rank + oversample >= min(m, N) / 2:
+        U, sv, _ = svd(S)
+        return U[..., :rank], sv[..., :rank]
+    U, sv, _ = randomized_svd(S, rank, oversample=oversample, n_iter=n_iter, seed=seed)
+    return U, sv
 
 
 #: Full SVD up to this ``min(m, n)``. Measured here (1 thread, float32): a 512² full SVD

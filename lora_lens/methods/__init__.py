@@ -12,12 +12,13 @@ Init folders follow :mod:`lora_lens.io.initfile`.
 from .common import InitResult, TargetLayer, target_layers
 from .condlora import condlora_factors, condlora_init, condlora_theta_default
 from .condlora_analysis import CondLoraAnalysis, ConversionGrid, condlora_analysis
-from .cora import CoraBasis, cora_basis, cora_init, top_left_subspace, write_cora_basis
+from .cora import CoraBasis, collection_cora_init, cora_basis, cora_init, top_left_subspace, write_cora_basis
 from .pissa import pissa_init
 from .reduce import ReducedAdapter, rank_for_energy, reduce_rank
 
 __all__ = [
     "CondLoraAnalysis", "ConversionGrid", "CoraBasis", "InitResult", "ReducedAdapter", "TargetLayer",
     "condlora_analysis", "condlora_factors", "condlora_init", "condlora_theta_default", "cora_basis", "cora_init",
-    "pissa_init", "rank_for_energy", "reduce_rank", "target_layers", "top_left_subspace", "write_cora_basis",
+    "collection_cora_init", "pissa_init", "rank_for_energy", "reduce_rank", "target_layers", "top_left_subspace",
+    "write_cora_basis",
 ]

@@ -44,8 +44,9 @@ from ..io.atomic import atomic_directory, atomic_save_safetensors, atomic_write_
 from ..io.base import BaseWeights, open_base
 from ..io.initfile import InitDescription, write_init_description
 from ..io.peft import save_peft_adapter
-from ..keys import match_modules_to_weights
-from ..linalg import randomized_svd, svd
+from ..keys import match_modules_to_weights, parse_module_path
+from ..linalg import top_left_subspace  # noqa: F401  (CoRA's kernel; lives in linalg so compare can share it)
+from ..types import LoraModule
 from .common import InitResult, TargetLayer, check_rank, lora_module, provenance, target_layers
 
 SOURCE_KINDS = ("weights", "deltas")
@@ -183,24 +184,6 @@ def cora_basis(
                      tuple(str(x.path) for x in [base, *srcs]))
 
 
-def top_left_subspace(S: torch.Tensor, rank: int, oversample: int = 16, n_iter: int = 16,
-                      seed: int | Sequence[int] = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``r`` left singular vectors ``(..., m, r)`` and values ``(..., r)`` of ``S (..., m, N)``.
-
-    CoRA's kernel, for in-memory matrices (a trainer's loaded weights, stacked
-    sources): the exact SVD when ``r + oversample ≥ min(m, N)/2``, else the
-    randomized range finder with ``n_iter`` power iterations (16: see the
-    module docstring). Signs fixed; batched over leading dimensions; ``seed``
-    may give one seed per matrix of an ``(L, m, N)`` batch.
-    """
-    m, N = S.shape[-2:]
-    if rank + oversample >= min(m, N) / 2:
-        U, sv, _ = svd(S)
-        return U[..., :rank], sv[..., :rank]
-    U, sv, _ = randomized_svd(S, rank, oversample=oversample, n_iter=n_iter, seed=seed)
-    return U, sv
-
-
 def _scaled(U: torch.Tensor, scale: str) -> torch.Tensor:
     """Orthonormal ``U (m, r)``, or scaled to a Kaiming-uniform B's Frobenius norm ``√(m/3)``."""
     if scale == "orthonormal":
@@ -278,4 +261,53 @@ def cora_init(
         write_init_description(tmp, desc)
     summary = {"modules": len(modules), "trainable_parameters": sum(
         m.A.numel() + (0 if mode == "frozen" else m.B.numel()) for m in modules)}
+    return InitResult(Path(out_dir), desc, tuple(records), summary)
+
+
+def collection_cora_init(
+    collection,
+    out_dir: str | Path,
+    *,
+    mode: str = "init",
+    alpha: float | None = None,
+    overwrite: bool = False,
+) -> InitResult:
+    """A CoRA init folder from a collection's shared basis (:mod:`lora_lens.compare.collection`).
+
+    Per module: ``lora_B`` = the collection's top-``R`` left basis ``U_R (m, R)``
+    (orthonormal), ``lora_A = 0``, so a new adapter trains in the subspace the
+    collection's adapters share (``mode="frozen"`` keeps B fixed). The run must
+    have kept the bases (``CollectionSettings(keep_basis=True)``). Modules whose
+    shared rank differs (a rank clipped by a small module) go to ``rank_pattern``.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"unknown CoRA mode {mode!r}; expected one of {list(MODES)}.")
+    missing = [m.name for m in collection.modules if m.basis_left is None]
+    if missing:
+        raise ConfigError(f"the collection was computed without its bases (e.g. module '{missing[0]}'); "
+                          "rerun with keep_basis=True (the CLI's --write-basis does).")
+    modules, records = [], []
+    for m in collection.modules:
+        B = m.basis_left.float().contiguous()  # (m, R)
+        R = int(B.shape[1])
+        a = float(cora_default_alpha(R) if alpha is None else alpha)
+        key = parse_module_path(m.module_path)
+        modules.append(LoraModule(m.module_path, key, torch.zeros(R, m.shape[1]), B, alpha=a, scaling=a / R,
+                                  layout=m.layout))
+        records.append({"key": m.module_path, "module_type": m.module_type, "rank": R,
+                        "energy": float(m.energy_left[:, R - 1].mean()),
+                        "sigma_first": float(m.sv_left[0]), "sigma_last": float(m.sv_left[R - 1])})
+    rank = max(x.rank for x in modules)
+    params = {"mode": mode, "source_kind": "collection", "scale": "orthonormal",
+              "shared_rank": collection.settings.shared_rank, "adapters": len(collection.labels)}
+    a0 = float(cora_default_alpha(rank) if alpha is None else alpha)
+    desc = InitDescription(method="cora", rank=rank, alpha=a0,
+                           targets=list(dict.fromkeys(m.module_type for m in collection.modules)), mode=mode,
+                           frozen=["lora_B"] if mode == "frozen" else [], peft_adapter=".", params=params,
+                           sources=list(collection.paths))
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        save_peft_adapter(tmp, modules, metadata=provenance("cora", params, collection.paths), overwrite=True)
+        write_init_description(tmp, desc)
+    summary = {"modules": len(modules), "trainable_parameters": sum(
+        x.A.numel() + (0 if mode == "frozen" else x.B.numel()) for x in modules)}
     return InitResult(Path(out_dir), desc, tuple(records), summary)
