@@ -145,17 +145,23 @@ def load_data(
     return TokenData(train, held, source)
 
 
-def batches(blocks: torch.Tensor, batch_size: int, seed: int):
-    """Endless ``(epoch, batch (b, T + 1))``: a new seeded permutation each epoch, last short batch dropped.
-
-    When there are fewer blocks than ``batch_size`` every batch is the whole set.
-    """
+def index_batches(n: int, batch_size: int, seed: int):
+    """Endless ``(epoch, indices)``: a new seeded permutation of ``range(n)`` each epoch, cut into batches of
+    ``min(batch_size, n)``; the last short batch is dropped. Both tasks draw their batches here."""
     gen = torch.Generator().manual_seed(seed)
-    n = blocks.shape[0]
     b = min(batch_size, n)
     epoch = 0
     while True:
         perm = torch.randperm(n, generator=gen)
         for lo in range(0, n - b + 1, b):
-            yield epoch, blocks[perm[lo: lo + b]]
+            yield epoch, perm[lo: lo + b]
         epoch += 1
+
+
+def batches(blocks: torch.Tensor, batch_size: int, seed: int):
+    """Endless ``(epoch, batch (b, T + 1))`` of blocks (see :func:`index_batches`).
+
+    When there are fewer blocks than ``batch_size`` every batch is the whole set.
+    """
+    for epoch, idx in index_batches(blocks.shape[0], batch_size, seed):
+        yield epoch, blocks[idx]
