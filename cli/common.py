@@ -103,6 +103,12 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def echo_warnings(caught) -> None:
+    """Library warnings (``warnings.warn``) as one ``warning: …`` line each on stderr."""
+    for w in caught:
+        click.echo(f"warning: {_one_line(str(w.message))}", err=True)
+
+
 def stderr(msg: str) -> None:
     click.echo(msg, err=True)
 

@@ -124,3 +124,30 @@ def bert_adapter(tiny_bert, tmp_path_factory):
         modules_to_save=["classifier"],
     )
     return pm, folder
+
+
+def _assert_bad_input(result, *needles):
+    """A CLI refusal: exit 2, exactly one ``error: …`` line on stderr holding every needle, no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture
+def assert_bad_input():
+    return _assert_bad_input
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory):
+    """A tiny ViT folder: a model family with no sequence-classification head for text."""
+    transformers = pytest.importorskip("transformers")
+    _seed(3)
+    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                                 image_size=8, patch_size=4)
+    folder = tmp_path_factory.mktemp("tiny_vit")
+    transformers.ViTModel(cfg).save_pretrained(folder)
+    return folder

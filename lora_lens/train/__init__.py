@@ -1,4 +1,5 @@
-"""The minimal bundled trainer: LoRA, CoRA (frozen-B / init-B), CondLoRA, LoRA-SP, Chain of LoRA.
+"""The minimal bundled trainer: LoRA, CoRA (frozen-B / init-B), CondLoRA, LoRA-SP, Chain of LoRA, head-only;
+tasks ``lm`` (next token) and ``classify`` (sequence classification, :mod:`.tasks`).
 
 ``train(base, method, ...)`` loads a model (any ``nn.Module`` or a Hugging Face
 causal-LM folder), injects adapter layers, runs one AdamW loop and writes a
@@ -9,8 +10,8 @@ stand-ins), :mod:`.masks` (LoRA-SP), :mod:`.data`, :mod:`.models`,
 """
 
 from .api import prepare, train
-from .config import METHODS, TrainConfig
+from .config import METHODS, TASKS, TrainConfig
 from .loop import Run, TrainResult, fit
 from .masks import SparseSettings
 
-__all__ = ["METHODS", "Run", "SparseSettings", "TrainConfig", "TrainResult", "fit", "prepare", "train"]
+__all__ = ["METHODS", "TASKS", "Run", "SparseSettings", "TrainConfig", "TrainResult", "fit", "prepare", "train"]
