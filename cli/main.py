@@ -14,6 +14,7 @@ from .inspect_cmd import inspect_cmd
 from .similarity_cmd import similarity_cmd
 from .spectrum_cmd import spectrum_cmd
 from .train_cmd import train_cmd
+from .compare_methods_cmd import compare_methods_cmd
 from .condlora_cmd import condlora_cmd
 from .cora_cmd import cora_cmd
 from .demo_cmd import demo_cmd
@@ -46,6 +47,7 @@ main.add_command(pissa_cmd)
 main.add_command(reduce_cmd)
 main.add_command(report_cmd)
 main.add_command(demo_cmd)
+main.add_command(compare_methods_cmd)
 
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name=os.path.basename("lora-lens"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -80,7 +81,9 @@ def load_task(base, config: TrainConfig, data, tokenizer, eval_data) -> tuple[nn
     positions = getattr(model.config, "max_position_embeddings", None)
     limit = config.max_length or positions or 512
     if positions and limit > positions:
-        raise ConfigError(f"--max-length {limit} exceeds the model's {positions} positions; use at most {positions}.")
+        warnings.warn(f"--max-length {limit} exceeds the model's {positions} positions; using {positions}.",
+                      stacklevel=2)
+        limit = positions
     labelled = load_labelled(data, tokenizer=tokenizer, max_length=limit, vocab_size=vocab_size(model),
                              eval_fraction=config.eval_fraction, seed=config.seed, eval_data=eval_data)
     return model, ClassifyTask(labelled, head), base_name
