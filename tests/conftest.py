@@ -126,20 +126,6 @@ def bert_adapter(tiny_bert, tmp_path_factory):
     return pm, folder
 
 
-def _assert_bad_input(result, *needles):
-    """A CLI refusal: exit 2, exactly one ``error: …`` line on stderr holding every needle, no traceback."""
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
-@pytest.fixture
-def assert_bad_input():
-    return _assert_bad_input
-
 
 @pytest.fixture(scope="session")
 def tiny_vit(tmp_path_factory):

@@ -6,6 +6,8 @@ import pytest
 
 from lora_lens.compare_methods.claims import FAILS, HOLDS, INCONCLUSIVE, evaluate_claims, judge, paired_interval
 
+from .train_utils import assert_bad_input
+
 
 def test_paired_interval_matches_scipys_paired_t_test():
     from scipy.stats import ttest_rel
@@ -81,7 +83,7 @@ def test_cli_end_to_end(tiny_bert, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
 
 
-def test_cli_refuses_unknown_method_before_training(tiny_bert, tmp_path, assert_bad_input):
+def test_cli_refuses_unknown_method_before_training(tiny_bert, tmp_path):
     from click.testing import CliRunner
 
     from cli.main import main

@@ -11,6 +11,8 @@ from lora_lens import ConfigError
 from lora_lens.train import train
 from lora_lens.train.labelled import pad_batch, read_labelled, stratified_split
 
+from .train_utils import assert_bad_input
+
 pytest.importorskip("transformers")
 
 METHODS = ["lora", "cora-frozen", "cora-init", "condlora", "lora-sp", "chain", "head-only"]
@@ -238,7 +240,7 @@ def test_cli_head_only_on_lm(tiny_llama, tmp_path):
 
 @pytest.mark.parametrize("case", ["no tokenizer", "no head", "one class", "unseen eval label", "mixed labels",
                                   "no data"])
-def test_cli_bad_input(case, tiny_bert, tiny_vit, id_data, tmp_path, assert_bad_input):
+def test_cli_bad_input(case, tiny_bert, tiny_vit, id_data, tmp_path):
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "a b", "label": "x"}, {"text": "c", "label": "y"}])
     args = {
         "no tokenizer": (tiny_bert[1], text, [], ("no tokenizer files",)),

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 import lora_lens
 from cli.main import main
 
-from .train_utils import write_condlora_init, write_cora_init
+from .train_utils import assert_bad_input, write_condlora_init, write_cora_init
 
 pytestmark = pytest.mark.realmodel
 
@@ -17,15 +17,6 @@ FAST = ["--steps", "3", "--batch-size", "2", "--seq-len", "16"]
 
 def run(*args):
     return CliRunner().invoke(main, ["train", *map(str, args)])
-
-
-def assert_bad_input(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("method", ["lora", "cora-frozen", "cora-init", "condlora", "lora-sp", "chain"])

@@ -67,6 +67,17 @@ def synthetic_blocks(vocab_size: int, seq_len: int, n: int = SYNTHETIC_SEQUENCES
     return o + (a + d * t) % K  # (n, T + 1)
 
 
+def jsonl_objects(text: str, path: Path):
+    """``(line number, object)`` for every non-blank line of JSONL ``text``; a line that is not JSON is refused."""
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: line {i} is not JSON ({e.msg}); expected one object per line.") from None
+
+
 def read_documents(path: Path) -> list[str | list[int]]:
     """Documents from a text or JSONL file: strings, or lists of token ids."""
     if not path.is_file():
@@ -78,13 +89,7 @@ def read_documents(path: Path) -> list[str | list[int]]:
     if path.suffix.lower() != ".jsonl":
         return [line for line in text.splitlines() if line.strip()]
     docs: list[str | list[int]] = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: line {i} is not JSON ({e.msg}); expected one object per line.") from None
+    for i, obj in jsonl_objects(text, path):
         if isinstance(obj, dict) and isinstance(obj.get("input_ids"), list):
             ids = obj["input_ids"]
             if not all(isinstance(x, int) and not isinstance(x, bool) for x in ids):

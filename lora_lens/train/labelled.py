@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from .data import index_batches
+from .data import index_batches, jsonl_objects
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,13 +78,7 @@ def read_labelled(path: str | Path) -> tuple[list[str | list[int]], list]:
         raise ConfigError(f"{path}: --task classify reads JSONL ({{'text', 'label'}} per line); "
                           "name the file *.jsonl or *.jsonl.gz.")
     inputs, labels = [], []
-    for i, line in enumerate(_open_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: line {i} is not JSON ({e.msg}); expected one object per line.") from None
+    for i, obj in jsonl_objects(_open_text(path), path):
         if not isinstance(obj, dict) or "label" not in obj:
             raise ConfigError(f"{path}: line {i} has no 'label'; expected {{\"text\": ..., \"label\": ...}} "
                               "on every line.")
