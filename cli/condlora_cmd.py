@@ -1,4 +1,4 @@
-"""``lora-lens condlora analyze|init``: conversion-matrix analysis and Θ init files (methods.md §5)."""
+"""``lora-lens condlora analyze|init``: conversion-matrix analysis and Θ init files (docs/maths.md §5)."""
 
 from __future__ import annotations
 

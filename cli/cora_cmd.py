@@ -1,4 +1,4 @@
-"""``lora-lens cora basis|init``: CoRA common-subspace bases and init folders (methods.md §6)."""
+"""``lora-lens cora basis|init``: CoRA common-subspace bases and init folders (docs/maths.md §6)."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ def sign_fix(U: torch.Tensor, Vh: torch.Tensor | None = None) -> tuple[torch.Ten
 def factored_svd(
     B: torch.Tensor, A: torch.Tensor, scaling: float | torch.Tensor = 1.0, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD of ``ΔW = s · B A`` without forming it (methods.md §1).
+    """Thin SVD of ``ΔW = s · B A`` without forming it (docs/maths.md §1).
 
     ``B (..., m, r)``, ``A (..., r, n)``; ``scaling`` a float or ``(...)`` tensor.
     QR of ``B = Qb Rb`` and ``Aᵀ = Qa Ra``, SVD of the small core
@@ -97,7 +97,7 @@ def svd(W: torch.Tensor, dtype: torch.dtype | None = None, fix_signs: bool = Tru
     """Full thin SVD ``W (..., m, n) = U (..., m, k) diag(S) Vh (..., k, n)``, ``k = min(m, n)``.
 
     Decomposes the tall orientation (a wide 4096×11008 matrix was 3× slower
-    than its transpose with MKL, methods.md §1) and transposes back.
+    than its transpose with MKL, docs/maths.md §1) and transposes back.
     """
     W = upcast(W, dtype)
     if W.shape[-1] > W.shape[-2]:
@@ -122,7 +122,7 @@ def randomized_svd(
 
     Sketch ``Y = W Ω`` with ``q = k + oversample`` Gaussian columns, ``n_iter``
     power iterations re-orthonormalized by QR after every product (without it
-    float32 loses the tail: methods.md §1), then an exact SVD of the small
+    float32 loses the tail: docs/maths.md §10), then an exact SVD of the small
     ``(q, n)`` matrix ``Qᵀ W``. Returns ``U (..., m, k)``, ``S (..., k)``,
     ``Vh (..., k, n)``, signs fixed. Falls back to the exact SVD when ``q``
     reaches ``min(m, n)``. Deterministic for a given ``seed``.

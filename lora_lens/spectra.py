@@ -1,4 +1,4 @@
-"""Spectra of LoRA updates: singular values of ``ΔW = s·B A`` and what they say (methods.md §1).
+"""Spectra of LoRA updates: singular values of ``ΔW = s·B A`` and what they say (docs/maths.md §1).
 
 For every module, the ``k = min(r, m, n)`` singular values ``σ_1 ≥ … ≥ σ_k ≥ 0``
 of the update (the scaling ``s`` included; the same for ``ΔW`` and for the

@@ -80,7 +80,7 @@ def test_analysis_matches_float64_reference_on_stories(stories_path, tmp_path, m
 
 @pytest.mark.realmodel
 def test_analysis_on_minilm_shows_structure_baseline(minilm_path, tmp_path):
-    """Square 384×384: matches the reference; W0⁻¹G is more similar across layers than Gaussian (methods.md §5)."""
+    """Square 384×384: matches the reference; W0⁻¹G is more similar across layers than Gaussian (docs/maths.md §5)."""
     ad = _random_adapter(minilm_path, "query,value", tmp_path / "ad", rank=8)
     base = open_base(minilm_path)
     an = condlora_analysis(ad, base, device="cpu", dtype="float64", seed=3)

@@ -104,7 +104,7 @@ def test_progress_reports_every_chunk():
 
 
 def _reference_metrics(s: np.ndarray, energy: float, fro: float) -> dict:
-    """Direct float64 formulas, one spectrum at a time (methods.md §1)."""
+    """Direct float64 formulas, one spectrum at a time (docs/maths.md §1)."""
     cum = np.cumsum(s ** 2)
     total = float(cum[-1])  # not np.sum: pairwise summation may round below cum[-1]
     p = s / s.sum()

@@ -7,6 +7,7 @@ from lora_lens import ConfigError
 from lora_lens.train import SparseSettings, TrainConfig, fit, prepare, train
 from lora_lens.train.loop import learning_rate
 
+from .tolerances import gamma
 from .train_utils import FAST, load_hf, logits, target_weights, token_ids, write_condlora_init, write_cora_init
 
 pytestmark = pytest.mark.realmodel
@@ -180,6 +181,15 @@ def test_chain_knots_merge_links_and_reset_optimizer(stories_path):
         s = run.adapted.layers[p].scaling
         return original[p] + sum(s * B.double() @ A.double() for A, B in (link[p] for link in run.links))
 
+    def merge_atol(p):
+        """Each merge rounds W + s·BA (a length-r product, a scaling, one addition) once in float32:
+        |δW| ≤ γ_{r+2}(|W| + s|B||A|) per link, summed over the links merged so far (tests/tolerances.py)."""
+        s = run.adapted.layers[p].scaling
+        magnitude = original[p].abs() + sum(s * B.double().abs() @ A.double().abs() for A, B in
+                                            (link[p] for link in run.links))
+        rank = run.adapted.layers[p].lora_A.shape[0]
+        return len(run.links) * gamma(rank + 2) * magnitude.max().item()
+
     def log(rec):
         if rec["event"] == "knot":
             events.append(rec["step"])
@@ -187,7 +197,8 @@ def test_chain_knots_merge_links_and_reset_optimizer(stories_path):
             assert len(run.links) == len(events)
             for p in paths:
                 layer = run.adapted.layers[p]
-                torch.testing.assert_close(layer.base_layer.weight.double(), expected_weight(p), atol=1e-6, rtol=0)
+                torch.testing.assert_close(layer.base_layer.weight.double(), expected_weight(p), atol=merge_atol(p),
+                                           rtol=0)
                 assert torch.count_nonzero(layer.lora_B) == 0  # the new link starts at B = 0 ...
                 assert not torch.equal(layer.lora_A.detach(), run.links[-1][p][0])  # ... with a fresh A
         if rec["event"] == "step":
@@ -202,7 +213,7 @@ def test_chain_knots_merge_links_and_reset_optimizer(stories_path):
     assert len(run.links) == 3  # the last link is merged at the end
     for p in paths:
         torch.testing.assert_close(run.adapted.layers[p].base_layer.weight.double(), expected_weight(p),
-                                   atol=1e-6, rtol=0)
+                                   atol=merge_atol(p), rtol=0)
         assert torch.count_nonzero(run.adapted.layers[p].lora_B) == 0
 
 

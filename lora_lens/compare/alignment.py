@@ -1,4 +1,4 @@
-"""How ΔW relates to W0 (LoRA paper §7.3, methods.md §3).
+"""How ΔW relates to W0 (LoRA paper §7.3, docs/maths.md §3).
 
 With ``U_r (m, r)``, ``V_r (n, r)`` the top-r singular vectors of ``ΔW`` (factored,
 never formed) and ``W0 (m, n)`` in PyTorch's layout:

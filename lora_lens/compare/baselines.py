@@ -3,7 +3,7 @@
 Every similarity number is shown beside the same number for Haar-random
 subspaces of the same dimensions (sampled, seeded, averaged over ``draws``)
 and, for φ, the analytic expectation for independent uniformly random
-subspaces of dims ``i`` and ``j`` in ``R^d`` (methods.md §2):
+subspaces of dims ``i`` and ``j`` in ``R^d`` (docs/maths.md §2):
 
     E[φ(i, j)] = E‖U_iᵀ U_j‖_F² / min(i, j) = (i·j/d) / min(i, j) = max(i, j) / d.
 

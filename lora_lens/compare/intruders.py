@@ -1,4 +1,4 @@
-"""Intruder dimensions (methods.md §4).
+"""Intruder dimensions (docs/maths.md §4).
 
 Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of Equivalence".
 

@@ -1,4 +1,4 @@
-"""Subspace similarity (LoRA paper §7, methods.md §2): layers × layers and adapter × adapter.
+"""Subspace similarity (LoRA paper §7, docs/maths.md §2): layers × layers and adapter × adapter.
 
 ``φ(X, Y, i, j) = ‖U_Xⁱᵀ U_Yʲ‖_F² / min(i, j)`` ∈ [0, 1]: 1 when one top
 subspace contains the other, ≈ ``max(i, j)/d`` for unrelated ones. Which

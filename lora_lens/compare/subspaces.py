@@ -2,7 +2,7 @@
 
 A subspace is an orthonormal basis ``(d, k)`` whose columns are ordered by
 importance (singular vectors, descending σ). Which singular vectors
-(methods.md §2, LoRA §7):
+(docs/maths.md §2, LoRA §7):
 
 =========  =============================================  =========  ===================
 what       matrix                                         side       d

@@ -17,7 +17,7 @@ CondLoRA (``method="condlora"``)::
 
 Θ shapes: official (square W0 ``(n, n)``): ``theta_A (r, n)``, ``theta_B (r, n)``,
 ``A = Θ_A W0ᵀ``, ``B = W0 Θ_Bᵀ``. General: ``theta_A (m, r)``, ``theta_B (n, r)``,
-``A = Θ_Aᵀ W0``, ``B = W0 Θ_B`` (methods.md §5).
+``A = Θ_Aᵀ W0``, ``B = W0 Θ_B`` (docs/maths.md §5).
 
 PiSSA (``method="pissa"``): a PEFT adapter at OUT plus ``OUT/residual_model.safetensors``,
 the base weights with ``W0 − s·B A`` in place of each target.

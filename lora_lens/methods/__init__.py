@@ -1,4 +1,4 @@
-"""Init methods and their analyses, one module per paper (methods.md §5, §6, §9).
+"""Init methods and their analyses, one module per paper (docs/maths.md §5, §6, §9).
 
 - :mod:`.condlora`: CondLoRA's shared-``Θ`` parameterization (:func:`condlora_factors`) and ``Θ`` init files;
   :mod:`.condlora_analysis`: its conversion-matrix analysis.

@@ -1,4 +1,4 @@
-"""CondLoRA (Kim et al., LREC-COLING 2024): the shared-Θ parameterization and Θ init files (methods.md §5).
+"""CondLoRA (Kim et al., LREC-COLING 2024): the shared-Θ parameterization and Θ init files (docs/maths.md §5).
 
 Layout is PyTorch's: ``W0 (m, n)``, ``A (r, n)``, ``B (m, r)``; a Conv1D base
 weight is transposed on load. Legend: ``L`` layers, ``r`` rank.

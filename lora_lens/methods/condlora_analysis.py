@@ -1,4 +1,4 @@
-"""CondLoRA analysis (Kim et al., LREC-COLING 2024; methods.md §5): conversion matrices across layers.
+"""CondLoRA analysis (Kim et al., LREC-COLING 2024; docs/maths.md §5): conversion matrices across layers.
 
 For a trained adapter, the per-layer conversion matrices solve the
 parameterization's equations (:mod:`lora_lens.methods.condlora`) for ``Θ``
@@ -106,7 +106,7 @@ def condlora_analysis(
     mode: str = "auto",
     max_memory: int | None = None,
 ) -> CondLoraAnalysis:
-    """Conversion matrices of a trained adapter and their cross-layer φ grids (methods.md §5).
+    """Conversion matrices of a trained adapter and their cross-layer φ grids (docs/maths.md §5).
 
     ``mode``: ``auto`` (official equations for square ``W0``, general ones
     otherwise), ``official`` (refuses non-square) or ``general``. Layers are

@@ -1,4 +1,4 @@
-"""CoRA (Xiao et al., 2024): a common subspace from model weights as LoRA's B (methods.md §6).
+"""CoRA (Xiao et al., 2024): a common subspace from model weights as LoRA's B (docs/maths.md §6).
 
 Per module type and layer, the sources' weights are stacked side by side,
 ``S = [W_1 | … | W_M] (m, M·n)`` (PyTorch layout; Conv1D transposed), and the

@@ -1,4 +1,4 @@
-"""PiSSA (Meng et al., 2024): LoRA initialized on W0's principal components (methods.md §9).
+"""PiSSA (Meng et al., 2024): LoRA initialized on W0's principal components (docs/maths.md §9).
 
 For each target ``W0 (m, n) = U S Vᵀ`` (PyTorch layout), with ``s = alpha / r``
 and ``S'_r = S_r / s``:

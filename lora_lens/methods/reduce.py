@@ -1,4 +1,4 @@
-"""Rank reduction of a trained adapter: truncate each module's SVD (methods.md §1, §9).
+"""Rank reduction of a trained adapter: truncate each module's SVD (docs/maths.md §1, §9).
 
 Each ``ΔW = s·B A = U S Vh`` is decomposed without forming it
 (:func:`~lora_lens.decompose.decompose_adapter`) and cut to ``k`` directions:

@@ -1,4 +1,4 @@
-"""The CondLoRA conversion-matrix section of a report (methods.md §5)."""
+"""The CondLoRA conversion-matrix section of a report (docs/maths.md §5)."""
 
 from __future__ import annotations
 

@@ -10,9 +10,9 @@ Init folders follow :mod:`lora_lens.io.initfile` (the contract with
   ``official | general``, targets = module types) + ``condlora_theta.safetensors``
   with ``"<module type>.theta_A"`` / ``".theta_B"``.
 
-Without an init folder the trainer calls the two STAND-IN functions at the end
-of this file. They are deliberately minimal and will be redirected to
-``lora_lens.methods`` (cora.py / condlora.py) once that package exists.
+Without an init folder the trainer computes them from the base with the
+methods package's own kernels (the functions at the end of this file), so a
+trainer-computed init equals what the init commands write.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def read_init(folder: str | Path, method: str, module_paths: list[str]) -> CoraI
 
 def cora_basis_from_base(weights: dict[str, torch.Tensor], rank: int, device: str | torch.device = "cpu"
                          ) -> dict[str, torch.Tensor]:
-    """CoRA's common basis from the one base alone (methods.md §6, M = 1 source).
+    """CoRA's common basis from the one base alone (docs/maths.md §6, M = 1 source).
 
     For each layer's ``W0 (m, n)``: ``B = U_r``, its top-r left singular
     vectors ``(m, r)`` (orthonormal, signs fixed), by

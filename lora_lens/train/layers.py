@@ -102,7 +102,7 @@ class LoRALinear(nn.Module):
 
 
 class CondTheta(nn.Module):
-    """CondLoRA's shared pair for one module type (Kim et al. 2024; methods.md §5).
+    """CondLoRA's shared pair for one module type (Kim et al. 2024; docs/maths.md §5).
 
     ``official`` (square ``W0 (n, n)``): ``theta_A (r, n)``, ``theta_B (r, n)``.
     ``general`` (any ``(m, n)``): ``theta_A (m, r)``, ``theta_B (n, r)``.

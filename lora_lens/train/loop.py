@@ -166,7 +166,7 @@ def merge_link(run: Run) -> None:
 
 def start_new_link(run: Run) -> None:
     """Chain of LoRA knot: merge the current link, start a fresh one (``B = 0``, new Kaiming ``A``)
-    and forget the adapter's optimizer state (moments and step counts) (methods.md §7)."""
+    and forget the adapter's optimizer state (moments and step counts) (docs/maths.md §7)."""
     merge_link(run)
     for layer in run.adapted.layers.values():
         layer.reset(run.generator)

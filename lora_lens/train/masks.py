@@ -1,4 +1,4 @@
-"""LoRA-SP (Wu et al. 2024; methods.md §8): update only a random half of the LoRA parameters.
+"""LoRA-SP (Wu et al. 2024; docs/maths.md §8): update only a random half of the LoRA parameters.
 
 A seeded Bernoulli(0.5) mask per factor says which entries may change. It is
 applied to the *update*, not to the weights, in three places, so that nothing

@@ -1,4 +1,4 @@
-"""Put a method's adapter layers into a model, with their starting values (methods.md §5–8).
+"""Put a method's adapter layers into a model, with their starting values (docs/maths.md §5–8).
 
 =============  ============================================  ===========================================
 method         layers                                        start
