@@ -80,6 +80,8 @@ def test_cli_end_to_end(tiny_bert, tmp_path):
     for png in ("metric_vs_parameters.png", "loss_curves.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
     assert (out / "runs" / "lora-seed1" / "adapter_config.json").is_file()
+    log = json.loads((out / "runs" / "lora-seed1" / "train_log.json").read_text())
+    assert log["output"] == str(out / "runs" / "lora-seed1") == res["runs"][1]["output"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
 
 

@@ -141,6 +141,7 @@ def compare_methods(
                 log(f"{method} seed {seed}: {steps} steps …")
                 name = f"{method}-seed{seed}"
                 r = train(base, method, out=tmp / "runs" / name, data=data, seed=seed, **common)
+                _record_final_output(tmp / "runs" / name, out / "runs" / name)
                 d = r.to_dict()
                 d.update(seed=seed, run=name, output=str(out / "runs" / name),
                          adapter_parameters=r.trainable_parameters - r.head_parameters)
@@ -162,6 +163,16 @@ def compare_methods(
                                 analyses, time.perf_counter() - t0)
         write_comparison(comparison, tmp)
     return comparison
+
+
+def _record_final_output(folder: Path, final: Path) -> None:
+    """A run's train_log.json names the folder it will have once OUT is in place, not the temporary one."""
+    import json
+
+    from ..io.atomic import atomic_write_json
+
+    log = folder / "train_log.json"
+    atomic_write_json(log, {**json.loads(log.read_text()), "output": str(final)})
 
 
 def _metric(run: dict, metric: str) -> float:

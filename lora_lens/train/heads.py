@@ -23,7 +23,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from .models import ENCODER_TYPES, _transformers, check_finite, check_model_folder, float32_kw, folder_tokenizer
+from .models import _transformers, check_finite, check_model_folder, float32_kw, folder_tokenizer
 
 #: PEFT's default ``modules_to_save`` for SEQ_CLS (``peft.utils.constants``).
 SEQ_CLS_HEADS = ("classifier", "score")
@@ -102,6 +102,3 @@ def lm_head(model: nn.Module) -> Head:
     path = next(p for p, m in model.named_modules() if m is out)
     return Head((path,))
 
-
-def is_encoder(model: nn.Module) -> bool:
-    return getattr(getattr(model, "config", None), "model_type", None) in ENCODER_TYPES
