@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import click
 
-from lora_lens import LoraLensError
+from lora_lens import DiskFullError, LoraLensError
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -18,8 +18,8 @@ EXIT_FAILURE = 1
 class LoraLensGroup(click.Group):
     """A click group that turns errors into one line and an exit code.
 
-    ``LoraLensError`` (bad input) → exit 2; any other exception (a bug) → exit 1
-    and a hint to rerun with ``--debug``, which prints the traceback.
+    ``LoraLensError`` (bad input) → exit 2; disk full → exit 1 and one line;
+    any other exception (a bug) → exit 1 and a hint to rerun with ``--debug``, which prints the traceback.
     """
 
     def invoke(self, ctx: click.Context):
@@ -32,6 +32,9 @@ class LoraLensGroup(click.Group):
                 traceback.print_exc()
             click.echo(f"error: {_one_line(str(e))}", err=True)
             ctx.exit(EXIT_BAD_INPUT)
+        except DiskFullError as e:  # not bad input, not a bug: the run could not finish writing
+            click.echo(f"error: {_one_line(e.strerror or str(e))}", err=True)
+            ctx.exit(EXIT_FAILURE)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)

@@ -63,7 +63,7 @@ def analyze_cmd(adapter, base, mode, rcond, seed, device, dtype, as_json) -> Non
               help="Warm start: fit Θ to this trained adapter's factors (least squares across layers).")
 @click.option("--mode", type=click.Choice(["auto", "official", "general"]), default="auto", show_default=True,
               help="official: A = Θ_A W0ᵀ, B = W0 Θ_Bᵀ (square W0 only); general: A = Θ_Aᵀ W0, B = W0 Θ_B; "
-                   "auto: official when every target W0 is square, else general.")
+                   "auto: per module type, official where W0 is square, else general.")
 @click.option("--alpha", type=float, default=None, help="lora_alpha (default: the rank, so s = 1).")
 @out_option("Init folder to write (lora_lens_init.json, condlora_theta.safetensors, peft/).")
 @overwrite_option

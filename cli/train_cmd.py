@@ -39,7 +39,7 @@ def _csv(kind):
 @click.option("--max-length", type=int, help="classify: tokens per example; longer ones are truncated with a "
               "warning [default: the model's positions].")
 @click.option("--rank", type=int, help="LoRA rank r (default 8, or the init folder's).")
-@click.option("--alpha", type=float, help="LoRA alpha; scaling alpha/r (default 16, or the init folder's).")
+@click.option("--alpha", type=float, help="LoRA alpha; scaling alpha/r (default 16; cora-*: = rank, s = 1; or the init folder's).")
 @click.option("--targets", callback=_csv(str), help="Comma-separated module names (default q_proj,v_proj or the "
               "model's attention projections).")
 @click.option("--steps", default=40, show_default=True, type=int)
@@ -58,8 +58,8 @@ def _csv(kind):
 @click.option("--sp-granularity", default="element", show_default=True, help="lora-sp: element|row|column.")
 @click.option("--sp-targets", default="both", show_default=True, help="lora-sp: mask A|B|both.")
 @click.option("--sp-resample", default="never", show_default=True, help="lora-sp: never|epoch|step.")
-@click.option("--condlora-mode", help="condlora: official (square W0) | general [default: official when every "
-              "target is square].")
+@click.option("--condlora-mode", help="condlora: auto | official (square W0) | general [default: auto, per module "
+              "type: official where W0 is square, else general].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda")
 @click.option("-o", "--out", "--output", "output", required=True, type=click.Path(path_type=str), help="Output folder.")

@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from .errors import (  # noqa: E402
     CheckpointError,
     ConfigError,
+    DiskFullError,
     KeyMatchError,
     LoraLensError,
     NonFiniteError,
@@ -21,7 +22,7 @@ from .keys import parse_module_path  # noqa: E402
 from .types import Adapter, LayerKey, LoraModule, LoraSettings, TensorInfo  # noqa: E402
 
 __all__ = [
-    "Adapter", "CheckpointError", "ConfigError", "KeyMatchError", "LayerKey", "LoraLensError",
+    "Adapter", "CheckpointError", "ConfigError", "DiskFullError", "KeyMatchError", "LayerKey", "LoraLensError",
     "LoraModule", "LoraSettings", "NonFiniteError", "ShapeError", "TensorInfo", "UnsafeFileError",
     "__version__", "inspect_path", "load_adapter", "load_adapters", "open_base", "parse_module_path",
     "save_peft_adapter",

@@ -18,7 +18,7 @@ import torch
 
 from .errors import ConfigError, NonFiniteError
 from .io.base import BaseWeights
-from .linalg import factored_svd, factored_svdvals, randomized_svd, svd
+from .linalg import factored_svd, factored_svdvals, randomized_svd, svd, top_subspace_svd
 from .types import Adapter, LayerKey, LoraModule
 
 #: ``progress(done, total, what)`` is called after each chunk.
@@ -33,7 +33,10 @@ class Spectrum:
 
     ``U (m, k)``, ``S (k,)`` descending, ``Vh (k, n)``; signs fixed. ``kind`` is
     ``delta`` (a LoRA update, exact with ``k = r``), ``base`` (a base weight,
-    exact or randomized top-k) or ``matrix``.
+    exact or randomized top-k) or ``matrix``. ``method``: ``svd`` (full SVD),
+    ``randomized`` (fixed power iterations: accuracy unknown, ``error`` None) or
+    ``iterated`` (:func:`~lora_lens.linalg.top_subspace_svd`); ``error``: the
+    estimated ``1 − φ`` of ``U`` against the exact top-k subspace (0 for ``svd``).
     """
 
     name: str
@@ -43,6 +46,8 @@ class Spectrum:
     Vh: torch.Tensor
     kind: str = "delta"
     exact: bool = True
+    method: str = "svd"
+    error: float | None = 0.0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -250,7 +255,7 @@ def decompose_base(
     max_memory: int | None = None,
     randomized: bool | None = None,
     oversample: int = 16,
-    n_iter: int = 4,
+    n_iter: int | str = 4,
     seed: int = 0,
     transpose: Sequence[str] = (),
     progress: Progress | None = None,
@@ -260,7 +265,9 @@ def decompose_base(
     Peak memory is one chunk of one shape group, never the checkpoint.
     ``transpose``: names stored as ``(n, m)`` (Conv1D, Embedding), decomposed in
     PyTorch's ``(m, n)`` layout so they line up with adapter spectra. Keys of
-    the result are the weight names.
+    the result are the weight names. ``n_iter="auto"``: subspaces accurate enough
+    to compare (:func:`~lora_lens.linalg.top_subspace_svd`: a full SVD for small
+    matrices, else iterations until a measured error bound; ``randomized`` is then ignored).
     """
     infos = {w: base.info(w) for w in weight_names}
     tset = set(transpose)
@@ -286,13 +293,17 @@ def _decompose_groups(groups, load, k, keys, device, dtype, max_memory, randomiz
     done = 0
     for (m, n), names in groups.items():
         kk = min(m, n) if k is None else min(k, m, n)
-        use_rand = randomized if randomized is not None else (k is not None and kk + oversample < min(m, n) / 2)
+        auto = n_iter == "auto"
+        use_rand = not auto and (randomized if randomized is not None else
+                                 (k is not None and kk + oversample < min(m, n) / 2))
         per_item = (3 * m * n + (m + n) * min(m, n)) * itemsize  # input, workspace, factors
         step = chunk_size(per_item, max_memory, len(names))
         for lo in range(0, len(names), step):
             chunk = names[lo: lo + step]
             W = load(chunk).to(dev, dt)  # (L, m, n)
-            if use_rand:
+            if auto:
+                U, S, Vh, acc = top_subspace_svd(W, kk, oversample=oversample, seed=seed)
+            elif use_rand:
                 U, S, Vh = randomized_svd(W, kk, oversample=oversample, n_iter=n_iter, seed=seed)
             else:
                 U, S, Vh = svd(W)
@@ -300,7 +311,12 @@ def _decompose_groups(groups, load, k, keys, device, dtype, max_memory, randomiz
             U, S, Vh = U.cpu(), S.cpu(), Vh.cpu()
             for i, name in enumerate(chunk):
                 key = keys.get(name) or LayerKey("", None, name)
-                out[name] = Spectrum(name, key, U[i], S[i], Vh[i], kind=kind, exact=not use_rand)
+                if auto:
+                    how = dict(exact=acc.method == "svd", method=acc.method, error=float(acc.error[i]))
+                else:
+                    how = dict(exact=not use_rand, method="randomized" if use_rand else "svd",
+                               error=None if use_rand else 0.0)
+                out[name] = Spectrum(name, key, U[i], S[i], Vh[i], kind=kind, **how)
             done += len(chunk)
             if progress:
                 progress(done, total, f"{m}x{n}")

@@ -40,3 +40,10 @@ class KeyMatchError(LoraLensError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message in quotes
         return str(self.args[0]) if self.args else ""
+
+
+class DiskFullError(OSError):
+    """No space left while writing an output; not bad input (the CLI exits 1), but not a bug either.
+
+    Raised after the partial output is removed; ``errno`` is ``ENOSPC`` or ``EDQUOT``.
+    """

@@ -8,12 +8,17 @@ bf16/fp16 are upcast to ``compute_dtype`` (float32 unless asked) before
   :func:`factored_svdvals`: its singular values only.
 - :func:`svd`: full thin SVD, run in the tall orientation (faster with MKL).
 - :func:`randomized_svd`: top-k by a randomized range finder with power iterations.
+- :func:`top_subspace_svd`: top-k accurate enough to compare subspaces: a full SVD
+  for small matrices, else subspace iteration until a measured error bound is met.
 - :func:`sign_fix`: deterministic signs (``svd_flip``-style).
 - :func:`principal_angles`, :func:`phi`, :func:`phi_grid`: subspace comparisons.
 - :func:`lstsq`: least squares / exact solve with the residual.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -144,6 +149,97 @@ def randomized_svd(
     U = Q @ Ub
     U, Vh = sign_fix(U[..., :k], Vh[..., :k, :])
     return U, S[..., :k], Vh
+
+
+#: Full SVD up to this ``min(m, n)``. Measured here (1 thread, float32): a 512² full SVD
+#: costs as much as ~35 subspace iterations at ``q = 24`` (1024²: ~290), and a flat spectrum
+#: needs more than 35; beyond it the full SVD grows as ``n³`` and an iteration as ``n²``.
+EXACT_SVD_MAX_DIM = 512
+#: Target for the estimated ``1 − φ`` between the computed and the exact top-k subspace.
+SUBSPACE_TOL = 1e-4
+#: Iterations between two error checks (a check costs ~ one iteration).
+_CHECK_EVERY = 4
+
+
+@dataclass(frozen=True)
+class SubspaceAccuracy:
+    """How :func:`top_subspace_svd` got its subspace.
+
+    ``method``: ``svd`` (full SVD: exact up to round-off) or ``iterated``
+    (converged subspace iteration); ``iterations`` run (a full SVD after
+    iterations that did not converge keeps their count); ``error (...)``: the
+    estimated ``1 − φ(U_k, U_k^exact)`` per matrix, 0 for ``svd``.
+    """
+
+    method: str
+    iterations: int
+    error: torch.Tensor
+
+
+def top_subspace_svd(
+    W: torch.Tensor,
+    k: int,
+    *,
+    oversample: int = 16,
+    tol: float = SUBSPACE_TOL,
+    max_iter: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SubspaceAccuracy]:
+    """Top-``k`` singular triplets of ``W (..., m, n)`` whose *subspaces* are accurate (to ``tol`` in ``1 − φ``).
+
+    A fixed number of power iterations is not enough to compare subspaces: on
+    a flat spectrum (``σ_k/σ_{k+1} ≈ 1.005``) four iterations gave φ 0.77–0.84
+    against the exact subspace. Here:
+
+    - ``min(m, n) ≤ EXACT_SVD_MAX_DIM`` (or ``k + oversample`` reaches it): full SVD.
+    - Else subspace iteration with ``q = k + oversample`` columns, QR after each
+      product. Every few iterations a Rayleigh–Ritz step ``Qᵀ W = Ub S Vh``,
+      ``U = Q Ub`` gives ``Wᵀ U_k = V_k S_k`` exactly and the residual
+      ``R = W V_k − U_k S_k (m, k)``; Wedin's theorem bounds
+      ``‖sin Θ‖_F ≤ ‖R‖_F / δ`` with the gap ``δ = σ_k − σ_{k+1}``, estimated by
+      the Ritz values, so ``1 − φ = ‖sin Θ‖_F² / k ≤ (‖R‖_F / δ)² / k``. It stops when
+      that is ``≤ tol`` for every matrix of the batch.
+    - Not converged after ``max_iter`` (default: about the flop count of one full
+      SVD, ``3·min(m, n)/q`` iterations, from ``(4mn² + 8n³) / (4mnq)``): full SVD.
+
+    Returns ``U (..., m, k)``, ``S (..., k)``, ``Vh (..., k, n)`` (signs fixed) and a
+    :class:`SubspaceAccuracy`. Deterministic for ``seed``.
+    """
+    W = upcast(W, dtype)
+    m, n = W.shape[-2:]
+    k = min(k, m, n)
+    q = min(k + max(oversample, 1), m, n)  # one extra column at least: the gap needs σ_{k+1}
+    batch = W.shape[:-2]
+
+    def exact(iterations: int):
+        U, S, Vh = svd(W)
+        err = torch.zeros(batch, dtype=torch.float64)
+        return U[..., :k], S[..., :k], Vh[..., :k, :], SubspaceAccuracy("svd", iterations, err)
+
+    if min(m, n) <= EXACT_SVD_MAX_DIM or q >= min(m, n):
+        return exact(0)
+    if max_iter is None:
+        max_iter = max(_CHECK_EVERY, math.ceil(3 * min(m, n) / q))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(*batch, n, q, generator=gen, dtype=W.dtype).to(W.device)  # (..., n, q)
+    Wt = W.transpose(-1, -2)
+    Q, _ = torch.linalg.qr(W @ omega)  # (..., m, q)
+    for it in range(1, max_iter + 1):
+        Z, _ = torch.linalg.qr(Wt @ Q)  # (..., n, q)
+        Q, _ = torch.linalg.qr(W @ Z)  # (..., m, q)
+        if it % _CHECK_EVERY and it != max_iter:
+            continue
+        Ub, S, Vh = torch.linalg.svd(Q.transpose(-1, -2) @ W, full_matrices=False)  # (..., q, q), (..., q), (..., q, n)
+        U = Q @ Ub[..., :k]  # (..., m, k)
+        R = W @ Vh[..., :k, :].transpose(-1, -2) - U * S[..., None, :k]  # (..., m, k)
+        gap = (S[..., k - 1] - S[..., k]).double()  # Ritz estimate of σ_k − σ_{k+1}
+        bound = torch.linalg.matrix_norm(R).double() / gap.clamp_min(torch.finfo(torch.float64).tiny)
+        err = (bound ** 2 / k).clamp(max=1.0).cpu()
+        if bool((err <= tol).all()):
+            U, Vh = sign_fix(U, Vh[..., :k, :])
+            return U, S[..., :k], Vh, SubspaceAccuracy("iterated", it, err)
+    return exact(max_iter)
 
 
 def orthonormal_basis(X: torch.Tensor) -> torch.Tensor:

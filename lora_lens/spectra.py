@@ -56,6 +56,28 @@ CONVENTIONS = {
 }
 
 
+def energy_curve(S: torch.Tensor) -> torch.Tensor:
+    """``E_j = Σ_{i≤j} σ_i² / Σ σ_i²`` for ``S (..., k)``: float64 ``(..., k)``; a zero spectrum → all ones."""
+    cum = (S.to(torch.float64) ** 2).cumsum(-1)  # (..., k)
+    total = cum[..., -1:]  # (..., 1)
+    zero = total <= 0
+    return torch.where(zero, torch.ones_like(cum), cum / torch.where(zero, torch.ones_like(total), total))
+
+
+def rank_at_energy(S: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The one "rank at energy": smallest ``j`` with ``Σ_{i≤j} σ_i² ≥ fraction · Σ σ_i²`` (PEFT's
+    ``_find_cutoff_index`` arithmetic), int64 ``(...)`` for ``S (..., k)`` descending; 0 for a zero update.
+
+    Used by :func:`spectrum_metrics` and :func:`lora_lens.methods.reduce.reduce_rank` alike.
+    """
+    _check_fraction("energy", fraction)
+    cum = (S.to(torch.float64) ** 2).cumsum(-1)  # (..., k)
+    total = cum[..., -1]
+    # "smallest j satisfying" = 1 + #{j : not satisfied}, because cum is non-decreasing
+    r = (cum < fraction * total.unsqueeze(-1)).sum(-1) + 1
+    return torch.where(total <= 0, 0, r)
+
+
 def spectrum_metrics(S: torch.Tensor, energy: float = 0.9, fro: float = 0.9) -> dict[str, torch.Tensor]:
     """Every metric of the module docstring for a batch of spectra, at once.
 
@@ -72,10 +94,7 @@ def spectrum_metrics(S: torch.Tensor, energy: float = 0.9, fro: float = 0.9) -> 
     total = cum[..., -1]  # (...)
     zero = total <= 0
     safe_total = torch.where(zero, torch.ones_like(total), total)
-    energy_curve = torch.where(zero.unsqueeze(-1), torch.ones_like(cum), cum / safe_total.unsqueeze(-1))
-    # PEFT: cs >= f·total; kohya: cs/total >= f². "Smallest j satisfying" = 1 + #{j : not satisfied}
-    # because cum is non-decreasing; both written in their owner's arithmetic so ties match exactly.
-    r_energy = (cum < energy * total.unsqueeze(-1)).sum(-1) + 1
+    # kohya: cs/total >= f², in its owner's arithmetic so ties match exactly (PEFT's: rank_at_energy)
     r_fro = (cum / safe_total.unsqueeze(-1) < fro ** 2).sum(-1) + 1
     l1 = S.sum(-1)
     p = S / torch.where(zero, torch.ones_like(l1), l1).unsqueeze(-1)  # (..., k)
@@ -84,11 +103,11 @@ def spectrum_metrics(S: torch.Tensor, energy: float = 0.9, fro: float = 0.9) -> 
     stable = total / torch.where(zero, torch.ones_like(top), top * top)
     z64 = torch.zeros_like(total)
     return {
-        "energy": energy_curve,
+        "energy": energy_curve(S),
         "fro_norm": total.sqrt(),
         "effective_rank": torch.where(zero, z64, torch.exp(entropy)),
         "stable_rank": torch.where(zero, z64, stable),
-        "rank_at_energy": torch.where(zero, 0, r_energy),
+        "rank_at_energy": rank_at_energy(S, energy),
         "rank_at_fro": torch.where(zero, 0, r_fro),
     }
 

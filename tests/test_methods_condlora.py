@@ -244,3 +244,30 @@ def test_gpt2_analysis_transposes_conv1d_base(gpt2_adapter, tiny_gpt2):
         Us.append(np.linalg.svd(C, full_matrices=False)[0][:, : m.rank])
     ref = np.sum((Us[0].T @ Us[1]) ** 2) / ad["transformer.h.0.attn.c_proj"].rank
     assert abs(float(g.phi[0, 1]) - ref) < 1e-9
+
+
+def test_mode_is_chosen_per_module_type_in_analysis_init_and_train(stories_path, tmp_path):
+    """stories260K: q_proj 64×64 (square), v_proj 32×64. One rule (methods.condlora.condlora_modes) everywhere:
+    official for q, general for v. Before: the analysis chose per type, but init and train chose one mode for
+    all types (general, because v_proj is not square)."""
+    from lora_lens.methods.condlora import EQUATIONS
+    from lora_lens.train import TrainConfig, prepare
+
+    want = {"self_attn.q_proj": "official", "self_attn.v_proj": "general"}
+    res = condlora_init(stories_path, R, "q_proj,v_proj", out_dir=tmp_path / "cl", device="cpu")
+    assert res.description.params["modes"] == want and res.description.mode == "auto"
+    assert {r["module_type"]: r["mode"] for r in res.records} == want
+    theta = load_file(tmp_path / "cl" / "condlora_theta.safetensors")
+    assert theta["self_attn.q_proj.theta_A"].shape == (R, 64)  # official Θ_A (r, n)
+    assert theta["self_attn.v_proj.theta_A"].shape == (32, R)  # general Θ_A (m, r)
+
+    run = prepare(stories_path, TrainConfig(method="condlora", steps=1, batch_size=1, seq_len=8, device="cpu"))
+    assert {t: th.mode for t, th in run.adapted.thetas.items()} == want
+    again = prepare(stories_path, TrainConfig(method="condlora", steps=1, batch_size=1, seq_len=8, device="cpu"),
+                    init=tmp_path / "cl")  # the init folder's per-type forms are read back
+    assert {t: th.mode for t, th in again.adapted.thetas.items()} == want
+
+    adapter = _random_adapter(stories_path, "q_proj,v_proj", tmp_path / "ad")
+    an = condlora_analysis(adapter, stories_path, device="cpu")
+    by_eq = {eq: mode for (mode, side), eq in EQUATIONS.items() if side == "A"}
+    assert {g.module_type: by_eq[g.equation] for g in an.grids if g.side == "A"} == want

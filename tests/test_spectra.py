@@ -261,3 +261,46 @@ def test_minilm_adapter_matches_peft(minilm_path, tmp_path):
     pm = make_peft_adapter(model, tmp_path, seed=3, r=8, lora_alpha=16, target_modules=["query", "value"])
     res = _assert_matches_peft(pm, tmp_path)
     assert len(res.layers) == 12 and res.summary["attention.self.query"].shapes == ((384, 384),)
+
+
+def test_one_rank_at_energy_and_one_zero_update_result():
+    """spectra, reduce and the report's energy curve share one definition (issue 11 §4e): a zero update has
+    energy rank 0 and an energy curve of ones everywhere (reduce used to say 1, the report's curve zeros)."""
+    import numpy as np
+
+    from lora_lens.methods.reduce import rank_for_energy
+    from lora_lens.report.spectra_plots import energy_curve as report_curve
+    from lora_lens.spectra import energy_curve, rank_at_energy, spectrum_metrics
+
+    zero = torch.zeros(4, dtype=torch.float64)
+    assert int(rank_at_energy(zero, 0.9)) == 0 == int(spectrum_metrics(zero[None])["rank_at_energy"][0])
+    assert torch.equal(energy_curve(zero), torch.ones(4, dtype=torch.float64))
+    np.testing.assert_array_equal(report_curve(np.zeros(4)), np.ones(4))
+    assert rank_for_energy(zero, 0.9) == 1  # a PEFT module needs r ≥ 1: the writer's floor, not another definition
+    # ties: cum = [1, 2, 3, 4], 0.5·4 = 2 → j = 2, in every caller
+    flat = torch.ones(4, dtype=torch.float64)
+    assert int(rank_at_energy(flat, 0.5)) == 2 == rank_for_energy(flat, 0.5)
+    S = torch.tensor([[3.0, 2.0, 1.0, 0.5], [1.0, 1e-3, 0.0, 0.0]], dtype=torch.float64)
+    for row in S:
+        for f in (0.5, 0.9, 0.99, 1.0):
+            assert rank_for_energy(row, f) == int(spectrum_metrics(row[None], energy=f)["rank_at_energy"][0])
+
+
+def test_deeper_half_is_one_definition():
+    """Layer similarity and the CondLoRA summary used ≥ L//2 and the last L//2: now both the last ⌈L/2⌉."""
+    from lora_lens.compare.baselines import deeper_half
+    from lora_lens.compare.similarity import LayerGrid
+    from lora_lens.methods.condlora_analysis import ConversionGrid
+
+    L = 5
+    phi = torch.arange(L * L, dtype=torch.float64).reshape(L, L)
+    deep = deeper_half(L)
+    assert deep == [2, 3, 4]
+    sub = phi[deep][:, deep]
+    want = float(sub[~torch.eye(len(deep), dtype=torch.bool)].mean())
+    z = torch.zeros(L, L, dtype=torch.float64)
+    lg = LayerGrid("q", tuple(range(L)), tuple("abcde"), 8, (2,) * L, phi, z, z)
+    cg = ConversionGrid("q", "A", "W0 C_A = A^T", tuple(range(L)), tuple("abcde"), (2,) * L, 8, phi, z, z,
+                        torch.zeros(L))
+    assert lg.summary()["deep_mean_offdiag"] == pytest.approx(want)
+    assert cg.summary()["phi_offdiag_deep"] == pytest.approx(want)

@@ -70,6 +70,21 @@ def test_cora_basis_from_base_is_top_singular_subspace(stories_path):
         assert torch.count_nonzero(layer.lora_A) == 0
 
 
+@pytest.mark.parametrize("method", ["cora-frozen", "cora-init"])
+def test_cora_from_the_base_scales_as_an_init_folder(stories_path, tmp_path, method):
+    """One default scaling for CoRA, s = α/r = 1 (methods.cora.DEFAULT_SCALING): the trainer's own basis used
+    LoRA's α = 16 at r = 8 (s = 2) while `cora init` folders default to α = r (s = 1)."""
+    from lora_lens.methods.cora import DEFAULT_SCALING, cora_init
+
+    run = prepare(stories_path, config(method))
+    res = cora_init(stories_path, 8, "q_proj,v_proj", out_dir=tmp_path / "cora", device="cpu")
+    from_folder = prepare(stories_path, config(method), init=tmp_path / "cora")
+    assert res.description.alpha / res.description.rank == DEFAULT_SCALING == 1.0
+    assert {layer.scaling for layer in run.adapted.layers.values()} == {DEFAULT_SCALING}
+    assert {layer.scaling for layer in from_folder.adapted.layers.values()} == {DEFAULT_SCALING}
+    assert {layer.scaling for layer in prepare(stories_path, config("lora")).adapted.layers.values()} == {2.0}
+
+
 def test_cora_frozen_b_is_bit_identical_after_training(stories_path, base_logits, tmp_path):
     ids, ref = base_logits
     basis = write_cora_init(tmp_path / "init", stories_path, rank=4, alpha=8.0, mode="frozen")
@@ -136,14 +151,15 @@ def test_lora_sp_masked_entries_bit_identical_with_weight_decay(stories_path):
 
 
 def test_update_masks_with_resampling_and_adam_state():
-    """Row masks re-drawn every step: frozen rows never move, Adam moments at frozen entries stay zero."""
+    """Row masks re-drawn every step: frozen rows never move, nor do their Adam moments and step counts."""
+    from lora_lens.train.masked_adamw import MaskedAdamW
     from lora_lens.train.masks import UpdateMasks
 
     torch.manual_seed(0)
     A = torch.nn.Parameter(torch.randn(6, 5))
     B = torch.nn.Parameter(torch.randn(4, 6))
     masks = UpdateMasks({"x.lora_A": A, "x.lora_B": B}, SparseSettings("row", "both", "step"), seed=3)
-    opt = torch.optim.AdamW([A, B], lr=0.1, weight_decay=0.3)
+    opt = MaskedAdamW([A, B], masks.mask_of, lr=0.1, weight_decay=0.3)
     seen = set()
     for step in range(5):
         if step:
@@ -152,22 +168,69 @@ def test_update_masks_with_resampling_and_adam_state():
         assert bool((mask_A == mask_A[:, :1]).all())  # whole rows
         seen.add(tuple(mask_A[:, 0].tolist()))
         before = {n: p.detach().clone() for n, p in masks.params.items()}
+        state = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in masks.params.items()}
         ((A.sum(0) ** 2).sum() + (B ** 3).sum()).backward()
         masks.mask_grads()
-        masks.snapshot()
         opt.step()
-        masks.restore(opt)
         opt.zero_grad()
         for n, p in masks.params.items():
             keep = masks.masks[n]
             assert torch.equal(p.detach()[~keep], before[n][~keep])
             assert bool((p.detach()[keep] != before[n][keep]).all())
-            for v in opt.state[p].values():
-                if v.shape == p.shape:
-                    assert bool((v[~keep] == 0).all())
+            for k, v in state[n].items():  # moments and counts of frozen entries: untouched
+                assert torch.equal(opt.state[p][k][~keep], v[~keep])
     assert len(seen) > 1
     with pytest.raises(ConfigError, match="granularity"):
         SparseSettings("block")
+
+
+def test_masked_adamw_is_adamw_when_nothing_is_masked():
+    """Float64, same operations in the same order as torch's single-tensor AdamW: equal to a few ulps."""
+    from lora_lens.train.masked_adamw import MaskedAdamW
+
+    g = torch.Generator().manual_seed(1)
+    p0 = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    grads = [torch.randn(5, 7, generator=g, dtype=torch.float64) for _ in range(20)]
+    a, b = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p0.clone())
+    ref = torch.optim.AdamW([a], lr=0.01, weight_decay=0.1, foreach=False)
+    ours = MaskedAdamW([b], lambda p: None, lr=0.01, weight_decay=0.1)
+    for grad in grads:
+        for p, opt in ((a, ref), (b, ours)):
+            p.grad = grad.clone()
+            opt.step()
+    torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-13, atol=1e-15)
+
+
+def test_a_re_unfrozen_entry_takes_adams_step_not_three_times_lr():
+    """Constant gradients: Adam's bias-corrected step is exactly lr·|g|/(|g|+ε) ≤ lr for every entry, however
+    long it was frozen. Before the fix (one global step count, moments of frozen entries zeroed) an entry
+    unfrozen after step ~1000 moved lr·(1−β1)/√(1−β2)·√(1−β2^t)/(1−β1^t) ≈ 2.5–3× lr."""
+    from lora_lens.train.masked_adamw import MaskedAdamW
+    from lora_lens.train.masks import UpdateMasks
+
+    lr, steps = 1e-3, 1200
+    g = torch.Generator().manual_seed(4)
+    A = torch.nn.Parameter(torch.randn(8, 3, generator=g, dtype=torch.float64))
+    grad = torch.randn(8, 3, generator=g, dtype=torch.float64).sign() * (0.5 + torch.rand(8, 3, generator=g))
+    masks = UpdateMasks({"x.lora_A": A}, SparseSettings("row", "A", "step", keep=0.2), seed=5)
+    opt = MaskedAdamW([A], masks.mask_of, lr=lr, weight_decay=0.0)
+    frozen_for = torch.zeros(8, 3)
+    worst, late_returns = 0.0, 0
+    for step in range(steps):
+        if step:
+            masks.sample()
+        keep = masks.masks["x.lora_A"]
+        before = A.detach().clone()
+        A.grad = grad.clone()
+        masks.mask_grads()  # as the training loop does
+        opt.step()
+        moved = (A.detach() - before).abs()
+        assert bool((moved[~keep] == 0).all())
+        worst = max(worst, float(moved[keep].max()) / lr) if bool(keep.any()) else worst
+        late_returns += int((keep & (frozen_for > 0) & (step > 1000)).sum())
+        frozen_for = torch.where(keep, torch.zeros_like(frozen_for), frozen_for + 1)
+    assert late_returns > 10  # entries did come back after long freezes, late in the run
+    assert worst <= 1 + 1e-12  # |g|/(|g|+ε) < 1; 1e-12: float64 round-off of m̂/√v̂ for constant g
 
 
 def test_chain_knots_merge_links_and_reset_optimizer(stories_path):

@@ -24,6 +24,7 @@ import torch
 
 from ..decompose import Progress, resolve_device, resolve_dtype
 from ..io.base import BaseWeights
+from ..io.layout import with_base_layouts
 from ..linalg import factored_svd, random_orthonormal, randomized_svd
 from ..types import Adapter, LayerKey
 from .pairing import DEFAULT_MAX_MEMORY, Chunk, base_chunks, pair_with_base
@@ -146,6 +147,7 @@ def alignment(
     from ``torch.linalg.svdvals`` with ``exact_w0=True``.
     """
     dev, dt = resolve_device(device), resolve_dtype(dtype)
+    adapter = with_base_layouts(adapter, base)  # Linear vs Conv1D per module, as PEFT decides
     weights = pair_with_base(adapter, base)
     itemsize = torch.finfo(dt).bits // 8
     rows, exact = [], True

@@ -14,6 +14,7 @@ import torch
 
 from ..decompose import Progress, resolve_device, resolve_dtype
 from ..io.base import BaseWeights
+from ..io.layout import with_base_layouts
 from ..types import Adapter
 from .alignment import DRAWS, Alignment, align_chunk, zero_delta_notes
 from .intruders import EPSILON, K, Intruders, check_params, intruder_bytes, intruder_chunk
@@ -48,6 +49,7 @@ def analyze_alignment(
     """LoRA §7.3 projection norms and intruder counts per module, from one read of each base weight."""
     eps = check_params(intruder_k, epsilon)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
+    adapter = with_base_layouts(adapter, base)  # Linear vs Conv1D per module, as PEFT decides
     weights = pair_with_base(adapter, base)
     aligned, intruding = [], []
     for chunk in base_chunks(list(adapter), weights, base, dev, dt, intruder_bytes(torch.finfo(dt).bits // 8),

@@ -117,6 +117,15 @@ def pair_baseline(d: int, k_a: int, k_b: int, draws: int = DRAWS, seed: int = 0,
     )
 
 
+#: The one definition of "the deeper half" of ``L`` layers, as every summary and report states it.
+DEEPER_HALF = "the last ⌈L/2⌉ layers (positions ≥ ⌊L/2⌋ in layer order; for odd L the middle layer counts as deep)"
+
+
+def deeper_half(L: int) -> list[int]:
+    """Positions (0-based, layer order) of the deeper half of ``L`` layers: :data:`DEEPER_HALF`."""
+    return list(range(L // 2, L))
+
+
 def nan_mean(x: torch.Tensor) -> float:
     """Mean ignoring NaN; NaN when nothing is left."""
     x = x[~torch.isnan(x)]

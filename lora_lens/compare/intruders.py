@@ -30,6 +30,7 @@ import torch
 from ..decompose import Progress, resolve_device, resolve_dtype
 from ..errors import ConfigError
 from ..io.base import BaseWeights
+from ..io.layout import with_base_layouts
 from ..linalg import svd
 from ..types import Adapter, LayerKey
 from .pairing import DEFAULT_MAX_MEMORY, Chunk, base_chunks, pair_with_base
@@ -140,6 +141,7 @@ def intruder_dimensions(
     """
     eps = check_params(k, epsilon)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
+    adapter = with_base_layouts(adapter, base)  # Linear vs Conv1D per module, as PEFT decides
     weights = pair_with_base(adapter, base)
     rows = []
     for chunk in base_chunks(list(adapter), weights, base, dev, dt, intruder_bytes(torch.finfo(dt).bits // 8),

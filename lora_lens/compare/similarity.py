@@ -29,10 +29,12 @@ from ..io.base import BaseWeights
 from ..keys import normalize_module_path
 from ..linalg import phi_grid, principal_angles
 from ..types import Adapter, LayerKey
-from .baselines import DRAWS, PairBaseline, layer_baseline, nan_mean, pair_baseline
+from .baselines import DRAWS, PairBaseline, deeper_half, layer_baseline, nan_mean, pair_baseline
 from .pairing import DEFAULT_MAX_MEMORY
 from .serialize import as_list, in_layer_order, key_fields, num
-from .subspaces import Subspace, adapter_subspaces, cross_phi, padded, resolve_side, zero_note
+from .subspaces import (
+    Subspace, accuracy_note, adapter_subspaces, cross_phi, padded, resolve_side, subspace_accuracy, zero_note,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,10 +55,11 @@ class LayerGrid:
     expected_phi: torch.Tensor
 
     def summary(self) -> dict[str, float | None]:
-        """Mean off-diagonal φ over all layers and over the deeper half (layers ``≥ L // 2``)."""
+        """Mean off-diagonal φ over all layers and over the deeper half (:data:`.baselines.DEEPER_HALF`)."""
         L = len(self.blocks)
         off = ~torch.eye(L, dtype=torch.bool)
-        deep = torch.arange(L) >= L // 2
+        deep = torch.zeros(L, dtype=torch.bool)
+        deep[deeper_half(L)] = True
         deep_off = off & deep[:, None] & deep[None, :]
         out = {}
         for tag, mask in (("", off), ("deep_", deep_off)):
@@ -85,11 +88,14 @@ class LayerSimilarity:
     draws: int
     seed: int
     notes: tuple[str, ...] = ()
+    #: ``{"methods": {method: count}, "max_error": estimated 1 − φ}`` of the compared subspaces.
+    accuracy: dict | None = None
 
     def to_dict(self) -> dict:
         return {
             "kind": "layer_similarity", "adapter": self.adapter, "path": self.path, "what": self.what,
             "side": self.side, "k": self.k, "baseline": {"draws": self.draws, "seed": self.seed},
+            "subspaces": self.accuracy,
             "notes": list(self.notes), "grids": [g.to_dict() for g in self.grids],
         }
 
@@ -130,7 +136,8 @@ def layer_similarity(
             dim=d, ks=tuple(ks), phi=grid.cpu().double(), random_phi=rand, expected_phi=expected,
         ))
     return LayerSimilarity(adapter.label, str(adapter.path), what, side, k, tuple(grids), draws, seed,
-                           tuple(adapter.flags) + zero_note(subs, what, adapter.label))
+                           tuple(adapter.flags) + zero_note(subs, what, adapter.label)
+                           + accuracy_note(subs, adapter.label), subspace_accuracy(subs))
 
 
 @dataclass(frozen=True, eq=False)

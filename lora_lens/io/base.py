@@ -12,17 +12,18 @@ one tensor. Accepted:
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, LoraLensError
 from ..keys import match_modules_to_weights, parse_module_path
 from ..types import LayerKey, TensorInfo
 from .atomic import register_input
+from .files import missing
+from .jsonfile import read_json
 from .tensors import PICKLE_SUFFIXES, PickleStore, SafetensorsStore, TensorStore, open_sharded, open_tensor_file
 
 #: Input embeddings an output head can be tied to.
@@ -107,8 +108,8 @@ class BaseWeights:
         if "lm_head.weight" in self.store or not config.is_file():
             return {}
         try:
-            tie = json.loads(config.read_text()).get("tie_word_embeddings", True)  # transformers' default
-        except (OSError, ValueError):
+            tie = read_json(config, "a model config.json").get("tie_word_embeddings", True)  # transformers' default
+        except (LoraLensError, AttributeError):  # an unreadable config only loses the tied-head pairing
             return {}
         emb = [n for n in self.names() if n.endswith(_EMBEDDING_SUFFIXES)]
         return {"lm_head": emb[0]} if tie and len(emb) == 1 else {}
@@ -129,7 +130,7 @@ def open_base(path: str | Path) -> BaseWeights:
     """Open a base checkpoint lazily; see the module docstring for what is accepted."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder; expected a model folder or a .safetensors/.bin file.")
+        raise CheckpointError(f"{path}: {missing(path)}; expected a model folder or a .safetensors/.bin file.")
     register_input(path)
     if path.is_dir():
         return BaseWeights(path, _open_folder(path))

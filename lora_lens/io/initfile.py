@@ -11,7 +11,7 @@ CoRA (``method="cora"``)::
 
 CondLoRA (``method="condlora"``)::
 
-    OUT/lora_lens_init.json           mode "official" | "general"; targets = module types
+    OUT/lora_lens_init.json           mode "auto" | "official" | "general" (params.modes: per module type); targets
     OUT/condlora_theta.safetensors    "<module type>.theta_A", "<module type>.theta_B"
     OUT/peft/…                        the per-layer A, B that Θ gives, as a PEFT adapter
 
@@ -25,13 +25,13 @@ the base weights with ``W0 − s·B A`` in place of each target.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import __version__
 from ..errors import CheckpointError, ConfigError
 from .atomic import atomic_write_json, register_input
+from .jsonfile import read_json
 
 INIT_NAME = "lora_lens_init.json"
 THETA_NAME = "condlora_theta.safetensors"
@@ -81,10 +81,8 @@ def read_init_description(folder: str | Path) -> InitDescription:
             f"{folder}: no {INIT_NAME}; expected an init folder written by 'lora-lens cora init' or "
             "'lora-lens condlora init'."
         )
+    raw = read_json(path, "an init description written by lora-lens")
     try:
-        raw = json.loads(path.read_text())
         return InitDescription(**raw)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}); re-create the init folder.") from None
     except TypeError as e:
         raise ConfigError(f"{path}: unexpected fields ({e}); re-create it with this lora_lens version.") from None

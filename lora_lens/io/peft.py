@@ -26,10 +26,16 @@ from ..errors import CheckpointError, ConfigError, ShapeError
 from ..keys import PEFT_PREFIX, parse_module_path, parse_peft_key
 from ..types import Adapter, LoraModule, LoraSettings, TensorInfo
 from .atomic import atomic_directory, atomic_save_safetensors, atomic_write_json, register_input
+from .files import missing
+from .jsonfile import read_json
+from .peft_config import checked_fields
 from .tensors import check_tensor, open_tensor_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+#: safetensors metadata key where :func:`save_peft_adapter` records each module's
+#: layout, since PEFT's ``fan_in_fan_out`` is one flag for modules that differ.
+LAYOUTS_KEY = "lora_lens_layouts"
 
 #: ``init_lora_weights`` values whose init rewrites the base weights, so that
 #: ``s·B·A`` is not the change against the *original* base.
@@ -59,51 +65,23 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
 
 
 def read_settings(config_path: Path) -> LoraSettings:
-    """Parse ``adapter_config.json``; unknown keys are kept in ``raw`` and otherwise ignored."""
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{config_path}: invalid JSON ({e.msg} at line {e.lineno}); expected a PEFT adapter config. Fix or re-save it.") from None
-    except OSError as e:
-        raise CheckpointError(f"{config_path}: cannot be read ({e.strerror}).") from None
+    """Parse ``adapter_config.json`` strictly; unknown keys are kept in ``raw`` and otherwise ignored."""
+    raw = read_json(config_path, "a PEFT adapter config")
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_path}: holds a JSON {type(raw).__name__}; expected an object with 'r' and 'lora_alpha'.")
     peft_type = str(raw.get("peft_type") or "LORA").upper()
     if peft_type != "LORA":
         raise ConfigError(f"{config_path}: peft_type is {peft_type!r}; lora_lens reads LoRA adapters (peft_type 'LORA') only.")
-    try:
-        r = int(raw.get("r", 8))
-        alpha = float(raw.get("lora_alpha", 8))
-        rank_pattern = {str(k): int(v) for k, v in (raw.get("rank_pattern") or {}).items()}
-        alpha_pattern = {str(k): float(v) for k, v in (raw.get("alpha_pattern") or {}).items()}
-    except (TypeError, ValueError, AttributeError) as e:
-        raise ConfigError(f"{config_path}: 'r', 'lora_alpha', 'rank_pattern' or 'alpha_pattern' is not numeric ({e}).") from None
-    if r <= 0 or any(v <= 0 for v in rank_pattern.values()):
-        raise ConfigError(f"{config_path}: ranks must be positive; found r={r}, rank_pattern={rank_pattern}.")
-    return LoraSettings(
-        r=r,
-        lora_alpha=alpha,
-        use_rslora=bool(raw.get("use_rslora", False)),
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
-        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
-        target_modules=raw.get("target_modules"),
-        modules_to_save=tuple(raw.get("modules_to_save") or ()),
-        use_dora=bool(raw.get("use_dora", False)),
-        init_lora_weights=raw.get("init_lora_weights", True),
-        base_model_name_or_path=raw.get("base_model_name_or_path"),
-        peft_type=peft_type,
-        raw=raw,
-    )
+    return LoraSettings(**checked_fields(raw, config_path), peft_type=peft_type, raw=raw)
 
 
 def find_adapters(path: str | Path) -> list[tuple[str | None, Path]]:
     """Every adapter under ``path``: ``(name, folder)``; the root's own adapter has name None."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder; expected a PEFT adapter folder with {CONFIG_NAME}.")
+        raise CheckpointError(f"{path}: {missing(path)}; expected a PEFT adapter folder with {CONFIG_NAME}.")
     register_input(path)
-    if path.is_file():
+    if not path.is_dir():
         if path.name in WEIGHT_NAMES or path.name == CONFIG_NAME:
             return [(None, path.parent)]
         raise CheckpointError(f"{path}: is a file; expected a PEFT adapter folder (with {CONFIG_NAME} and adapter_model.safetensors).")
@@ -152,6 +130,8 @@ def _weights_file(folder: Path) -> Path:
     for name in WEIGHT_NAMES:
         if (folder / name).is_file():
             return folder / name
+        if (folder / name).exists() or (folder / name).is_symlink():
+            return folder / name  # a folder, FIFO or broken link: the reader names what it is
     raise CheckpointError(
         f"{folder}: has {CONFIG_NAME} but no weights file; expected adapter_model.safetensors (or adapter_model.bin). "
         "The save was interrupted or the file was not copied."
@@ -195,6 +175,7 @@ def _load_folder(folder: Path, adapter_name: str | None) -> Adapter:
             "expected a PEFT LoRA adapter."
         )
 
+    written = _written_layouts(store)
     modules, rank_errors = [], []
     for name, p in pairs.items():
         A = check_tensor(store.get(p["A"], validate=False), p["A"], wfile)
@@ -210,7 +191,10 @@ def _load_folder(folder: Path, adapter_name: str | None) -> Adapter:
         r, alpha = rank_and_alpha(settings, name)
         if r != A.shape[0]:
             rank_errors.append(f"'{name}': config r={r}, tensors r={A.shape[0]}")
-        layout = "embedding" if embedding else "conv" if conv else "conv1d" if settings.fan_in_fan_out else "linear"
+        # Linear vs Conv1D: what lora_lens wrote, else the config's hint (PEFT decides per module;
+        # io.layout.with_base_layouts settles it once a base is known).
+        hint = written.get(name, "conv1d" if settings.fan_in_fan_out else "linear")
+        layout = "embedding" if embedding else "conv" if conv else hint
         modules.append(LoraModule(
             name=name, key=parse_module_path(name), A=A, B=B, alpha=alpha,
             scaling=lora_scaling(alpha, int(A.shape[0]), settings.use_rslora), layout=layout,
@@ -226,6 +210,15 @@ def _load_folder(folder: Path, adapter_name: str | None) -> Adapter:
         path=folder, settings=settings, modules=tuple(modules), other_tensors=tuple(others),
         flags=tuple(flags), delta_is_sBA=exact, adapter_name=adapter_name, weights_file=wfile,
     )
+
+
+def _written_layouts(store) -> dict[str, str]:
+    """``{module: linear|conv1d}`` recorded by :func:`save_peft_adapter`, or ``{}``."""
+    try:
+        found = json.loads(getattr(store, "metadata", {}).get(LAYOUTS_KEY, "{}"))
+    except (ValueError, RecursionError):  # hostile metadata only loses the recorded layouts
+        return {}
+    return {str(k): v for k, v in found.items() if v in ("linear", "conv1d")} if isinstance(found, dict) else {}
 
 
 def _flags(settings: LoraSettings, others: list[TensorInfo]) -> tuple[list[str], bool]:
@@ -268,7 +261,10 @@ def save_peft_adapter(
     ``rank_pattern`` / ``alpha_pattern`` under their full path, and
     ``target_modules`` lists full paths so PEFT wraps exactly these modules.
     ``extra_tensors`` (e.g. ``modules_to_save`` copies) are written under
-    ``base_model.model.<name>``.
+    ``base_model.model.<name>``. ``fan_in_fan_out`` is true when any module is
+    a Conv1D (PEFT re-decides it per module on load); each module's layout is
+    also recorded in the file's metadata (``lora_lens_layouts``) so that
+    :func:`load_adapter` reads a mixed adapter back exactly.
     """
     if not modules:
         raise ConfigError(f"{out_dir}: nothing to write; no LoRA modules were given.")
@@ -306,7 +302,8 @@ def save_peft_adapter(
         tensors[b_key] = m.B.to(dtype) if dtype else m.B
     for name, t in (extra_tensors or {}).items():
         tensors[f"{PEFT_PREFIX}{name}"] = t
-    meta = {"lora_lens_version": __version__, **(metadata or {})}
+    layouts = {m.name: m.layout for m in modules if m.layout in ("linear", "conv1d")}
+    meta = {"lora_lens_version": __version__, LAYOUTS_KEY: json.dumps(layouts), **(metadata or {})}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         atomic_save_safetensors(tensors, tmp / "adapter_model.safetensors", meta)
         atomic_write_json(tmp / CONFIG_NAME, config)

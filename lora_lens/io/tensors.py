@@ -10,7 +10,6 @@ is refused.
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 from typing import Iterable
@@ -20,6 +19,9 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError, NonFiniteError, ShapeError, UnsafeFileError
 from ..types import TensorInfo
+from .jsonfile import read_json
+from .safetensors_header import read_safetensors_header
+from .torchzip import check_torch_zip
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 #: Keys under which training scripts nest the real state dict.
@@ -135,8 +137,7 @@ def _st_dtype(name: str) -> str:
 
 
 def _open_safetensors(path: Path):
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found; expected a .safetensors file. Check the path.")
+    read_safetensors_header(path)  # sizes, offsets and keys checked before the library maps the file
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
@@ -147,25 +148,20 @@ def _open_safetensors(path: Path):
 
 
 def _load_weights_only(path: Path) -> dict[str, torch.Tensor]:
-    """``torch.load(weights_only=True)``, memory-mapped when the format allows."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found; expected a PyTorch state dict. Check the path.")
+    """``torch.load(weights_only=True, mmap=True)`` of a checked zip-format ``torch.save`` file."""
+    check_torch_zip(path)
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0][:200]
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UnsafeFileError(
             f"{path}: refused: the pickle holds more than plain tensors ({first}). lora_lens only loads "
             "weights-only files and never runs code from a checkpoint; convert it to safetensors with trusted code."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - any failure of torch's parser on these bytes means a damaged file
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise CheckpointError(
-            f"{path}: not a readable PyTorch state dict ({str(e).splitlines()[0][:200]}); it may be truncated. "
+            f"{path}: not a readable PyTorch state dict ({type(e).__name__}: {first}); it may be truncated. "
             "Re-save it, preferably as safetensors."
         ) from None
     return _flatten_state_dict(obj, path)
@@ -198,15 +194,19 @@ def open_tensor_file(path: Path) -> TensorStore:
 
 def open_sharded(index_path: Path) -> TensorStore:
     """Shards listed by a ``*.index.json`` (``weight_map``: name → shard file)."""
+    index = read_json(index_path, "a shard index (JSON with a 'weight_map')")
     try:
-        index = json.loads(index_path.read_text())
         weight_map = index["weight_map"]
         files = sorted({index_path.parent / f for f in weight_map.values()})
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(
             f"{index_path}: not a valid shard index ({type(e).__name__}: {e}); expected JSON with a 'weight_map'. "
             "Re-download the index file."
         ) from None
+    odd = [f for f in weight_map.values() if Path(f).name != f or f in ("", ".", "..")]
+    if odd:
+        raise CheckpointError(f"{index_path}: weight_map names shard {odd[0]!r}; expected a file name in the same folder "
+                              "(no path). Fix the index.")
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(f"{index_path}: lists shard(s) {missing} that are not in {index_path.parent}; download the missing shards.")

@@ -20,13 +20,10 @@ from ..decompose import chunk_size
 from ..errors import ConfigError, ShapeError
 from ..io.base import BaseWeights
 from ..io.initfile import InitDescription
+from ..io.layout import CONV1D_MODEL_TYPES, is_conv1d_base, named_conv1d  # noqa: F401 - public names kept here
 from ..keys import architecture_family, resolve_targets
 from ..linalg import lstsq
 from ..types import LayerKey, LoraModule
-
-#: ``config.json`` model types whose blocks use ``transformers.Conv1D`` (weight stored ``(n, m)``).
-CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
-
 
 @dataclass(frozen=True)
 class TargetLayer:
@@ -47,24 +44,6 @@ class TargetLayer:
         return self.weight.removesuffix(".weight")
 
 
-def is_conv1d_base(base: BaseWeights) -> bool:
-    """True when the base's block weights are ``Conv1D`` (GPT-2 family).
-
-    Read from ``config.json`` beside the weights (``model_type``); without one,
-    guessed from the weight names.
-    """
-    folder = base.path if base.path.is_dir() else base.path.parent
-    cfg = folder / "config.json"
-    if cfg.is_file():
-        try:
-            model_type = json.loads(cfg.read_text()).get("model_type")
-        except (json.JSONDecodeError, AttributeError):
-            model_type = None
-        if model_type:
-            return model_type in CONV1D_MODEL_TYPES
-    return architecture_family(base.names()) == "gpt2"
-
-
 def target_layers(base: BaseWeights, targets: str | Sequence[str]) -> "OrderedDict[str, list[TargetLayer]]":
     """``{module type: [TargetLayer, …] in block order}`` for the targets.
 
@@ -81,8 +60,9 @@ def target_layers(base: BaseWeights, targets: str | Sequence[str]) -> "OrderedDi
             continue
         layers = []
         for t in g.tensors:
-            shape = (t.shape[1], t.shape[0]) if conv1d else (t.shape[0], t.shape[1])
-            layers.append(TargetLayer(t.name, base.layer_key(t.name), shape, "conv1d" if conv1d else "linear"))
+            stored_nm = conv1d and named_conv1d(t.name)  # io.layout's per-module rule
+            shape = (t.shape[1], t.shape[0]) if stored_nm else (t.shape[0], t.shape[1])
+            layers.append(TargetLayer(t.name, base.layer_key(t.name), shape, "conv1d" if stored_nm else "linear"))
         out[g.module] = sorted(layers, key=lambda x: x.key.sort_key())
     return out
 

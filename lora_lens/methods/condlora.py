@@ -12,6 +12,11 @@ layer, turns each layer's frozen ``W0`` into its LoRA factors
 - ``general`` (ours, any shape): ``A = Θ_Aᵀ W0``, ``B = W0 Θ_B`` with
   ``Θ_A (m, r)``, ``Θ_B (n, r)``.
 
+Which form a module type uses is decided per module type, by one rule
+(:func:`condlora_modes`), in the analysis, the init files and the trainer alike:
+``auto`` takes the official form where ``W0`` is square and the general one
+elsewhere (GQA: square ``q_proj`` official, ``(n/2, n)`` ``v_proj`` general).
+
 The conversion-matrix analysis lives in :mod:`lora_lens.methods.condlora_analysis`.
 """
 
@@ -20,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -34,6 +39,8 @@ from ..types import Adapter, LoraModule
 from .common import InitResult, TargetLayer, load_weight, lora_module, provenance, stacked_lstsq, target_layers
 
 MODES = ("official", "general")
+#: What a user may ask for: one of :data:`MODES` for every module type, or ``auto`` (per module type).
+REQUESTS = ("auto",) + MODES
 SIDES = ("A", "B")
 EQUATIONS = {
     ("official", "A"): "W0 C_A = A^T",
@@ -41,6 +48,35 @@ EQUATIONS = {
     ("general", "A"): "W0^T C_A = A^T",
     ("general", "B"): "W0 C_B = B",
 }
+
+
+def condlora_modes(shapes: Mapping[str, tuple[int, int]], requested: str | None = "auto") -> dict[str, str]:
+    """``{module type: "official" | "general"}`` for ``W0`` shapes ``(m, n)`` per module type: the one rule.
+
+    ``auto`` (or None): ``official`` where ``m = n`` (the paper's form), ``general``
+    elsewhere, per module type. ``official`` / ``general``: that form for every
+    type; ``official`` on a non-square type is refused, naming every such type.
+    """
+    requested = "auto" if requested is None else requested
+    if requested not in REQUESTS:
+        raise ConfigError(f"unknown CondLoRA mode {requested!r}; expected one of {list(REQUESTS)}.")
+    if requested == "official":
+        bad = [f"{t} ({m}x{n})" for t, (m, n) in shapes.items() if m != n]
+        if bad:
+            raise ConfigError(f"official CondLoRA needs square W0, but {', '.join(bad[:3])}"
+                              f"{' …' if len(bad) > 3 else ''} {'is' if len(bad) == 1 else 'are'} not; "
+                              "use --mode general, or --mode auto for official only where W0 is square "
+                              "(train: --condlora-mode).")
+    if requested != "auto":
+        return {t: requested for t in shapes}
+    return {t: "official" if m == n else "general" for t, (m, n) in shapes.items()}
+
+
+def summary_mode(modes: Mapping[str, str]) -> str:
+    """One word for the JSON: the form every module type got, or ``auto`` when they differ (re-derived
+    per module type by :func:`condlora_modes` on reading)."""
+    forms = set(modes.values())
+    return forms.pop() if len(forms) == 1 else "auto"
 
 
 def condlora_factors(theta_A: torch.Tensor, theta_B: torch.Tensor, W0: torch.Tensor,
@@ -117,8 +153,7 @@ def condlora_init(
     fit is a QR of the stacked layers: ask for float64 when its residual must
     be read below ~1e-6); files are float32.
     """
-    if mode not in ("auto",) + MODES:
-        raise ConfigError(f"unknown CondLoRA mode {mode!r}; expected auto, official or general.")
+    condlora_modes({}, mode)  # refuse an unknown mode before reading anything
     base = base if isinstance(base, BaseWeights) else open_base(base)
     adapter = None
     if from_adapter is not None:
@@ -129,19 +164,11 @@ def condlora_init(
             raise ConfigError("no targets given; pass --targets (e.g. q_proj,v_proj) or --from ADAPTER to warm-start from.")
         targets = adapter.module_types
     layers = target_layers(base, targets)
-    if mode == "auto":  # the paper's form where it applies (every W0 square), the general one otherwise
-        mode = "official" if all(ls[0].shape[0] == ls[0].shape[1] for ls in layers.values()) else "general"
-    if mode == "official":
-        bad = [(ls[0].weight, ls[0].shape) for ls in layers.values() if ls[0].shape[0] != ls[0].shape[1]]
-        if bad:
-            raise ConfigError(
-                f"official CondLoRA needs square W0, but {bad[0][0]} is {bad[0][1][0]}x{bad[0][1][1]}"
-                f"{f' (and {len(bad) - 1} more module types)' if len(bad) > 1 else ''}; use --mode general."
-            )
     for mt, ls in layers.items():
         if len({layer.shape for layer in ls}) != 1:
             raise ShapeError(f"module type '{mt}' has layers of different shapes {sorted({x.shape for x in ls})}; "
                              "one shared Θ needs one shape. Target it separately or leave it out.")
+    modes = condlora_modes({mt: ls[0].shape for mt, ls in layers.items()}, mode)  # per module type
     fitted = _adapter_by_type(adapter, base, layers) if adapter is not None else {}
     rank = _init_rank(rank, fitted, adapter)
     alpha = float(rank if alpha is None else alpha)
@@ -150,20 +177,23 @@ def condlora_init(
     thetas, modules, records = {}, [], []
     for mt, ls in layers.items():
         m, n = ls[0].shape
+        mode_t = modes[mt]
         if mt in fitted:
-            tA, tB, fit = _fit_theta(fitted[mt], base, rank, alpha / rank, mode, dev, dt, rcond)
+            tA, tB, fit = _fit_theta(fitted[mt], base, rank, alpha / rank, mode_t, dev, dt, rcond)
         else:
-            tA, tB, fit = (*condlora_theta_default(m, n, rank, mode, gen), None)
+            tA, tB, fit = (*condlora_theta_default(m, n, rank, mode_t, gen), None)
         thetas[f"{mt}.theta_A"], thetas[f"{mt}.theta_B"] = tA.float().cpu(), tB.float().cpu()
         for layer in ls:
             W0 = load_weight(base, layer, dt).to(dev)
-            A, B = condlora_factors(tA.to(dev, dt), tB.to(dev, dt), W0, mode)
+            A, B = condlora_factors(tA.to(dev, dt), tB.to(dev, dt), W0, mode_t)
             modules.append(lora_module(layer, A.float().cpu(), B.float().cpu(), alpha))
-        records.append({"module_type": mt, "layers": len(ls), "shape": [m, n], "theta_A": list(tA.shape),
+        records.append({"module_type": mt, "mode": mode_t, "layers": len(ls), "shape": [m, n],
+                        "theta_A": list(tA.shape),
                         "theta_B": list(tB.shape), "parameters": tA.numel() + tB.numel(),
                         "lora_parameters": len(ls) * rank * (m + n), "init": "warm_start" if fit else "kaiming_uniform",
-                        "fan_in": None if fit else (n if mode == "official" else m), "fit": fit})
-    params = {"mode": mode, "seed": seed, "from_adapter": str(adapter.path) if adapter else None,
+                        "fan_in": None if fit else (n if mode_t == "official" else m), "fit": fit})
+    mode = summary_mode(modes)
+    params = {"mode": mode, "modes": modes, "seed": seed, "from_adapter": str(adapter.path) if adapter else None,
               "init": "warm_start" if fitted else "theta_A kaiming_uniform(a=sqrt(5)), theta_B zeros"}
     sources = [str(base.path)] + ([str(adapter.path)] if adapter else [])
     desc = InitDescription(method="condlora", rank=rank, alpha=alpha, targets=list(layers), mode=mode, frozen=[],

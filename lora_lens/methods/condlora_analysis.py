@@ -21,13 +21,15 @@ from pathlib import Path
 
 import torch
 
+from ..compare.baselines import deeper_half
 from ..decompose import chunk_size, resolve_device, resolve_dtype
 from ..errors import ConfigError, ShapeError
 from ..io.base import BaseWeights, open_base
+from ..io.layout import with_base_layouts
 from ..io.peft import load_adapter
 from ..linalg import lstsq, phi, svd
 from ..types import Adapter, LoraModule
-from .condlora import EQUATIONS, MODES, SIDES
+from .condlora import EQUATIONS, SIDES, condlora_modes
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,9 +55,10 @@ class ConversionGrid:
     residual: torch.Tensor
 
     def summary(self) -> dict:
-        """Mean off-diagonal φ (all layers, and among the deeper half) for the grid and its baselines."""
+        """Mean off-diagonal φ (all layers, and among the deeper half, ``compare.baselines.DEEPER_HALF``)
+        for the grid and its baselines."""
         L = len(self.blocks)
-        deep = list(range(L - L // 2, L))
+        deep = deeper_half(L)
         out = {}
         for name, grid in (("phi", self.phi), ("gaussian", self.gaussian), ("structural", self.structural)):
             out[f"{name}_offdiag"] = _offdiag_mean(grid, list(range(L)))
@@ -116,9 +119,9 @@ def condlora_analysis(
     """
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     base = base if isinstance(base, BaseWeights) else open_base(base)
-    if mode not in ("auto",) + MODES:
-        raise ConfigError(f"unknown CondLoRA analysis mode {mode!r}; expected auto, official or general.")
+    condlora_modes({}, mode)  # refuse an unknown mode before reading anything
     dev, dt = resolve_device(device), resolve_dtype(dtype)
+    adapter = with_base_layouts(adapter, base)  # Linear vs Conv1D per module, as PEFT decides
     usable = [m for m in adapter if m.layout in ("linear", "conv1d")]
     skipped = tuple(m.name for m in adapter if m.layout not in ("linear", "conv1d"))
     if not usable:
@@ -137,12 +140,9 @@ def _analyse_type(mt, mods, weights, base, mode, dev, dt, rcond, seed, max_memor
         if tuple(info.shape) != m.base_shape:
             raise ShapeError(f"{base.path}: '{weights[m.name]}' is {tuple(info.shape)} but adapter module '{m.name}' "
                              f"expects {m.base_shape}; check that --base is the model the adapter was trained on.")
-    square = all(m.shape[0] == m.shape[1] for m in mods)
-    if mode == "official" and not square:
-        bad = next(m for m in mods if m.shape[0] != m.shape[1])
-        raise ConfigError(f"'{bad.name}' is {bad.shape[0]}x{bad.shape[1]}, not square; the official CondLoRA "
-                          "equations need square W0. Use mode 'general' (--mode general) or 'auto'.")
-    eq = "official" if (mode == "official" or (mode == "auto" and square)) else "general"
+    # the rule shared with the init files and the trainer; a non-square layer decides for its type
+    shape = next((m.shape for m in mods if m.shape[0] != m.shape[1]), mods[0].shape)
+    eq = condlora_modes({mt: shape}, mode)[mt]
     L = len(mods)
     gen = torch.Generator().manual_seed(seed)
     # Gaussian draws per layer and side, in layer order, so results do not depend on chunking.

@@ -54,6 +54,16 @@ MODES = ("frozen", "init")
 BASIS_FILE = "cora_basis.safetensors"
 BASIS_JSON = "cora_basis.json"
 
+#: CoRA's default scaling ``s = α / r`` (not B's ``scale``, see :data:`SCALES`): 1, i.e. ``α = r``.
+#: B is an orthonormal basis, so ``‖ΔW‖_F = s·‖A‖_F``; ``cora init`` and ``train --method cora-*``
+#: without an init folder both use it (LoRA's trainer default α = 16 at r = 8 would give s = 2).
+DEFAULT_SCALING = 1.0
+
+
+def cora_default_alpha(rank: int) -> float:
+    """``α`` for ``rank`` when none is given: ``DEFAULT_SCALING · rank`` (``s = 1``)."""
+    return DEFAULT_SCALING * rank
+
 
 @dataclass(frozen=True, eq=False)
 class CoraBasis:
@@ -248,13 +258,13 @@ def cora_init(
 
     ``mode="frozen"``: the trainer keeps B fixed (``frozen = ["lora_B"]`` in
     ``lora_lens_init.json``); ``"init"``: B is trainable. ``alpha`` defaults to
-    ``rank`` (``s = 1``). ``basis_options`` go to :func:`cora_basis`. The
+    ``rank`` (``s = 1``, :data:`DEFAULT_SCALING`, as the trainer's own CoRA basis). ``basis_options`` go to :func:`cora_basis`. The
     model's output is unchanged at init since ``A = 0``.
     """
     if mode not in MODES:
         raise ConfigError(f"unknown CoRA mode {mode!r}; expected one of {list(MODES)}.")
     basis = cora_basis(base, rank, targets, sources, **basis_options)
-    alpha = float(rank if alpha is None else alpha)
+    alpha = float(cora_default_alpha(rank) if alpha is None else alpha)
     modules, records = [], []
     for mt, ls in basis.layers.items():
         for x in ls:

@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..io.peft import load_adapter, save_peft_adapter
 from ..io.tensors import open_tensor_file
 from ..keys import parse_peft_key, strip_peft_prefix
+from ..spectra import rank_at_energy
 from ..types import Adapter, LoraModule
 from .common import provenance
 
@@ -38,13 +39,12 @@ class ReducedAdapter:
 
 
 def rank_for_energy(S: torch.Tensor, energy: float) -> int:
-    """Smallest ``k`` with ``Σ_{i≤k} σ_i² ≥ energy · Σ σ_i²`` (``S`` descending); 1 for an all-zero ``S``."""
-    e = S.double() ** 2
-    cs = torch.cumsum(e, 0)
-    if float(cs[-1]) <= 0:
-        return 1
-    k = int(torch.searchsorted(cs, energy * cs[-1]).item()) + 1
-    return min(k, S.numel())
+    """The rank kept for ``energy``: :func:`lora_lens.spectra.rank_at_energy`, but at least 1.
+
+    A zero update has energy rank 0 (one definition, in ``spectra``); a PEFT
+    module needs ``r ≥ 1``, so it is written as one zero pair.
+    """
+    return max(1, int(rank_at_energy(S, energy)))
 
 
 def reduce_rank(
@@ -87,7 +87,9 @@ def reduce_rank(
                                   layout=mod.layout))
         total = float((sp.S.double() ** 2).sum())
         kept = float((sp.S[:k].double() ** 2).sum()) / total if total > 0 else 1.0
-        records.append({"module": mod.name, "rank_before": mod.rank, "rank_after": k, "energy_kept": kept,
+        records.append({"module": mod.name, "rank_before": mod.rank, "rank_after": k,
+                        "rank_at_energy": int(rank_at_energy(sp.S, energy)) if energy is not None else None,
+                        "energy_kept": kept,
                         "sigma_kept_last": float(sp.S[k - 1]), "sigma_dropped_first": float(sp.S[k]) if k < sp.k else None})
     params = {"rank": rank, "energy": energy}
     s = adapter.settings

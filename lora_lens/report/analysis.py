@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from ..compare import AlignmentAnalysis, LayerSimilarity, analyze_alignment, layer_similarity, pairwise_similarity
-from ..compare.similarity import AdapterSimilarity
+from ..compare.baselines import DEEPER_HALF
+from ..compare.similarity import AdapterSimilarity, LayerGrid
 from ..io.base import BaseWeights
 from ..spectra import AdapterSpectra, adapter_spectra
 from ..types import Adapter
@@ -151,10 +153,7 @@ def _layer_similarity_section(a: AdapterAnalysis) -> dict:
     grids = [g for g in a.layers.grids if len(g.blocks) > 1]
     if not grids:
         return _section(f"Similarity across layers — {a.adapter.label}", "Only one layer per module type: no grid.")
-    items = {f"{g.module_type}: φ between layers (top-{max(g.ks)})": g for g in grids}
-    fig = panel_figure({k: g.phi.numpy() for k, g in items.items()}, plot_phi_heatmap, ncols=min(3, len(items)),
-                       panel_size=(5.2, 4.5), layers=list(grids[0].blocks),
-                       baseline=float(np.nanmean(grids[0].expected_phi.numpy())))
+    fig = layer_similarity_figure(grids)
     rows = [[g.module_type, g.dim, max(g.ks), g.summary()["mean_offdiag"], g.summary()["random_mean_offdiag"],
              g.summary()["deep_mean_offdiag"]] for g in grids]
     table = {"caption": "Mean off-diagonal φ (all layers, and the deeper half) against the random baseline",
@@ -162,29 +161,48 @@ def _layer_similarity_section(a: AdapterAnalysis) -> dict:
     return _section(f"Similarity across layers — {a.adapter.label}",
                     "φ(i = j = r) = ‖U_aᵀ U_b‖²_F / r between the top singular vectors of ΔW (left, output space) "
                     "of every pair of layers of one module type (LoRA §7). The baseline is φ for random subspaces "
-                    "of the same dimensions.", [(fig, "φ between layers, one panel per module type.",
+                    f"of the same dimensions. The deeper half is {DEEPER_HALF}.", [(fig, "φ between layers, one panel per module type.",
                                                   f"phi-layers-{a.adapter.label}")], [table])
+
+
+def layer_similarity_figure(grids: Sequence[LayerGrid]) -> Figure:
+    """One φ(layer, layer) panel per module type, each with *its own* layers and random baseline
+    (the mean off-diagonal ``max(k_a, k_b)/d`` of that grid: GQA k/v have another d than q)."""
+    items = {f"{g.module_type}: φ between layers (top-{max(g.ks)})": g for g in grids}
+    per_item = {k: {"layers": list(g.blocks), "baseline": g.summary()["expected_mean_offdiag"]}
+                for k, g in items.items()}
+    return panel_figure({k: g.phi.numpy() for k, g in items.items()}, plot_phi_heatmap, ncols=min(3, len(items)),
+                        panel_size=(5.2, 4.5), per_item=per_item)
+
+
+def pair_similarity_figures(p: AdapterSimilarity) -> list[tuple[Figure, str, str]]:
+    """Adapter vs adapter: the module type × layer φ heatmap (one baseline per module type) and the
+    LoRA Figure 3 φ(i, j) grid of the middle module, with the per-cell baseline ``max(i, j)/d``."""
+    figs = []
+    types = list(p.by_module_type())
+    blocks = sorted({m.key.block for m in p.modules if m.key.block is not None})
+    if blocks:
+        vals = np.full((len(types), len(blocks)), np.nan)
+        baselines: dict[str, float] = {}
+        for m in p.modules:
+            baselines.setdefault(m.key.module, float(m.baseline.expected_phi))
+            if m.key.block is not None:
+                vals[types.index(m.key.module), blocks.index(m.key.block)] = m.phi
+        fig, ax = new_figure(size=(max(6, 0.5 * len(blocks) + 3), 1.0 + 0.6 * len(types) + 1.6))
+        plot_adapter_heatmap(ax, vals, types, blocks, baseline=baselines, labels=(p.a, p.b))
+        figs.append((fig, f"φ({p.a}, {p.b}) per layer and module type.", f"pair-{p.a}-{p.b}"))
+    mid = p.modules[len(p.modules) // 2]
+    fig, ax = new_figure(size=(8, 3.4))
+    plot_phi_grid(ax, mid.grid.numpy(), labels=(f"{p.a} (r={mid.k_a})", f"{p.b} (r={mid.k_b})"),
+                  baseline=mid.baseline.expected_grid.numpy(), title=f"φ(i, j): {mid.name} (as LoRA Figure 3)")
+    figs.append((fig, f"φ(i, j) for i ≤ {mid.k_a}, j ≤ {mid.k_b} on {mid.name}.", f"grid-{p.a}-{p.b}"))
+    return figs
 
 
 def _pairs_section(pairs: Sequence[AdapterSimilarity]) -> dict:
     figs, rows = [], []
     for p in pairs:
-        types = list(p.by_module_type())
-        blocks = sorted({m.key.block for m in p.modules if m.key.block is not None})
-        if blocks:
-            vals = np.full((len(types), len(blocks)), np.nan)
-            for m in p.modules:
-                if m.key.block is not None:
-                    vals[types.index(m.key.module), blocks.index(m.key.block)] = m.phi
-            fig, ax = new_figure(size=(max(6, 0.5 * len(blocks) + 3), 1.0 + 0.6 * len(types) + 1.6))
-            plot_adapter_heatmap(ax, vals, types, blocks, baseline=float(p.modules[0].baseline.expected_phi),
-                                 labels=(p.a, p.b))
-            figs.append((fig, f"φ({p.a}, {p.b}) per layer and module type.", f"pair-{p.a}-{p.b}"))
-        mid = p.modules[len(p.modules) // 2]
-        fig, ax = new_figure(size=(8, 3.4))
-        plot_phi_grid(ax, mid.grid.numpy(), labels=(f"{p.a} (r={mid.k_a})", f"{p.b} (r={mid.k_b})"),
-                      baseline=float(mid.baseline.expected_phi), title=f"φ(i, j): {mid.name} (as LoRA Figure 3)")
-        figs.append((fig, f"φ(i, j) for i ≤ {mid.k_a}, j ≤ {mid.k_b} on {mid.name}.", f"grid-{p.a}-{p.b}"))
+        figs += pair_similarity_figures(p)
         s = p.summary()
         rows.append([p.a, p.b, len(p.modules), s.get("phi"), s.get("random_phi"), s.get("expected_phi")])
     table = {"caption": "Mean φ over matched modules", "header": ["a", "b", "modules", "φ", "random φ", "expected φ"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..compare.baselines import DEEPER_HALF
 from ..methods.condlora_analysis import CondLoraAnalysis
 from .figures import new_figure
 from .similarity_plots import plot_condlora_grid
@@ -27,5 +28,5 @@ def condlora_section(analysis: CondLoraAnalysis) -> dict:
     text = (f"Conversion matrices of {analysis.adapter}: W0·C_A = Aᵀ and W0·C_B = B per layer (exact solve for "
             "square W0, least squares otherwise, residual reported), compared across layers with φ on their left "
             "singular vectors (i = j = r). Two baselines: Gaussian matrices, and W0⁻¹G with the same W0 — "
-            "similarity that W0 alone explains, whatever the adapter learned.")
+            f"similarity that W0 alone explains, whatever the adapter learned. The deeper half is {DEEPER_HALF}.")
     return {"heading": "CondLoRA conversion matrices", "text": text, "figures": figures, "tables": [table]}

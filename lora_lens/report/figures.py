@@ -52,11 +52,13 @@ def figure_to_png_bytes(fig: Figure, dpi: float = 100) -> bytes:
 
 def panel_figure(items: Mapping[str, Any], plot: Callable[..., Any], ncols: int = 3,
                  panel_size: tuple[float, float] = (4.8, 4.0), suptitle: str | None = None,
-                 **plot_kw) -> Figure:
+                 per_item: Mapping[str, Mapping[str, Any]] | None = None, **plot_kw) -> Figure:
     """One panel per item, e.g. one φ heatmap per module type.
 
-    Calls ``plot(ax, value, title=name, **plot_kw)`` for each ``name, value`` in
-    ``items``; unused grid cells are hidden.
+    Calls ``plot(ax, value, title=name, **plot_kw, **per_item[name])`` for each
+    ``name, value`` in ``items``: ``per_item`` holds what differs by panel (its
+    own baseline and layers: module types of another dimension, GQA k/v next to
+    q, have another random φ). Unused grid cells are hidden.
     """
     if not items:
         raise ConfigError("panel_figure: no items to plot; expected at least one.")
@@ -66,7 +68,7 @@ def panel_figure(items: Mapping[str, Any], plot: Callable[..., Any], ncols: int 
     fig, axes = new_figure(nrows, ncols, size=(panel_size[0] * ncols, panel_size[1] * nrows), squeeze=False)
     flat: list[Axes] = list(np.ravel(axes))
     for ax, (name, value) in zip(flat, items.items()):
-        plot(ax, value, title=str(name), **plot_kw)
+        plot(ax, value, title=str(name), **{**plot_kw, **(per_item or {}).get(name, {})})
     for ax in flat[n:]:
         ax.set_visible(False)
     if suptitle:

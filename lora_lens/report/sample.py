@@ -110,7 +110,8 @@ def sample_report_spec(seed: int = 0, data: dict[str, Any] | None = None) -> dic
     fig_ab, ax = new_figure(size=(8, 3.2))
     plot_adapter_heatmap(ax, D["phi_seeds"], MODULES, layers, baseline=base, labels=("seed 0", "seed 1"))
     fig_grid, ax = new_figure(size=(9, 3.4))
-    plot_phi_grid(ax, D["phi_grid"], labels=("A (r=8)", "A (r=32)"), baseline=32 / D["dim"],
+    i, j = np.arange(1, D["phi_grid"].shape[0] + 1), np.arange(1, D["phi_grid"].shape[1] + 1)
+    plot_phi_grid(ax, D["phi_grid"], labels=("A (r=8)", "A (r=32)"), baseline=np.maximum.outer(i, j) / D["dim"],
                   title="φ(A r=8, A r=32, i, j): layer 3, q_proj (as LoRA Figure 3)")
 
     fig_al, (a1, a2) = new_figure(1, 2, size=(12, 4))

@@ -148,19 +148,29 @@ def _rank_ticks(ax: Axes, axis: str, r: int, max_ticks: int = 10) -> None:
     (ax.set_xticks if axis == "x" else ax.set_yticks)([v - 1 for v in vals], [str(v) for v in vals])
 
 
-def plot_phi_grid(ax: Axes, grid: Any, *, labels: tuple[str, str] = ("X", "Y"), baseline: Baseline = None,
+def plot_phi_grid(ax: Axes, grid: Any, *, labels: tuple[str, str] = ("X", "Y"), baseline: Any = None,
                   title: str | None = None, annotate: bool | None = None, cmap: str = "viridis",
                   fig=None) -> Artists:
     """The LoRA §7.2 grid (its Figure 3): ``φ(X, Y, i, j)`` for ``i ≤ r1`` (y axis) and ``j ≤ r2`` (x axis).
 
     ``grid (r1, r2)``; ``labels`` name X and Y (e.g. ``"A (r=8)"``, ``"A (r=64)"``).
-    ``baseline``: the random φ (a number, or the ``(r1, r2)`` grid of
-    ``max(i, j)/d``, summarized by its mean).
+    ``baseline``: the random φ: a number, ``{label: number}``, or (what the
+    maths gives) the per-cell ``(r1, r2)`` grid ``max(i, j)/d``, which grows
+    with ``i`` and ``j``: its two ends are marked on the colour bar and its
+    range written under the title, never one mean for every cell.
     """
     a = as_array(grid, "grid", ndim=2)
-    out = _heatmap(ax, a, title=title or f"φ({labels[0]}, {labels[1]}, i, j)", baselines=baseline_items(baseline),
+    note, items = "", baseline_items(baseline)
+    if baseline is not None and not isinstance(baseline, Mapping) and np.ndim(as_array(baseline, "baseline")) > 0:
+        b = as_array(baseline, "baseline", ndim=2)
+        if b.shape != a.shape:
+            raise ShapeError(f"baseline: got shape {b.shape} for a φ grid of shape {a.shape}; expected the same "
+                             "(r1, r2) grid (max(i, j)/d) or one number.")
+        items = [("random (i = j = 1)", float(b.min())), ("random (max i, j)", float(b.max()))]
+        note = "random φ = max(i, j)/d per cell"
+    out = _heatmap(ax, a, title=title or f"φ({labels[0]}, {labels[1]}, i, j)", baselines=items,
                    annotate=annotate, scale="linear", vmin=0.0,
-                   vmax=1.0, cmap=cmap, cbar_label="φ(i, j)", note="", fig=fig)
+                   vmax=1.0, cmap=cmap, cbar_label="φ(i, j)", note=note, fig=fig)
     _rank_ticks(ax, "y", a.shape[0])
     _rank_ticks(ax, "x", a.shape[1])
     ax.set_ylabel(f"i  (top-i directions of {labels[0]})")

@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 from matplotlib.axes import Axes
 
 from ..errors import ConfigError
+from ..spectra import energy_curve as _energy_curve
 from ._axes import (
     Artists, as_rows, as_series, depth_colorbar, depth_colours, layer_labels, grouped_bars, module_colours,
     set_layer_ticks,
@@ -57,9 +59,8 @@ def plot_singular_values(ax: Axes, S: Any, layers: Sequence | None = None, *, lo
 
 
 def energy_curve(s: np.ndarray) -> np.ndarray:
-    """Energy kept at rank j: ``Σ_{i≤j} σ_i² / Σ σ_i²`` (all zeros → zeros)."""
-    e = np.cumsum(s ** 2)
-    return e / e[-1] if e[-1] > 0 else e
+    """Energy kept at rank j, :func:`lora_lens.spectra.energy_curve` (a zero update → all ones)."""
+    return _energy_curve(torch.from_numpy(np.asarray(s, dtype=np.float64))).numpy()
 
 
 def plot_energy_curves(ax: Axes, S: Any, layers: Sequence | None = None, *, fraction: float | None = 0.9,

@@ -20,6 +20,7 @@ from .heads import Head, lm_head, load_classifier
 from .labelled import class_list, load_labelled, read_labelled
 from .export import save_run
 from .loop import Log, Progress, Run, TrainResult, fit
+from .masked_adamw import MaskedAdamW
 from .masks import SparseSettings, UpdateMasks
 from .models import load_model, vocab_size
 from .setup import Adapted, adapt
@@ -50,18 +51,22 @@ def prepare(
         unfreeze_head(model, task.head, adapted)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     masks = None
+    optimizer: torch.optim.Optimizer
     if config.method == "lora-sp":
         named = {f"{path}.{n}": p for path, layer in adapted.layers.items() for n, p in layer.named_parameters()
                  if n in ("lora_A", "lora_B")}
         masks = UpdateMasks(named, config.sparse, seed=config.seed)
+        # one bias-correction count per entry: a re-sampled mask must not unfreeze entries at 2.5–3× lr
+        optimizer = MaskedAdamW(params, masks.mask_of, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     return Run(
         model=model, adapted=adapted, task=task, config=config, device=device, optimizer=optimizer,
         generator=generator, masks=masks, knots=config.chain_knots(),
         provenance={"base": base_name, "init": str(init) if init else None, "data": task.source,
                     "rank": adapted.rank, "alpha": adapted.alpha, "condlora_mode": adapted.mode,
-                    "modules": len(adapted.layers), "task": task.name,
+                    "condlora_modes": adapted.modes, "modules": len(adapted.layers), "task": task.name,
                     "head": list(task.head.paths) if task.head else None},
     )
 

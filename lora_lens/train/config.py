@@ -20,7 +20,8 @@ class TrainConfig:
     """Options of one run; checked on creation.
 
     ``rank`` / ``alpha`` / ``targets`` left as None take the init folder's
-    values, else 8 / 16 / the model's attention projections. ``warmup_steps``
+    values, else 8 / 16 (CoRA: ``α = r``, ``s = 1``, as ``cora init``) / the
+    model's attention projections. ``warmup_steps``
     None is 10 % of ``steps``. Chain of LoRA: ``knots`` (step indices where a
     new link starts) or ``links`` (evenly spaced; 3 when neither is given).
     ``task``: ``lm`` (next token) or ``classify`` (:mod:`.tasks`);
@@ -89,8 +90,9 @@ class TrainConfig:
                 )
         if self.links is not None and not 1 <= self.links <= self.steps:
             raise ConfigError(f"links={self.links}: expected 1 … steps ({self.steps}).")
-        if self.condlora_mode not in (None, "official", "general"):
-            raise ConfigError(f"CondLoRA mode {self.condlora_mode!r} is unknown; expected 'official' or 'general'.")
+        if self.condlora_mode not in (None, "auto", "official", "general"):
+            raise ConfigError(f"CondLoRA mode {self.condlora_mode!r} is unknown; expected 'auto' (official where W0 is "
+                              "square, per module type), 'official' or 'general'.")
 
     @property
     def warmup(self) -> int:

@@ -107,7 +107,7 @@ def save_run(run: Run, result: TrainResult, out: str | Path, overwrite: bool = F
             atomic_save_safetensors(theta, tmp / THETA_NAME, meta)
             write_init_description(tmp, InitDescription(
                 method="condlora", rank=a.rank, alpha=a.alpha, targets=list(a.thetas), mode=a.mode,
-                peft_adapter="peft", theta_file=THETA_NAME, params={"trained": run.config.as_dict()},
+                peft_adapter="peft", theta_file=THETA_NAME, params={"trained": run.config.as_dict(), "modes": a.modes},
                 sources=[s for s in (base_name, a.init_source) if s],
             ))
             save_peft_adapter(tmp / "peft", modules, base_model_name_or_path=base_name, metadata=meta, **peft_extra)

@@ -7,7 +7,8 @@ Init folders follow :mod:`lora_lens.io.initfile` (the contract with
   ``peft_adapter``, ``"."`` by default) whose ``lora_B`` is the basis. The
   trainer takes ``B``, ``r`` and ``alpha`` from it; ``A`` always starts at 0.
 - CondLoRA: ``lora_lens_init.json`` (method ``condlora``, mode
-  ``official | general``, targets = module types) + ``condlora_theta.safetensors``
+  ``auto | official | general``, decided per module type by
+  :func:`lora_lens.methods.condlora.condlora_modes`; targets = module types) + ``condlora_theta.safetensors``
   with ``"<module type>.theta_A"`` / ``".theta_B"``.
 
 Without an init folder the trainer computes them from the base with the
@@ -25,6 +26,7 @@ import torch
 from ..errors import ConfigError, ShapeError
 from ..io import INIT_NAME, THETA_NAME, load_adapter, open_tensor_file, read_init_description
 from ..keys import match_modules_to_weights
+from ..methods.condlora import REQUESTS
 from ..methods.cora import top_left_subspace
 
 #: The trainer's method → the init-folder method it accepts.
@@ -83,8 +85,8 @@ def read_init(folder: str | Path, method: str, module_paths: list[str]) -> CoraI
         B = {match[m.name][: -len(".weight")]: m.B.float() for m in adapter}
         return CoraInit(desc.rank, scalings.pop() * desc.rank, B, desc.mode, str(folder))
 
-    if desc.mode not in ("official", "general"):
-        raise ConfigError(f"{folder}: CondLoRA mode {desc.mode!r}; expected 'official' or 'general'.")
+    if desc.mode not in REQUESTS:
+        raise ConfigError(f"{folder}: CondLoRA mode {desc.mode!r}; expected one of {list(REQUESTS)}.")
     store = open_tensor_file(folder / (desc.theta_file or THETA_NAME))
     missing = [f"{t}.theta_{x}" for t in desc.targets for x in "AB" if f"{t}.theta_{x}" not in store]
     if missing:
@@ -118,16 +120,3 @@ def cora_basis_from_base(weights: dict[str, torch.Tensor], rank: int, device: st
         U, _ = top_left_subspace(S, rank)  # (L, m, r)
         out.update({p: U[i].cpu().contiguous() for i, p in enumerate(names)})
     return {p: out[p] for p in weights}
-
-
-def condlora_mode_for(shapes: dict[str, tuple[int, int]], mode: str | None) -> str:
-    """STAND-IN default: ``official`` when every target ``W0`` is square, else ``general``."""
-    if mode is None:
-        return "official" if all(m == n for m, n in shapes.values()) else "general"
-    if mode == "official":
-        bad = {t: s for t, s in shapes.items() if s[0] != s[1]}
-        if bad:
-            raise ConfigError(f"CondLoRA official mode needs square W0; {bad} are not. Use --condlora-mode general.")
-    elif mode != "general":
-        raise ConfigError(f"CondLoRA mode {mode!r} is unknown; expected 'official' or 'general'.")
-    return mode

@@ -231,11 +231,7 @@ def fit(run: Run, log: Log | None = None, progress: Progress | None = None) -> T
                 masks.mask_grads()  # frozen entries get no gradient ...
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if masks:
-                masks.snapshot()
-            opt.step()
-            if masks:
-                masks.restore(opt)  # ... and neither weight decay nor old moments move them
+            opt.step()  # ... and MaskedAdamW leaves them, their moments and step counts alone
             opt.zero_grad(set_to_none=True)
 
             losses.append(loss.item())

@@ -1,18 +1,17 @@
 """LoRA-SP (Wu et al. 2024; docs/maths.md §8): update only a random half of the LoRA parameters.
 
 A seeded Bernoulli(0.5) mask per factor says which entries may change. It is
-applied to the *update*, not to the weights, in three places, so that nothing
+applied to the *update*, not to the weights, in two places, so that nothing
 an optimizer does can move a frozen entry:
 
 1. :meth:`UpdateMasks.mask_grads` zeroes the gradient of frozen entries
    (before clipping, so the gradient norm counts trainable entries only);
-2. :meth:`UpdateMasks.snapshot` before ``optimizer.step()`` and
-   :meth:`UpdateMasks.restore` after it put the frozen entries back
-   bit-for-bit, undoing AdamW's decoupled weight decay (``p ← p − lr·λ·p``,
-   which ignores the gradient) and any step driven by old moments;
-3. :meth:`UpdateMasks.restore` also zeroes the optimizer's per-entry state
-   (Adam's moments) at frozen entries, so an entry that a re-sample unfreezes
-   starts with fresh moments.
+2. the optimizer, :class:`~lora_lens.train.masked_adamw.MaskedAdamW`, reads the
+   masks (:meth:`UpdateMasks.mask_of`) and leaves a frozen entry, its moments
+   and its step count untouched (no weight decay, no step from old moments).
+   Its bias correction counts each entry's own trainable steps, so an entry that
+   a re-sample unfreezes takes Adam's step (≤ lr on a fresh entry), not the
+   2.5–3× lr a running global step count with zeroed moments gave.
 
 Granularity: ``element`` (one coin per entry), ``row`` (one per row of the
 factor: a rank component of ``A (r, n)``, an output feature of ``B (m, r)``),
@@ -63,7 +62,7 @@ class UpdateMasks:
         want = ("lora_A", "lora_B") if settings.targets == "both" else (f"lora_{settings.targets}",)
         self.params = {k: p for k, p in params.items() if k.rsplit(".", 1)[-1] in want}
         self.masks: dict[str, torch.Tensor] = {}
-        self._saved: dict[str, torch.Tensor] = {}
+        self._names = {id(p): k for k, p in self.params.items()}
         self.sample()
 
     def sample(self) -> None:
@@ -81,18 +80,10 @@ class UpdateMasks:
             if p.grad is not None:
                 p.grad.mul_(self.masks[name])
 
-    def snapshot(self) -> None:
-        self._saved = {name: p.detach().clone() for name, p in self.params.items()}
-
-    @torch.no_grad()
-    def restore(self, optimizer: torch.optim.Optimizer) -> None:
-        for name, p in self.params.items():
-            keep = self.masks[name]
-            p.copy_(torch.where(keep, p, self._saved[name]))
-            for value in optimizer.state.get(p, {}).values():
-                if isinstance(value, torch.Tensor) and value.shape == p.shape:
-                    value.mul_(keep)
-        self._saved = {}
+    def mask_of(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The current mask of parameter ``p`` (``True`` = trainable), or None when it has none."""
+        name = self._names.get(id(p))
+        return None if name is None else self.masks[name]
 
     @property
     def unmasked(self) -> int:

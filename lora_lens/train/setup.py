@@ -29,12 +29,12 @@ from torch import nn
 
 from ..errors import ConfigError, ShapeError
 from ..keys import parse_module_path
-from ..methods.condlora import condlora_theta_default
+from ..methods.condlora import condlora_modes, condlora_theta_default, summary_mode
+from ..methods.cora import cora_default_alpha
 from .config import DEFAULT_ALPHA, DEFAULT_RANK, TrainConfig
 from .inits import (
     CondLoraInit,
     CoraInit,
-    condlora_mode_for,
     cora_basis_from_base,
     read_init,
 )
@@ -50,8 +50,9 @@ class Adapted:
     thetas: dict[str, CondTheta]  # CondLoRA: module type → shared Θ
     rank: int
     alpha: float
-    mode: str | None  # CondLoRA: official | general
+    mode: str | None  # CondLoRA: official | general for every module type, or auto (see modes)
     init_source: str | None
+    modes: dict[str, str] | None = None  # CondLoRA: module type → official | general (methods.condlora_modes)
 
 
 def _pick(option, from_init, what: str, folder):
@@ -71,7 +72,9 @@ def adapt(model: nn.Module, cfg: TrainConfig, init: str | Path | None, generator
         model.requires_grad_(False)  # the task unfreezes its head
         return Adapted({}, {}, 0, 0.0, None, None)
     rank = _pick(cfg.rank, loaded.rank if loaded else None, "rank", init) or DEFAULT_RANK
-    alpha = _pick(cfg.alpha, loaded.alpha if loaded else None, "alpha", init) or DEFAULT_ALPHA
+    # CoRA's default scale is CoRA's (s = 1, as `cora init` writes), not LoRA's α = 16 at r = 8 (s = 2)
+    default_alpha = cora_default_alpha(rank) if method.startswith("cora") else DEFAULT_ALPHA
+    alpha = _pick(cfg.alpha, loaded.alpha if loaded else None, "alpha", init) or default_alpha
 
     if method == "condlora":
         return _adapt_condlora(model, cfg, loaded, rank, alpha, generator)
@@ -121,21 +124,21 @@ def _adapt_condlora(model, cfg, loaded: CondLoraInit | None, rank, alpha, genera
             raise ShapeError(f"module type '{t}' has W0 shapes {sorted(s)}; CondLoRA shares Θ across layers of one "
                              "shape. Target module types whose layers all have the same shape.")
         shapes[t] = s.pop()
-    mode = _pick(cfg.condlora_mode, loaded.mode if loaded else None, "condlora-mode", loaded and loaded.source)
-    mode = condlora_mode_for(shapes, mode)
+    mode = _pick(cfg.condlora_mode, loaded.mode if loaded else None, "condlora-mode", loaded and loaded.source) or "auto"
+    modes = condlora_modes(shapes, mode)  # per module type, as the init files and the analysis decide
 
     thetas = {}
     for t, (m, n) in shapes.items():
-        theta = CondTheta(m, n, rank, mode)
-        tA, tB = loaded.theta[t] if loaded else condlora_theta_default(m, n, rank, mode, generator)
+        theta = CondTheta(m, n, rank, modes[t])
+        tA, tB = loaded.theta[t] if loaded else condlora_theta_default(m, n, rank, modes[t], generator)
         if tuple(tA.shape) != tuple(theta.theta_A.shape) or tuple(tB.shape) != tuple(theta.theta_B.shape):
             raise ShapeError(
                 f"{loaded.source if loaded else 'CondLoRA'}: '{t}.theta_A' {tuple(tA.shape)} / '{t}.theta_B' "
-                f"{tuple(tB.shape)}; {mode} mode with W0 {m}x{n}, r={rank} needs {tuple(theta.theta_A.shape)} / "
+                f"{tuple(tB.shape)}; {modes[t]} mode with W0 {m}x{n}, r={rank} needs {tuple(theta.theta_A.shape)} / "
                 f"{tuple(theta.theta_B.shape)}."
             )
         theta.set_(tA, tB)
         thetas[t] = theta
     theta_of = {p: thetas[t] for t, group in by_type.items() for p, _ in group}
     layers = inject(model, targets, lambda path, module: CondLoRALinear(module, theta_of[path], alpha))
-    return Adapted(layers, thetas, rank, alpha, mode, loaded.source if loaded else None)
+    return Adapted(layers, thetas, rank, alpha, summary_mode(modes), loaded.source if loaded else None, modes)
