@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import click
 
-from lora_lens import load_adapter, open_base
-from lora_lens.compare import analyze_alignment
-
-from .common import echo_json, table
-from .options import compute_options
+from .common import echo_json, progress_callback, table
+from .options import compute_options, epsilon_option, format_option, json_option, quiet_option, seed_option
 
 
 @click.command("alignment")
@@ -17,12 +14,13 @@ from .options import compute_options
               help="The base checkpoint the adapter was trained on.")
 @click.option("--intruder-k", type=click.IntRange(min=1), default=10, show_default=True,
               help="Top singular vectors of W0 + ΔW checked for intruders.")
-@click.option("--epsilon", type=click.FloatRange(0, 1, min_open=True), multiple=True,
-              help="Intruder threshold on max |cos| (default 0.5); repeat for a sweep.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random projections.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@epsilon_option(repeatable=True)
+@seed_option
+@json_option
+@quiet_option
 @compute_options
-def alignment_cmd(adapter, base, intruder_k, epsilon, seed, as_json, device, dtype) -> None:
+@format_option
+def alignment_cmd(adapter, base, intruder_k, epsilon, seed, as_json, quiet, device, dtype, fmt) -> None:
     """Projection of W0 on ΔW's directions, amplification, and intruder dimensions.
 
     Per module: ‖ΔW‖_F, ‖W0‖_F, ‖U_rᵀ W0 V_r‖_F for ΔW's top-r singular vectors,
@@ -36,8 +34,13 @@ def alignment_cmd(adapter, base, intruder_k, epsilon, seed, as_json, device, dty
       lora-lens alignment ./my-adapter --base ./Llama-2-7b-hf
       lora-lens alignment ./my-adapter --base ./base --epsilon 0.3 --epsilon 0.5 --epsilon 0.7 --json
     """
-    res = analyze_alignment(load_adapter(adapter), open_base(base), intruder_k=intruder_k,
-                            epsilon=list(epsilon) or 0.5, device=device, dtype=dtype, seed=seed)
+    from lora_lens import load_adapter, open_base
+    from lora_lens.compare import analyze_alignment
+
+    with progress_callback("alignment with W0", quiet) as progress:
+        res = analyze_alignment(load_adapter(adapter, format=fmt), open_base(base), intruder_k=intruder_k,
+                                epsilon=list(epsilon) or 0.5, device=device, dtype=dtype, seed=seed,
+                                progress=progress)
     if as_json:
         echo_json(res.to_dict())
         return

@@ -1,7 +1,12 @@
-"""What every command shares: error handling, JSON output, plain tables."""
+"""What every command shares: lazy loading and error handling, JSON output, plain tables, progress bars.
+
+Imports click and ``lora_lens.errors`` only; commands import the library
+inside their functions, so ``--help`` never imports torch or matplotlib.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import traceback
@@ -9,14 +14,39 @@ from contextlib import contextmanager
 
 import click
 
-from lora_lens import DiskFullError, LoraLensError
+from lora_lens.errors import DiskFullError, LoraLensError
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
 
 
-class LoraLensGroup(click.Group):
-    """A click group that turns errors into one line and an exit code.
+class LazyGroup(click.Group):
+    """A click group whose sub-commands are imported when first used (click's documented lazy-group pattern).
+
+    ``lazy_subcommands``: name → ``"module:attribute"``, the module relative to
+    this package; ``lora-lens spectrum`` then imports the spectrum command's
+    module alone.
+    """
+
+    def __init__(self, *args, lazy_subcommands: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy_subcommands = dict(lazy_subcommands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy_subcommands])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.lazy_subcommands:
+            return super().get_command(ctx, cmd_name)
+        module, attr = self.lazy_subcommands[cmd_name].split(":")
+        cmd = getattr(importlib.import_module(module, __package__), attr)
+        if not isinstance(cmd, click.Command):  # a wrong table entry is a bug, say where
+            raise TypeError(f"{module}:{attr} is not a click command")
+        return cmd
+
+
+class LoraLensGroup(LazyGroup):
+    """The top-level group: lazy sub-commands, and errors turned into one line and an exit code.
 
     ``LoraLensError`` (bad input) → exit 2; disk full → exit 1 and one line;
     any other exception (a bug) → exit 1 and a hint to rerun with ``--debug``, which prints the traceback.
@@ -99,21 +129,10 @@ def human_bytes(n: int) -> str:
     return str(n)
 
 
-def set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
 def echo_warnings(caught) -> None:
     """Library warnings (``warnings.warn``) as one ``warning: …`` line each on stderr."""
     for w in caught:
         click.echo(f"warning: {_one_line(str(w.message))}", err=True)
-
-
-def stderr(msg: str) -> None:
-    click.echo(msg, err=True)
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
@@ -147,19 +166,21 @@ class ByteSize(click.ParamType):
 
 
 @contextmanager
-def progress_callback(label: str, min_items: int = 100):
+def progress_callback(label: str, quiet: bool = False, min_items: int = 100):
     """Yield a ``progress(done, total, what)`` callback that draws ``click.progressbar`` on stderr.
 
     Drawn when stderr is a terminal, or when the run is long (``total ≥
-    min_items``; a non-terminal then gets the label once, click's behaviour).
-    Never writes to stdout, so ``--json`` output stays one object.
+    min_items``; a non-terminal then gets the label once, click's behaviour);
+    never with ``quiet``. The bar opens at the first call, so errors raised
+    while loading print alone. Never writes to stdout, so ``--json`` output
+    stays one object.
     """
     state: dict = {}
     err = click.get_text_stream("stderr")
 
     def callback(done: int, total: int, what: str) -> None:
         if "bar" not in state:
-            show = _isatty(err) or total >= min_items
+            show = not quiet and (_isatty(err) or total >= min_items)
             state["bar"] = click.progressbar(length=total, label=label, file=err, item_show_func=lambda x: x,
                                              show_pos=True) if show else None
             if state["bar"] is not None:

@@ -6,18 +6,15 @@ import warnings
 
 import click
 
-from lora_lens.compare_methods import compare_methods
-from lora_lens.train import METHODS, TASKS
-
 from .common import echo_json, echo_warnings
-from .train_cmd import _csv
+from .train_cmd import METHODS, TASKS, _csv
 
 
 @click.command("compare-methods")
 @click.option("--base", required=True, type=click.Path(path_type=str), help="Hugging Face model folder.")
 @click.option("--data", required=True, type=click.Path(path_type=str), help="classify: JSONL(.gz) with 'text' and "
               "'label'; lm: text or JSONL.")
-@click.option("--task", default="classify", show_default=True, metavar="|".join(TASKS))
+@click.option("--task", default="classify", show_default=True, type=click.Choice(TASKS))
 @click.option("--methods", callback=_csv(str), help=f"Comma-separated subset of {','.join(METHODS)} [default: all].")
 @click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1), help="Seeds 0 … N−1 per method.")
 @click.option("--rank", default=8, show_default=True, type=click.IntRange(min=1))
@@ -55,6 +52,8 @@ def compare_methods_cmd(base, data, task, methods, seeds, rank, alpha, targets, 
       lora-lens compare-methods --base ./MiniLM --data wordnet.jsonl.gz --methods lora,condlora,head-only \\
           --seeds 5 --steps 400 -o cmp/wordnet
     """
+    from lora_lens.compare_methods import compare_methods
+
     log = (lambda msg: None) if as_json else (lambda msg: click.echo(msg, err=True))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)

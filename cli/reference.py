@@ -1,6 +1,6 @@
 """Render the CLI reference (docs/cli.md) from the commands' own ``--help``.
 
-``python -m cli.reference > docs/cli.md`` regenerates it; a test checks it is current.
+``python -m lora_lens_cli.reference > docs/cli.md`` regenerates it; a test checks it is current.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ def _walk(cmd: click.Command, name: str, parent: click.Context | None):
                         **(cmd.context_settings if parent is None else {}))
     yield ctx
     if isinstance(cmd, click.Group):
-        for sub in sorted(cmd.commands):
-            yield from _walk(cmd.commands[sub], sub, ctx)
+        for sub in cmd.list_commands(ctx):  # sorted; loads lazy sub-commands
+            yield from _walk(cmd.get_command(ctx, sub), sub, ctx)
 
 
 def render_cli_reference() -> str:
     parts = [
         "# CLI reference",
         "",
-        "Generated from `--help` by `python -m cli.reference > docs/cli.md`; a test keeps it current.",
+        "Generated from `--help` by `python -m lora_lens_cli.reference > docs/cli.md`; a test keeps it current.",
         "",
     ]
     for ctx in _walk(main, "lora-lens", None):

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import click
 
-from lora_lens import load_adapters, open_base
-from lora_lens.compare import layer_similarity, pairwise_similarity
-
 from .common import echo_json, table
-from .options import compute_options
+from .options import compute_options, format_option, json_option, seed_option
 
 
 @click.command("similarity")
@@ -19,10 +16,11 @@ from .options import compute_options
 @click.option("--k", type=click.IntRange(min=1), help="Top directions kept (default: all r; for base: r).")
 @click.option("--side", type=click.Choice(["left", "right"]),
               help="For delta/base: left = output space (default), right = input space.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random baselines.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (φ grids included).")
+@seed_option
+@json_option
 @compute_options
-def similarity_cmd(adapters, base, what, k, side, seed, as_json, device, dtype) -> None:
+@format_option
+def similarity_cmd(adapters, base, what, k, side, seed, as_json, device, dtype, fmt) -> None:
     """Subspace similarity φ (LoRA paper §7) with a random baseline beside every number.
 
     One adapter: per module type, the layers × layers grid of
@@ -37,7 +35,10 @@ def similarity_cmd(adapters, base, what, k, side, seed, as_json, device, dtype) 
       lora-lens similarity ./seed0 ./seed1 --what A --json
       lora-lens similarity ./r8 ./r64 --what A
     """
-    loaded = [a for path in adapters for a in load_adapters(path)]
+    from lora_lens import load_adapters, open_base
+    from lora_lens.compare import layer_similarity, pairwise_similarity
+
+    loaded = [a for path in adapters for a in load_adapters(path, fmt)]
     b = open_base(base) if base else None
     kw = dict(what=what, k=k, side=side, device=device, dtype=dtype, seed=seed)
     if len(loaded) == 1:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import click
 
-from lora_lens.spectra import adapter_spectra
-
 from .common import ByteSize, echo_json, progress_callback, table
-from .options import compute_options
+from .options import compute_options, format_option, json_option, quiet_option
 
 
 @click.command("spectrum")
 @click.argument("adapter", type=click.Path(path_type=str))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: settings, conventions, summary, layers.")
+@json_option
 @click.option("--layers", "per_layer", is_flag=True, help="Also print one row per module.")
 @compute_options
 @click.option("--energy", type=float, default=0.9, show_default=True,
@@ -21,8 +19,10 @@ from .options import compute_options
               help="Frobenius fraction for rank_at_fro (kohya's sv_fro: ‖σ‖ kept).")
 @click.option("--max-memory", type=ByteSize(), default=None, help="Memory budget per chunk on the device, e.g. 2GB, 512MiB.")
 @click.option("--adapter", "adapter_name", default=None, help="Which named adapter, when the folder holds several.")
+@quiet_option
+@format_option
 def spectrum_cmd(adapter: str, as_json: bool, per_layer: bool, device: str, dtype: str, energy: float, fro: float,
-                 max_memory: int | None, adapter_name: str | None) -> None:
+                 max_memory: int | None, adapter_name: str | None, quiet: bool, fmt: str | None) -> None:
     """Singular values of every LoRA update ΔW = s·B·A (never formed) and its
     effective rank, stable rank, energy and the rank that keeps a given
     fraction of it, summarized per module type across layers.
@@ -34,9 +34,13 @@ def spectrum_cmd(adapter: str, as_json: bool, per_layer: bool, device: str, dtyp
       lora-lens spectrum ./my-adapter --json --dtype float64 > spectra.json
       lora-lens spectrum ./runs --adapter seed1 --device cuda --max-memory 2GB
     """
-    with progress_callback("decomposing LoRA modules") as progress:
-        result = adapter_spectra(adapter, device=device, dtype=dtype, energy=energy, fro=fro, max_memory=max_memory,
-                                 progress=progress, adapter_name=adapter_name)
+    from lora_lens.io import load_adapter
+    from lora_lens.spectra import adapter_spectra
+
+    loaded = load_adapter(adapter, adapter_name, format=fmt)
+    with progress_callback("decomposing LoRA modules", quiet) as progress:
+        result = adapter_spectra(loaded, device=device, dtype=dtype, energy=energy, fro=fro, max_memory=max_memory,
+                                 progress=progress)
     if as_json:
         echo_json(result.to_dict())
         return

@@ -6,9 +6,12 @@ import warnings
 
 import click
 
-from lora_lens.train import METHODS, TASKS, train
+from .common import echo_json, echo_warnings, human_bytes, progress_callback
+from .options import device_option, json_option, out_option, overwrite_option, quiet_option, seed_option
 
-from .common import echo_json, echo_warnings, human_bytes, stderr
+# lora_lens.train.METHODS, spelled out so that --help does not import torch (a test keeps them equal)
+METHODS = ("lora", "cora-frozen", "cora-init", "condlora", "lora-sp", "chain", "head-only")
+TASKS = ("lm", "classify")  # lora_lens.train.TASKS, likewise
 
 
 def _csv(kind):
@@ -25,9 +28,9 @@ def _csv(kind):
 @click.command("train")
 @click.option("--base", required=True, type=click.Path(path_type=str), help="Hugging Face model folder: a causal "
               "LM (--task lm), or any family with a sequence-classification head (--task classify).")
-@click.option("--method", required=True, metavar="|".join(METHODS), help="Which adapter to train (head-only: "
+@click.option("--method", required=True, type=click.Choice(METHODS), help="Which adapter to train (head-only: "
               "none, only the task's head).")
-@click.option("--task", default="lm", show_default=True, metavar="|".join(TASKS), help="lm: next-token "
+@click.option("--task", default="lm", show_default=True, type=click.Choice(TASKS), help="lm: next-token "
               "prediction; classify: labels from --data, a head trained in full.")
 @click.option("--init", "init", type=click.Path(path_type=str), help="Init folder (cora-*, condlora) from "
               "'lora-lens cora|condlora init'; without it the init is computed from the base.")
@@ -60,15 +63,16 @@ def _csv(kind):
 @click.option("--sp-resample", default="never", show_default=True, help="lora-sp: never|epoch|step.")
 @click.option("--condlora-mode", help="condlora: auto | official (square W0) | general [default: auto, per module "
               "type: official where W0 is square, else general].")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda")
-@click.option("-o", "--out", "--output", "output", required=True, type=click.Path(path_type=str), help="Output folder.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results.")
+@seed_option
+@device_option
+@out_option("Folder for the PEFT adapter and train_log.json.")
+@overwrite_option
+@json_option
+@quiet_option
 def train_cmd(base, method, task, init, data, eval_data, max_length, rank, alpha, targets, steps, lr, batch_size,
               seq_len, warmup_steps, weight_decay, max_grad_norm, eval_fraction, eval_every, dtype, knots, links,
-              sp_granularity, sp_targets, sp_resample, condlora_mode, seed, device, output, overwrite,
-              as_json) -> None:
+              sp_granularity, sp_targets, sp_resample, condlora_mode, seed, device, out, overwrite, as_json,
+              quiet) -> None:
     """Train a LoRA-family adapter and write it as a PEFT adapter folder.
 
     Methods: lora, cora-frozen (B = CoRA basis, frozen), cora-init (B = basis,
@@ -87,16 +91,20 @@ def train_cmd(base, method, task, init, data, eval_data, max_length, rank, alpha
       lora-lens train --base ./stories260K --method lora-sp --sp-granularity row --data ids.jsonl -o out/sp
       lora-lens train --base ./MiniLM --task classify --data austen.jsonl.gz --method lora --max-length 128 -o out/c
     """
-    with _ProgressBar(f"train {method}") as progress, warnings.catch_warnings(record=True) as caught:
+    from lora_lens.train import train
+
+    with progress_callback(f"train {method}", quiet) as bar, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
+        def progress(step: int, total: int, loss: float) -> None:
+            bar(step, total, f"loss {loss:.3f}")
+
         result = train(
-            base, method, out=output, init=init, data=data, rank=rank, alpha=alpha, targets=targets,
-            steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, warmup_steps=warmup_steps,
-            weight_decay=weight_decay, max_grad_norm=max_grad_norm or None, eval_fraction=eval_fraction,
-            knots=knots, links=links, sp_granularity=sp_granularity, sp_targets=sp_targets,
-            sp_resample=sp_resample, condlora_mode=condlora_mode, task=task, eval_data=eval_data,
-            max_length=max_length, eval_every=eval_every, dtype=dtype, seed=seed, device=device,
-            overwrite=overwrite, progress=progress,
+            base, method, out=out, init=init, data=data, rank=rank, alpha=alpha, targets=targets, steps=steps,
+            lr=lr, batch_size=batch_size, seq_len=seq_len, warmup_steps=warmup_steps, weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm or None, eval_fraction=eval_fraction, knots=knots, links=links,
+            sp_granularity=sp_granularity, sp_targets=sp_targets, sp_resample=sp_resample,
+            condlora_mode=condlora_mode, task=task, eval_data=eval_data, max_length=max_length,
+            eval_every=eval_every, dtype=dtype, seed=seed, device=device, overwrite=overwrite, progress=progress,
         )
     echo_warnings(caught)  # after the run, so a refusal stays the one line it is
     d = result.to_dict()
@@ -118,28 +126,5 @@ def train_cmd(base, method, task, init, data, eval_data, max_length, rank, alpha
                f"{d['time_per_step_s'] * 1e3:.0f} ms/step, {d['peak_memory_kind']} {human_bytes(d['peak_memory_bytes'])}")
     if d["knots"]:
         click.echo(f"  chain knots at steps {d['knots']}")
-    stderr(f"wrote {d['output']}")
+    click.echo(f"wrote {d['output']}", err=True)
 
-
-class _ProgressBar:
-    """A click progress bar on stderr, opened at the first step (so setup errors print alone) and
-    only when stderr is a terminal."""
-
-    def __init__(self, label: str):
-        self.label, self.bar = label, None
-
-    def __enter__(self):
-        return self.update
-
-    def update(self, step: int, total: int, loss: float) -> None:
-        stream = click.get_text_stream("stderr")
-        if self.bar is None and stream.isatty():
-            self.bar = click.progressbar(length=total, label=self.label, file=stream, show_pos=True,
-                                         item_show_func=lambda v: f"loss {v:.3f}" if v is not None else None)
-            self.bar.__enter__()
-        if self.bar is not None:
-            self.bar.update(1, loss)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)

@@ -2,28 +2,39 @@
 
 The public API, in data-flow order: load (``open_base``, ``load_adapter``),
 inspect (``inspect_path``), decompose, compare, methods, train, report.
+
+The names below are imported on first use (PEP 562 ``__getattr__``): importing
+``lora_lens`` or a light submodule (``lora_lens.errors``) does not import
+torch, so ``lora-lens --help`` stays fast. ``from lora_lens import load_adapter``
+works as usual.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .errors import (  # noqa: E402
-    CheckpointError,
-    ConfigError,
-    DiskFullError,
-    KeyMatchError,
-    LoraLensError,
-    NonFiniteError,
-    ShapeError,
-    UnsafeFileError,
-)
-from .inspect import inspect_path  # noqa: E402
-from .io import load_adapter, load_adapters, open_base, save_peft_adapter  # noqa: E402
-from .keys import parse_module_path  # noqa: E402
-from .types import Adapter, LayerKey, LoraModule, LoraSettings, TensorInfo  # noqa: E402
+# public name → the submodule that defines it
+_LAZY = {
+    **dict.fromkeys(["CheckpointError", "ConfigError", "DiskFullError", "KeyMatchError", "LoraLensError",
+                     "NonFiniteError", "ShapeError", "UnsafeFileError"], ".errors"),
+    "inspect_path": ".inspect",
+    **dict.fromkeys(["load_adapter", "load_adapters", "open_base", "save_peft_adapter"], ".io"),
+    "parse_module_path": ".keys",
+    **dict.fromkeys(["Adapter", "LayerKey", "LoraModule", "LoraSettings", "TensorInfo"], ".types"),
+}
 
-__all__ = [
-    "Adapter", "CheckpointError", "ConfigError", "DiskFullError", "KeyMatchError", "LayerKey", "LoraLensError",
-    "LoraModule", "LoraSettings", "NonFiniteError", "ShapeError", "TensorInfo", "UnsafeFileError",
-    "__version__", "inspect_path", "load_adapter", "load_adapters", "open_base", "parse_module_path",
-    "save_peft_adapter",
-]
+__all__ = ["__version__", *sorted(_LAZY)]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lora_lens' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -10,21 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from .io.base import BaseWeights, open_base
-from .io.peft import CONFIG_NAME, WEIGHT_NAMES, load_adapters
+from .io.formats import detect, load_adapters
 from .keys import architecture_family, parse_module_path
 from .types import Adapter
 
 
-def is_adapter_path(path: str | Path) -> bool:
-    """True for a PEFT adapter folder (or one holding named adapter sub-folders) or its files."""
-    p = Path(path)
-    if p.is_file():
-        return p.name in WEIGHT_NAMES or p.name == CONFIG_NAME
-    if p.is_dir():
-        return (p / CONFIG_NAME).is_file() or any(
-            c.is_dir() and (c / CONFIG_NAME).is_file() for c in p.iterdir()
-        )
-    return False
+def is_adapter_path(path: str | Path, format: str | None = None) -> bool:
+    """True for an adapter of any format (folder or file); False for a base checkpoint."""
+    return detect(path, format) is not None
 
 
 def describe_adapter(adapter: Adapter) -> dict:
@@ -33,7 +26,10 @@ def describe_adapter(adapter: Adapter) -> dict:
     modules = [
         {
             "name": m.name,
+            "kind": m.kind,
+            "stored_as": m.stored_as or m.name,
             "block": m.key.block,
+            "block_name": m.key.block_name,
             "module_type": m.key.module,
             "shape": list(m.shape),
             "base_shape": list(m.base_shape),
@@ -48,6 +44,7 @@ def describe_adapter(adapter: Adapter) -> dict:
     ]
     return {
         "kind": "adapter",
+        "format": adapter.format,
         "path": str(adapter.path),
         "adapter_name": adapter.adapter_name,
         "weights_file": str(adapter.weights_file) if adapter.weights_file else None,
@@ -63,6 +60,7 @@ def describe_adapter(adapter: Adapter) -> dict:
         "alpha_pattern": s.alpha_pattern,
         "delta_is_sBA": adapter.delta_is_sBA,
         "flags": list(adapter.flags),
+        "metadata": adapter.metadata,
         "modules": modules,
         "other_tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in adapter.other_tensors],
         "totals": {
@@ -98,14 +96,14 @@ def describe_base(base: BaseWeights) -> dict:
     }
 
 
-def inspect_path(path: str | Path) -> dict:
-    """Describe an adapter folder or a base checkpoint.
+def inspect_path(path: str | Path, format: str | None = None) -> dict:
+    """Describe an adapter (any format; ``format`` forces the reader) or a base checkpoint.
 
     An adapter folder with several named adapters gives
     ``{"kind": "adapters", "adapters": [...]}``.
     """
-    if is_adapter_path(path):
-        adapters = load_adapters(path)
+    if format is not None or is_adapter_path(path):
+        adapters = load_adapters(path, format)
         if len(adapters) == 1:
             return describe_adapter(adapters[0])
         return {"kind": "adapters", "path": str(path), "adapters": [describe_adapter(a) for a in adapters]}

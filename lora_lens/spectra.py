@@ -39,7 +39,7 @@ import torch
 
 from .decompose import Progress, adapter_singular_values, resolve_device, resolve_dtype
 from .errors import ConfigError
-from .io.peft import load_adapter
+from .io.formats import load_adapter
 from .types import Adapter, LoraModule
 
 #: What the JSON output says about the numbers it holds.

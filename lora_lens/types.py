@@ -20,6 +20,10 @@ import torch
 #: kernel is flattened into ``n = in · kh · kw``.
 LAYOUTS = ("linear", "conv1d", "embedding", "conv")
 
+#: Update parameterizations read (``LoraModule.kind``): ``lora`` s·B·A; ``lokr``
+#: s·kron(W₁, W₂); ``loha`` s·(B₁A₁)⊙(B₂A₂); ``adalora`` s·P·diag(E)·Q.
+KINDS = ("lora", "lokr", "loha", "adalora")
+
 
 @dataclass(frozen=True, order=True)
 class LayerKey:
@@ -33,6 +37,9 @@ class LayerKey:
     prefix: str
     block: int | None
     module: str
+    #: The block's own path where ``block`` is a position code rather than an index
+    #: (diffusion UNets: ``unet.up_blocks.1.attentions.0.transformer_blocks.0``).
+    block_name: str | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         if self.block is None:
@@ -93,6 +100,13 @@ class LoraModule:
     alpha: float
     scaling: float
     layout: str = "linear"
+    #: How the file parameterizes the update (``KINDS``); every kind is held here in the
+    #: factored form ``s·B·A``, so ``rank`` is the effective rank (r₁·r₂ for LoKr / LoHa).
+    kind: str = "lora"
+    #: The module's name as the file writes it, when ``name`` was mapped to a model path.
+    stored_as: str = ""
+    #: ``(kh, kw)`` of a Conv2d update whose ``A`` was flattened from ``(r, in, kh, kw)``; ``()`` otherwise.
+    kernel: tuple[int, ...] = ()
 
     @property
     def rank(self) -> int:
@@ -171,6 +185,10 @@ class Adapter:
     delta_is_sBA: bool = True
     adapter_name: str | None = None
     weights_file: Path | None = None
+    #: Which reader produced it (``peft``, ``mlx``, ``kohya``, ``lycoris``, ``diffusers``, ``state_dict`` …).
+    format: str = "peft"
+    #: Text metadata of the file worth showing (kohya's ``ss_*`` training settings, …).
+    metadata: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_name", {m.name: m for m in self.modules})

@@ -13,10 +13,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli_from_this_checkout() -> None:
+    """Import the CLI as installed, ``lora_lens_cli``, from this checkout's ``cli/`` folder.
+
+    The name exists only through the install's ``package-dir`` mapping, which
+    points at whichever checkout was installed; the tests must exercise the
+    code next to them.
+    """
+    spec = importlib.util.spec_from_file_location("lora_lens_cli", ROOT / "cli" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "cli")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["lora_lens_cli"] = module
+    spec.loader.exec_module(module)
+
+
+_cli_from_this_checkout()
 
 SHARED = Path(os.environ.get("LORA_LENS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 STORIES = SHARED / "models" / "stories260K"

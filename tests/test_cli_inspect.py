@@ -7,24 +7,11 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from cli.main import main
+from .cli_utils import assert_bad_input, run  # noqa: F401  (re-exported: other modules import them from here)
 
 
-def run(*args):
-    return CliRunner().invoke(main, list(map(str, args)))
-
-
-def assert_bad_input(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    assert lines[0].startswith("error: ")
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_inspect_adapter_json(llama_adapter):
@@ -154,12 +141,12 @@ def test_pickle_exploit_bin_refused_and_never_run(tmp_path):
 
 
 def test_internal_error_exits_1_without_traceback(monkeypatch, llama_adapter):
-    import cli.inspect_cmd as mod
+    import lora_lens
 
     def boom(path):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(mod, "inspect_path", boom)
+    monkeypatch.setattr(lora_lens, "inspect_path", boom)  # the command imports it from lora_lens when it runs
     r = run("inspect", llama_adapter[1])
     assert r.exit_code == 1 and "internal error" in r.stderr and "Traceback" not in r.output
 

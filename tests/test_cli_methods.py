@@ -5,7 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
+from lora_lens_cli.main import main
 from lora_lens import load_adapter
 from lora_lens.io import read_init_description
 

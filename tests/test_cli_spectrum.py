@@ -7,8 +7,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from cli.common import parse_size
-from cli.main import main
+from lora_lens_cli.common import parse_size
+from lora_lens_cli.main import main
 from lora_lens import save_peft_adapter
 from lora_lens.spectra import adapter_spectra
 from lora_lens.types import LayerKey, LoraModule
@@ -127,9 +127,9 @@ def test_help_has_example():
 
 
 def test_progress_bar_on_a_terminal_goes_to_stderr_only(llama_adapter, monkeypatch):
-    import cli.common
+    import lora_lens_cli.common
 
-    monkeypatch.setattr(cli.common, "_isatty", lambda stream: True)  # 9 modules: shown only on a terminal
+    monkeypatch.setattr(lora_lens_cli.common, "_isatty", lambda stream: True)  # 9 modules: shown only on a terminal
     r = run("spectrum", llama_adapter[1], "--json")
     assert r.exit_code == 0, r.output
     assert "decomposing LoRA modules" in r.stderr  # click itself draws the bar only on a real terminal

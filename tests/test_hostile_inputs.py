@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
+from lora_lens_cli.main import main
 from lora_lens.errors import CheckpointError, UnsafeFileError
 from lora_lens.io.npz import read_npz
 from lora_lens.io.safetensors_header import read_safetensors_header

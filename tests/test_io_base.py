@@ -86,6 +86,29 @@ def test_nan_in_base_weight_is_named(tmp_path):
         base.get("layers.0.q.weight")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_check_tensor_finds_every_non_finite_value_and_accepts_sums_that_overflow(dtype):
+    from lora_lens import NonFiniteError
+    from lora_lens.io.tensors import check_tensor
+
+    big = torch.finfo(dtype).max
+    # finite values whose sum overflows every accumulator (float32's, for the halves): refused by the fast sum,
+    # accepted by the element-wise test behind it
+    overflowing = torch.full((3, 5), big, dtype=dtype)
+    overflowing[1] = -big  # the sum can reach +inf and -inf: inf - inf = NaN
+    assert check_tensor(overflowing, "w", None) is overflowing
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in ((0, 0), (2, 4)):
+            t = torch.randn(3, 5).to(dtype)
+            t[where] = bad
+            with pytest.raises(NonFiniteError, match="holds 1 NaN/Inf value"):
+                check_tensor(t, "w", None)
+    both = torch.randn(3, 5).to(dtype)
+    both[0, 0], both[1, 1] = float("inf"), -float("inf")  # opposite infinities
+    with pytest.raises(NonFiniteError, match="holds 2 NaN/Inf"):
+        check_tensor(both, "w", None)
+
+
 def test_sharded_index_naming_a_missing_shard(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a.weight": "model-1.safetensors"}}))
     with pytest.raises(CheckpointError, match="model-1.safetensors"):

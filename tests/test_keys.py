@@ -61,3 +61,44 @@ def test_match_reports_every_missing_module_at_once():
         match_modules_to_weights(["a.0.q", "a.1.q", "a.0.v"], ["a.0.q.weight"])
     msg = str(e.value)
     assert "2 adapter module(s)" in msg and "a.1.q" in msg and "a.0.v" in msg
+
+
+def test_unet_and_dit_blocks_are_distinct_and_in_network_order():
+    paths = [
+        "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        "unet.down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q",
+        "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
+        "unet.down_blocks.0.attentions.0.transformer_blocks.1.attn1.to_q",
+        "unet.up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    ]
+    keys = [parse_module_path(p) for p in paths]
+    assert {k.module for k in keys} == {"attn1.to_q"}
+    assert len({k.block for k in keys}) == len(paths)
+    ordered = [k.block_name for k in sorted(keys, key=lambda k: k.sort_key())]
+    assert ordered == [
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0", "unet.down_blocks.0.attentions.0.transformer_blocks.1",
+        "unet.down_blocks.0.attentions.1.transformer_blocks.0", "unet.mid_block.attentions.0.transformer_blocks.0",
+        "unet.up_blocks.0.attentions.0.transformer_blocks.0", "unet.up_blocks.1.attentions.0.transformer_blocks.0",
+    ]
+    # a resnet of down_blocks.0 and of up_blocks.0: same type, different blocks
+    d, u = parse_module_path("unet.down_blocks.0.resnets.1.conv1"), parse_module_path("unet.up_blocks.0.resnets.1.conv1")
+    assert d.module == u.module == "resnets.conv1" and d.block < u.block
+    # DiT: double-stream blocks before single-stream ones
+    a = parse_module_path("transformer.transformer_blocks.18.attn.to_q")
+    b = parse_module_path("transformer.single_transformer_blocks.0.attn.to_q")
+    assert a.module == b.module == "attn.to_q" and a.block < b.block
+
+
+@pytest.mark.parametrize("path", [
+    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0",
+    "unet.up_blocks.2.resnets.1.conv_shortcut",
+    "unet.mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj",
+    "text_encoder.text_model.encoder.layers.11.self_attn.out_proj",
+    "text_encoder_2.text_model.encoder.layers.0.mlp.fc1",
+    "transformer.single_transformer_blocks.3.proj_mlp",
+])
+def test_kohya_names_round_trip(path):
+    from lora_lens.keys import kohya_module_path, kohya_stem
+
+    assert kohya_module_path(kohya_stem(path)) == path

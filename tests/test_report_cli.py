@@ -6,7 +6,7 @@ from html.parser import HTMLParser
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
+from lora_lens_cli.main import main
 
 
 def run(*args):
@@ -29,13 +29,17 @@ class _Collect(HTMLParser):
             self._in_h2 = False
 
 
-def test_report_two_adapters_with_base(llama_adapter, tiny_llama, tmp_path):
+def test_report_two_adapters_with_base(llama_adapter, tiny_llama, tmp_path, monkeypatch):
     import shutil
+
+    import lora_lens_cli.common
 
     second = tmp_path / "second"
     shutil.copytree(llama_adapter[1], second)
+    monkeypatch.setattr(lora_lens_cli.common, "_isatty", lambda stream: True)  # as on a terminal: a progress bar
     r = run("report", llama_adapter[1], second, "--base", tiny_llama[1], "-o", tmp_path / "rep", "--json")
     assert r.exit_code == 0, r.output
+    assert "analysing" in r.stderr  # the bar; stdout stays one JSON object
     out = json.loads(r.stdout)
     index = tmp_path / "rep" / "index.html"
     assert out["report"] == str(index) and index.is_file()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli.main import main
+from lora_lens_cli.main import main
 
 from .hostile_files import write_adapter
 

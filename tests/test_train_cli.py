@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 import lora_lens
-from cli.main import main
+from lora_lens_cli.main import main
 
 from .train_utils import assert_bad_input, write_condlora_init, write_cora_init
 
@@ -109,7 +109,7 @@ def test_train_refuses_nan_base_truncated_base_and_encoders(tmp_path, stories_pa
     import torch
     from safetensors.torch import load_file, save_file
 
-    from cli.main import main as cli_main
+    from lora_lens_cli.main import main as cli_main
     from click.testing import CliRunner
 
     def run(*args):
@@ -135,7 +135,7 @@ def test_train_refuses_nan_base_truncated_base_and_encoders(tmp_path, stories_pa
 
 
 def test_train_divergence_is_an_error_not_nan_output(tmp_path, stories_path):
-    from cli.main import main as cli_main
+    from lora_lens_cli.main import main as cli_main
     from click.testing import CliRunner
 
     r = CliRunner().invoke(cli_main, ["train", "--base", str(stories_path), "--method", "lora", "--steps", "5",

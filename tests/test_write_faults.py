@@ -26,7 +26,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from cli.main import main
+from lora_lens_cli.main import main
 from lora_lens.io import atomic
 
 from .hostile_files import assert_bad_input, write_adapter

@@ -1,11 +1,11 @@
-"""Readers and writers: safetensors (single, sharded), weights-only pickles, PEFT folders, atomic writes."""
+"""Readers and writers: safetensors (single, sharded), weights-only pickles, adapters of every format
+(PEFT, MLX, kohya, LyCORIS, diffusers, research state dicts: :mod:`.formats`), atomic writes."""
 
 from .atomic import atomic_directory, atomic_save_safetensors, atomic_write_json, atomic_write_text, check_destination
 from .base import BaseWeights, WeightGroup, open_base
+from .formats import FORMATS, detect, load_adapter, load_adapters
 from .peft import (
     find_adapters,
-    load_adapter,
-    load_adapters,
     lora_scaling,
     rank_and_alpha,
     read_settings,
@@ -14,7 +14,7 @@ from .peft import (
 from .tensors import TensorStore, check_tensor, open_tensor_file
 
 __all__ = [
-    "BaseWeights", "TensorStore", "WeightGroup", "atomic_directory", "atomic_save_safetensors",
+    "FORMATS", "detect", "BaseWeights", "TensorStore", "WeightGroup", "atomic_directory", "atomic_save_safetensors",
     "atomic_write_json", "atomic_write_text", "check_destination", "check_tensor", "find_adapters", "load_adapter",
     "load_adapters", "lora_scaling", "open_base", "open_tensor_file", "rank_and_alpha",
     "read_settings", "save_peft_adapter",

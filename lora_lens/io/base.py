@@ -8,6 +8,9 @@ one tensor. Accepted:
   + ``model.safetensors.index.json``, ``pytorch_model.bin`` (or its index);
 - a single ``.safetensors`` file or a ``.bin``/``.pt`` state dict (a nested
   ``model_state_dict`` is tolerated).
+
+Refused: adapters of any format, and a folder of several weight files that
+neither an index nor shard names (``-0000k-of-0000n``) tie together.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, LoraLensError
-from ..keys import match_modules_to_weights, parse_module_path
+from ..keys import adapter_key_scheme, match_modules_to_weights, parse_module_path
 from ..types import LayerKey, TensorInfo
 from .atomic import register_input
 from .files import missing
+from .formats.detect import SHARD_NAME, refuse_several
 from .jsonfile import read_json
 from .tensors import PICKLE_SUFFIXES, PickleStore, SafetensorsStore, TensorStore, open_sharded, open_tensor_file
 
@@ -127,24 +131,39 @@ class BaseWeights:
 
 
 def open_base(path: str | Path) -> BaseWeights:
-    """Open a base checkpoint lazily; see the module docstring for what is accepted."""
+    """Open a base checkpoint lazily; see the module docstring for what is accepted.
+
+    Anything that looks like an adapter (an adapter config, an MLX folder, or
+    tensor names of any LoRA/LoKr/LoHa format) is refused: never read as a base.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: {missing(path)}; expected a model folder or a .safetensors/.bin file.")
     register_input(path)
     if path.is_dir():
-        return BaseWeights(path, _open_folder(path))
-    if path.name.endswith(".index.json"):
-        return BaseWeights(path, open_sharded(path))
-    return BaseWeights(path, open_tensor_file(path))
+        store = _open_folder(path)
+    elif path.name.endswith(".index.json"):
+        store = open_sharded(path)
+    else:
+        store = open_tensor_file(path)
+    scheme = adapter_key_scheme(store.names())
+    if scheme is not None:
+        what = scheme.split(":", 1)[1] + " adapter (not low-rank)" if ":" in scheme else f"{scheme} LoRA adapter"
+        raise CheckpointError(
+            f"{path}: holds a {what} (its tensor names are adapter factors such as "
+            f"'{next(n for n in store.names() if adapter_key_scheme([n]) is not None or 'lora' in n.lower())}'), "
+            "not a base model. Pass it as ADAPTER and the model it was trained on as --base."
+        )
+    return BaseWeights(path, store)
 
 
 def _open_folder(folder: Path) -> TensorStore:
-    if (folder / "adapter_config.json").exists():
-        raise CheckpointError(
-            f"{folder}: is a PEFT adapter folder (adapter_config.json); expected a base model. "
-            "Pass the adapter as ADAPTER and the model it was trained on as --base."
-        )
+    for marker in ("adapter_config.json", "adapters.safetensors", "adapters.npz"):
+        if (folder / marker).exists():
+            raise CheckpointError(
+                f"{folder}: is an adapter folder ({marker}); expected a base model. "
+                "Pass the adapter as ADAPTER and the model it was trained on as --base."
+            )
     for name in _FOLDER_CANDIDATES:
         p = folder / name
         if p.is_file():
@@ -153,7 +172,9 @@ def _open_folder(folder: Path) -> TensorStore:
     if len(singles) == 1:
         return open_tensor_file(singles[0])
     if len(singles) > 1:
-        # Several files and no index: read them as the shards of one model.
+        if not all(SHARD_NAME.match(p.name) for p in singles):
+            raise refuse_several(folder, singles)
+        # Shards named model-0000N-of-0000M without their index: one model.
         cls = SafetensorsStore if singles[0].suffix == ".safetensors" else PickleStore
         return cls(folder, singles)
     listing = sorted(p.name for p in folder.iterdir())[:8]

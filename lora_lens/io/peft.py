@@ -29,7 +29,7 @@ from .atomic import atomic_directory, atomic_save_safetensors, atomic_write_json
 from .files import missing
 from .jsonfile import read_json
 from .peft_config import checked_fields
-from .tensors import check_tensor, open_tensor_file
+from .tensors import check_tensor, factor_2d, open_tensor_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -138,15 +138,6 @@ def _weights_file(folder: Path) -> Path:
     )
 
 
-def _as_2d(t: torch.Tensor, role: str, name: str, file: Path) -> tuple[torch.Tensor, bool]:
-    """Conv factors ``A (r, in, kh, kw)``, ``B (out, r, 1, 1)`` flattened to 2-D."""
-    if t.dim() == 2:
-        return t, False
-    if t.dim() == 4 and (role == "A" or t.shape[2:] == (1, 1)):
-        return t.reshape(t.shape[0], -1), True
-    raise ShapeError(f"{file}: tensor '{name}' has shape {tuple(t.shape)}; expected a 2-D LoRA factor.")
-
-
 def _load_folder(folder: Path, adapter_name: str | None) -> Adapter:
     settings = read_settings(folder / CONFIG_NAME)
     wfile = _weights_file(folder)
@@ -181,8 +172,8 @@ def _load_folder(folder: Path, adapter_name: str | None) -> Adapter:
         A = check_tensor(store.get(p["A"], validate=False), p["A"], wfile)
         B = check_tensor(store.get(p["B"], validate=False), p["B"], wfile)
         embedding = parse_peft_key(p["A"]).role == "emb_A"  # the key's role, not a substring of the path
-        A, conv = _as_2d(A, "A", p["A"], wfile)
-        B, _ = _as_2d(B, "B", p["B"], wfile)
+        A, kernel = factor_2d(A, "A", p["A"], wfile)
+        B, _ = factor_2d(B, "B", p["B"], wfile)
         if A.shape[0] != B.shape[1]:
             raise ShapeError(
                 f"{wfile}: '{name}' has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; expected A (r, n) and B (m, r) "
@@ -194,10 +185,10 @@ def _load_folder(folder: Path, adapter_name: str | None) -> Adapter:
         # Linear vs Conv1D: what lora_lens wrote, else the config's hint (PEFT decides per module;
         # io.layout.with_base_layouts settles it once a base is known).
         hint = written.get(name, "conv1d" if settings.fan_in_fan_out else "linear")
-        layout = "embedding" if embedding else "conv" if conv else hint
+        layout = "embedding" if embedding else "conv" if kernel else hint
         modules.append(LoraModule(
             name=name, key=parse_module_path(name), A=A, B=B, alpha=alpha,
-            scaling=lora_scaling(alpha, int(A.shape[0]), settings.use_rslora), layout=layout,
+            scaling=lora_scaling(alpha, int(A.shape[0]), settings.use_rslora), layout=layout, kernel=kernel,
         ))
     if rank_errors:
         raise ConfigError(
@@ -294,12 +285,16 @@ def save_peft_adapter(
     for m in modules:
         if m.layout == "embedding":
             a_key, b_key = f"{PEFT_PREFIX}{m.name}.lora_embedding_A", f"{PEFT_PREFIX}{m.name}.lora_embedding_B"
-        elif m.layout == "conv":
-            raise ConfigError(f"'{m.name}': writing Conv2d LoRA factors is not supported; only Linear, Conv1D and Embedding.")
+        elif m.layout == "conv" and not m.kernel:
+            raise ConfigError(f"'{m.name}': a Conv2d factor whose kernel size is unknown (stored flattened); "
+                              "PEFT needs lora_A as (r, in, kh, kw).")
         else:
             a_key, b_key = f"{PEFT_PREFIX}{m.name}.lora_A.weight", f"{PEFT_PREFIX}{m.name}.lora_B.weight"
-        tensors[a_key] = m.A.to(dtype) if dtype else m.A
-        tensors[b_key] = m.B.to(dtype) if dtype else m.B
+        A, B = m.A, m.B
+        if m.layout == "conv":  # PEFT's Conv2d pair: lora_A (r, in, kh, kw), lora_B (out, r, 1, 1)
+            A, B = A.reshape(A.shape[0], -1, *m.kernel), B.reshape(*B.shape, 1, 1)
+        tensors[a_key] = (A.to(dtype) if dtype else A).contiguous()
+        tensors[b_key] = (B.to(dtype) if dtype else B).contiguous()
     for name, t in (extra_tensors or {}).items():
         tensors[f"{PEFT_PREFIX}{name}"] = t
     layouts = {m.name: m.layout for m in modules if m.layout in ("linear", "conv1d")}

@@ -36,13 +36,28 @@ def check_tensor(t: torch.Tensor, name: str, file: Path | str | None, require_fl
             f"{where} has integer dtype {str(t.dtype).replace('torch.', '')}; expected a floating-point weight. "
             "Quantized checkpoints are not supported: dequantize the weights first."
         )
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not _all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         raise NonFiniteError(
             f"{where} holds {bad} NaN/Inf value(s) of {t.numel()}; expected finite weights. "
             "The checkpoint is damaged or training diverged: use an earlier checkpoint."
         )
     return t
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite, in one pass without a mask for the usual (finite) case.
+
+    A sum is NaN or ±Inf whenever any term is, so a finite sum proves every
+    term finite. A non-finite sum may also come from overflow of finite terms
+    (|Σ| beyond the accumulator's range): only then is the element-wise test
+    run. float16/bfloat16 are accumulated in float32, so float16's small
+    range (65504) does not send every large tensor down the slow path.
+    """
+    acc = torch.float32 if t.element_size() < 4 else None
+    if bool(torch.isfinite(t.sum(dtype=acc))):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 class TensorStore:
@@ -57,7 +72,14 @@ class TensorStore:
 
     def __init__(self, path: Path, infos: Iterable[TensorInfo]):
         self.path = path
-        self._infos = {i.name: i for i in infos}
+        self._infos: dict[str, TensorInfo] = {}
+        for i in infos:
+            if i.name in self._infos:  # two shards with one name: one would silently overwrite the other
+                raise CheckpointError(
+                    f"{path}: tensor '{i.name}' is in both {self._infos[i.name].file} and {i.file}; shards of one "
+                    "checkpoint never repeat a name. These are different checkpoints: pass one file."
+                )
+            self._infos[i.name] = i
 
     def names(self) -> list[str]:
         return list(self._infos)
@@ -120,12 +142,14 @@ class PickleStore(TensorStore):
     def __init__(self, path: Path, files: list[Path] | None = None):
         files = files or [path]
         self._tensors: dict[str, tuple[Path, torch.Tensor]] = {}
+        infos, self.metadata = [], {}
         for f in files:
-            for k, t in _load_weights_only(f).items():
+            tensors, meta = _load_weights_only(f)
+            self.metadata.update(meta)
+            for k, t in tensors.items():
                 self._tensors[k] = (f, t)
-        infos = [TensorInfo(k, tuple(t.shape), str(t.dtype).replace("torch.", ""), f) for k, (f, t) in self._tensors.items()]
+                infos.append(TensorInfo(k, tuple(t.shape), str(t.dtype).replace("torch.", ""), f))
         super().__init__(path, infos)
-        self.metadata = {}
 
     def _read(self, info: TensorInfo) -> torch.Tensor:
         return self._tensors[info.name][1]
@@ -147,8 +171,27 @@ def _open_safetensors(path: Path):
         ) from None
 
 
-def _load_weights_only(path: Path) -> dict[str, torch.Tensor]:
-    """``torch.load(weights_only=True, mmap=True)`` of a checked zip-format ``torch.save`` file."""
+class NpzStore(TensorStore):
+    """A NumPy ``.npz`` archive (old MLX adapters), read by :func:`.npz.read_npz`: never unpickled."""
+
+    format = "npz"
+
+    def __init__(self, path: Path):
+        from .npz import read_npz
+
+        arrays = read_npz(path)
+        self._tensors = {k: torch.from_numpy(a.astype(a.dtype.newbyteorder("="))) for k, a in arrays.items()}
+        super().__init__(path, [TensorInfo(k, tuple(t.shape), str(t.dtype).replace("torch.", ""), path)
+                                for k, t in self._tensors.items()])
+        self.metadata = {}
+
+    def _read(self, info: TensorInfo) -> torch.Tensor:
+        return self._tensors[info.name]
+
+
+def _load_weights_only(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """``torch.load(weights_only=True, mmap=True)`` of a checked zip-format ``torch.save`` file:
+    (tensors, scalar metadata of a nested research dict)."""
     check_torch_zip(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -167,18 +210,48 @@ def _load_weights_only(path: Path) -> dict[str, torch.Tensor]:
     return _flatten_state_dict(obj, path)
 
 
-def _flatten_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
+def _flatten_state_dict(obj, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if isinstance(obj, dict):
         for key in NESTED_STATE_KEYS:
             if isinstance(obj.get(key), dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
                 return _flatten_state_dict(obj[key], path)
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors:
-            return tensors
+            return tensors, {}
+        # Research scripts nest: {"weights": {layer: {module: {A, B}}}, "metadata": {r, alpha}}.
+        tensors, meta = {}, {}
+        _walk(obj, "", tensors, meta)
+        if tensors:
+            return tensors, meta
     raise CheckpointError(
         f"{path}: holds a {type(obj).__name__} with no tensors at its top level; expected a state dict "
         f"(name → tensor), possibly nested under one of {list(NESTED_STATE_KEYS)}."
     )
+
+
+def _walk(obj: dict, prefix: str, tensors: dict, meta: dict) -> None:
+    """Flatten nested dicts of tensors to dotted names; scalars and strings become metadata."""
+    for k, v in obj.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, torch.Tensor):
+            tensors[name.removeprefix("weights.")] = v
+        elif isinstance(v, dict):
+            _walk(v, name + ".", tensors, meta)
+        elif isinstance(v, (int, float, str, bool)):
+            meta[str(k)] = v
+
+
+def factor_2d(t: torch.Tensor, role: str, name: str, file: Path | str) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """A LoRA factor as 2-D, and the Conv2d kernel size it carried (``()`` for a matrix).
+
+    Conv factors ``A (r, in, kh, kw)`` → ``(r, in·kh·kw)``, ``B (out, r, 1, 1)`` → ``(out, r)``.
+    """
+    if t.dim() == 2:
+        return t, ()
+    if t.dim() == 4 and (role == "A" or t.shape[2:] == (1, 1)):
+        return t.reshape(t.shape[0], -1), tuple(int(k) for k in t.shape[2:])
+    raise ShapeError(f"{file}: tensor '{name}' has shape {tuple(t.shape)}; expected a 2-D LoRA factor "
+                     "(or a Conv2d factor: A (r, in, kh, kw), B (out, r, 1, 1)).")
 
 
 def open_tensor_file(path: Path) -> TensorStore:
@@ -187,8 +260,10 @@ def open_tensor_file(path: Path) -> TensorStore:
         return SafetensorsStore(path)
     if path.suffix in PICKLE_SUFFIXES:
         return PickleStore(path)
+    if path.suffix == ".npz":
+        return NpzStore(path)
     raise CheckpointError(
-        f"{path}: unknown file type '{path.suffix}'; expected .safetensors, .bin, .pt or .pth, or a model folder."
+        f"{path}: unknown file type '{path.suffix}'; expected .safetensors, .bin, .pt, .pth or .npz, or a model folder."
     )
 
 

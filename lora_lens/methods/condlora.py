@@ -34,7 +34,8 @@ from ..errors import ConfigError, ShapeError
 from ..io.atomic import atomic_directory, atomic_save_safetensors
 from ..io.base import BaseWeights, open_base
 from ..io.initfile import THETA_NAME, InitDescription, write_init_description
-from ..io.peft import load_adapter, save_peft_adapter
+from ..io.formats import load_adapter
+from ..io.peft import save_peft_adapter
 from ..types import Adapter, LoraModule
 from .common import InitResult, TargetLayer, load_weight, lora_module, provenance, stacked_lstsq, target_layers
 

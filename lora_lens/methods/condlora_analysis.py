@@ -25,8 +25,8 @@ from ..compare.baselines import deeper_half
 from ..decompose import chunk_size, resolve_device, resolve_dtype
 from ..errors import ConfigError, ShapeError
 from ..io.base import BaseWeights, open_base
+from ..io.formats import load_adapter
 from ..io.layout import with_base_layouts
-from ..io.peft import load_adapter
 from ..linalg import lstsq, phi, svd
 from ..types import Adapter, LoraModule
 from .condlora import EQUATIONS, SIDES, condlora_modes

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from ..compare import AlignmentAnalysis, LayerSimilarity, analyze_alignment, layer_similarity, pairwise_similarity
 from ..compare.baselines import DEEPER_HALF
 from ..compare.similarity import AdapterSimilarity, LayerGrid
+from ..decompose import Progress
 from ..io.base import BaseWeights
 from ..spectra import AdapterSpectra, adapter_spectra
 from ..types import Adapter
@@ -82,20 +83,38 @@ def analyze_adapters(
     intruder_k: int = 10,
     epsilon: float = 0.5,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> Analysis:
-    """Run every analysis the report shows. ``runs``: loss curves (``plot_loss_curves`` format)."""
+    """Run every analysis the report shows. ``runs``: loss curves (``plot_loss_curves`` format).
+
+    ``progress(done, total, what)`` is called after each stage (spectra,
+    layer similarity, alignment of each adapter; the adapter pairs).
+    """
     adapters = unique_labels(adapters)
     eps = sorted(set(EPS_SWEEP) | {epsilon})
+    total = len(adapters) * (2 if base is None else 3) + (len(adapters) > 1)
+    done = 0
+
+    def stage(what: str, result):
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total, what)
+        return result
+
     per = []
     for ad in adapters:
         per.append(AdapterAnalysis(
             adapter=ad,
-            spectra=adapter_spectra(ad, device=device, dtype=dtype, energy=energy),
-            layers=layer_similarity(ad, what="delta", device=device, dtype=dtype, seed=seed),
-            alignment=analyze_alignment(ad, base, intruder_k=intruder_k, epsilon=eps, device=device, dtype=dtype,
-                                        seed=seed) if base is not None else None,
+            spectra=stage(f"{ad.label}: spectra", adapter_spectra(ad, device=device, dtype=dtype, energy=energy)),
+            layers=stage(f"{ad.label}: layers", layer_similarity(ad, what="delta", device=device, dtype=dtype,
+                                                                 seed=seed)),
+            alignment=stage(f"{ad.label}: alignment", analyze_alignment(
+                ad, base, intruder_k=intruder_k, epsilon=eps, device=device, dtype=dtype, seed=seed))
+            if base is not None else None,
         ))
-    pairs = tuple(pairwise_similarity(list(adapters), device=device, dtype=dtype, seed=seed)) if len(adapters) > 1 else ()
+    pairs = (stage("adapter pairs", tuple(pairwise_similarity(list(adapters), device=device, dtype=dtype, seed=seed)))
+             if len(adapters) > 1 else ())
     return Analysis(tuple(per), pairs, str(base.path) if base is not None else None, dict(runs or {}), epsilon,
                     intruder_k)
 

@@ -1,31 +1,10 @@
-"""Options and rendering shared by the init commands (condlora, cora, pissa, reduce)."""
+"""How the init commands (condlora, cora, pissa, reduce) print what they wrote."""
 
 from __future__ import annotations
 
 import click
 
 from .common import echo_json, table
-
-overwrite_option = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-seed_option = click.option("--seed", default=0, show_default=True, type=int, help="Seed for every random draw.")
-
-
-def out_option(what: str):
-    return click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=str), help=what)
-
-
-def targets_option(required: bool = True):
-    return click.option(
-        "--targets", "targets", multiple=True, required=required,
-        help="Module names, comma-separated or repeated: q_proj,v_proj selects every module type ending with "
-             "them (self_attn.q_proj, …).",
-    )
-
-
-def join_targets(targets: tuple[str, ...]) -> list[str] | None:
-    names = [t.strip() for group in targets for t in group.split(",") if t.strip()]
-    return names or None
 
 
 def render_init(result, as_json: bool, columns: list[str]) -> None:

@@ -1,0 +1,87 @@
+"""LyCORIS LoKr and LoHa (also PEFT's ports of them) in factored form ``ΔW = s · B A``.
+
+Neither is ``s·B·A`` as stored, but both are low-rank products of low-rank
+factors, so they are rewritten exactly as one pair without forming ΔW:
+
+- **LoKr** ``ΔW = s · kron(W₁, W₂)``, each ``Wᵢ = Bᵢ Aᵢ`` (stored as ``lokr_wi_a``
+  (aᵢ, rᵢ) and ``lokr_wi_b`` (rᵢ, bᵢ), or a full ``lokr_wi`` (aᵢ, bᵢ), written as
+  ``I·W`` or ``W·I``, whichever has the smaller inner size). The mixed-product
+  rule ``kron(B₁A₁, B₂A₂) = kron(B₁, B₂) · kron(A₁, A₂)`` gives
+  ``B (a₁a₂, r₁r₂)`` and ``A (r₁r₂, b₁b₂)``: rank at most r₁·r₂. A Conv2d
+  ``W₂ (a₂, b₂, kh, kw)`` is flattened to ``(a₂, b₂·kh·kw)``; the Kronecker
+  column index ``j₁·b₂·kk + j₂·kk + t`` is then exactly the flattened
+  ``(in = j₁·b₂ + j₂, t)`` of the conv kernel.
+- **LoHa** ``ΔW = s · (B₁A₁) ⊙ (B₂A₂)`` (``hada_w1_a`` = B₁ (m, r₁), ``hada_w1_b``
+  = A₁ (r₁, n), …). With the row-wise Kronecker (face-splitting) product
+  ``(B₁ ⊙ᵣ B₂)[i, (p, q)] = B₁[i, p] B₂[i, q]`` and its column-wise twin
+  ``(A₁ ⊙ᶜ A₂)[(p, q), j] = A₁[p, j] A₂[q, j]``,
+  ``Σ_{p,q} B₁[i,p] B₂[i,q] A₁[p,j] A₂[q,j] = (B₁A₁)[i,j] (B₂A₂)[i,j]``, so
+  ``B = B₁ ⊙ᵣ B₂ (m, r₁r₂)`` and ``A = A₁ ⊙ᶜ A₂ (r₁r₂, n)``.
+
+Costs: ``O((m + n) r₁r₂)`` memory instead of ``m·n``; every later stage (the
+factored SVD, φ, alignment) works on them unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def full_as_product(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A full ``W (a, b)`` as ``B A`` with the smaller inner size: ``(I_a, W)`` or ``(W, I_b)``."""
+    a, b = W.shape
+    if a <= b:
+        return torch.eye(a, dtype=W.dtype), W
+    return W, torch.eye(b, dtype=W.dtype)
+
+
+def kron_factors(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kron(B₁A₁, B₂A₂) = kron(B₁, B₂) · kron(A₁, A₂)``: ``B (a₁a₂, r₁r₂)``, ``A (r₁r₂, b₁b₂)``."""
+    return torch.kron(B1, B2), torch.kron(A1, A2)
+
+
+def face_split_factors(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B₁A₁) ⊙ (B₂A₂) = (B₁ ⊙ᵣ B₂)(A₁ ⊙ᶜ A₂)``: ``B (m, r₁r₂)``, ``A (r₁r₂, n)``."""
+    m, r1 = B1.shape
+    r2 = B2.shape[1]
+    B = (B1[:, :, None] * B2[:, None, :]).reshape(m, r1 * r2)  # (m, r1, r2) → (m, r1·r2)
+    A = (A1[:, None, :] * A2[None, :, :]).reshape(r1 * r2, A1.shape[1])  # (r1, r2, n) → (r1·r2, n)
+    return B, A
+
+
+#: Suffixes of the tensors of one LoKr / LoHa module.
+LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+#: Tucker cores: a further factorization of conv kernels that is not read.
+TUCKER_KEYS = ("lokr_t1", "lokr_t2", "hada_t1", "hada_t2", "lora_mid")
+
+
+def lokr_parts(get, have: set[str]) -> tuple[torch.Tensor, torch.Tensor, int, bool, tuple[int, ...]]:
+    """``(B, A, dim, both_full, kernel)`` of a LoKr module from its tensors (``get(suffix)`` reads one).
+
+    ``dim`` is the stored low rank (``lokr_w*_b``'s rows; 0 when both factors
+    are full, where LyCORIS uses scale 1). Conv ``lokr_w2`` is flattened; ``kernel`` is its ``(kh, kw)``.
+    """
+    parts, dim, kernel = [], 0, ()
+    for i in ("1", "2"):
+        if f"lokr_w{i}" in have:
+            W = get(f"lokr_w{i}").double()
+            kernel = tuple(int(k) for k in W.shape[2:]) or kernel
+            parts.append(full_as_product(W.reshape(W.shape[0], -1)))
+        else:
+            a, b = get(f"lokr_w{i}_a").double(), get(f"lokr_w{i}_b").double()
+            dim = int(b.shape[0])
+            parts.append((a, b.reshape(b.shape[0], -1)))
+    (B1, A1), (B2, A2) = parts
+    B, A = kron_factors(B1, A1, B2, A2)
+    return B, A, dim, dim == 0, kernel
+
+
+def loha_parts(get) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(B, A, dim)`` of a LoHa module; ``dim`` = r of ``hada_w1_b``."""
+    B1, A1 = get("hada_w1_a").double(), get("hada_w1_b").double()
+    B2, A2 = get("hada_w2_a").double(), get("hada_w2_b").double()
+    B, A = face_split_factors(B1, A1.reshape(A1.shape[0], -1), B2, A2.reshape(A2.shape[0], -1))
+    return B, A, int(A1.shape[0])

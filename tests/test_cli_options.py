@@ -1,0 +1,144 @@
+"""The CLI as a whole: start-up imports, one spelling per option, --quiet, renamed options."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+from click.testing import CliRunner
+
+from lora_lens_cli.main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imported_after(code: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter on this checkout; the heavy packages it imported."""
+    probe = code + "\nimport sys\nprint(sorted(m for m in sys.modules if m.split('.')[0] in " \
+        "('torch', 'matplotlib', 'transformers', 'peft', 'sklearn', 'scipy')) and sorted({m.split('.')[0] " \
+        "for m in sys.modules if m.split('.')[0] in ('torch', 'matplotlib', 'transformers', 'peft', 'sklearn', " \
+        "'scipy')}))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return eval(out.stdout.strip().splitlines()[-1])
+
+
+def _commands():
+    """(path, command) of every command and sub-command, loaded through the lazy groups."""
+    def walk(cmd, path, parent):
+        ctx = click.Context(cmd, info_name=path[-1], parent=parent)
+        yield " ".join(path), cmd
+        if isinstance(cmd, click.Group):
+            for name in cmd.list_commands(ctx):
+                yield from walk(cmd.get_command(ctx, name), path + [name], ctx)
+    return dict(walk(main, ["lora-lens"], None))
+
+
+def test_help_imports_neither_torch_nor_matplotlib():
+    # every command's --help (the reference renders them all) and the top-level --help, in one process
+    code = ("from cli.reference import render_cli_reference\nfrom cli.main import main\n"
+            "render_cli_reference()\ntry:\n    main(['--help'], prog_name='lora-lens')\nexcept SystemExit:\n    pass")
+    assert _imported_after(code) == []
+
+
+def test_spectrum_imports_torch_but_not_matplotlib(llama_adapter):
+    code = (f"from cli.main import main\ntry:\n    main(['spectrum', {str(llama_adapter[1])!r}, '--json'], "
+            "prog_name='lora-lens')\nexcept SystemExit as e:\n    assert e.code == 0, e.code")
+    assert _imported_after(code) == ["torch"]
+
+
+def test_one_spelling_per_option():
+    commands = _commands()
+    by_name: dict[str, dict[str, click.Option]] = {}
+    for path, cmd in commands.items():
+        for p in cmd.params:
+            if isinstance(p, click.Option) and not p.hidden:
+                by_name.setdefault(p.name, {})[path] = p
+    # whatever writes a file or folder takes -o/--out and nothing else
+    assert {path: p.opts for path, p in by_name["out"].items()} == {
+        path: ["-o", "--out"] for path in by_name["out"]}
+    assert set(by_name["out"]) == {"lora-lens " + c for c in (
+        "condlora init", "convert", "cora basis", "cora init", "demo", "pissa", "reduce", "report", "train")}
+    # one decorator each: the same flags, help and default on every command
+    by_name["overwrite"].pop("lora-lens demo")  # --overwrite/--no-overwrite, on by default: its own folder
+    for name in ("as_json", "seed", "overwrite", "quiet", "device", "dtype"):
+        spellings = {(tuple(p.opts), p.help, p.default) for p in by_name[name].values()}
+        assert len(spellings) == 1, (name, spellings)
+    assert set(by_name["as_json"]) == {path for path, c in commands.items() if not isinstance(c, click.Group)}
+    assert {p.type.min for p in by_name["epsilon"].values()} == {0} and len(by_name["epsilon"]) == 2
+    assert {tuple(p.opts) for p in by_name["n_iter"].values()} == {("--n-iter",)}
+    # progress bars on the long commands, off with --quiet
+    assert {"lora-lens " + c for c in ("alignment", "report", "spectrum", "cora basis", "cora init", "train",
+                                       "demo")} <= set(by_name["quiet"])
+    visible = {o for c in commands.values() for p in c.params if not getattr(p, "hidden", False) for o in p.opts}
+    assert not {"--niter", "--output", "--n_iter"} & visible
+
+
+def test_quiet_turns_the_progress_bar_off(llama_adapter, monkeypatch):
+    import lora_lens_cli.common
+
+    monkeypatch.setattr(lora_lens_cli.common, "_isatty", lambda stream: True)
+    loud = CliRunner().invoke(main, ["spectrum", str(llama_adapter[1]), "--json"])
+    quiet = CliRunner().invoke(main, ["spectrum", str(llama_adapter[1]), "--json", "--quiet"])
+    assert loud.exit_code == quiet.exit_code == 0
+    assert "decomposing LoRA modules" in loud.stderr and quiet.stderr == ""
+    assert json.loads(loud.stdout) == json.loads(quiet.stdout)
+
+
+def test_renamed_niter_still_works_and_says_so(tiny_llama, tmp_path):
+    args = ["pissa", "--base", str(tiny_llama[1]), "--rank", "2", "--targets", "q_proj"]
+    old = CliRunner().invoke(main, [*args, "--niter", "3", "-o", str(tmp_path / "old")])
+    new = CliRunner().invoke(main, [*args, "--n-iter", "3", "-o", str(tmp_path / "new")])
+    assert old.exit_code == new.exit_code == 0, old.output
+    assert "--niter is deprecated; use --n-iter" in old.stderr and "deprecated" not in new.stderr
+    recorded = [json.loads((tmp_path / d / "lora_lens_init.json").read_text()) for d in ("old", "new")]
+    assert recorded[0] == recorded[1] and "3" in json.dumps(recorded[0])
+
+
+def test_train_methods_match_the_library():
+    from lora_lens.train import METHODS
+    from lora_lens_cli.train_cmd import METHODS as CLI_METHODS
+
+    assert CLI_METHODS == METHODS
+
+
+def test_wheel_installs_lora_lens_cli_and_no_cli_package(tmp_path):
+    """The built wheel: lora_lens (every sub-package), lora_lens_cli, the console script, nothing named cli."""
+    import shutil
+    import zipfile
+
+    import pytest
+
+    if not _can_build_wheels():
+        pytest.skip("no bdist_wheel here (setuptools < 70 without the wheel package)")
+    src = tmp_path / "src"  # a copy, so that the build's build/ and egg-info stay out of the checkout
+    for name in ("lora_lens", "cli"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src),
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"lora_lens", "lora_lens_cli"}
+    packages = {str(p.parent.relative_to(ROOT)) for p in (ROOT / "lora_lens").rglob("__init__.py")}
+    assert {p + "/__init__.py" for p in packages} <= set(names)
+    assert {"lora_lens_cli/" + p.name for p in (ROOT / "cli").glob("*.py")} <= set(names)
+    entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "lora-lens = lora_lens_cli.main:main" in entry
+
+
+
+def _can_build_wheels() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("setuptools") is None:
+        return False
+    import setuptools
+
+    return importlib.util.find_spec("wheel") is not None or int(setuptools.__version__.split(".")[0]) >= 70
