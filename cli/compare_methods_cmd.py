@@ -7,6 +7,7 @@ import warnings
 import click
 
 from .common import echo_json, echo_warnings
+from .options import device_option, json_option, out_option, overwrite_option, quiet_option
 from .train_cmd import METHODS, TASKS, _csv
 
 
@@ -30,16 +31,18 @@ from .train_cmd import METHODS, TASKS, _csv
 @click.option("--eval-every", type=click.IntRange(min=1), help="Evaluate every N steps for the loss curves.")
 @click.option("--margin", type=float, help="'matches' margin: accuracy points as a fraction [default: 0.01] or "
               "nats for lm [default: 0.02].")
-@click.option("--dtype", default="float32", show_default=True, help="float32 | bfloat16 (autocast).")
+@click.option("--dtype", "train_dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
+              help="Training precision: bfloat16 autocasts forward and loss; weights and optimizer stay float32.")
 @click.option("--no-analysis", is_flag=True, help="Skip the adapter analyses (φ between seeds, CoRA overlap, "
               "CondLoRA conversion matrices).")
-@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda")
-@click.option("-o", "--out", "output", required=True, type=click.Path(path_type=str), help="Output folder.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary and the claims as one JSON object.")
+@device_option
+@out_option("Folder for results.json, results.md, the plots and runs/.")
+@overwrite_option
+@json_option
+@quiet_option
 def compare_methods_cmd(base, data, task, methods, seeds, rank, alpha, targets, steps, lr, batch_size, max_length,
-                        seq_len, eval_fraction, eval_every, margin, dtype, no_analysis, device, output, overwrite,
-                        as_json) -> None:
+                        seq_len, eval_fraction, eval_every, margin, train_dtype, no_analysis, device, out, overwrite,
+                        as_json, quiet) -> None:
     """Train every method × seed at the same rank, steps, schedule and batch (Chain of LoRA splits the same
     steps over its links), then write OUT/results.json, OUT/results.md (method · trainable parameters ·
     eval accuracy mean ± std · eval loss · time per step · peak memory), OUT/metric_vs_parameters.png,
@@ -54,13 +57,13 @@ def compare_methods_cmd(base, data, task, methods, seeds, rank, alpha, targets, 
     """
     from lora_lens.compare_methods import compare_methods
 
-    log = (lambda msg: None) if as_json else (lambda msg: click.echo(msg, err=True))
+    log = (lambda msg: None) if as_json or quiet else (lambda msg: click.echo(msg, err=True))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        c = compare_methods(base, data, output, task=task, methods=methods, seeds=seeds, rank=rank, alpha=alpha,
+        c = compare_methods(base, data, out, task=task, methods=methods, seeds=seeds, rank=rank, alpha=alpha,
                             targets=targets, steps=steps, lr=lr, batch_size=batch_size, max_length=max_length,
                             seq_len=seq_len, eval_fraction=eval_fraction, eval_every=eval_every, margin=margin,
-                            dtype=dtype, device=device, overwrite=overwrite, analyze=not no_analysis, log=log)
+                            dtype=train_dtype, device=device, overwrite=overwrite, analyze=not no_analysis, log=log)
     echo_warnings(list({str(w.message): w for w in caught}.values()))  # one line per distinct warning
     if as_json:
         echo_json({"out": str(c.out), "summary": [s.__dict__ for s in c.summaries],

@@ -54,8 +54,8 @@ def _csv(kind):
 @click.option("--max-grad-norm", default=1.0, show_default=True, type=float, help="Clip; 0 turns it off.")
 @click.option("--eval-fraction", default=0.1, show_default=True, type=float, help="Held-out share of the data.")
 @click.option("--eval-every", type=int, help="Also evaluate every N steps [default: before and after only].")
-@click.option("--dtype", default="float32", show_default=True, help="float32 | bfloat16 (autocast; float32 "
-              "master weights and optimizer state).")
+@click.option("--dtype", "train_dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
+              help="Training precision: bfloat16 autocasts forward and loss; weights and optimizer stay float32.")
 @click.option("--knots", callback=_csv(int), help="chain: steps where a new link starts, e.g. 20,40.")
 @click.option("--links", type=int, help="chain: number of links, knots evenly spaced [default: 3].")
 @click.option("--sp-granularity", default="element", show_default=True, help="lora-sp: element|row|column.")
@@ -70,7 +70,7 @@ def _csv(kind):
 @json_option
 @quiet_option
 def train_cmd(base, method, task, init, data, eval_data, max_length, rank, alpha, targets, steps, lr, batch_size,
-              seq_len, warmup_steps, weight_decay, max_grad_norm, eval_fraction, eval_every, dtype, knots, links,
+              seq_len, warmup_steps, weight_decay, max_grad_norm, eval_fraction, eval_every, train_dtype, knots, links,
               sp_granularity, sp_targets, sp_resample, condlora_mode, seed, device, out, overwrite, as_json,
               quiet) -> None:
     """Train a LoRA-family adapter and write it as a PEFT adapter folder.
@@ -104,7 +104,7 @@ def train_cmd(base, method, task, init, data, eval_data, max_length, rank, alpha
             max_grad_norm=max_grad_norm or None, eval_fraction=eval_fraction, knots=knots, links=links,
             sp_granularity=sp_granularity, sp_targets=sp_targets, sp_resample=sp_resample,
             condlora_mode=condlora_mode, task=task, eval_data=eval_data, max_length=max_length,
-            eval_every=eval_every, dtype=dtype, seed=seed, device=device, overwrite=overwrite, progress=progress,
+            eval_every=eval_every, dtype=train_dtype, seed=seed, device=device, overwrite=overwrite, progress=progress,
         )
     echo_warnings(caught)  # after the run, so a refusal stays the one line it is
     d = result.to_dict()
