@@ -20,7 +20,7 @@ from .options import compute_options, epsilon_option, format_option, json_option
 @quiet_option
 @compute_options
 @format_option
-def alignment_cmd(adapter, base, intruder_k, epsilon, seed, as_json, quiet, device, dtype, fmt) -> None:
+def alignment_cmd(adapter, base, intruder_k, epsilon, seed, as_json, quiet, compute, fmt) -> None:
     """Projection of W0 on ΔW's directions, amplification, and intruder dimensions.
 
     Per module: ‖ΔW‖_F, ‖W0‖_F, ‖U_rᵀ W0 V_r‖_F for ΔW's top-r singular vectors,
@@ -39,7 +39,7 @@ def alignment_cmd(adapter, base, intruder_k, epsilon, seed, as_json, quiet, devi
 
     with progress_callback("alignment with W0", quiet) as progress:
         res = analyze_alignment(load_adapter(adapter, format=fmt), open_base(base), intruder_k=intruder_k,
-                                epsilon=list(epsilon) or 0.5, device=device, dtype=dtype, seed=seed,
+                                epsilon=list(epsilon) or 0.5, compute=compute, seed=seed,
                                 progress=progress)
     if as_json:
         echo_json(res.to_dict())

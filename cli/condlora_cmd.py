@@ -24,7 +24,7 @@ def condlora_cmd() -> None:
 @seed_option
 @compute_options
 @json_option
-def analyze_cmd(adapter, base, mode, rcond, seed, device, dtype, as_json) -> None:
+def analyze_cmd(adapter, base, mode, rcond, seed, compute, as_json) -> None:
     """Conversion matrices of every layer and their cross-layer similarity.
 
     For each module type and factor, solves W0 · C = factor per layer and
@@ -39,7 +39,7 @@ def analyze_cmd(adapter, base, mode, rcond, seed, device, dtype, as_json) -> Non
     """
     from lora_lens.methods import condlora_analysis
 
-    result = condlora_analysis(adapter, base, device=device, dtype=dtype, rcond=rcond, seed=seed, mode=mode)
+    result = condlora_analysis(adapter, base, rcond=rcond, mode=mode, compute=compute, seed=seed)
     if as_json:
         echo_json(result.to_dict())
         return
@@ -70,7 +70,7 @@ def analyze_cmd(adapter, base, mode, rcond, seed, device, dtype, as_json) -> Non
 @seed_option
 @compute_options
 @json_option
-def init_cmd(base, rank, targets, from_adapter, mode, alpha, out, overwrite, seed, device, dtype, as_json):
+def init_cmd(base, rank, targets, from_adapter, mode, alpha, out, overwrite, seed, compute, as_json):
     """Write CondLoRA Θ (one pair per module type) and the PEFT adapter it gives.
 
     \b
@@ -82,6 +82,6 @@ def init_cmd(base, rank, targets, from_adapter, mode, alpha, out, overwrite, see
     from lora_lens.methods import condlora_init
 
     result = condlora_init(base, rank, join_targets(targets), out_dir=out, alpha=alpha, mode=mode,
-                           from_adapter=from_adapter, seed=seed, overwrite=overwrite, device=device, dtype=dtype)
+                           from_adapter=from_adapter, overwrite=overwrite, compute=compute, seed=seed)
     render_init(result, as_json, ["module_type", "layers", "shape", "theta_A", "theta_B", "parameters",
                                   "lora_parameters", "init", "fit"])

@@ -31,7 +31,7 @@ def basis_options(f):
 
 def _basis_kwargs(kw: dict, progress) -> dict:
     return dict(share_across_layers=kw["share_across_layers"], source_kind=kw["source_kind"], scale=kw["scale"],
-                n_iter=kw["n_iter"], seed=kw["seed"], device=kw["device"], dtype=kw["dtype"], progress=progress)
+                n_iter=kw["n_iter"], seed=kw["seed"], compute=kw["compute"], progress=progress)
 
 
 @click.group("cora")

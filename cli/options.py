@@ -2,7 +2,7 @@
 
 ``-o/--out`` wherever something is written, ``--json``, ``--seed``,
 ``--overwrite``, ``--quiet``, ``--epsilon``, ``--n-iter``, ``--targets`` and
-``--device/--dtype``. Importing this module imports click only: the help of
+``--device/--dtype/--max-memory`` (one ``Compute``). Importing this module imports click only: the help of
 every command is built without torch.
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 
 import click
+
+from .common import ByteSize
 
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print one JSON object on stdout instead of text (schemas: docs/formats.md).")
@@ -65,9 +67,27 @@ dtype_option = click.option("--dtype", type=click.Choice(["float32", "float64"])
                             show_default=True, help="Compute precision (inputs in bf16/fp16 are upcast).")
 
 
+max_memory_option = click.option("--max-memory", type=ByteSize(), default=None, metavar="SIZE",
+                                 help="Device memory budget of one chunk, e.g. 2GB, 512MiB (default 4 GiB).")
+
+
 def compute_options(f):
-    """Add ``--device auto|cpu|cuda[:N]`` and ``--dtype float32|float64`` (passed as ``device``, ``dtype``)."""
-    return device_option(dtype_option(f))
+    """Add ``--device``, ``--dtype`` and ``--max-memory``; the command receives them as one ``compute``.
+
+    The :class:`lora_lens.compute.Compute` is built here, once per run (device
+    and dtype resolved), and the command passes it to the library unchanged
+    (``seed=``/``progress=`` keywords beside it fill in the rest).
+    """
+
+    @functools.wraps(f)  # copies __click_params__: the options declared below carry over
+    def command(*args, device: str, dtype: str, max_memory: int | None, **kwargs):
+        from lora_lens.compute import Compute  # imported when the command runs, not for --help
+
+        compute = Compute(device=device, dtype=dtype) if max_memory is None else \
+            Compute(device=device, dtype=dtype, max_memory=max_memory)
+        return f(*args, compute=compute, **kwargs)
+
+    return device_option(dtype_option(max_memory_option(command)))
 
 
 def renamed_option(old: str, new: str, dest: str, **attrs):

@@ -21,7 +21,7 @@ from .options import (compute_options, join_targets, json_option, n_iter_option,
 @seed_option
 @compute_options
 @json_option
-def pissa_cmd(base, rank, targets, alpha, n_iter, out, overwrite, seed, device, dtype, as_json):
+def pissa_cmd(base, rank, targets, alpha, n_iter, out, overwrite, seed, compute, as_json):
     """PiSSA init: B, A from W0's top-r singular triplets, residual base W0 − s·B·A.
 
     Load the residual weights into the base model, then the adapter with PEFT.
@@ -34,7 +34,7 @@ def pissa_cmd(base, rank, targets, alpha, n_iter, out, overwrite, seed, device, 
     from lora_lens.methods import pissa_init
 
     result = pissa_init(base, rank, join_targets(targets), out_dir=out, alpha=alpha, niter=n_iter,
-                        overwrite=overwrite, seed=seed, device=device, dtype=dtype)
+                        overwrite=overwrite, compute=compute, seed=seed)
     render_init(result, as_json, ["module", "shape", "sigma_first", "sigma_last", "energy"])
 
 
@@ -47,7 +47,7 @@ def pissa_cmd(base, rank, targets, alpha, n_iter, out, overwrite, seed, device, 
 @overwrite_option
 @compute_options
 @json_option
-def reduce_cmd(adapter, rank, energy, out, overwrite, device, dtype, as_json):
+def reduce_cmd(adapter, rank, energy, out, overwrite, compute, as_json):
     """Reduce an adapter's rank by truncating each module's SVD (best rank-k approximation).
 
     \b
@@ -57,6 +57,5 @@ def reduce_cmd(adapter, rank, energy, out, overwrite, device, dtype, as_json):
     """
     from lora_lens.methods import reduce_rank
 
-    result = reduce_rank(adapter, rank=rank, energy=energy, out_dir=out, overwrite=overwrite, device=device,
-                         dtype=dtype)
+    result = reduce_rank(adapter, rank=rank, energy=energy, out_dir=out, overwrite=overwrite, compute=compute)
     render_init(result, as_json, ["module", "rank_before", "rank_after", "energy_kept"])

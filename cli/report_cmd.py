@@ -26,8 +26,8 @@ from .options import (compute_options, epsilon_option, format_option, json_optio
 @quiet_option
 @compute_options
 @format_option
-def report_cmd(adapters, base, out, title, energy, intruder_k, epsilon, seed, overwrite, as_json, quiet, device,
-               dtype, fmt):
+def report_cmd(adapters, base, out, title, energy, intruder_k, epsilon, seed, overwrite, as_json, quiet, compute,
+               fmt):
     """Analyze one or more adapters and write a self-contained HTML report
     (index.html, figures/*.png, results.json): spectra and effective ranks,
     φ across layers with random baselines, adapter vs adapter φ, and with
@@ -46,8 +46,8 @@ def report_cmd(adapters, base, out, title, energy, intruder_k, epsilon, seed, ov
     base_weights = open_base(base) if base else None
     check_destination(Path(out), overwrite)  # refuse before the analysis runs, not after
     with progress_callback("analysing", quiet) as progress:
-        analysis = analyze_adapters(loaded, base_weights, device=device, dtype=dtype, energy=energy,
-                                    intruder_k=intruder_k, epsilon=epsilon, seed=seed, progress=progress)
+        analysis = analyze_adapters(loaded, base_weights, energy=energy, intruder_k=intruder_k, epsilon=epsilon,
+                                    progress=progress, compute=compute, seed=seed)
     index = write_analysis_report(out, analysis, title=title, energy=energy, overwrite=overwrite)
     if as_json:
         echo_json({"report": str(index), "folder": out, "adapters": [a.label for a in loaded]})

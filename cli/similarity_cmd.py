@@ -20,7 +20,7 @@ from .options import compute_options, format_option, json_option, seed_option
 @json_option
 @compute_options
 @format_option
-def similarity_cmd(adapters, base, what, k, side, seed, as_json, device, dtype, fmt) -> None:
+def similarity_cmd(adapters, base, what, k, side, seed, as_json, compute, fmt) -> None:
     """Subspace similarity φ (LoRA paper §7) with a random baseline beside every number.
 
     One adapter: per module type, the layers × layers grid of
@@ -40,7 +40,7 @@ def similarity_cmd(adapters, base, what, k, side, seed, as_json, device, dtype, 
 
     loaded = [a for path in adapters for a in load_adapters(path, fmt)]
     b = open_base(base) if base else None
-    kw = dict(what=what, k=k, side=side, device=device, dtype=dtype, seed=seed)
+    kw = dict(what=what, k=k, side=side, compute=compute, seed=seed)
     if len(loaded) == 1:
         result = layer_similarity(loaded[0], base=b, **kw)
         echo_json(result.to_dict()) if as_json else click.echo(render_layers(result))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import ByteSize, echo_json, progress_callback, table
+from .common import echo_json, progress_callback, table
 from .options import compute_options, format_option, json_option, quiet_option
 
 
@@ -17,12 +17,11 @@ from .options import compute_options, format_option, json_option, quiet_option
               help="Energy fraction for rank_at_energy (PEFT's convention: Σσ² kept).")
 @click.option("--fro", type=float, default=0.9, show_default=True,
               help="Frobenius fraction for rank_at_fro (kohya's sv_fro: ‖σ‖ kept).")
-@click.option("--max-memory", type=ByteSize(), default=None, help="Memory budget per chunk on the device, e.g. 2GB, 512MiB.")
 @click.option("--adapter", "adapter_name", default=None, help="Which named adapter, when the folder holds several.")
 @quiet_option
 @format_option
-def spectrum_cmd(adapter: str, as_json: bool, per_layer: bool, device: str, dtype: str, energy: float, fro: float,
-                 max_memory: int | None, adapter_name: str | None, quiet: bool, fmt: str | None) -> None:
+def spectrum_cmd(adapter: str, as_json: bool, per_layer: bool, compute, energy: float, fro: float,
+                 adapter_name: str | None, quiet: bool, fmt: str | None) -> None:
     """Singular values of every LoRA update ΔW = s·B·A (never formed) and its
     effective rank, stable rank, energy and the rank that keeps a given
     fraction of it, summarized per module type across layers.
@@ -39,7 +38,7 @@ def spectrum_cmd(adapter: str, as_json: bool, per_layer: bool, device: str, dtyp
 
     loaded = load_adapter(adapter, adapter_name, format=fmt)
     with progress_callback("decomposing LoRA modules", quiet) as progress:
-        result = adapter_spectra(loaded, device=device, dtype=dtype, energy=energy, fro=fro, max_memory=max_memory,
+        result = adapter_spectra(loaded, energy=energy, fro=fro, compute=compute,
                                  progress=progress)
     if as_json:
         echo_json(result.to_dict())

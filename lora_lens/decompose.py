@@ -2,7 +2,8 @@
 
 Same-shaped matrices are stacked ``(L, m, n)`` (or their factors ``(L, m, r)``
 and ``(L, r, n)``) and decomposed in one call per group, on the chosen device,
-in chunks that respect a memory budget. Results come back on the CPU as
+in chunks that respect a memory budget (:func:`lora_lens.chunks.chunks`;
+settings in one :class:`~lora_lens.compute.Compute`). Results come back on the CPU as
 :class:`Spectrum` values keyed by module name, in PyTorch's ``(m, n)`` layout
 (a Conv1D adapter's ``U``/``Vh`` describe ``ΔW``, whose transpose is what the
 Conv1D stores).
@@ -10,21 +11,23 @@ Conv1D stores).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from .errors import ConfigError, NonFiniteError
+from .chunks import TRANSPOSED, chunk_size, chunks, load_w0, stack
+from .compute import DTYPES, Compute, Progress, as_compute, resolve_device, resolve_dtype
+from .errors import NonFiniteError
 from .io.base import BaseWeights
 from .linalg import factored_svd, factored_svdvals, randomized_svd, svd, top_subspace_svd
 from .types import Adapter, LayerKey, LoraModule
 
-#: ``progress(done, total, what)`` is called after each chunk.
-Progress = Callable[[int, int, str], None]
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: Re-exported for callers that import them from here.
+__all__ = ["Compute", "DTYPES", "Progress", "Spectrum", "TopK", "adapter_singular_values", "chunk_size",
+           "decompose_adapter", "decompose_base", "decompose_matrices", "resolve_device", "resolve_dtype"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,61 +61,22 @@ class Spectrum:
         return int(self.S.shape[0])
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` → CUDA when present, else CPU; ``cuda`` without a GPU is refused."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but no CUDA device is available; use --device cpu or auto.")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {device!r}; expected auto, cpu or cuda[:N].") from None
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ConfigError(f"unknown compute dtype {dtype!r}; expected one of {list(DTYPES)}.") from None
-
-
-def chunk_size(per_item_bytes: int, max_memory: int | None, total: int) -> int:
-    """How many items fit a memory budget (at least one)."""
-    if not max_memory:
-        return max(total, 1)
-    return max(1, min(total, max_memory // max(per_item_bytes, 1)))
-
-
-def _group_by_shape(modules: Iterable[LoraModule]) -> "OrderedDict[tuple, list[LoraModule]]":
-    groups: OrderedDict[tuple, list[LoraModule]] = OrderedDict()
-    for m in modules:
-        groups.setdefault((m.shape, m.rank), []).append(m)
-    return groups
-
-
 def _adapter_chunks(
-    modules: Sequence[LoraModule], dev: torch.device, dt: torch.dtype, max_memory: int | None, buffers: int
+    modules: Sequence[LoraModule], cx: Compute, buffers: int
 ) -> Iterator[tuple[list[LoraModule], torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Stacked factors of same-``(m, n, r)`` modules, one memory-bounded chunk at a time.
 
-    Yields ``(chunk, B (L, m, r), A (L, r, n), s (L,))`` on ``dev`` in ``dt``.
-    ``buffers`` counts the ``(m + n) r`` buffers one item needs on the device
-    (factors, QR copies, outputs).
+    Yields ``(chunk, B (L, m, r), A (L, r, n), s (L,))`` on the device in the
+    compute dtype. ``buffers`` counts the ``(m + n) r`` buffers one item needs
+    on the device (factors, QR copies, outputs).
     """
-    itemsize = torch.finfo(dt).bits // 8
-    for ((m, n), r), group in _group_by_shape(modules).items():
-        step = chunk_size(buffers * (m + n) * r * itemsize, max_memory, len(group))
-        for lo in range(0, len(group), step):
-            chunk = group[lo: lo + step]
-            B = torch.stack([g.B for g in chunk]).to(dev, dt)  # (L, m, r)
-            A = torch.stack([g.A for g in chunk]).to(dev, dt)  # (L, r, n)
-            s = torch.tensor([g.scaling for g in chunk], dtype=dt, device=dev)  # (L,)
-            yield chunk, B, A, s
+    for _, chunk in chunks(modules, lambda g: (g.shape, g.rank),
+                           lambda key: buffers * (key[0][0] + key[0][1]) * key[1] * cx.itemsize, cx,
+                           lambda key: f"{key[0][0]}x{key[0][1]} r={key[1]}"):
+        B = stack(cx, chunk, lambda g: g.B)  # (L, m, r)
+        A = stack(cx, chunk, lambda g: g.A)  # (L, r, n)
+        s = torch.tensor([g.scaling for g in chunk], dtype=cx.dtype, device=cx.device)  # (L,)
+        yield chunk, B, A, s
 
 
 def _check_finite(chunk: list[LoraModule], B: torch.Tensor, A: torch.Tensor, S: torch.Tensor | None) -> None:
@@ -145,17 +109,14 @@ def _check_finite(chunk: list[LoraModule], B: torch.Tensor, A: torch.Tensor, S: 
 
 
 def _map_chunks(
-    modules: list[LoraModule], device, dtype, max_memory: int | None, progress: Progress | None,
-    kernel: Callable[..., tuple[torch.Tensor, ...]], s_pos: int, buffers: int,
+    modules: list[LoraModule], cx: Compute, kernel: Callable[..., tuple[torch.Tensor, ...]], s_pos: int, buffers: int,
 ) -> Iterator[tuple[list[LoraModule], tuple[torch.Tensor, ...]]]:
     """Run ``kernel(B, A, s)`` on every chunk; yield ``(chunk, outputs on the CPU)``.
 
     ``outputs[s_pos]`` are the singular values ``(L, k)``, checked for NaN/Inf.
     ``buffers``: how many ``(m + n) r`` buffers one item needs on the device.
     """
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
-    done = 0
-    for chunk, B, A, s in _adapter_chunks(modules, dev, dt, max_memory, buffers):
+    for chunk, B, A, s in _adapter_chunks(modules, cx, buffers):
         try:
             outs = kernel(B, A, s)
         except torch.linalg.LinAlgError:  # LAPACK refuses NaN/Inf on the CPU; CUDA returns NaN instead
@@ -163,41 +124,32 @@ def _map_chunks(
             raise
         _check_finite(chunk, B, A, outs[s_pos])
         yield chunk, tuple(o.cpu() for o in outs)
-        done += len(chunk)
-        if progress:
-            progress(done, len(modules), f"{B.shape[1]}x{A.shape[2]} r={A.shape[1]}")
 
 
 def decompose_adapter(
-    adapter: Adapter | Sequence[LoraModule],
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = torch.float32,
-    max_memory: int | None = None,
-    progress: Progress | None = None,
+    adapter: Adapter | Sequence[LoraModule], *, compute: Compute | None = None, **options
 ) -> dict[str, Spectrum]:
     """Exact SVD of every module's ``ΔW = s·B A`` without forming it.
 
     One batched :func:`~lora_lens.linalg.factored_svd` per group of same
-    ``(m, n, r)``; ``max_memory`` (bytes) caps the factors and workspaces of
-    one chunk on the device. Returns ``{module name: Spectrum}`` (``k = r``, or
+    ``(m, n, r)``; ``compute.max_memory`` (bytes) caps the factors and
+    workspaces of one chunk on the device (``options``: :class:`Compute`'s
+    fields as keywords). Returns ``{module name: Spectrum}`` (``k = r``, or
     ``min(r, m, n)`` when the rank exceeds a side) in the adapter's order.
     Non-finite factors raise :class:`NonFiniteError` naming the modules.
     """
+    cx = as_compute(compute, **options)
     modules = list(adapter)
     out: dict[str, Spectrum] = {}
     # 3 buffers per item: factors, Q factors, U/Vh
-    for chunk, (U, S, Vh) in _map_chunks(modules, device, dtype, max_memory, progress, factored_svd, 1, 3):
+    for chunk, (U, S, Vh) in _map_chunks(modules, cx, factored_svd, 1, 3):
         for i, g in enumerate(chunk):
             out[g.name] = Spectrum(g.name, g.key, U[i], S[i], Vh[i], kind="delta", exact=True)
     return {m.name: out[m.name] for m in modules}
 
 
 def adapter_singular_values(
-    adapter: Adapter | Sequence[LoraModule],
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = torch.float32,
-    max_memory: int | None = None,
-    progress: Progress | None = None,
+    adapter: Adapter | Sequence[LoraModule], *, compute: Compute | None = None, **options
 ) -> dict[str, torch.Tensor]:
     """Singular values of every module's ``ΔW = s·B A``: ``{name: S (k,)}`` descending, on the CPU.
 
@@ -206,119 +158,130 @@ def adapter_singular_values(
     or ``Vh`` is formed, which is all spectra need. ``k = min(r, m, n)``.
     The values of one chunk are views of one ``(L, k)`` tensor.
     """
+    cx = as_compute(compute, **options)
     modules = list(adapter)
     out: dict[str, torch.Tensor] = {}
     # 2 buffers per item: factors, QR copies
-    for chunk, (S,) in _map_chunks(modules, device, dtype, max_memory, progress,
-                                   lambda B, A, s: (factored_svdvals(B, A, s),), 0, 2):
+    for chunk, (S,) in _map_chunks(modules, cx, lambda B, A, s: (factored_svdvals(B, A, s),), 0, 2):
         for i, g in enumerate(chunk):
             out[g.name] = S[i]
     return {m.name: out[m.name] for m in modules}
 
 
-def decompose_matrices(
-    matrices: "OrderedDict[str, torch.Tensor] | dict[str, torch.Tensor]",
-    k: int | None = None,
-    keys: dict[str, LayerKey] | None = None,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = torch.float32,
-    max_memory: int | None = None,
-    randomized: bool | None = None,
-    oversample: int = 16,
-    n_iter: int = 4,
-    seed: int = 0,
-    kind: str = "matrix",
-    progress: Progress | None = None,
-) -> dict[str, Spectrum]:
-    """SVD of full matrices ``(m, n)``, batched by shape.
+@dataclass(frozen=True)
+class TopK:
+    """How many directions a full-matrix SVD keeps, and how they are found.
 
     ``k=None``: the exact thin SVD (``k = min(m, n)``). With ``k``: the top-k,
-    by the randomized range finder when ``randomized`` (default: when
-    ``k + oversample < min(m, n) / 2``), else truncated exact SVD.
+    by the randomized range finder with ``n_iter`` power iterations when
+    ``randomized`` (``None``: when ``k + oversample < min(m, n) / 2``), else the
+    truncated exact SVD. ``n_iter="auto"``: subspaces accurate enough to compare
+    (:func:`~lora_lens.linalg.top_subspace_svd`), ``randomized`` ignored.
     """
-    names = list(matrices)
-    groups: OrderedDict[tuple, list[str]] = OrderedDict()
-    for name in names:
-        groups.setdefault(tuple(matrices[name].shape), []).append(name)
-    return _decompose_groups(
-        groups, lambda ns: torch.stack([matrices[n] for n in ns]), k, keys or {}, device, dtype, max_memory,
-        randomized, oversample, n_iter, seed, kind, progress,
-    )
+
+    k: int | None = None
+    randomized: bool | None = None
+    oversample: int = 16
+    n_iter: int | str = 4
+
+    def for_shape(self, m: int, n: int) -> tuple[int, str]:
+        """``(kept directions, how)`` for an ``(m, n)`` matrix; ``how``: ``svd``, ``randomized`` or ``auto``."""
+        kk = min(m, n) if self.k is None else min(self.k, m, n)
+        if self.n_iter == "auto":
+            return kk, "auto"
+        rand = self.randomized if self.randomized is not None else \
+            (self.k is not None and kk + self.oversample < min(m, n) / 2)
+        return kk, "randomized" if rand else "svd"
+
+
+def decompose_matrices(
+    matrices: "OrderedDict[str, torch.Tensor] | dict[str, torch.Tensor]",
+    *,
+    k: int | None = None,
+    keys: dict[str, LayerKey] | None = None,
+    randomized: bool | None = None,
+    oversample: int = 16,
+    n_iter: int | str = 4,
+    kind: str = "matrix",
+    compute: Compute | None = None,
+    **options,
+) -> dict[str, Spectrum]:
+    """SVD of full matrices ``(m, n)``, batched by shape (see :class:`TopK` for ``k``/``randomized``).
+
+    Each matrix's random sketch is seeded from its name and ``compute.seed``,
+    so its result does not depend on ``max_memory`` or on the other matrices.
+    """
+    return _decompose_named(list(matrices), lambda n: tuple(matrices[n].shape), lambda n: matrices[n], keys or {},
+                            kind, TopK(k, randomized, oversample, n_iter), as_compute(compute, **options))
 
 
 def decompose_base(
     base: BaseWeights,
     weight_names: Sequence[str],
+    *,
     k: int | None = None,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = torch.float32,
-    max_memory: int | None = None,
+    layouts: Mapping[str, str] | None = None,
     randomized: bool | None = None,
     oversample: int = 16,
     n_iter: int | str = 4,
-    seed: int = 0,
-    transpose: Sequence[str] = (),
-    progress: Progress | None = None,
+    compute: Compute | None = None,
+    **options,
 ) -> dict[str, Spectrum]:
     """Top-k (or full) SVD of base weights, read lazily one shape group (chunk) at a time.
 
     Peak memory is one chunk of one shape group, never the checkpoint.
-    ``transpose``: names stored as ``(n, m)`` (Conv1D, Embedding), decomposed in
-    PyTorch's ``(m, n)`` layout so they line up with adapter spectra. Keys of
-    the result are the weight names. ``n_iter="auto"``: subspaces accurate enough
-    to compare (:func:`~lora_lens.linalg.top_subspace_svd`: a full SVD for small
-    matrices, else iterations until a measured error bound; ``randomized`` is then ignored).
+    ``layouts``: ``{weight name: layout}`` for weights not stored ``(m, n)``
+    (``conv1d``, ``embedding``: stored ``(n, m)``; see
+    :func:`~lora_lens.chunks.load_w0`); they are decomposed in PyTorch's
+    ``(m, n)`` layout so they line up with adapter spectra. Keys of the result
+    are the weight names. ``n_iter="auto"``: subspaces accurate enough to
+    compare (:func:`~lora_lens.linalg.top_subspace_svd`: a full SVD for small
+    matrices, else iterations until a measured error bound; ``randomized`` is
+    then ignored). Random sketches are seeded per weight name.
     """
-    infos = {w: base.info(w) for w in weight_names}
-    tset = set(transpose)
-    groups: OrderedDict[tuple, list[str]] = OrderedDict()
+    layouts = dict(layouts or {})
+    shapes = {}
     for w in weight_names:
-        shape = infos[w].shape[::-1] if w in tset else infos[w].shape
-        groups.setdefault(tuple(shape), []).append(w)
-
-    def load(ns: list[str]) -> torch.Tensor:
-        return torch.stack([base.get(w).T if w in tset else base.get(w) for w in ns])
-
+        stored = tuple(base.info(w).shape)
+        if layouts.get(w) in TRANSPOSED:
+            shapes[w] = stored[::-1]
+        elif len(stored) > 2:
+            shapes[w] = (stored[0], math.prod(stored[1:]))
+        else:
+            shapes[w] = stored
     keys = {w: base.layer_key(w) for w in weight_names}
-    return _decompose_groups(groups, load, k, keys, device, dtype, max_memory, randomized, oversample, n_iter, seed,
-                             "base", progress)
+    return _decompose_named(list(weight_names), shapes.__getitem__, lambda w: load_w0(base, w, layouts.get(w, "linear")),
+                            keys, "base", TopK(k, randomized, oversample, n_iter), as_compute(compute, **options))
 
 
-def _decompose_groups(groups, load, k, keys, device, dtype, max_memory, randomized, oversample, n_iter, seed, kind,
-                      progress) -> dict[str, Spectrum]:
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
-    itemsize = torch.finfo(dt).bits // 8
-    total = sum(len(v) for v in groups.values())
+def _decompose_named(names: list[str], shape: Callable[[str], tuple[int, int]], load: Callable[[str], torch.Tensor],
+                     keys: dict[str, LayerKey], kind: str, top: TopK, cx: Compute) -> dict[str, Spectrum]:
+    """SVD of named ``(m, n)`` matrices, one chunk of one shape at a time; results on the CPU."""
     out: dict[str, Spectrum] = {}
-    done = 0
-    for (m, n), names in groups.items():
-        kk = min(m, n) if k is None else min(k, m, n)
-        auto = n_iter == "auto"
-        use_rand = not auto and (randomized if randomized is not None else
-                                 (k is not None and kk + oversample < min(m, n) / 2))
-        per_item = (3 * m * n + (m + n) * min(m, n)) * itemsize  # input, workspace, factors
-        step = chunk_size(per_item, max_memory, len(names))
-        for lo in range(0, len(names), step):
-            chunk = names[lo: lo + step]
-            W = load(chunk).to(dev, dt)  # (L, m, n)
-            if auto:
-                U, S, Vh, acc = top_subspace_svd(W, kk, oversample=oversample, seed=seed)
-            elif use_rand:
-                U, S, Vh = randomized_svd(W, kk, oversample=oversample, n_iter=n_iter, seed=seed)
+
+    def per_item(mn: tuple[int, int]) -> int:  # input, workspace, factors
+        m, n = mn
+        return (3 * m * n + (m + n) * min(m, n)) * cx.itemsize
+
+    for (m, n), chunk in chunks(names, shape, per_item, cx, lambda mn: f"{mn[0]}x{mn[1]}"):
+        kk, how = top.for_shape(m, n)
+        W = stack(cx, chunk, load)  # (L, m, n)
+        seeds = cx.seeds_for(chunk)  # one sketch per matrix: its numbers do not depend on the chunk
+        if how == "auto":
+            U, S, Vh, acc = top_subspace_svd(W, kk, oversample=top.oversample, seed=seeds)
+        elif how == "randomized":
+            U, S, Vh = randomized_svd(W, kk, oversample=top.oversample, n_iter=top.n_iter, seed=seeds)
+        else:
+            U, S, Vh = svd(W)
+            U, S, Vh = U[..., :kk], S[..., :kk], Vh[..., :kk, :]
+        U, S, Vh = U.cpu(), S.cpu(), Vh.cpu()
+        del W
+        for i, name in enumerate(chunk):
+            key = keys.get(name) or LayerKey("", None, name)
+            if how == "auto":
+                exact = bool(acc.exact[i])
+                info = dict(exact=exact, method="svd" if exact else "iterated", error=float(acc.error[i]))
             else:
-                U, S, Vh = svd(W)
-                U, S, Vh = U[..., :kk], S[..., :kk], Vh[..., :kk, :]
-            U, S, Vh = U.cpu(), S.cpu(), Vh.cpu()
-            for i, name in enumerate(chunk):
-                key = keys.get(name) or LayerKey("", None, name)
-                if auto:
-                    how = dict(exact=acc.method == "svd", method=acc.method, error=float(acc.error[i]))
-                else:
-                    how = dict(exact=not use_rand, method="randomized" if use_rand else "svd",
-                               error=None if use_rand else 0.0)
-                out[name] = Spectrum(name, key, U[i], S[i], Vh[i], kind=kind, **how)
-            done += len(chunk)
-            if progress:
-                progress(done, total, f"{m}x{n}")
-            del W
-    return out
+                info = dict(exact=how == "svd", method=how, error=None if how == "randomized" else 0.0)
+            out[name] = Spectrum(name, key, U[i], S[i], Vh[i], kind=kind, **info)
+    return {n: out[n] for n in names}

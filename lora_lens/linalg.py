@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -120,7 +121,7 @@ def randomized_svd(
     k: int,
     oversample: int = 16,
     n_iter: int = 4,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``k`` SVD of ``W (..., m, n)`` by a randomized range finder (Halko et al. 2011).
@@ -130,7 +131,9 @@ def randomized_svd(
     float32 loses the tail: docs/maths.md §10), then an exact SVD of the small
     ``(q, n)`` matrix ``Qᵀ W``. Returns ``U (..., m, k)``, ``S (..., k)``,
     ``Vh (..., k, n)``, signs fixed. Falls back to the exact SVD when ``q``
-    reaches ``min(m, n)``. Deterministic for a given ``seed``.
+    reaches ``min(m, n)``. Deterministic for a given ``seed``; a sequence of
+    seeds (one per matrix of a ``(L, m, n)`` batch) gives each matrix its own
+    sketch, so its result does not depend on the batch it is computed in.
     """
     W = upcast(W, dtype)
     m, n = W.shape[-2:]
@@ -138,8 +141,7 @@ def randomized_svd(
     if q >= min(m, n):
         U, S, Vh = svd(W)
         return U[..., :k], S[..., :k], Vh[..., :k, :]
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    omega = torch.randn(*W.shape[:-2], n, q, generator=gen, dtype=W.dtype).to(W.device)  # (..., n, q)
+    omega = gaussian_sketch(W.shape[:-2], n, q, seed, W.dtype).to(W.device)  # (..., n, q)
     Wt = W.transpose(-1, -2)
     Q, _ = torch.linalg.qr(W @ omega)  # (..., m, q)
     for _ in range(n_iter):
@@ -149,6 +151,18 @@ def randomized_svd(
     U = Q @ Ub
     U, Vh = sign_fix(U[..., :k], Vh[..., :k, :])
     return U, S[..., :k], Vh
+
+
+def gaussian_sketch(batch: tuple[int, ...], n: int, q: int, seed: int | Sequence[int],
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian ``(*batch, n, q)`` on the CPU: one generator for an int ``seed``, one per matrix for a sequence."""
+    if isinstance(seed, int):
+        return torch.randn(*batch, n, q, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    seeds = list(seed)
+    if len(batch) != 1 or len(seeds) != batch[0]:
+        raise ValueError(f"{len(seeds)} seeds for a batch of shape {tuple(batch)}; expected one seed per matrix of (L, m, n).")
+    return torch.stack([torch.randn(n, q, generator=torch.Generator().manual_seed(s), dtype=dtype) for s in seeds]) \
+        if seeds else torch.empty(0, n, q, dtype=dtype)
 
 
 #: Full SVD up to this ``min(m, n)``. Measured here (1 thread, float32): a 512² full SVD
@@ -163,17 +177,18 @@ _CHECK_EVERY = 4
 
 @dataclass(frozen=True)
 class SubspaceAccuracy:
-    """How :func:`top_subspace_svd` got its subspace.
+    """How :func:`top_subspace_svd` got its subspaces.
 
-    ``method``: ``svd`` (full SVD: exact up to round-off) or ``iterated``
-    (converged subspace iteration); ``iterations`` run (a full SVD after
-    iterations that did not converge keeps their count); ``error (...)``: the
-    estimated ``1 − φ(U_k, U_k^exact)`` per matrix, 0 for ``svd``.
+    ``method``: ``svd`` when every matrix got a full SVD (exact up to round-off),
+    else ``iterated``; ``iterations``: the most iterations any matrix ran;
+    ``error (...)``: the estimated ``1 − φ(U_k, U_k^exact)`` per matrix (0 for
+    a full SVD); ``exact (...)``: per matrix, whether it got a full SVD.
     """
 
     method: str
     iterations: int
     error: torch.Tensor
+    exact: torch.Tensor
 
 
 def top_subspace_svd(
@@ -183,7 +198,7 @@ def top_subspace_svd(
     oversample: int = 16,
     tol: float = SUBSPACE_TOL,
     max_iter: int | None = None,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SubspaceAccuracy]:
     """Top-``k`` singular triplets of ``W (..., m, n)`` whose *subspaces* are accurate (to ``tol`` in ``1 − φ``).
@@ -198,13 +213,17 @@ def top_subspace_svd(
       ``U = Q Ub`` gives ``Wᵀ U_k = V_k S_k`` exactly and the residual
       ``R = W V_k − U_k S_k (m, k)``; Wedin's theorem bounds
       ``‖sin Θ‖_F ≤ ‖R‖_F / δ`` with the gap ``δ = σ_k − σ_{k+1}``, estimated by
-      the Ritz values, so ``1 − φ = ‖sin Θ‖_F² / k ≤ (‖R‖_F / δ)² / k``. It stops when
-      that is ``≤ tol`` for every matrix of the batch.
-    - Not converged after ``max_iter`` (default: about the flop count of one full
-      SVD, ``3·min(m, n)/q`` iterations, from ``(4mn² + 8n³) / (4mnq)``): full SVD.
+      the Ritz values, so ``1 − φ = ‖sin Θ‖_F² / k ≤ (‖R‖_F / δ)² / k``. Each
+      matrix keeps the result of the first check at which that is ``≤ tol``.
+    - A matrix not converged after ``max_iter`` (default: about the flop count of
+      one full SVD, ``3·min(m, n)/q`` iterations, from ``(4mn² + 8n³) / (4mnq)``)
+      gets a full SVD.
 
-    Returns ``U (..., m, k)``, ``S (..., k)``, ``Vh (..., k, n)`` (signs fixed) and a
-    :class:`SubspaceAccuracy`. Deterministic for ``seed``.
+    Every matrix's numbers depend only on that matrix and its seed (a sequence
+    gives one per matrix of an ``(L, m, n)`` batch; see :func:`gaussian_sketch`),
+    never on the others in the batch: the stopping rule is per matrix.
+    Returns ``U (..., m, k)``, ``S (..., k)``, ``Vh (..., k, n)`` (signs fixed)
+    and a :class:`SubspaceAccuracy`.
     """
     W = upcast(W, dtype)
     m, n = W.shape[-2:]
@@ -212,34 +231,54 @@ def top_subspace_svd(
     q = min(k + max(oversample, 1), m, n)  # one extra column at least: the gap needs σ_{k+1}
     batch = W.shape[:-2]
 
-    def exact(iterations: int):
-        U, S, Vh = svd(W)
-        err = torch.zeros(batch, dtype=torch.float64)
-        return U[..., :k], S[..., :k], Vh[..., :k, :], SubspaceAccuracy("svd", iterations, err)
+    def full(X: torch.Tensor):
+        U, S, Vh = svd(X)
+        return U[..., :k], S[..., :k], Vh[..., :k, :]
 
     if min(m, n) <= EXACT_SVD_MAX_DIM or q >= min(m, n):
-        return exact(0)
+        return (*full(W), SubspaceAccuracy("svd", 0, torch.zeros(batch, dtype=torch.float64),
+                                           torch.ones(batch, dtype=torch.bool)))
     if max_iter is None:
         max_iter = max(_CHECK_EVERY, math.ceil(3 * min(m, n) / q))
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    omega = torch.randn(*batch, n, q, generator=gen, dtype=W.dtype).to(W.device)  # (..., n, q)
-    Wt = W.transpose(-1, -2)
-    Q, _ = torch.linalg.qr(W @ omega)  # (..., m, q)
+    omega = gaussian_sketch(batch, n, q, seed, W.dtype).to(W.device)  # (..., n, q)
+    Wf = W.reshape(-1, m, n)  # (B, m, n): the per-matrix bookkeeping below is on one batch dimension
+    B = Wf.shape[0]
+    U_out = Wf.new_zeros(B, m, k)
+    S_out = Wf.new_zeros(B, k)
+    Vh_out = Wf.new_zeros(B, k, n)
+    err_out = torch.zeros(B, dtype=torch.float64)
+    done = torch.zeros(B, dtype=torch.bool)
+    ran = 0
+    Wt = Wf.transpose(-1, -2)
+    Q, _ = torch.linalg.qr(Wf @ omega.reshape(-1, n, q))  # (B, m, q)
     for it in range(1, max_iter + 1):
-        Z, _ = torch.linalg.qr(Wt @ Q)  # (..., n, q)
-        Q, _ = torch.linalg.qr(W @ Z)  # (..., m, q)
+        Z, _ = torch.linalg.qr(Wt @ Q)  # (B, n, q)
+        Q, _ = torch.linalg.qr(Wf @ Z)  # (B, m, q)
+        ran = it
         if it % _CHECK_EVERY and it != max_iter:
             continue
-        Ub, S, Vh = torch.linalg.svd(Q.transpose(-1, -2) @ W, full_matrices=False)  # (..., q, q), (..., q), (..., q, n)
-        U = Q @ Ub[..., :k]  # (..., m, k)
-        R = W @ Vh[..., :k, :].transpose(-1, -2) - U * S[..., None, :k]  # (..., m, k)
+        Ub, S, Vh = torch.linalg.svd(Q.transpose(-1, -2) @ Wf, full_matrices=False)  # (B, q, q), (B, q), (B, q, n)
+        U = Q @ Ub[..., :k]  # (B, m, k)
+        R = Wf @ Vh[..., :k, :].transpose(-1, -2) - U * S[..., None, :k]  # (B, m, k)
         gap = (S[..., k - 1] - S[..., k]).double()  # Ritz estimate of σ_k − σ_{k+1}
         bound = torch.linalg.matrix_norm(R).double() / gap.clamp_min(torch.finfo(torch.float64).tiny)
         err = (bound ** 2 / k).clamp(max=1.0).cpu()
-        if bool((err <= tol).all()):
-            U, Vh = sign_fix(U, Vh[..., :k, :])
-            return U, S[..., :k], Vh, SubspaceAccuracy("iterated", it, err)
-    return exact(max_iter)
+        new = (err <= tol) & ~done  # converged at this check: keep this result, whatever the others do
+        if bool(new.any()):
+            ix = new.nonzero().flatten().to(Wf.device)  # the masks live on the CPU, the factors maybe not
+            Uf, Vf = sign_fix(U[ix], Vh[ix][..., :k, :])
+            U_out[ix], S_out[ix], Vh_out[ix] = Uf, S[ix][..., :k], Vf
+            err_out[new] = err[new]
+            done |= new
+        if bool(done.all()):
+            break
+    exact = ~done
+    if bool(exact.any()):  # not converged within max_iter: a full SVD for those matrices only
+        ix = exact.nonzero().flatten().to(Wf.device)
+        U_out[ix], S_out[ix], Vh_out[ix] = full(Wf[ix])
+    method = "svd" if bool(exact.all()) else "iterated"
+    acc = SubspaceAccuracy(method, ran, err_out.reshape(batch), exact.reshape(batch))
+    return U_out.reshape(*batch, m, k), S_out.reshape(*batch, k), Vh_out.reshape(*batch, k, n), acc
 
 
 def orthonormal_basis(X: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,8 @@ from typing import Sequence
 
 import torch
 
-from .decompose import Progress, adapter_singular_values, resolve_device, resolve_dtype
+from .compute import Compute, as_compute
+from .decompose import adapter_singular_values
 from .errors import ConfigError
 from .io.formats import load_adapter
 from .types import Adapter, LoraModule
@@ -215,13 +216,12 @@ class AdapterSpectra:
 
 def adapter_spectra(
     adapter: Adapter | Sequence[LoraModule] | str | Path,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = "float32",
+    *,
     energy: float = 0.9,
     fro: float = 0.9,
-    max_memory: int | None = None,
-    progress: Progress | None = None,
     adapter_name: str | None = None,
+    compute: Compute | None = None,
+    **options,
 ) -> AdapterSpectra:
     """Spectrum and metrics of every module of an adapter (or a folder path, loaded with :func:`load_adapter`).
 
@@ -229,17 +229,18 @@ def adapter_spectra(
     (batched per ``(m, n, r)`` group on ``device``, exact, no ``ΔW`` formed);
     the metrics are then computed for all modules at once in float64.
     ``energy``/``fro``: the fractions for ``rank_at_energy`` (PEFT) and
-    ``rank_at_fro`` (kohya ``sv_fro``). ``max_memory`` in bytes per chunk.
+    ``rank_at_fro`` (kohya ``sv_fro``). ``compute`` (or its fields as keywords:
+    ``device``, ``dtype``, ``max_memory`` in bytes per chunk, ``progress``) says where and how.
     """
     _check_fraction("energy", energy)
     _check_fraction("fro", fro)
     if isinstance(adapter, (str, Path)):
         adapter = load_adapter(adapter, adapter_name)
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    cx = as_compute(compute, **options)
     modules = list(adapter)
     if not modules:
         raise ConfigError("the adapter holds no LoRA modules; nothing to decompose.")
-    svals = adapter_singular_values(modules, dev, dt, max_memory, progress)
+    svals = adapter_singular_values(modules, compute=cx)
     rows = [svals[m.name] for m in modules]
     S = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(torch.float64)  # (N, k_max), zero-padded
     met = spectrum_metrics(S, energy, fro)
@@ -261,7 +262,7 @@ def adapter_spectra(
         path=str(adapter.path) if is_adapter else None,
         layers=layers,
         summary=summarize(layers, S[:, 0], met),
-        energy_fraction=energy, fro_fraction=fro, device=str(dev), dtype=str(dt).replace("torch.", ""),
+        energy_fraction=energy, fro_fraction=fro, device=str(cx.device), dtype=cx.dtype_name,
         flags=tuple(adapter.flags) if is_adapter else (),
     )
 

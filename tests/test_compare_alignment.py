@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_lens import KeyMatchError, NonFiniteError, ShapeError, load_adapter, open_base
 from lora_lens.compare import alignment, analyze_alignment
+from lora_lens.compute import Compute
 
 
 def ref_alignment(module, W0: np.ndarray) -> dict:
@@ -85,6 +86,24 @@ def test_analysis_agrees_with_alignment(tiny_llama, llama_adapter):
         assert x.name == y.name and x.proj_w0 == pytest.approx(y.proj_w0, rel=1e-10)
         assert x.amplification == pytest.approx(y.amplification, rel=1e-10)
         assert x.proj_random == pytest.approx(y.proj_random, rel=1e-10)
+
+
+def test_alignment_same_numbers_for_every_max_memory(tiny_llama, llama_adapter):
+    """W0's randomized top-r (r + 16 < 32 here) is sketched per weight name: no number depends on the budget.
+
+    Before per-item seeds one sketch was drawn per chunk, and proj_w0 moved with ``max_memory``. The
+    runs differ only in batching, so they agree to float64 round-off: ≤ 10·max(m, n)·u relative per
+    backward-stable product/QR of the range finder (2·4 + 3 of them), ‖W0‖-sized numbers.
+    """
+    adapter, base = load_adapter(llama_adapter[1]), open_base(tiny_llama[1])
+    whole = alignment(adapter, base, compute=Compute("cpu", "float64", max_memory=None))
+    single = alignment(adapter, base, compute=Compute("cpu", "float64", max_memory=1))
+    assert not whole.w0_exact
+    tol = 10 * (2 * 4 + 3) * 48 * np.finfo(np.float64).eps
+    for x, y in zip(whole.modules, single.modules):
+        assert x.name == y.name
+        for k in ("delta_norm", "proj_delta", "proj_w0", "proj_random"):
+            assert getattr(x, k) == pytest.approx(getattr(y, k), rel=tol, abs=tol * x.w0_norm)
 
 
 def test_wrong_base_refused(llama_adapter, tiny_gpt2):

@@ -83,3 +83,17 @@ def test_json_identical_across_chunking_and_threads(llama_adapter, command):
                 assert invoke([*args, *extra]) == reference, (threads, extra)
     finally:
         torch.set_num_threads(before)
+
+
+def test_cora_basis_files_identical_for_every_max_memory(stories_path, tmp_path):
+    """Each layer's range-finder sketch is seeded by its name: --max-memory (one layer a chunk here) changes no byte.
+
+    Before per-item seeds one sketch was drawn per chunk; at --n-iter 1 the bases then differed visibly.
+    """
+    outs = []
+    for i, extra in enumerate([[], ["--max-memory", "4KiB"]]):
+        out = tmp_path / f"basis{i}"
+        invoke(["cora", "basis", "--base", stories_path, "--rank", "4", "--targets", "q_proj,v_proj", "--n-iter", "1",
+                "-o", out, *extra])
+        outs.append(snapshot(out))
+    assert outs[0] and outs[0] == outs[1]

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from lora_lens import load_adapter, open_base, save_peft_adapter
 from lora_lens.compare import adapter_subspaces, layer_similarity
+from lora_lens.compute import item_seed
 from lora_lens.keys import parse_module_path
 from lora_lens.linalg import EXACT_SVD_MAX_DIM, SUBSPACE_TOL, phi, randomized_svd, top_subspace_svd
 from lora_lens.types import LoraModule
@@ -91,12 +92,37 @@ def flat_base(tmp_path_factory):
 def test_base_subspaces_are_exact_and_say_how(flat_base):
     """Before the fix: φ(base subspace, exact) ≈ 0.77–0.84 (4 power iterations)."""
     adapter, base, exact = flat_base
-    subs = adapter_subspaces(adapter, "base", base=base, device="cpu")
+    subs = adapter_subspaces(adapter, what="base", base=base, device="cpu")
     for name, sub in subs.items():
         assert sub.k == K
         assert 1 - float(phi(sub.basis.double(), exact[name])) <= ALLOWED, name
         assert sub.method == "iterated" and 0 <= sub.error <= SUBSPACE_TOL
-    res = layer_similarity(adapter, "base", base=base, device="cpu")
+    res = layer_similarity(adapter, what="base", base=base, device="cpu")
     d = res.to_dict()
     assert d["subspaces"]["methods"] == {"iterated": 2} and d["subspaces"]["max_error"] <= SUBSPACE_TOL
     assert any("subspace iteration" in n for n in res.notes)
+
+
+def test_each_matrix_stops_on_its_own_so_the_batch_changes_no_number():
+    """A matrix's subspace depends on that matrix and its seed only, not on what it is batched with.
+
+    Batched with a slow (flat) matrix, a fast one (σ_9/σ_8 = 0.3) used to keep iterating until the slow
+    one converged (44 iterations instead of 4), from the batch's one sketch: its projector moved by
+    5e-7 with the company it kept. Now both runs differ only in batching, so in float64 they agree to round-off: ≤ 10·d·u per
+    product/QR, times the iterations run and σ_1/(σ_k − σ_{k+1}) for the subspace (Davis–Kahan).
+    """
+    slow, _ = flat(4)
+    g = torch.Generator().manual_seed(5)
+    Q1 = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0]
+    Q2 = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0]
+    s = torch.cat([torch.ones(K, dtype=torch.float64), 0.3 * 1.005 ** -torch.arange(D - K, dtype=torch.float64)])
+    fast = (Q1 * s) @ Q2.T
+    seeds = [item_seed(0, "slow"), item_seed(0, "fast")]
+    U, S, _, acc = top_subspace_svd(torch.stack([slow, fast]), K, seed=seeds)
+    assert acc.method == "iterated" and not bool(acc.exact.any())
+    eps = torch.finfo(torch.float64).eps
+    for i, (W, gap) in enumerate(((slow, 1 / (1 - 1 / 1.005)), (fast, 1 / 0.7))):
+        u, sv, _, a = top_subspace_svd(W, K, seed=seeds[i])
+        tol = 10 * D * eps * (2 * a.iterations + 3)
+        assert torch.allclose(S[i], sv, rtol=0, atol=tol)
+        assert torch.allclose(U[i] @ U[i].T, u @ u.T, rtol=0, atol=tol * gap)

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..decompose import Progress, resolve_device, resolve_dtype
+from ..compute import Compute, as_compute
 from ..io.base import BaseWeights
 from ..io.layout import with_base_layouts
 from ..linalg import factored_svd, random_orthonormal, randomized_svd
 from ..types import Adapter, LayerKey
-from .pairing import DEFAULT_MAX_MEMORY, Chunk, base_chunks, pair_with_base
+from .pairing import Chunk, base_chunks, pair_with_base
 from .serialize import in_layer_order, key_fields, num
 
 #: Random (U, V) pairs averaged for ``proj_random``.
@@ -46,12 +46,14 @@ def random_projection_norm(W0: torch.Tensor, r: int, draws: int = DRAWS, seed: i
 
     ``W0 (L, m, n)`` → ``(L,)``. Every module of the chunk sees the same
     ``draws`` pairs (a baseline needs no independence across modules, and this
-    keeps the random bases at ``draws·(m + n)·r`` numbers).
+    keeps the random bases at ``draws·(m + n)·r`` numbers). One module at a
+    time: a product broadcast over the chunk is blocked differently for each
+    chunk size, and the numbers must not depend on ``max_memory``.
     """
     L, m, n = W0.shape
-    U = random_orthonormal(m, r, batch=(draws, 1), seed=seed, dtype=W0.dtype).to(W0.device)  # (draws, 1, m, r)
-    V = random_orthonormal(n, r, batch=(draws, 1), seed=seed + 1, dtype=W0.dtype).to(W0.device)  # (draws, 1, n, r)
-    return projection_norm(U, W0, V.transpose(-1, -2)).mean(0)  # (draws, L) → (L,)
+    U = random_orthonormal(m, r, batch=(draws,), seed=seed, dtype=W0.dtype).to(W0.device)  # (draws, m, r)
+    Vh = random_orthonormal(n, r, batch=(draws,), seed=seed + 1, dtype=W0.dtype).to(W0.device).transpose(-1, -2)
+    return torch.stack([projection_norm(U, W, Vh).mean(0) for W in W0])  # (draws,) per module → (L,)
 
 
 @dataclass(frozen=True)
@@ -102,24 +104,25 @@ class Alignment:
         }
 
 
-def align_chunk(chunk: Chunk, w0_sigma: torch.Tensor | None = None, draws: int = DRAWS,
-                seed: int = 0) -> list[ModuleAlignment]:
+def align_chunk(chunk: Chunk, compute: Compute, w0_sigma: torch.Tensor | None = None,
+                draws: int = DRAWS) -> list[ModuleAlignment]:
     """§7.3 for one chunk of same-shaped modules.
 
     ``w0_sigma (L, ≥r)``: W0's top singular values when already known (an exact
-    SVD done for intruder dimensions); else the randomized range finder gives them.
+    SVD done for intruder dimensions); else the randomized range finder gives
+    them, its sketch seeded per weight name (the same numbers for any chunking).
     """
     W0 = chunk.W0  # (L, m, n)
     r = chunk.A.shape[-2]
     U, S, Vh = factored_svd(chunk.B, chunk.A, chunk.scaling)  # (L, m, r), (L, r), (L, r, n)
     if w0_sigma is None:
-        w0_sigma = randomized_svd(W0, r)[1]  # (L, r)
+        w0_sigma = randomized_svd(W0, r, seed=compute.seeds_for(chunk.weights))[1]  # (L, r)
     cols = {
         "delta_norm": torch.linalg.vector_norm(S, dim=-1),
         "w0_norm": torch.linalg.matrix_norm(W0),
         "proj_delta": projection_norm(U, W0, Vh),
         "proj_w0": torch.linalg.vector_norm(w0_sigma[:, :r], dim=-1),
-        "proj_random": random_projection_norm(W0, r, draws, seed),
+        "proj_random": random_projection_norm(W0, r, draws, compute.seed),
     }
     cols = {k: v.cpu().tolist() for k, v in cols.items()}
     return [
@@ -131,13 +134,11 @@ def align_chunk(chunk: Chunk, w0_sigma: torch.Tensor | None = None, draws: int =
 def alignment(
     adapter: Adapter,
     base: BaseWeights,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = torch.float32,
-    seed: int = 0,
+    *,
     draws: int = DRAWS,
-    max_memory: int | None = DEFAULT_MAX_MEMORY,
-    progress: Progress | None = None,
     exact_w0: bool = False,
+    compute: Compute | None = None,
+    **options,
 ) -> Alignment:
     """LoRA §7.3 per module: projection norms of W0 on ΔW's, W0's own and random directions.
 
@@ -146,22 +147,22 @@ def alignment(
     from the randomized range finder (exact when ``r + 16 ≥ min(m, n)``), or
     from ``torch.linalg.svdvals`` with ``exact_w0=True``.
     """
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    cx = as_compute(compute, **options)
     adapter = with_base_layouts(adapter, base)  # Linear vs Conv1D per module, as PEFT decides
     weights = pair_with_base(adapter, base)
-    itemsize = torch.finfo(dt).bits // 8
+    itemsize = cx.itemsize
     rows, exact = [], True
 
     def per_item(m: int, n: int, r: int) -> int:  # W0 + workspace, Uᵀ W0 per draw, range-finder sketches
         return (3 * m * n + draws * r * n + 4 * (m + n) * (r + RANDOMIZED_OVERSAMPLE)) * itemsize
 
-    for chunk in base_chunks(list(adapter), weights, base, dev, dt, per_item, max_memory, progress, "alignment"):
+    for chunk in base_chunks(list(adapter), weights, base, cx, per_item, "alignment"):
         m, n = chunk.W0.shape[-2:]
         sigma = torch.linalg.svdvals(chunk.W0) if exact_w0 else None
-        rows += align_chunk(chunk, sigma, draws, seed)
+        rows += align_chunk(chunk, cx, sigma, draws)
         # randomized_svd falls back to the exact SVD when r + oversample reaches min(m, n)
         exact &= exact_w0 or chunk.A.shape[-2] + RANDOMIZED_OVERSAMPLE >= min(m, n)
-    return Alignment(adapter.label, str(adapter.path), str(base.path), in_layer_order(rows), draws, seed, exact,
+    return Alignment(adapter.label, str(adapter.path), str(base.path), in_layer_order(rows), draws, cx.seed, exact,
                      tuple(adapter.flags) + zero_delta_notes(rows))
 
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
 
-from ..decompose import Progress, resolve_device, resolve_dtype
+from ..compute import Compute, as_compute
 from ..io.base import BaseWeights
 from ..io.layout import with_base_layouts
 from ..types import Adapter
 from .alignment import DRAWS, Alignment, align_chunk, zero_delta_notes
 from .intruders import EPSILON, K, Intruders, check_params, intruder_bytes, intruder_chunk
-from .pairing import DEFAULT_MAX_MEMORY, base_chunks, pair_with_base
+from .pairing import base_chunks, pair_with_base
 from .serialize import in_layer_order
 
 
@@ -37,29 +36,26 @@ class AlignmentAnalysis:
 def analyze_alignment(
     adapter: Adapter,
     base: BaseWeights,
+    *,
     intruder_k: int = K,
     epsilon: float | Sequence[float] = EPSILON,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = torch.float32,
-    seed: int = 0,
     draws: int = DRAWS,
-    max_memory: int | None = DEFAULT_MAX_MEMORY,
-    progress: Progress | None = None,
+    compute: Compute | None = None,
+    **options,
 ) -> AlignmentAnalysis:
     """LoRA §7.3 projection norms and intruder counts per module, from one read of each base weight."""
     eps = check_params(intruder_k, epsilon)
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    cx = as_compute(compute, **options)
     adapter = with_base_layouts(adapter, base)  # Linear vs Conv1D per module, as PEFT decides
     weights = pair_with_base(adapter, base)
     aligned, intruding = [], []
-    for chunk in base_chunks(list(adapter), weights, base, dev, dt, intruder_bytes(torch.finfo(dt).bits // 8),
-                             max_memory, progress, "alignment"):
+    for chunk in base_chunks(list(adapter), weights, base, cx, intruder_bytes(cx.itemsize), "alignment"):
         rows, S0 = intruder_chunk(chunk, intruder_k, eps)
         intruding += rows
-        aligned += align_chunk(chunk, S0, draws, seed)
+        aligned += align_chunk(chunk, cx, S0, draws)
     notes = tuple(adapter.flags) + zero_delta_notes(aligned)
     return AlignmentAnalysis(
-        Alignment(adapter.label, str(adapter.path), str(base.path), in_layer_order(aligned), draws, seed,
+        Alignment(adapter.label, str(adapter.path), str(base.path), in_layer_order(aligned), draws, cx.seed,
                   True, notes),
         Intruders(adapter.label, str(adapter.path), str(base.path), intruder_k, eps,
                   in_layer_order(intruding), notes),

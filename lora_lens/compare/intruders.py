@@ -27,13 +27,13 @@ from typing import Sequence
 
 import torch
 
-from ..decompose import Progress, resolve_device, resolve_dtype
+from ..compute import Compute, as_compute
 from ..errors import ConfigError
 from ..io.base import BaseWeights
 from ..io.layout import with_base_layouts
 from ..linalg import svd
 from ..types import Adapter, LayerKey
-from .pairing import DEFAULT_MAX_MEMORY, Chunk, base_chunks, pair_with_base
+from .pairing import Chunk, base_chunks, pair_with_base
 from .serialize import as_list, in_layer_order, key_fields
 
 K = 10
@@ -127,12 +127,11 @@ def intruder_bytes(itemsize: int):
 def intruder_dimensions(
     adapter: Adapter,
     base: BaseWeights,
+    *,
     k: int = K,
     epsilon: float | Sequence[float] = EPSILON,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = torch.float32,
-    max_memory: int | None = DEFAULT_MAX_MEMORY,
-    progress: Progress | None = None,
+    compute: Compute | None = None,
+    **options,
 ) -> Intruders:
     """Count intruder dimensions per module (and in total) for each ε.
 
@@ -140,12 +139,11 @@ def intruder_dimensions(
     modules; the base is read lazily, one chunk at a time.
     """
     eps = check_params(k, epsilon)
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    cx = as_compute(compute, **options)
     adapter = with_base_layouts(adapter, base)  # Linear vs Conv1D per module, as PEFT decides
     weights = pair_with_base(adapter, base)
     rows = []
-    for chunk in base_chunks(list(adapter), weights, base, dev, dt, intruder_bytes(torch.finfo(dt).bits // 8),
-                             max_memory, progress, "intruders"):
+    for chunk in base_chunks(list(adapter), weights, base, cx, intruder_bytes(cx.itemsize), "intruders"):
         rows += intruder_chunk(chunk, k, eps)[0]
     return Intruders(adapter.label, str(adapter.path), str(base.path), k, eps, in_layer_order(rows),
                      tuple(adapter.flags))

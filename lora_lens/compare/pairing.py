@@ -2,30 +2,21 @@
 
 The base is read lazily: :func:`base_chunks` loads one chunk of one
 ``(m, n, r)`` group at a time, already in PyTorch's ``(m, n)`` layout
-(Conv1D and Embedding weights are stored ``(n, m)`` and transposed here; a Conv
-kernel ``(out, in, kh, kw)`` is flattened to ``(out, in·kh·kw)`` as PEFT's
-factors are).
+(:func:`lora_lens.chunks.load_w0`).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ..decompose import Progress, chunk_size
+from ..chunks import TRANSPOSED, chunks, load_w0, stack  # noqa: F401  (TRANSPOSED re-exported)
+from ..compute import Compute
 from ..errors import ShapeError
 from ..io.base import BaseWeights
 from ..types import Adapter, LoraModule
-
-#: Layouts whose base weight is stored as ``(n, m)``.
-TRANSPOSED = ("conv1d", "embedding")
-#: Default device budget (bytes) of one chunk in the compare stage: a 7B model's
-#: 32 stacked 4096×11008 weights and their full SVDs would need ~50 GB at once.
-#: ``None`` lifts the cap (one whole shape group per call).
-DEFAULT_MAX_MEMORY = 4 << 30
 
 
 def pair_with_base(modules: Adapter | Sequence[LoraModule], base: BaseWeights) -> dict[str, str]:
@@ -65,16 +56,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def load_w0(base: BaseWeights, weight: str, layout: str) -> torch.Tensor:
-    """One base weight as ``(m, n)`` in its stored dtype (NaN/Inf refused by ``base.get``)."""
-    W = base.get(weight)
-    if layout in TRANSPOSED:
-        return W.T
-    if W.dim() > 2:  # Conv kernel (out, in, kh, kw) → (m, n)
-        return W.reshape(W.shape[0], -1)
-    return W
-
-
 @dataclass(frozen=True, eq=False)
 class Chunk:
     """Same-shaped modules and their base weights, stacked on the compute device.
@@ -98,36 +79,23 @@ def base_chunks(
     modules: Sequence[LoraModule],
     weights: dict[str, str],
     base: BaseWeights,
-    device: torch.device,
-    dtype: torch.dtype,
+    compute: Compute,
     per_item_bytes: Callable[[int, int, int], int],
-    max_memory: int | None = DEFAULT_MAX_MEMORY,
-    progress: Progress | None = None,
     what: str = "",
 ) -> Iterator[Chunk]:
     """Yield :class:`Chunk` s grouped by ``(m, n, r)``; one chunk's base weights in memory at a time.
 
-    ``per_item_bytes(m, n, r)`` is what one module costs on the device; with
-    ``max_memory`` (bytes) chunks are cut to fit. ``progress(done, total, what)``
-    is called once the consumer is done with each chunk.
+    ``per_item_bytes(m, n, r)`` is what one module costs on the device; chunks
+    are cut to fit ``compute.max_memory`` (:func:`lora_lens.chunks.chunks`),
+    which also reports progress once the consumer is done with each chunk.
     """
-    done = 0
-    groups: OrderedDict[tuple, list[LoraModule]] = OrderedDict()
-    for m in modules:
-        groups.setdefault((m.shape, m.rank), []).append(m)
-    for ((m, n), r), group in groups.items():
-        step = chunk_size(per_item_bytes(m, n, r), max_memory, len(group))
-        for lo in range(0, len(group), step):
-            part = group[lo: lo + step]
-            W0 = torch.stack([load_w0(base, weights[g.name], g.layout).to(dtype) for g in part]).to(device)
-            yield Chunk(
-                modules=tuple(part),
-                weights=tuple(weights[g.name] for g in part),
-                W0=W0,  # (L, m, n)
-                B=torch.stack([g.B for g in part]).to(device, dtype),  # (L, m, r)
-                A=torch.stack([g.A for g in part]).to(device, dtype),  # (L, r, n)
-                scaling=torch.tensor([g.scaling for g in part], dtype=dtype, device=device),  # (L,)
-            )
-            done += len(part)
-            if progress:
-                progress(done, len(modules), f"{what} {m}x{n} r={r}".strip())
+    for _, part in chunks(modules, lambda g: (g.shape, g.rank), lambda key: per_item_bytes(*key[0], key[1]), compute,
+                          lambda key: f"{what} {key[0][0]}x{key[0][1]} r={key[1]}".strip()):
+        yield Chunk(
+            modules=tuple(part),
+            weights=tuple(weights[g.name] for g in part),
+            W0=stack(compute, part, lambda g: load_w0(base, weights[g.name], g.layout)),  # (L, m, n)
+            B=stack(compute, part, lambda g: g.B),  # (L, m, r)
+            A=stack(compute, part, lambda g: g.A),  # (L, r, n)
+            scaling=torch.tensor([g.scaling for g in part], dtype=compute.dtype, device=compute.device),  # (L,)
+        )

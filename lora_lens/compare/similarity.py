@@ -23,14 +23,13 @@ from typing import Sequence
 
 import torch
 
-from ..decompose import resolve_device, resolve_dtype
+from ..compute import Compute, as_compute
 from ..errors import ConfigError, KeyMatchError, ShapeError
 from ..io.base import BaseWeights
 from ..keys import normalize_module_path
 from ..linalg import phi_grid, principal_angles
 from ..types import Adapter, LayerKey
 from .baselines import DRAWS, PairBaseline, deeper_half, layer_baseline, nan_mean, pair_baseline
-from .pairing import DEFAULT_MAX_MEMORY
 from .serialize import as_list, in_layer_order, key_fields, num
 from .subspaces import (
     Subspace, accuracy_note, adapter_subspaces, cross_phi, padded, resolve_side, subspace_accuracy, zero_note,
@@ -102,15 +101,14 @@ class LayerSimilarity:
 
 def layer_similarity(
     adapter: Adapter,
+    *,
     what: str = "delta",
     k: int | None = None,
     base: BaseWeights | None = None,
     side: str | None = None,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = torch.float32,
-    max_memory: int | None = DEFAULT_MAX_MEMORY,
-    seed: int = 0,
     draws: int = DRAWS,
+    compute: Compute | None = None,
+    **options,
 ) -> LayerSimilarity:
     """Per module type, the ``L × L`` φ grid across the layers of one adapter.
 
@@ -121,8 +119,9 @@ def layer_similarity(
     ``i = k_a``, ``j = k_b``. One Gram product per module type.
     """
     side = resolve_side(what, side)
-    subs = adapter_subspaces(adapter, what, k, base, side, device, dtype, max_memory, seed)
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    cx = as_compute(compute, **options)
+    subs = adapter_subspaces(adapter, what=what, k=k, base=base, side=side, compute=cx)
+    dev, dt, seed = cx.device, cx.dtype, cx.seed
     groups: OrderedDict[tuple[str, int], list[Subspace]] = OrderedDict()
     for s in sorted(subs.values(), key=lambda s: s.key.sort_key()):
         groups.setdefault((s.key.module, s.dim), []).append(s)
@@ -243,33 +242,32 @@ def _means(ms: Sequence[ModulePairSimilarity]) -> dict[str, float | None]:
 def adapter_similarity(
     adapter_a: Adapter,
     adapter_b: Adapter,
+    *,
     what: str = "delta",
     k: int | None = None,
     side: str | None = None,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = torch.float32,
-    max_memory: int | None = DEFAULT_MAX_MEMORY,
-    seed: int = 0,
     draws: int = DRAWS,
+    compute: Compute | None = None,
+    **options,
 ) -> AdapterSimilarity:
     """Compare two adapters module by module (matched by name, backbone prefixes bridged).
 
     Works across ranks (r=8 vs r=64: ``k_a ≠ k_b``). ``what='base'`` is refused:
     two adapters on one base have the same base subspaces.
     """
-    return pairwise_similarity([adapter_a, adapter_b], what, k, side, device, dtype, max_memory, seed, draws)[0]
+    return pairwise_similarity([adapter_a, adapter_b], what=what, k=k, side=side, draws=draws,
+                               compute=as_compute(compute, **options))[0]
 
 
 def pairwise_similarity(
     adapters: Sequence[Adapter],
+    *,
     what: str = "delta",
     k: int | None = None,
     side: str | None = None,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = torch.float32,
-    max_memory: int | None = DEFAULT_MAX_MEMORY,
-    seed: int = 0,
     draws: int = DRAWS,
+    compute: Compute | None = None,
+    **options,
 ) -> tuple[AdapterSimilarity, ...]:
     """:func:`adapter_similarity` for every pair ``(i < j)`` of ``adapters``; each adapter decomposed once."""
     side = resolve_side(what, side)
@@ -278,16 +276,17 @@ def pairwise_similarity(
                           "use it with one adapter (layers × layers), or what=delta|A|B.")
     if len(adapters) < 2:
         raise ConfigError(f"adapter similarity needs at least two adapters; got {len(adapters)}.")
-    subs = [adapter_subspaces(a, what, k, None, side, device, dtype, max_memory, seed) for a in adapters]
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    cx = as_compute(compute, **options)
+    subs = [adapter_subspaces(a, what=what, k=k, side=side, compute=cx) for a in adapters]
     out = []
     for i, j in itertools.combinations(range(len(adapters)), 2):
-        out.append(_compare(adapters[i], adapters[j], subs[i], subs[j], what, side, k, dev, dt, seed, draws))
+        out.append(_compare(adapters[i], adapters[j], subs[i], subs[j], what, side, k, cx, draws))
     return tuple(out)
 
 
-def _compare(a: Adapter, b: Adapter, sa: dict[str, Subspace], sb: dict[str, Subspace], what, side, k, dev, dt,
-             seed, draws) -> AdapterSimilarity:
+def _compare(a: Adapter, b: Adapter, sa: dict[str, Subspace], sb: dict[str, Subspace], what, side, k,
+             cx: Compute, draws: int) -> AdapterSimilarity:
+    dev, dt, seed = cx.device, cx.dtype, cx.seed
     by_norm = {normalize_module_path(n): n for n in sb}
     pairs, unmatched_a, bad = [], [], []
     for name in sa:

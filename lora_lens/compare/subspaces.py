@@ -29,12 +29,13 @@ from typing import Sequence
 
 import torch
 
+from ..compute import Compute, as_compute
 from ..decompose import decompose_adapter, decompose_base, decompose_matrices
 from ..errors import ConfigError
 from ..io.base import BaseWeights
 from ..io.layout import with_base_layouts
 from ..types import Adapter, LayerKey
-from .pairing import DEFAULT_MAX_MEMORY, TRANSPOSED, pair_with_base
+from .pairing import pair_with_base
 
 WHATS = ("delta", "A", "B", "base")
 #: Default side per object: output-space objects use U, input-space objects V.
@@ -81,14 +82,13 @@ def resolve_side(what: str, side: str | None) -> str:
 
 def adapter_subspaces(
     adapter: Adapter,
+    *,
     what: str = "delta",
     k: int | None = None,
     base: BaseWeights | None = None,
     side: str | None = None,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = torch.float32,
-    max_memory: int | None = DEFAULT_MAX_MEMORY,
-    seed: int = 0,
+    compute: Compute | None = None,
+    **options,
 ) -> dict[str, Subspace]:
     """One :class:`Subspace` per module, in the adapter's (layer) order.
 
@@ -100,7 +100,7 @@ def adapter_subspaces(
     if k is not None and k < 1:
         raise ConfigError(f"k={k}; expected a positive number of directions (or none for all).")
     modules = list(adapter)
-    kw = dict(device=device, dtype=dtype, max_memory=max_memory)
+    kw = dict(compute=as_compute(compute, **options))
     if what == "delta":
         spectra = decompose_adapter(modules, **kw)
     elif what in ("A", "B"):
@@ -116,8 +116,8 @@ def adapter_subspaces(
         modules = list(with_base_layouts(adapter, base))  # Linear vs Conv1D per module, as PEFT decides
         weights = pair_with_base(modules, base)
         kb = k or max(m.rank for m in modules)
-        by_weight = decompose_base(base, [weights[m.name] for m in modules], k=kb, seed=seed, n_iter="auto",
-                                   transpose=[weights[m.name] for m in modules if m.layout in TRANSPOSED], **kw)
+        by_weight = decompose_base(base, [weights[m.name] for m in modules], k=kb, n_iter="auto",
+                                   layouts={weights[m.name]: m.layout for m in modules}, **kw)
         spectra = {m.name: by_weight[weights[m.name]] for m in modules}
     out = {}
     for m in modules:

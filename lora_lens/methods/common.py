@@ -11,13 +11,12 @@ import json
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
 from .. import __version__
-from ..decompose import chunk_size
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError
 from ..io.base import BaseWeights
 from ..io.initfile import InitDescription
 from ..io.layout import CONV1D_MODEL_TYPES, is_conv1d_base, named_conv1d  # noqa: F401 - public names kept here
@@ -81,40 +80,9 @@ def check_rank(rank: int, layers: "dict[str, list[TargetLayer]]", limit: str = "
                 )
 
 
-def load_weight(base: BaseWeights, layer: TargetLayer, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weight in PyTorch's ``(m, n)`` layout (Conv1D transposed), optionally cast."""
-    W = base.get(layer.weight)
-    if layer.layout == "conv1d":
-        W = W.T
-    if tuple(W.shape) != tuple(layer.shape):
-        raise ShapeError(f"{base.path}: tensor '{layer.weight}' has shape {tuple(W.shape)}; expected {layer.shape}.")
-    return W if dtype is None else W.to(dtype)
-
-
-def load_stack(base: BaseWeights, layers: Sequence[TargetLayer], device: torch.device,
-               dtype: torch.dtype) -> torch.Tensor:
-    """Same-shaped weights as one ``(c, m, n)`` tensor, converted one layer at a time (no stored-dtype stack)."""
-    out = torch.empty(len(layers), *layers[0].shape, device=device, dtype=dtype)
-    for i, layer in enumerate(layers):
-        out[i].copy_(load_weight(base, layer))
-    return out
-
-
 def stored_layout(W: torch.Tensor, layout: str) -> torch.Tensor:
     """Back from ``(m, n)`` to the layout the checkpoint stores (``(n, m)`` for Conv1D)."""
     return W.T.contiguous() if layout == "conv1d" else W.contiguous()
-
-
-def layer_chunks(layers: Sequence[TargetLayer], bytes_per_layer: Callable[[tuple[int, int]], int],
-                 max_memory: int | None) -> Iterator[list[TargetLayer]]:
-    """Same-shaped layers in runs of at most ``max_memory`` bytes (``bytes_per_layer((m, n))`` each)."""
-    runs: OrderedDict[tuple, list] = OrderedDict()
-    for layer in layers:
-        runs.setdefault(layer.shape, []).append(layer)
-    for shape, run in runs.items():
-        step = chunk_size(bytes_per_layer(shape), max_memory, len(run))
-        for lo in range(0, len(run), step):
-            yield run[lo: lo + step]
 
 
 def stacked_lstsq(

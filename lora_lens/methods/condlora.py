@@ -29,7 +29,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..decompose import resolve_device, resolve_dtype
+from ..chunks import load_w0
+from ..compute import Compute, as_compute
 from ..errors import ConfigError, ShapeError
 from ..io.atomic import atomic_directory, atomic_save_safetensors
 from ..io.base import BaseWeights, open_base
@@ -37,7 +38,7 @@ from ..io.initfile import THETA_NAME, InitDescription, write_init_description
 from ..io.formats import load_adapter
 from ..io.peft import save_peft_adapter
 from ..types import Adapter, LoraModule
-from .common import InitResult, TargetLayer, load_weight, lora_module, provenance, stacked_lstsq, target_layers
+from .common import InitResult, TargetLayer, lora_module, provenance, stacked_lstsq, target_layers
 
 MODES = ("official", "general")
 #: What a user may ask for: one of :data:`MODES` for every module type, or ``auto`` (per module type).
@@ -129,11 +130,10 @@ def condlora_init(
     alpha: float | None = None,
     mode: str = "auto",
     from_adapter: Adapter | str | Path | None = None,
-    seed: int = 0,
     overwrite: bool = False,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = "float32",
     rcond: float | None = None,
+    compute: Compute | None = None,
+    **options,
 ) -> InitResult:
     """Write a CondLoRA init folder: ``Θ`` per module type, and the per-layer A, B it gives as a PEFT adapter.
 
@@ -150,10 +150,12 @@ def condlora_init(
     the adapter's, ``targets`` to its module types.
 
     ``alpha`` defaults to ``rank`` (``s = 1``). Layout of the folder:
-    :mod:`lora_lens.io.initfile`. ``dtype`` is the compute dtype (the warm-start
-    fit is a QR of the stacked layers: ask for float64 when its residual must
-    be read below ~1e-6); files are float32.
+    :mod:`lora_lens.io.initfile`. ``compute.dtype`` is the compute dtype (the
+    warm-start fit is a QR of the stacked layers: ask for float64 when its
+    residual must be read below ~1e-6); files are float32. A default ``Θ`` is
+    drawn from a generator seeded per module type (``compute.seed_for(type)``).
     """
+    cx = as_compute(compute, **options)
     condlora_modes({}, mode)  # refuse an unknown mode before reading anything
     base = base if isinstance(base, BaseWeights) else open_base(base)
     adapter = None
@@ -173,8 +175,7 @@ def condlora_init(
     fitted = _adapter_by_type(adapter, base, layers) if adapter is not None else {}
     rank = _init_rank(rank, fitted, adapter)
     alpha = float(rank if alpha is None else alpha)
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
-    gen = torch.Generator().manual_seed(seed)
+    dev, dt = cx.device, cx.dtype
     thetas, modules, records = {}, [], []
     for mt, ls in layers.items():
         m, n = ls[0].shape
@@ -182,10 +183,11 @@ def condlora_init(
         if mt in fitted:
             tA, tB, fit = _fit_theta(fitted[mt], base, rank, alpha / rank, mode_t, dev, dt, rcond)
         else:
+            gen = torch.Generator().manual_seed(cx.seed_for(mt))
             tA, tB, fit = (*condlora_theta_default(m, n, rank, mode_t, gen), None)
         thetas[f"{mt}.theta_A"], thetas[f"{mt}.theta_B"] = tA.float().cpu(), tB.float().cpu()
         for layer in ls:
-            W0 = load_weight(base, layer, dt).to(dev)
+            W0 = load_w0(base, layer.weight, layer.layout, layer.shape).to(dev, dt)  # (m, n)
             A, B = condlora_factors(tA.to(dev, dt), tB.to(dev, dt), W0, mode_t)
             modules.append(lora_module(layer, A.float().cpu(), B.float().cpu(), alpha))
         records.append({"module_type": mt, "mode": mode_t, "layers": len(ls), "shape": [m, n],
@@ -194,7 +196,7 @@ def condlora_init(
                         "lora_parameters": len(ls) * rank * (m + n), "init": "warm_start" if fit else "kaiming_uniform",
                         "fan_in": None if fit else (n if mode_t == "official" else m), "fit": fit})
     mode = summary_mode(modes)
-    params = {"mode": mode, "modes": modes, "seed": seed, "from_adapter": str(adapter.path) if adapter else None,
+    params = {"mode": mode, "modes": modes, "seed": cx.seed, "from_adapter": str(adapter.path) if adapter else None,
               "init": "warm_start" if fitted else "theta_A kaiming_uniform(a=sqrt(5)), theta_B zeros"}
     sources = [str(base.path)] + ([str(adapter.path)] if adapter else [])
     desc = InitDescription(method="condlora", rank=rank, alpha=alpha, targets=list(layers), mode=mode, frozen=[],
@@ -269,7 +271,7 @@ def _fit_theta(pairs, base, rank, s, mode, dev, dt, rcond) -> tuple[torch.Tensor
 
     def systems():  # yields per layer: [(side(s), system (p, q), rhs (p, k))]
         for layer, m in pairs:
-            W0 = load_weight(base, layer, dt).to(dev)  # (m, n)
+            W0 = load_w0(base, layer.weight, layer.layout, layer.shape).to(dev, dt)  # (m, n)
             At = m.A.to(dev, dt).T  # (n, r)
             Bs = m.B.to(dev, dt) * (m.scaling / s)  # (m, r): so s·B'A = s_l·B A
             if mode == "official":  # W0 [Θ_Aᵀ | Θ_Bᵀ] = [Aᵀ | B]

@@ -15,20 +15,20 @@ Layout is PyTorch's: ``W0 (m, n)``, ``A (r, n)``, ``B (m, r)``; ``L`` layers, ``
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..chunks import chunks, load_w0, stack
 from ..compare.baselines import deeper_half
-from ..decompose import chunk_size, resolve_device, resolve_dtype
+from ..compute import Compute, as_compute
 from ..errors import ConfigError, ShapeError
 from ..io.base import BaseWeights, open_base
 from ..io.formats import load_adapter
 from ..io.layout import with_base_layouts
 from ..linalg import lstsq, phi, svd
-from ..types import Adapter, LoraModule
+from ..types import Adapter
 from .condlora import EQUATIONS, SIDES, condlora_modes
 
 
@@ -102,25 +102,26 @@ class CondLoraAnalysis:
 def condlora_analysis(
     adapter: Adapter | str | Path,
     base: BaseWeights | str | Path,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = "float32",
+    *,
     rcond: float | None = None,
-    seed: int = 0,
     mode: str = "auto",
-    max_memory: int | None = None,
+    compute: Compute | None = None,
+    **options,
 ) -> CondLoraAnalysis:
     """Conversion matrices of a trained adapter and their cross-layer φ grids (docs/maths.md §5).
 
     ``mode``: ``auto`` (official equations for square ``W0``, general ones
     otherwise), ``official`` (refuses non-square) or ``general``. Layers are
-    solved batched by shape, ``max_memory`` bytes at a time; ``rcond`` cuts
-    small singular values in the least-squares path. Embedding and Conv2d
-    modules are skipped (listed in ``skipped``). Deterministic for ``seed``.
+    solved batched by shape, ``compute.max_memory`` bytes at a time; ``rcond``
+    cuts small singular values in the least-squares path. Embedding and Conv2d
+    modules are skipped (listed in ``skipped``). The Gaussian baselines of each
+    layer are drawn from a generator seeded by its module name and
+    ``compute.seed``, so no number depends on the chunking.
     """
+    cx = as_compute(compute, **options)
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     base = base if isinstance(base, BaseWeights) else open_base(base)
     condlora_modes({}, mode)  # refuse an unknown mode before reading anything
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
     adapter = with_base_layouts(adapter, base)  # Linear vs Conv1D per module, as PEFT decides
     usable = [m for m in adapter if m.layout in ("linear", "conv1d")]
     skipped = tuple(m.name for m in adapter if m.layout not in ("linear", "conv1d"))
@@ -128,13 +129,13 @@ def condlora_analysis(
         raise ConfigError(f"{adapter.path}: no Linear or Conv1D LoRA modules to analyse (only {list(skipped)[:3]}).")
     weights = base.weight_names_for([m.name for m in usable])
     grids = []
-    for t, mt in enumerate(dict.fromkeys(m.key.module for m in usable)):
+    for mt in dict.fromkeys(m.key.module for m in usable):
         mods = sorted((m for m in usable if m.key.module == mt), key=lambda m: m.key.sort_key())
-        grids += _analyse_type(mt, mods, weights, base, mode, dev, dt, rcond, seed + 7919 * t, max_memory)
-    return CondLoraAnalysis(tuple(grids), str(adapter.path), str(base.path), seed, skipped)
+        grids += _analyse_type(mt, mods, weights, base, mode, rcond, cx)
+    return CondLoraAnalysis(tuple(grids), str(adapter.path), str(base.path), cx.seed, skipped)
 
 
-def _analyse_type(mt, mods, weights, base, mode, dev, dt, rcond, seed, max_memory) -> list[ConversionGrid]:
+def _analyse_type(mt, mods, weights, base, mode, rcond, cx: Compute) -> list[ConversionGrid]:
     for m in mods:
         info = base.info(weights[m.name])
         if tuple(info.shape) != m.base_shape:
@@ -144,10 +145,10 @@ def _analyse_type(mt, mods, weights, base, mode, dev, dt, rcond, seed, max_memor
     shape = next((m.shape for m in mods if m.shape[0] != m.shape[1]), mods[0].shape)
     eq = condlora_modes({mt: shape}, mode)[mt]
     L = len(mods)
-    gen = torch.Generator().manual_seed(seed)
-    # Gaussian draws per layer and side, in layer order, so results do not depend on chunking.
+    # Gaussian draws per layer and side from the layer's own generator, so results do not depend on chunking.
     draws = []
     for m in mods:
+        gen = torch.Generator().manual_seed(cx.seed_for(m.name))
         mm, nn_ = m.shape
         d = {"A": nn_ if eq == "official" else mm, "B": nn_}  # rows of C (its space)
         rows = {"A": nn_, "B": mm}  # rows of the right-hand side
@@ -156,35 +157,33 @@ def _analyse_type(mt, mods, weights, base, mode, dev, dt, rcond, seed, max_memor
     U = {s: {k: [None] * L for k in ("conv", "gauss", "struct")} for s in SIDES}
     resid = {s: torch.zeros(L, dtype=torch.float64) for s in SIDES}
     pos = {m.name: i for i, m in enumerate(mods)}
-    itemsize = torch.finfo(dt).bits // 8
-    groups: OrderedDict[tuple, list[LoraModule]] = OrderedDict()
-    for m in mods:
-        groups.setdefault((m.shape, m.rank), []).append(m)
-    for ((mm, nn_), r), group in groups.items():
-        step = chunk_size((3 * mm * nn_ + 8 * (mm + nn_) * r) * itemsize, max_memory, len(group))
-        for lo in range(0, len(group), step):
-            chunk = group[lo: lo + step]
-            idx = [pos[m.name] for m in chunk]
-            W = torch.stack([_w0(base, weights[m.name], m) for m in chunk]).to(dev, dt)  # (c, m, n)
-            A = torch.stack([m.A for m in chunk]).to(dev, dt)  # (c, r, n)
-            B = torch.stack([m.B for m in chunk]).to(dev, dt)  # (c, m, r)
-            F = {"A": A.transpose(-1, -2), "B": B}  # (c, n, r), (c, m, r)
-            Gs = {s: torch.stack([draws[i][s][1] for i in idx]).to(dev, dt) for s in SIDES}
-            X = _solve_sides(W, F, Gs, eq, rcond)
-            for s in SIDES:
-                C, Cg = X[s][..., :r], X[s][..., r:]
-                system = W.transpose(-1, -2) if (eq == "general" and s == "A") else W
-                res = torch.linalg.matrix_norm(system @ C - F[s]) / torch.linalg.matrix_norm(F[s]).clamp_min(1e-30)
-                gauss = torch.stack([draws[i][s][0] for i in idx]).to(dev, dt)
-                for key, M in (("conv", C), ("struct", Cg), ("gauss", gauss)):
-                    Uk = svd(M)[0].cpu()  # (c, d, r) left singular vectors
-                    for j, i in enumerate(idx):
-                        U[s][key][i] = Uk[j]
-                zero = torch.linalg.matrix_norm(F[s]) == 0
+
+    def per_item(key) -> int:  # W0 and its LU/SVD workspace, factors, right-hand sides and solutions
+        (mm, nn_), r = key
+        return (3 * mm * nn_ + 8 * (mm + nn_) * r) * cx.itemsize
+
+    for ((mm, nn_), r), chunk in chunks(mods, lambda m: (m.shape, m.rank), per_item, cx, lambda _: mt):
+        idx = [pos[m.name] for m in chunk]
+        W = stack(cx, chunk, lambda m: load_w0(base, weights[m.name], m.layout, m.shape))  # (c, m, n)
+        A = stack(cx, chunk, lambda m: m.A)  # (c, r, n)
+        B = stack(cx, chunk, lambda m: m.B)  # (c, m, r)
+        F = {"A": A.transpose(-1, -2), "B": B}  # (c, n, r), (c, m, r)
+        Gs = {s: stack(cx, idx, lambda i: draws[i][s][1]) for s in SIDES}
+        X = _solve_sides(W, F, Gs, eq, rcond)
+        for s in SIDES:
+            C, Cg = X[s][..., :r], X[s][..., r:]
+            system = W.transpose(-1, -2) if (eq == "general" and s == "A") else W
+            res = torch.linalg.matrix_norm(system @ C - F[s]) / torch.linalg.matrix_norm(F[s]).clamp_min(1e-30)
+            gauss = stack(cx, idx, lambda i: draws[i][s][0])
+            for key, M in (("conv", C), ("struct", Cg), ("gauss", gauss)):
+                Uk = svd(M)[0].cpu()  # (c, d, r) left singular vectors
                 for j, i in enumerate(idx):
-                    resid[s][i] = float(res[j])
-                    if zero[j]:  # an all-zero factor (untrained B): its C is 0 and has no subspace
-                        U[s]["conv"][i] = None
+                    U[s][key][i] = Uk[j]
+            zero = torch.linalg.matrix_norm(F[s]) == 0
+            for j, i in enumerate(idx):
+                resid[s][i] = float(res[j])
+                if zero[j]:  # an all-zero factor (untrained B): its C is 0 and has no subspace
+                    U[s]["conv"][i] = None
     out = []
     for s in SIDES:
         out.append(ConversionGrid(
@@ -194,11 +193,6 @@ def _analyse_type(mt, mods, weights, base, mode, dev, dt, rcond, seed, max_memor
             residual=resid[s],
         ))
     return out
-
-
-def _w0(base: BaseWeights, name: str, m: LoraModule) -> torch.Tensor:
-    W = base.get(name)
-    return W.T if m.layout == "conv1d" else W
 
 
 def _solve_sides(W, F, Gs, eq, rcond) -> dict[str, torch.Tensor]:

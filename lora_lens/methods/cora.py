@@ -37,7 +37,8 @@ from typing import Sequence
 
 import torch
 
-from ..decompose import Progress, resolve_device, resolve_dtype
+from ..chunks import chunks, load_w0, stack
+from ..compute import Compute, as_compute
 from ..errors import ConfigError, ShapeError
 from ..io.atomic import atomic_directory, atomic_save_safetensors, atomic_write_json
 from ..io.base import BaseWeights, open_base
@@ -45,8 +46,7 @@ from ..io.initfile import InitDescription, write_init_description
 from ..io.peft import save_peft_adapter
 from ..keys import match_modules_to_weights
 from ..linalg import randomized_svd, svd
-from .common import InitResult, TargetLayer, check_rank, layer_chunks, load_stack, lora_module, provenance, \
-    target_layers
+from .common import InitResult, TargetLayer, check_rank, lora_module, provenance, target_layers
 
 SOURCE_KINDS = ("weights", "deltas")
 SCALES = ("orthonormal", "kaiming")
@@ -109,13 +109,10 @@ def cora_basis(
     share_across_layers: bool = False,
     source_kind: str = "weights",
     scale: str = "orthonormal",
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = "float32",
     oversample: int = 16,
     n_iter: int = 16,
-    seed: int = 0,
-    max_memory: int | None = None,
-    progress: Progress | None = None,
+    compute: Compute | None = None,
+    **options,
 ) -> CoraBasis:
     """Top-``r`` common subspaces of the targets' weights (see the module docstring).
 
@@ -123,7 +120,9 @@ def cora_basis(
     (the base alone when ``sources`` is empty). ``"deltas"``: ``[W_1 − W_base |
     …]``, at least one source needed. Sources must share the base's
     architecture (names are matched across ``bert.``/``model.`` prefixes).
-    ``max_memory`` bytes bound one chunk of layers.
+    ``compute.max_memory`` bytes bound one chunk of layers; each layer's
+    random sketch is seeded from its module path (a shared basis: from the
+    module type), so the numbers do not depend on the chunking.
     """
     if source_kind not in SOURCE_KINDS:
         raise ConfigError(f"unknown source kind {source_kind!r}; expected one of {list(SOURCE_KINDS)}.")
@@ -135,64 +134,64 @@ def cora_basis(
         raise ConfigError("source kind 'deltas' needs at least one fine-tuned source (--source DIR) besides --base.")
     layers = target_layers(base, targets)
     check_rank(rank, layers, limit="m")
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    cx = as_compute(compute, **options)
     names = [_source_names(base, s, layers) for s in srcs]
     M = len(srcs) if source_kind == "deltas" else len(srcs) + 1
 
     def stacked(chunk: list[TargetLayer]) -> torch.Tensor:
         """``(c, m, M·n)``: each layer's sources side by side."""
-        W0 = load_stack(base, chunk, dev, dt)  # (c, m, n)
+        W0 = stack(cx, chunk, lambda x: load_w0(base, x.weight, x.layout, x.shape))  # (c, m, n)
         parts = [] if source_kind == "deltas" else [W0]
         for s, nm in zip(srcs, names):
-            Ws = torch.stack([_source_weight(s, nm[x.weight], x) for x in chunk]).to(dev, dt)
+            Ws = stack(cx, chunk, lambda x: load_w0(s, nm[x.weight], x.layout, x.shape))  # (c, m, n)
             parts.append(Ws - W0 if source_kind == "deltas" else Ws)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
-    bases, svals, energy = {}, {}, {}
-    total = sum(len(v) for v in layers.values())
-    done = 0
-    itemsize = torch.finfo(dt).bits // 8
     for mt, ls in layers.items():
         if share_across_layers and len({x.shape[0] for x in ls}) != 1:
             raise ShapeError(f"module type '{mt}' has layers with different output sizes; "
                              "share_across_layers needs one (m, r) basis for all of them.")
-        m = ls[0].shape[0]
-        G = torch.zeros(m, m, device=dev, dtype=dt) if share_across_layers else None
-        for chunk in layer_chunks(ls, lambda shape: 3 * M * shape[0] * shape[1] * itemsize, max_memory):
-            S = stacked(chunk)  # (c, m, M·n)
-            if share_across_layers:
-                G += torch.einsum("cij,ckj->ik", S, S)  # Σ_c S_c S_cᵀ (m, m)
-            else:
-                U, sv = top_left_subspace(S, rank, oversample, n_iter, seed)
-                frob2 = torch.linalg.matrix_norm(S).double() ** 2  # (c,), without a float64 copy of S
-                for j, x in enumerate(chunk):
-                    bases[x.module] = _scaled(U[j], scale).cpu()
-                    svals[x.module] = sv[j].double().cpu()
-                    energy[x.module] = float((sv[j].double() ** 2).sum() / frob2[j]) if frob2[j] > 0 else 0.0
-            done += len(chunk)
-            if progress:
-                progress(done, total, mt)
-            del S
+    bases, svals, energy = {}, {}, {}
+    gram: dict[str, torch.Tensor] = {}  # shared: G = Σ_{l,k} W Wᵀ (m, m) per module type
+    flat = [(mt, x) for mt, ls in layers.items() for x in ls]
+    for (mt, (m, n)), run in chunks(flat, lambda t: (t[0], t[1].shape),
+                                    lambda key: 3 * M * key[1][0] * key[1][1] * cx.itemsize, cx, lambda key: key[0]):
+        chunk = [x for _, x in run]
+        S = stacked(chunk)  # (c, m, M·n)
         if share_across_layers:
-            U, lam = top_left_subspace(G, rank, oversample, n_iter, seed)  # eigenvalues of G = σ² of the stack
-            bases[mt] = _scaled(U, scale).cpu()
-            svals[mt] = lam.clamp_min(0).sqrt().double().cpu()
-            tr = float(torch.diagonal(G).double().sum())
-            energy[mt] = float(lam.double().sum()) / tr if tr > 0 else 0.0
+            G = gram.setdefault(mt, torch.zeros(m, m, device=cx.device, dtype=cx.dtype))
+            for Sc in S:  # G += S_c S_cᵀ (m, m), one layer at a time: the same sum order for any chunking
+                G.addmm_(Sc, Sc.T)
+        else:
+            # one sketch per layer, seeded by its module path: the same basis for any max_memory
+            U, sv = top_left_subspace(S, rank, oversample, n_iter, seed=cx.seeds_for([x.module for x in chunk]))
+            frob2 = torch.linalg.matrix_norm(S).double() ** 2  # (c,), without a float64 copy of S
+            for j, x in enumerate(chunk):
+                bases[x.module] = _scaled(U[j], scale).cpu()
+                svals[x.module] = sv[j].double().cpu()
+                energy[x.module] = float((sv[j].double() ** 2).sum() / frob2[j]) if frob2[j] > 0 else 0.0
+        del S
+    for mt, G in gram.items():
+        U, lam = top_left_subspace(G, rank, oversample, n_iter, seed=cx.seed_for(mt))  # eigenvalues of G = σ² of the stack
+        bases[mt] = _scaled(U, scale).cpu()
+        svals[mt] = lam.clamp_min(0).sqrt().double().cpu()
+        tr = float(torch.diagonal(G).double().sum())
+        energy[mt] = float(lam.double().sum()) / tr if tr > 0 else 0.0
     params = {"share_across_layers": share_across_layers, "source_kind": source_kind, "scale": scale,
-              "oversample": oversample, "n_iter": n_iter, "seed": seed, "stacked_sources": M}
+              "oversample": oversample, "n_iter": n_iter, "seed": cx.seed, "stacked_sources": M}
     return CoraBasis(rank, layers, bases, svals, energy, share_across_layers, params,
                      tuple(str(x.path) for x in [base, *srcs]))
 
 
-def top_left_subspace(S: torch.Tensor, rank: int, oversample: int = 16, n_iter: int = 16, seed: int = 0
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def top_left_subspace(S: torch.Tensor, rank: int, oversample: int = 16, n_iter: int = 16,
+                      seed: int | Sequence[int] = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``r`` left singular vectors ``(..., m, r)`` and values ``(..., r)`` of ``S (..., m, N)``.
 
     CoRA's kernel, for in-memory matrices (a trainer's loaded weights, stacked
     sources): the exact SVD when ``r + oversample ≥ min(m, N)/2``, else the
     randomized range finder with ``n_iter`` power iterations (16: see the
-    module docstring). Signs fixed; batched over leading dimensions.
+    module docstring). Signs fixed; batched over leading dimensions; ``seed``
+    may give one seed per matrix of an ``(L, m, N)`` batch.
     """
     m, N = S.shape[-2:]
     if rank + oversample >= min(m, N) / 2:
@@ -223,11 +222,6 @@ def _source_names(base: BaseWeights, src: BaseWeights, layers) -> dict[str, str]
                                  f"{tuple(base.info(x.weight).shape)}; CoRA sources must share the base's architecture.")
             out[x.weight] = name
     return out
-
-
-def _source_weight(src: BaseWeights, name: str, layer: TargetLayer) -> torch.Tensor:
-    W = src.get(name)
-    return W.T if layer.layout == "conv1d" else W
 
 
 def write_cora_basis(basis: CoraBasis, out_dir: str | Path, overwrite: bool = False) -> Path:

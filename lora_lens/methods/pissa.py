@@ -23,13 +23,15 @@ from typing import Sequence
 
 import torch
 
+from ..chunks import load_w0
+from ..compute import Compute, as_compute
 from ..decompose import decompose_base
 from ..errors import ConfigError
 from ..io.atomic import atomic_directory, atomic_save_safetensors
 from ..io.base import BaseWeights, open_base
 from ..io.initfile import InitDescription, write_init_description
 from ..io.peft import save_peft_adapter
-from .common import InitResult, check_rank, load_weight, lora_module, provenance, stored_layout, target_layers
+from .common import InitResult, check_rank, lora_module, provenance, stored_layout, target_layers
 
 RESIDUAL_NAME = "residual_model.safetensors"
 
@@ -43,17 +45,17 @@ def pissa_init(
     alpha: float | None = None,
     niter: int | None = None,
     overwrite: bool = False,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = "float32",
-    seed: int = 0,
-    max_memory: int | None = None,
+    compute: Compute | None = None,
+    **options,
 ) -> InitResult:
     """Write a PiSSA init folder (see the module docstring); ``alpha`` defaults to ``rank``.
 
     The residual is computed in ``dtype`` and stored in each weight's own
     dtype (a bf16 base rounds it). The whole residual model is assembled in
-    memory before the atomic write.
+    memory before the atomic write. The randomized sketch of each weight is
+    seeded from its name and ``compute.seed``.
     """
+    cx = as_compute(compute, **options)
     base = base if isinstance(base, BaseWeights) else open_base(base)
     layers = target_layers(base, targets)
     check_rank(rank, layers)
@@ -62,18 +64,15 @@ def pissa_init(
     alpha = float(rank if alpha is None else alpha)
     s = alpha / rank
     flat = [x for ls in layers.values() for x in ls]
-    spectra = decompose_base(
-        base, [x.weight for x in flat], k=rank, device=device, dtype=dtype, max_memory=max_memory,
-        randomized=niter is not None, n_iter=niter or 0, seed=seed,
-        transpose=[x.weight for x in flat if x.layout == "conv1d"],
-    )
+    spectra = decompose_base(base, [x.weight for x in flat], k=rank, layouts={x.weight: x.layout for x in flat},
+                             randomized=niter is not None, n_iter=niter or 0, compute=cx)
     modules, records, residual = [], [], {}
     for x in flat:
         sp = spectra[x.weight]  # U (m, r), S (r,), Vh (r, n)
         root = (sp.S / s).sqrt()  # S'_r^½
         B = sp.U * root  # (m, r)
         A = root[:, None] * sp.Vh  # (r, n)
-        W = load_weight(base, x, sp.U.dtype)
+        W = load_w0(base, x.weight, x.layout, x.shape).to(sp.U.dtype)  # (m, n)
         stored = base.info(x.weight).dtype
         residual[x.weight] = stored_layout(W - s * (B @ A), x.layout).to(_torch_dtype(stored, W.dtype))
         modules.append(lora_module(x, A.float(), B.float(), alpha))
@@ -81,7 +80,7 @@ def pissa_init(
         records.append({"module": x.module, "shape": list(x.shape), "sigma_first": float(sp.S[0]),
                         "sigma_last": float(sp.S[-1]), "exact": sp.exact,
                         "energy": float((sp.S.double() ** 2).sum()) / frob2 if frob2 > 0 else 0.0})
-    params = {"niter": niter, "seed": seed, "residual_file": RESIDUAL_NAME}
+    params = {"niter": niter, "seed": cx.seed, "residual_file": RESIDUAL_NAME}
     sources = [str(base.path)]
     desc = InitDescription(method="pissa", rank=rank, alpha=alpha, targets=list(layers), mode=None, frozen=[],
                            peft_adapter=".", params=params, sources=sources)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..compute import Compute
 from ..decompose import decompose_adapter
 from ..errors import ConfigError
 from ..io.peft import load_adapter, save_peft_adapter
@@ -54,8 +55,8 @@ def reduce_rank(
     *,
     out_dir: str | Path,
     overwrite: bool = False,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = "float32",
+    compute: Compute | None = None,
+    **options,
 ) -> ReducedAdapter:
     """Write a PEFT adapter whose every module keeps its top ``rank`` (or ``energy``) directions.
 
@@ -75,7 +76,7 @@ def reduce_rank(
                                         for o in adapter.other_tensors):
         raise ConfigError(f"{adapter.path}: DoRA magnitudes or LoRA biases are part of this adapter's update; "
                           "truncating s·B·A alone would change it. Only plain LoRA adapters can be reduced.")
-    spectra = decompose_adapter(adapter, device=device, dtype=dtype)
+    spectra = decompose_adapter(adapter, compute=compute, **options)
     modules, records = [], []
     for mod in adapter:
         sp = spectra[mod.name]

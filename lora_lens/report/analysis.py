@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from ..compare import AlignmentAnalysis, LayerSimilarity, analyze_alignment, layer_similarity, pairwise_similarity
 from ..compare.baselines import DEEPER_HALF
 from ..compare.similarity import AdapterSimilarity, LayerGrid
-from ..decompose import Progress
+from ..compute import Compute, Progress, as_compute
 from ..io.base import BaseWeights
 from ..spectra import AdapterSpectra, adapter_spectra
 from ..types import Adapter
@@ -77,19 +77,21 @@ def analyze_adapters(
     adapters: Sequence[Adapter],
     base: BaseWeights | None = None,
     runs: Mapping[str, Mapping[str, Any]] | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
+    *,
     energy: float = 0.9,
     intruder_k: int = 10,
     epsilon: float = 0.5,
-    seed: int = 0,
     progress: Progress | None = None,
+    compute: Compute | None = None,
+    **options,
 ) -> Analysis:
     """Run every analysis the report shows. ``runs``: loss curves (``plot_loss_curves`` format).
 
     ``progress(done, total, what)`` is called after each stage (spectra,
     layer similarity, alignment of each adapter; the adapter pairs).
+    ``compute`` (or its fields as keywords) is resolved once and shared by every analysis.
     """
+    cx = as_compute(compute, **options)
     adapters = unique_labels(adapters)
     eps = sorted(set(EPS_SWEEP) | {epsilon})
     total = len(adapters) * (2 if base is None else 3) + (len(adapters) > 1)
@@ -106,14 +108,13 @@ def analyze_adapters(
     for ad in adapters:
         per.append(AdapterAnalysis(
             adapter=ad,
-            spectra=stage(f"{ad.label}: spectra", adapter_spectra(ad, device=device, dtype=dtype, energy=energy)),
-            layers=stage(f"{ad.label}: layers", layer_similarity(ad, what="delta", device=device, dtype=dtype,
-                                                                 seed=seed)),
+            spectra=stage(f"{ad.label}: spectra", adapter_spectra(ad, energy=energy, compute=cx)),
+            layers=stage(f"{ad.label}: layers", layer_similarity(ad, what="delta", compute=cx)),
             alignment=stage(f"{ad.label}: alignment", analyze_alignment(
-                ad, base, intruder_k=intruder_k, epsilon=eps, device=device, dtype=dtype, seed=seed))
+                ad, base, intruder_k=intruder_k, epsilon=eps, compute=cx))
             if base is not None else None,
         ))
-    pairs = (stage("adapter pairs", tuple(pairwise_similarity(list(adapters), device=device, dtype=dtype, seed=seed)))
+    pairs = (stage("adapter pairs", tuple(pairwise_similarity(list(adapters), compute=cx)))
              if len(adapters) > 1 else ())
     return Analysis(tuple(per), pairs, str(base.path) if base is not None else None, dict(runs or {}), epsilon,
                     intruder_k)

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..decompose import resolve_device
+from ..compute import resolve_device
 from ..io import check_destination
 from ..io.atomic import register_input
 from .config import TrainConfig

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..compute import item_seed
 from ..errors import ConfigError, ShapeError
 from ..io import INIT_NAME, THETA_NAME, load_adapter, open_tensor_file, read_init_description
 from ..keys import match_modules_to_weights
@@ -106,7 +107,8 @@ def cora_basis_from_base(weights: dict[str, torch.Tensor], rank: int, device: st
 
     For each layer's ``W0 (m, n)``: ``B = U_r``, its top-r left singular
     vectors ``(m, r)`` (orthonormal, signs fixed), by
-    :func:`lora_lens.methods.cora.top_left_subspace`, batched by shape.
+    :func:`lora_lens.methods.cora.top_left_subspace`, batched by shape, each
+    layer's sketch seeded from its module path as ``cora_basis`` does (seed 0).
     """
     small = [f"{p} {tuple(W.shape)}" for p, W in weights.items() if min(W.shape) < rank]
     if small:
@@ -117,6 +119,6 @@ def cora_basis_from_base(weights: dict[str, torch.Tensor], rank: int, device: st
     out = {}
     for names in groups.values():
         S = torch.stack([weights[p].detach().float() for p in names]).to(device)  # (L, m, n)
-        U, _ = top_left_subspace(S, rank)  # (L, m, r)
+        U, _ = top_left_subspace(S, rank, seed=[item_seed(0, p) for p in names])  # (L, m, r), sketched per module
         out.update({p: U[i].cpu().contiguous() for i, p in enumerate(names)})
     return {p: out[p] for p in weights}

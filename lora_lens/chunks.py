@@ -1,0 +1,104 @@
+"""The one chunk iterator (group by shape → memory-budget chunks → stack on the device) and ``load_w0``.
+
+Every stage that works on many matrices at once — adapter spectra, base
+subspaces, alignment and intruders, CoRA bases, CondLoRA's conversion
+matrices — goes through :func:`chunks`: items with the same shape key are
+grouped (first-seen order), each group is cut into runs that fit
+``Compute.max_memory`` given what one item costs on the device, and the
+consumer stacks each run with :func:`stack` (one item at a time into one
+device buffer of the compute dtype, so no stored-dtype stack is ever held).
+
+Chunking changes how many matrices one batched call sees, never a number:
+random draws are seeded per item (:func:`~lora_lens.compute.item_seed`).
+
+:func:`load_w0` is the one place that knows how a base weight is laid out: a
+GPT-2 ``Conv1D`` or an ``Embedding`` stores ``(n, m)``, a Conv kernel
+``(out, in, kh, kw)`` is flattened to ``(out, in·kh·kw)`` as PEFT's factors
+are; everything is returned in PyTorch's ``(m, n)`` layout.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Hashable, Iterator, Sequence, TypeVar
+
+import torch
+
+from .compute import Compute
+from .errors import ShapeError
+from .io.base import BaseWeights
+
+T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
+
+#: Layouts whose base weight is stored as ``(n, m)``.
+TRANSPOSED = ("conv1d", "embedding")
+
+
+def chunk_size(per_item_bytes: int, max_memory: int | None, total: int) -> int:
+    """How many items fit a memory budget (at least one; all of them without a budget)."""
+    if not max_memory:
+        return max(total, 1)
+    return max(1, min(total, max_memory // max(per_item_bytes, 1)))
+
+
+def chunks(
+    items: Sequence[T],
+    shape: Callable[[T], K],
+    bytes_per_item: Callable[[K], int],
+    compute: Compute,
+    label: Callable[[K], str] = str,
+) -> Iterator[tuple[K, list[T]]]:
+    """Yield ``(shape key, run of items)``: same-key items, at most ``compute.max_memory`` bytes a run.
+
+    ``shape(item)`` is the grouping key (e.g. ``(m, n)`` or ``((m, n), r)``),
+    ``bytes_per_item(key)`` what one item of that key costs on the device.
+    Groups come in first-seen order and items keep their order inside a group.
+    ``compute.progress(done, total, label(key))`` is called when the consumer
+    asks for the next run, i.e. once it is done with the previous one.
+    """
+    groups: OrderedDict[K, list[T]] = OrderedDict()
+    for item in items:
+        groups.setdefault(shape(item), []).append(item)
+    done, total = 0, len(items)
+    for key, group in groups.items():
+        step = chunk_size(bytes_per_item(key), compute.max_memory, len(group))
+        for lo in range(0, len(group), step):
+            run = group[lo: lo + step]
+            yield key, run
+            done += len(run)
+            compute.report(done, total, label(key))
+
+
+def stack(compute: Compute, items: Sequence[T], load: Callable[[T], torch.Tensor]) -> torch.Tensor:
+    """``(L, …)`` on ``compute.device`` in ``compute.dtype``: ``load(item)`` of each item, copied in one at a time.
+
+    Only one item's tensor in its stored dtype exists at a time besides the
+    device buffer (a bf16 checkpoint is never stacked in bf16 and then copied).
+    """
+    first = load(items[0])
+    out = torch.empty(len(items), *first.shape, device=compute.device, dtype=compute.dtype)
+    out[0].copy_(first)
+    del first
+    for i in range(1, len(items)):
+        out[i].copy_(load(items[i]))
+    return out
+
+
+def load_w0(base: BaseWeights, weight: str, layout: str = "linear",
+            expect: tuple[int, int] | None = None) -> torch.Tensor:
+    """One base weight as ``(m, n)`` in its stored dtype (NaN/Inf refused by ``base.get``).
+
+    ``layout``: ``linear``/``lora`` (stored ``(m, n)``), ``conv1d`` and
+    ``embedding`` (stored ``(n, m)``), ``conv`` (a kernel, flattened). With
+    ``expect``, a weight of another ``(m, n)`` raises :class:`ShapeError`.
+    """
+    W = base.get(weight)
+    if layout in TRANSPOSED:
+        W = W.T
+    elif W.dim() > 2:  # Conv kernel (out, in, kh, kw) → (m, n)
+        W = W.reshape(W.shape[0], -1)
+    if expect is not None and tuple(W.shape) != tuple(expect):
+        raise ShapeError(f"{base.path}: tensor '{weight}' is {tuple(W.shape)} in (m, n) layout ({layout}); expected "
+                         f"{tuple(expect)}. Check that the base is the model these weights belong to.")
+    return W
