@@ -39,11 +39,11 @@ def adapter_analyses(runs: Path, base: str | Path, methods: Sequence[str], seeds
     for m, ads in adapters.items():
         if len(ads) < 2:
             continue
-        sims = pairwise_similarity(ads, "delta", device=device)
+        sims = pairwise_similarity(ads, what="delta", device=device)
         out["seed_phi"][m] = {"phi": _mean(s.summary()["phi"] for s in sims),
                               "random_phi": _mean(s.summary()["random_phi"] for s in sims), "pairs": len(sims)}
     if "lora" in adapters and "cora-frozen" in adapters:
-        sims = [adapter_similarity(a, b, "delta", device=device)
+        sims = [adapter_similarity(a, b, what="delta", device=device)
                 for a, b in zip(adapters["lora"], adapters["cora-frozen"])]
         out["cora_overlap"] = {"phi": _mean(s.summary()["phi"] for s in sims),
                                "random_phi": _mean(s.summary()["random_phi"] for s in sims), "seeds": len(sims)}
