@@ -48,13 +48,17 @@ class LazyGroup(click.Group):
 class LoraLensGroup(LazyGroup):
     """The top-level group: lazy sub-commands, and errors turned into one line and an exit code.
 
-    ``LoraLensError`` (bad input) → exit 2; disk full → exit 1 and one line;
+    ``LoraLensError`` and click's usage errors (bad input) → exit 2; disk full → exit 1 and one line;
     any other exception (a bug) → exit 1 and a hint to rerun with ``--debug``, which prints the traceback.
     """
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:  # a bad option value or a missing argument is bad input too: one line
+            where = " ".join(["lora-lens", *(e.ctx.command_path.split()[1:] if e.ctx else [])])
+            click.echo(f"error: {_one_line(e.format_message())} (see {where} --help)", err=True)
+            ctx.exit(EXIT_BAD_INPUT)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except LoraLensError as e:
@@ -127,6 +131,12 @@ def human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def echo_warnings(caught) -> None:
+    """Library warnings (``warnings.warn``) as one ``warning: …`` line each on stderr."""
+    for w in caught:
+        click.echo(f"warning: {_one_line(str(w.message))}", err=True)
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,

@@ -19,6 +19,7 @@ COMMANDS = {
     "collection": ".collection_cmd:collection_cmd",
     "condlora": ".condlora_cmd:condlora_cmd",
     "convert": ".convert_cmd:convert_cmd",
+    "compare-methods": ".compare_methods_cmd:compare_methods_cmd",
     "cora": ".cora_cmd:cora_cmd",
     "demo": ".demo_cmd:demo_cmd",
     "inspect": ".inspect_cmd:inspect_cmd",

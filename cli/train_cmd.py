@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
 import click
 
-from .common import echo_json, progress_callback
+from .common import echo_json, echo_warnings, human_bytes, progress_callback
 from .options import device_option, json_option, out_option, overwrite_option, quiet_option, seed_option
 
 # lora_lens.train.METHODS, spelled out so that --help does not import torch (a test keeps them equal)
-METHODS = ("lora", "cora-frozen", "cora-init", "condlora", "lora-sp", "chain")
+METHODS = ("lora", "cora-frozen", "cora-init", "condlora", "lora-sp", "chain", "head-only")
+TASKS = ("lm", "classify")  # lora_lens.train.TASKS, likewise
 
 
 def _csv(kind):
@@ -23,12 +26,21 @@ def _csv(kind):
 
 
 @click.command("train")
-@click.option("--base", required=True, type=click.Path(path_type=str), help="Hugging Face causal-LM folder.")
-@click.option("--method", required=True, type=click.Choice(METHODS), help="Which adapter to train.")
+@click.option("--base", required=True, type=click.Path(path_type=str), help="Hugging Face model folder: a causal "
+              "LM (--task lm), or any family with a sequence-classification head (--task classify).")
+@click.option("--method", required=True, type=click.Choice(METHODS), help="Which adapter to train (head-only: "
+              "none, only the task's head).")
+@click.option("--task", default="lm", show_default=True, type=click.Choice(TASKS), help="lm: next-token "
+              "prediction; classify: labels from --data, a head trained in full.")
 @click.option("--init", "init", type=click.Path(path_type=str), help="Init folder (cora-*, condlora) from "
               "'lora-lens cora|condlora init'; without it the init is computed from the base.")
-@click.option("--data", type=click.Path(path_type=str), help="Text or JSONL ('text' or 'input_ids') file; "
-              "default: the built-in synthetic counting task.")
+@click.option("--data", type=click.Path(path_type=str), help="lm: text or JSONL ('text' or 'input_ids') file "
+              "[default: the built-in synthetic counting task]; classify: JSONL (.gz) with 'text' (or 'input_ids') "
+              "and 'label'.")
+@click.option("--eval-data", type=click.Path(path_type=str), help="classify: held-out JSONL instead of a "
+              "stratified --eval-fraction split.")
+@click.option("--max-length", type=int, help="classify: tokens per example; longer ones are truncated with a "
+              "warning [default: the model's positions].")
 @click.option("--rank", type=int, help="LoRA rank r (default 8, or the init folder's).")
 @click.option("--alpha", type=float, help="LoRA alpha; scaling alpha/r (default 16; cora-*: = rank, s = 1; or the init folder's).")
 @click.option("--targets", callback=_csv(str), help="Comma-separated module names (default q_proj,v_proj or the "
@@ -41,6 +53,9 @@ def _csv(kind):
 @click.option("--weight-decay", default=0.0, show_default=True, type=float)
 @click.option("--max-grad-norm", default=1.0, show_default=True, type=float, help="Clip; 0 turns it off.")
 @click.option("--eval-fraction", default=0.1, show_default=True, type=float, help="Held-out share of the data.")
+@click.option("--eval-every", type=int, help="Also evaluate every N steps [default: before and after only].")
+@click.option("--dtype", "train_dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
+              help="Training precision: bfloat16 autocasts forward and loss; weights and optimizer stay float32.")
 @click.option("--knots", callback=_csv(int), help="chain: steps where a new link starts, e.g. 20,40.")
 @click.option("--links", type=int, help="chain: number of links, knots evenly spaced [default: 3].")
 @click.option("--sp-granularity", default="element", show_default=True, help="lora-sp: element|row|column.")
@@ -54,15 +69,19 @@ def _csv(kind):
 @overwrite_option
 @json_option
 @quiet_option
-def train_cmd(base, method, init, data, rank, alpha, targets, steps, lr, batch_size, seq_len, warmup_steps,
-              weight_decay, max_grad_norm, eval_fraction, knots, links, sp_granularity, sp_targets, sp_resample,
-              condlora_mode, seed, device, out, overwrite, as_json, quiet) -> None:
+def train_cmd(base, method, task, init, data, eval_data, max_length, rank, alpha, targets, steps, lr, batch_size,
+              seq_len, warmup_steps, weight_decay, max_grad_norm, eval_fraction, eval_every, train_dtype, knots, links,
+              sp_granularity, sp_targets, sp_resample, condlora_mode, seed, device, out, overwrite, as_json,
+              quiet) -> None:
     """Train a LoRA-family adapter and write it as a PEFT adapter folder.
 
     Methods: lora, cora-frozen (B = CoRA basis, frozen), cora-init (B = basis,
     trained), condlora (shared Θ per module type; also writes OUT/peft),
-    lora-sp (half the update masked), chain (Chain of LoRA). Progress goes to
-    stderr; OUT/train_log.json keeps the losses.
+    lora-sp (half the update masked), chain (Chain of LoRA), head-only (the
+    frozen base with a trained head: the control). --task classify trains a
+    classification head in full and writes it as PEFT's modules_to_save
+    (SEQ_CLS), with OUT/classes.json. Progress goes to stderr;
+    OUT/train_log.json keeps the losses and metrics.
 
     \b
     Examples:
@@ -70,10 +89,12 @@ def train_cmd(base, method, init, data, rank, alpha, targets, steps, lr, batch_s
       lora-lens train --base ./stories260K --method cora-frozen --init out/cora-init -o out/cora
       lora-lens train --base ./stories260K --method chain --links 3 --steps 60 -o out/chain --json
       lora-lens train --base ./stories260K --method lora-sp --sp-granularity row --data ids.jsonl -o out/sp
+      lora-lens train --base ./MiniLM --task classify --data austen.jsonl.gz --method lora --max-length 128 -o out/c
     """
     from lora_lens.train import train
 
-    with progress_callback(f"train {method}", quiet) as bar:
+    with progress_callback(f"train {method}", quiet) as bar, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
         def progress(step: int, total: int, loss: float) -> None:
             bar(step, total, f"loss {loss:.3f}")
 
@@ -82,8 +103,10 @@ def train_cmd(base, method, init, data, rank, alpha, targets, steps, lr, batch_s
             lr=lr, batch_size=batch_size, seq_len=seq_len, warmup_steps=warmup_steps, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm or None, eval_fraction=eval_fraction, knots=knots, links=links,
             sp_granularity=sp_granularity, sp_targets=sp_targets, sp_resample=sp_resample,
-            condlora_mode=condlora_mode, seed=seed, device=device, overwrite=overwrite, progress=progress,
+            condlora_mode=condlora_mode, task=task, eval_data=eval_data, max_length=max_length,
+            eval_every=eval_every, dtype=train_dtype, seed=seed, device=device, overwrite=overwrite, progress=progress,
         )
+    echo_warnings(caught)  # after the run, so a refusal stays the one line it is
     d = result.to_dict()
     if as_json:
         echo_json(d)
@@ -97,7 +120,10 @@ def train_cmd(base, method, init, data, rank, alpha, targets, steps, lr, batch_s
         params += f" of {d['allocated_parameters']:,} allocated"
     click.echo(f"{method}: {d['steps']} steps, train loss {first:.4f} → {last:.4f} (mean of first/last {w}), "
                f"eval loss {ev}")
-    click.echo(f"  trainable parameters {params}; {d['wall_time_s']:.2f} s, {d['tokens_per_s']:,.0f} tokens/s")
+    if d["eval_accuracy"] is not None:
+        click.echo(f"  eval accuracy {d['eval_accuracy']:.4f}, macro-F1 {d['eval_macro_f1']:.4f}")
+    click.echo(f"  trainable parameters {params}; {d['wall_time_s']:.2f} s, {d['tokens_per_s']:,.0f} tokens/s, "
+               f"{d['time_per_step_s'] * 1e3:.0f} ms/step, {d['peak_memory_kind']} {human_bytes(d['peak_memory_bytes'])}")
     if d["knots"]:
         click.echo(f"  chain knots at steps {d['knots']}")
     click.echo(f"wrote {d['output']}", err=True)

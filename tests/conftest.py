@@ -206,3 +206,15 @@ def write_planted_collection(folder: Path, seed: int = 0) -> tuple[list[Path], l
 @pytest.fixture(scope="session")
 def planted_collection(tmp_path_factory):
     return write_planted_collection(tmp_path_factory.mktemp("planted"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory):
+    """A tiny ViT folder: a model family with no sequence-classification head for text."""
+    transformers = pytest.importorskip("transformers")
+    _seed(3)
+    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                                 image_size=8, patch_size=4)
+    folder = tmp_path_factory.mktemp("tiny_vit")
+    transformers.ViTModel(cfg).save_pretrained(folder)
+    return folder

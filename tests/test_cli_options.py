@@ -62,7 +62,8 @@ def test_one_spelling_per_option():
     assert {path: p.opts for path, p in by_name["out"].items()} == {
         path: ["-o", "--out"] for path in by_name["out"]}
     assert set(by_name["out"]) == {"lora-lens " + c for c in (
-        "collection", "condlora init", "convert", "cora basis", "cora init", "demo", "pissa", "reduce", "report",
+        "collection", "compare-methods", "condlora init", "convert", "cora basis", "cora init", "demo", "pissa",
+        "reduce", "report",
         "train")}
     # one decorator each: the same flags, help and default on every command
     by_name["overwrite"].pop("lora-lens demo")  # --overwrite/--no-overwrite, on by default: its own folder

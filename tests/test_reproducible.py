@@ -1,7 +1,7 @@
 """Same inputs and seed → byte-identical outputs: run each command twice (and under other chunking/threads), compare bytes.
 
-The one declared exception: ``train_log.json``'s ``wall_time_s`` and
-``tokens_per_s`` measure the run itself (docs/guarantees.md).
+The one declared exception: ``train_log.json``'s measurements of the run itself (``wall_time_s``,
+``tokens_per_s``, ``train_time_s``, ``time_per_step_s``, ``peak_memory_bytes``; docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from lora_lens_cli.main import main
 
 from .hostile_files import write_adapter
 
-TIMINGS = ("wall_time_s", "tokens_per_s")
+TIMINGS = ("wall_time_s", "tokens_per_s", "train_time_s", "time_per_step_s", "peak_memory_bytes")
 
 
 def invoke(args: list) -> str:

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 import lora_lens
 from lora_lens_cli.main import main
 
-from .train_utils import write_condlora_init, write_cora_init
+from .train_utils import assert_bad_input, write_condlora_init, write_cora_init
 
 pytestmark = pytest.mark.realmodel
 
@@ -17,15 +17,6 @@ FAST = ["--steps", "3", "--batch-size", "2", "--seq-len", "16"]
 
 def run(*args):
     return CliRunner().invoke(main, ["train", *map(str, args)])
-
-
-def assert_bad_input(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("method", ["lora", "cora-frozen", "cora-init", "condlora", "lora-sp", "chain"])
@@ -66,7 +57,8 @@ def test_jsonl_token_ids(stories_path, tmp_path):
 
 
 def test_unknown_method(stories_path, tmp_path):
-    assert_bad_input(run("--base", stories_path, "--method", "dora", "-o", tmp_path / "o"), "unknown method 'dora'")
+    assert_bad_input(run("--base", stories_path, "--method", "dora", "-o", tmp_path / "o"), "'dora'", "lora-sp",
+                     "lora-lens train --help")
 
 
 def test_missing_base(tmp_path):

@@ -11,6 +11,7 @@ HTML page, the PNGs and ``results.json``.
 from .alignment_plots import plot_amplification, plot_intruder_counts, plot_intruder_sweep, plot_projection_norms
 from .figures import figure_to_png_bytes, new_figure, panel_figure, show_figures_in_notebook
 from .html import build_report, render_html, to_jsonable, write_report
+from .method_plots import plot_metric_vs_parameters
 from .similarity_plots import plot_adapter_heatmap, plot_condlora_grid, plot_phi_grid, plot_phi_heatmap
 from .spectra_plots import plot_effective_rank, plot_energy_curves, plot_singular_values
 from .training_plots import plot_loss_curves
@@ -18,7 +19,8 @@ from .training_plots import plot_loss_curves
 __all__ = [
     "build_report", "figure_to_png_bytes", "new_figure", "panel_figure", "plot_adapter_heatmap",
     "plot_amplification", "plot_condlora_grid", "plot_effective_rank", "plot_energy_curves",
-    "plot_intruder_counts", "plot_intruder_sweep", "plot_loss_curves", "plot_phi_grid", "plot_phi_heatmap",
+    "plot_intruder_counts", "plot_intruder_sweep", "plot_loss_curves", "plot_metric_vs_parameters",
+    "plot_phi_grid", "plot_phi_heatmap",
     "plot_projection_norms", "plot_singular_values", "render_html", "show_figures_in_notebook", "to_jsonable",
     "write_report",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -13,13 +14,17 @@ from ..compute import resolve_device
 from ..io import check_destination
 from ..io.atomic import register_input
 from .config import TrainConfig
+from ..errors import ConfigError
 from .data import load_data
+from .heads import Head, lm_head, load_classifier
+from .labelled import class_list, load_labelled, read_labelled
 from .export import save_run
 from .loop import Log, Progress, Run, TrainResult, fit
 from .masked_adamw import MaskedAdamW
 from .masks import SparseSettings, UpdateMasks
 from .models import load_model, vocab_size
-from .setup import adapt
+from .setup import Adapted, adapt
+from .tasks import ClassifyTask, LMTask
 
 
 def prepare(
@@ -28,18 +33,22 @@ def prepare(
     init: str | Path | None = None,
     data: str | Path | None = None,
     tokenizer=None,
+    eval_data: str | Path | None = None,
 ) -> Run:
-    """Load the model and data, inject the method's layers, build the optimizer.
+    """Load the model and the task's data, inject the method's layers, unfreeze the head, build the optimizer.
 
-    ``base`` is a Hugging Face causal-LM folder or any ``nn.Module`` mapping
-    token ids to logits (deep-copied: the caller's module is never changed).
+    ``base`` is a Hugging Face model folder (a causal LM for ``lm``, any family
+    with a sequence-classification head for ``classify``), or for ``lm`` any
+    ``nn.Module`` mapping token ids to logits (deep-copied: the caller's
+    module is never changed).
     """
-    torch.manual_seed(config.seed)  # dropout and anything else that draws from the global generator
+    torch.manual_seed(config.seed)  # the head's random init, dropout, anything that draws from the global generator
     device = resolve_device(config.device)
-    model, tokenizer, base_name = load_model(base, tokenizer)
-    token_data = load_data(data, config.seq_len, vocab_size(model), tokenizer, config.eval_fraction, config.seed)
+    model, task, base_name = load_task(base, config, data, tokenizer, eval_data)
     generator = torch.Generator().manual_seed(config.seed)
     adapted = adapt(model, config, init, generator)
+    if task.head is not None:
+        unfreeze_head(model, task.head, adapted)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     masks = None
@@ -53,12 +62,46 @@ def prepare(
     else:
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     return Run(
-        model=model, adapted=adapted, data=token_data, config=config, device=device, optimizer=optimizer,
+        model=model, adapted=adapted, task=task, config=config, device=device, optimizer=optimizer,
         generator=generator, masks=masks, knots=config.chain_knots(),
-        provenance={"base": base_name, "init": str(init) if init else None, "data": token_data.source,
-                    "rank": adapted.rank, "alpha": adapted.alpha, "condlora_mode": adapted.mode, "condlora_modes": adapted.modes,
-                    "modules": len(adapted.layers)},
+        provenance={"base": base_name, "init": str(init) if init else None, "data": task.source,
+                    "rank": adapted.rank, "alpha": adapted.alpha, "condlora_mode": adapted.mode,
+                    "condlora_modes": adapted.modes, "modules": len(adapted.layers), "task": task.name,
+                    "head": list(task.head.paths) if task.head else None},
     )
+
+
+def load_task(base, config: TrainConfig, data, tokenizer, eval_data) -> tuple[nn.Module, LMTask | ClassifyTask, str]:
+    """The model as the task needs it, and the task with its data."""
+    if config.task == "lm":
+        if eval_data is not None:
+            raise ConfigError("--eval-data is an option of --task classify; --task lm holds out --eval-fraction.")
+        model, tokenizer, base_name = load_model(base, tokenizer)
+        token_data = load_data(data, config.seq_len, vocab_size(model), tokenizer, config.eval_fraction, config.seed)
+        return model, LMTask(token_data, lm_head(model) if config.method == "head-only" else None), base_name
+    if data is None:
+        raise ConfigError("--task classify needs --data FILE.jsonl ({\"text\": ..., \"label\": ...} per line).")
+    _, raw = read_labelled(data)  # the classes decide the head's size, so they are read before the model
+    model, tokenizer, base_name, head = load_classifier(base, len(class_list(raw, data)), tokenizer)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    limit = config.max_length or positions or 512
+    if positions and limit > positions:
+        warnings.warn(f"--max-length {limit} exceeds the model's {positions} positions; using {positions}.",
+                      stacklevel=2)
+        limit = positions
+    labelled = load_labelled(data, tokenizer=tokenizer, max_length=limit, vocab_size=vocab_size(model),
+                             eval_fraction=config.eval_fraction, seed=config.seed, eval_data=eval_data)
+    return model, ClassifyTask(labelled, head), base_name
+
+
+def unfreeze_head(model: nn.Module, head: Head, adapted: Adapted) -> None:
+    """The head trains in full; an adapter inside it would be trained twice over, so it is refused."""
+    inside = [p for p in adapted.layers if any(p == h or p.startswith(h + ".") for h in head.paths)]
+    if inside:
+        raise ConfigError(f"--targets select {inside[:3]} inside the head {list(head.paths)}, which trains in full; "
+                          "target modules of the backbone only.")
+    for path in head.paths:
+        model.get_submodule(path).requires_grad_(True)
 
 
 def train(
@@ -85,6 +128,11 @@ def train(
     sp_targets: str = "both",
     sp_resample: str = "never",
     condlora_mode: str | None = None,
+    task: str = "lm",
+    eval_data: str | Path | None = None,
+    max_length: int | None = None,
+    eval_every: int | None = None,
+    dtype: str = "float32",
     seed: int = 0,
     device: str = "auto",
     overwrite: bool = False,
@@ -95,7 +143,10 @@ def train(
     """Train one adapter with ``method`` and, with ``out``, write it (docs/training.md).
 
     Methods: ``lora``, ``cora-frozen``, ``cora-init``, ``condlora``,
-    ``lora-sp``, ``chain``. ``init``: an init folder (CoRA / CondLoRA) written
+    ``lora-sp``, ``chain``, ``head-only``. Tasks: ``lm`` (next token) and
+    ``classify`` (``data``: JSONL with ``text`` and ``label``; a stratified
+    held-out split, or ``eval_data``; the head is trained in full and written
+    as PEFT's ``modules_to_save``). ``init``: an init folder (CoRA / CondLoRA) written
     by ``lora-lens cora|condlora init``; without it CoRA's basis and CondLoRA's
     Θ are computed from the base. ``data``: a text or JSONL file; without it,
     the synthetic counting task of :mod:`lora_lens.train.data`. Returns a
@@ -108,13 +159,14 @@ def train(
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, eval_fraction=eval_fraction, seed=seed,
         knots=tuple(knots) if knots is not None else None, links=links,
         sparse=SparseSettings(sp_granularity, sp_targets, sp_resample), condlora_mode=condlora_mode, device=device,
+        task=task, max_length=max_length, eval_every=eval_every, dtype=dtype,
     )
-    for p in (base, init, data):
+    for p in (base, init, data, eval_data):
         if isinstance(p, (str, Path)) and Path(p).exists():
             register_input(p)  # so that --overwrite can never replace an input
     if out is not None:
         check_destination(out, overwrite)  # refuse before training, not after
-    run = prepare(base, config, init=init, data=data, tokenizer=tokenizer)
+    run = prepare(base, config, init=init, data=data, tokenizer=tokenizer, eval_data=eval_data)
     result = fit(run, log=log, progress=progress)
     if out is not None:
         result = replace(result, output=save_run(run, result, out, overwrite=overwrite))

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass, field
 from ..errors import ConfigError
 from .masks import SparseSettings
 
-METHODS = ("lora", "cora-frozen", "cora-init", "condlora", "lora-sp", "chain")
+METHODS = ("lora", "cora-frozen", "cora-init", "condlora", "lora-sp", "chain", "head-only")
+TASKS = ("lm", "classify")
+DTYPES = ("float32", "bfloat16")
 
 DEFAULT_RANK, DEFAULT_ALPHA = 8, 16.0
 DEFAULT_LINKS = 3
@@ -22,6 +24,11 @@ class TrainConfig:
     model's attention projections. ``warmup_steps``
     None is 10 % of ``steps``. Chain of LoRA: ``knots`` (step indices where a
     new link starts) or ``links`` (evenly spaced; 3 when neither is given).
+    ``task``: ``lm`` (next token) or ``classify`` (:mod:`.tasks`);
+    ``max_length``: classify's token limit (None: the model's positions);
+    ``eval_every``: also evaluate every so many steps (None: before and after
+    only); ``dtype``: ``bfloat16`` runs forward and loss under autocast while
+    the weights, gradients and AdamW state stay float32.
     """
 
     method: str = "lora"
@@ -42,13 +49,23 @@ class TrainConfig:
     sparse: SparseSettings = field(default_factory=SparseSettings)
     condlora_mode: str | None = None
     device: str = "auto"
+    task: str = "lm"
+    max_length: int | None = None
+    eval_every: int | None = None
+    dtype: str = "float32"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; expected one of {list(METHODS)}.")
+        if self.task not in TASKS:
+            raise ConfigError(f"unknown task {self.task!r}; expected one of {list(TASKS)}.")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not supported; expected one of {list(DTYPES)}.")
         positive = {"steps": self.steps, "batch_size": self.batch_size, "seq_len": self.seq_len,
                     "rank": self.rank if self.rank is not None else 1, "lr": self.lr,
-                    "alpha": self.alpha if self.alpha is not None else 1}
+                    "alpha": self.alpha if self.alpha is not None else 1,
+                    "max_length": self.max_length if self.max_length is not None else 1,
+                    "eval_every": self.eval_every if self.eval_every is not None else 1}
         bad = [f"{k}={v}" for k, v in positive.items() if not v > 0]
         if bad:
             raise ConfigError(f"{', '.join(bad)}: expected positive values.")

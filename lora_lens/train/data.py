@@ -67,6 +67,17 @@ def synthetic_blocks(vocab_size: int, seq_len: int, n: int = SYNTHETIC_SEQUENCES
     return o + (a + d * t) % K  # (n, T + 1)
 
 
+def jsonl_objects(text: str, path: Path):
+    """``(line number, object)`` for every non-blank line of JSONL ``text``; a line that is not JSON is refused."""
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: line {i} is not JSON ({e.msg}); expected one object per line.") from None
+
+
 def read_documents(path: Path) -> list[str | list[int]]:
     """Documents from a text or JSONL file: strings, or lists of token ids."""
     if not path.is_file():
@@ -78,13 +89,7 @@ def read_documents(path: Path) -> list[str | list[int]]:
     if path.suffix.lower() != ".jsonl":
         return [line for line in text.splitlines() if line.strip()]
     docs: list[str | list[int]] = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: line {i} is not JSON ({e.msg}); expected one object per line.") from None
+    for i, obj in jsonl_objects(text, path):
         if isinstance(obj, dict) and isinstance(obj.get("input_ids"), list):
             ids = obj["input_ids"]
             if not all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
@@ -145,17 +150,23 @@ def load_data(
     return TokenData(train, held, source)
 
 
-def batches(blocks: torch.Tensor, batch_size: int, seed: int):
-    """Endless ``(epoch, batch (b, T + 1))``: a new seeded permutation each epoch, last short batch dropped.
-
-    When there are fewer blocks than ``batch_size`` every batch is the whole set.
-    """
+def index_batches(n: int, batch_size: int, seed: int):
+    """Endless ``(epoch, indices)``: a new seeded permutation of ``range(n)`` each epoch, cut into batches of
+    ``min(batch_size, n)``; the last short batch is dropped. Both tasks draw their batches here."""
     gen = torch.Generator().manual_seed(seed)
-    n = blocks.shape[0]
     b = min(batch_size, n)
     epoch = 0
     while True:
         perm = torch.randperm(n, generator=gen)
         for lo in range(0, n - b + 1, b):
-            yield epoch, blocks[perm[lo: lo + b]]
+            yield epoch, perm[lo: lo + b]
         epoch += 1
+
+
+def batches(blocks: torch.Tensor, batch_size: int, seed: int):
+    """Endless ``(epoch, batch (b, T + 1))`` of blocks (see :func:`index_batches`).
+
+    When there are fewer blocks than ``batch_size`` every batch is the whole set.
+    """
+    for epoch, idx in index_batches(blocks.shape[0], batch_size, seed):
+        yield epoch, blocks[idx]

@@ -19,10 +19,10 @@ from torch import nn
 
 from ..errors import NonFiniteError
 from .config import TrainConfig
-from .data import TokenData, batches
 from .masks import UpdateMasks
-from .models import lm_loss
+from .memory import PeakMemory
 from .setup import Adapted
+from .tasks import ClassifyTask, LMTask, to_device
 
 Log = Callable[[dict], None]
 Progress = Callable[[int, int, float], None]
@@ -38,7 +38,7 @@ class Run:
 
     model: nn.Module
     adapted: Adapted
-    data: TokenData
+    task: LMTask | ClassifyTask
     config: TrainConfig
     device: torch.device
     optimizer: torch.optim.Optimizer
@@ -51,6 +51,18 @@ class Run:
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def autocast(self):
+        """Forward and loss in bfloat16 when asked; the weights (and so the optimizer) stay float32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.dtype == "bfloat16")
+
+    def head_parameters(self) -> int:
+        """Entries of the task's head (trained in full; part of the trainable count)."""
+        head = self.task.head
+        if head is None:
+            return 0
+        return sum(p.numel() for path in head.paths for p in self.model.get_submodule(path).parameters()
+                   if p.requires_grad)
+
     def parameter_counts(self) -> tuple[int, int]:
         """``(trainable, allocated)``: LoRA-SP's masked entries are allocated but not trainable."""
         allocated = sum(p.numel() for p in self.trainable())
@@ -60,7 +72,10 @@ class Run:
 @dataclass(frozen=True, eq=False)
 class TrainResult:
     """What a run gives back. ``wall_time_s`` covers the whole of :func:`fit` (evaluations
-    included); ``tokens_per_s`` counts training tokens over the time of the training steps."""
+    included); ``train_time_s`` only the training steps, over which ``tokens_per_s`` counts
+    training tokens (classify: real tokens, padding excluded). ``eval_curve``: ``[(step, eval
+    loss)]`` (step 0 is before training); ``eval_metrics``: the final held-out metrics (classify:
+    loss, accuracy, macro_f1). ``peak_memory_bytes``: see :mod:`.memory` (``peak_memory_kind``)."""
 
     method: str
     losses: list[float]
@@ -75,14 +90,34 @@ class TrainResult:
     knots: tuple[int, ...] = ()
     output: Path | None = None
     model: nn.Module | None = field(default=None, repr=False)
+    task: str = "lm"
+    eval_curve: list[tuple[int, float]] = field(default_factory=list)
+    eval_metrics: dict | None = None
+    train_time_s: float = 0.0
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""
+    dtype: str = "float32"
+    head_parameters: int = 0
+
+    @property
+    def eval_accuracy(self) -> float | None:
+        return (self.eval_metrics or {}).get("accuracy")
+
+    @property
+    def eval_macro_f1(self) -> float | None:
+        return (self.eval_metrics or {}).get("macro_f1")
+
+    @property
+    def time_per_step_s(self) -> float:
+        return self.train_time_s / max(self.steps, 1)
 
     def curves(self) -> dict:
         """The run as ``lora_lens.report``'s loss-curve mapping: train loss per step, eval loss before
         (step 0) and after (last step), Chain-of-LoRA knots."""
         d = {"train_steps": list(range(1, len(self.losses) + 1)), "train_loss": list(self.losses),
              "knots": list(self.knots)}
-        if self.eval_loss is not None:
-            d.update(eval_steps=[0, self.steps], eval_loss=[self.eval_loss_before, self.eval_loss])
+        if self.eval_curve:
+            d.update(eval_steps=[s for s, _ in self.eval_curve], eval_loss=[v for _, v in self.eval_curve])
         return d
 
     def to_dict(self) -> dict:
@@ -92,6 +127,11 @@ class TrainResult:
             "allocated_parameters": self.allocated_parameters, "wall_time_s": self.wall_time_s,
             "tokens_per_s": self.tokens_per_s, "steps": self.steps, "tokens": self.tokens,
             "knots": list(self.knots), "output": str(self.output) if self.output else None,
+            "task": self.task, "eval_accuracy": self.eval_accuracy, "eval_macro_f1": self.eval_macro_f1,
+            "eval_metrics": self.eval_metrics, "eval_curve": [list(x) for x in self.eval_curve],
+            "train_time_s": self.train_time_s, "time_per_step_s": self.time_per_step_s,
+            "peak_memory_bytes": self.peak_memory_bytes, "peak_memory_kind": self.peak_memory_kind,
+            "dtype": self.dtype, "head_parameters": self.head_parameters,
         }
 
 
@@ -107,23 +147,13 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (S - step) / (S - w)
 
 
-@torch.no_grad()
-def evaluate(run: Run) -> float | None:
-    """Mean next-token loss over the held-out blocks (token-weighted), or None without any."""
-    held = run.data.eval
-    if held.shape[0] == 0:
-        return None
+def evaluate(run: Run) -> dict | None:
+    """The task's held-out metrics (always with ``"loss"``), or None without held-out data."""
     was_training = run.model.training
     run.model.eval()
-    total, count = 0.0, 0
-    step = 4 * run.config.batch_size
-    for lo in range(0, held.shape[0], step):
-        block = held[lo: lo + step].to(run.device)
-        n = block[:, 1:].numel()
-        total += float(lm_loss(run.model, block)) * n
-        count += n
+    metrics = run.task.evaluate(run.model, run.device, 4 * run.config.batch_size, run.autocast)
     run.model.train(was_training)
-    return total / count
+    return metrics
 
 
 @torch.no_grad()
@@ -136,11 +166,12 @@ def merge_link(run: Run) -> None:
 
 def start_new_link(run: Run) -> None:
     """Chain of LoRA knot: merge the current link, start a fresh one (``B = 0``, new Kaiming ``A``)
-    and forget the optimizer's state (moments and step counts) (docs/maths.md §7)."""
+    and forget the adapter's optimizer state (moments and step counts) (docs/maths.md §7)."""
     merge_link(run)
     for layer in run.adapted.layers.values():
         layer.reset(run.generator)
-    run.optimizer.state.clear()
+        for p in layer.parameters():
+            run.optimizer.state.pop(p, None)  # the head (classify) is one model across links: it keeps its moments
 
 
 def finish_chain(run: Run) -> None:
@@ -153,70 +184,82 @@ def finish_chain(run: Run) -> None:
 
 def fit(run: Run, log: Log | None = None, progress: Progress | None = None) -> TrainResult:
     """Train ``run`` for ``config.steps`` steps and return the losses and counts (the model ends in eval mode)."""
-    cfg, model, opt, masks = run.config, run.model, run.optimizer, run.masks
+    cfg, model, opt, masks, task = run.config, run.model, run.optimizer, run.masks, run.task
     log = log or (lambda record: None)
     params = run.trainable()
     trainable, allocated = run.parameter_counts()
-    log({"event": "start", "method": cfg.method, "steps": cfg.steps, "trainable_parameters": trainable,
-         "allocated_parameters": allocated, "knots": list(run.knots), "data": run.data.source})
+    log({"event": "start", "method": cfg.method, "task": task.name, "steps": cfg.steps,
+         "trainable_parameters": trainable, "allocated_parameters": allocated, "knots": list(run.knots),
+         "data": task.source})
     t_start = time.perf_counter()
-    eval_before = evaluate(run)
-    train_batches = batches(run.data.train, cfg.batch_size, cfg.seed)
-    losses: list[float] = []
-    tokens, last_epoch = 0, 0
+    with PeakMemory(run.device) as memory:
+        before = evaluate(run)
+        eval_curve = [(0, before["loss"])] if before else []
+        train_batches = task.batches(cfg.batch_size, cfg.seed)
+        losses: list[float] = []
+        tokens, last_epoch, train_time = 0, 0, 0.0
 
-    model.train()
-    t_train = time.perf_counter()
-    for step in range(cfg.steps):
-        # Chain of LoRA: at a knot, merge the link into W0 and start a fresh one with a fresh optimizer state.
-        if step in run.knots:
-            start_new_link(run)
-            log({"event": "knot", "step": step, "link": len(run.links) + 1})
+        model.train()
+        for step in range(cfg.steps):
+            t_step = time.perf_counter()
+            # Chain of LoRA: at a knot, merge the link into W0 and start a fresh one with a fresh optimizer state.
+            if step in run.knots:
+                start_new_link(run)
+                log({"event": "knot", "step": step, "link": len(run.links) + 1})
 
-        epoch, block = next(train_batches)
-        # LoRA-SP: draw new masks every step or at each new epoch, if asked.
-        if masks and ((masks.settings.resample == "step" and step > 0)
-                      or (masks.settings.resample == "epoch" and epoch != last_epoch)):
-            masks.sample()
-            log({"event": "resample", "step": step, "unmasked": masks.unmasked})
-        last_epoch = epoch
+            epoch, batch = next(train_batches)
+            # LoRA-SP: draw new masks every step or at each new epoch, if asked.
+            if masks and ((masks.settings.resample == "step" and step > 0)
+                          or (masks.settings.resample == "epoch" and epoch != last_epoch)):
+                masks.sample()
+                log({"event": "resample", "step": step, "unmasked": masks.unmasked})
+            last_epoch = epoch
 
-        lr = learning_rate(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        block = block.to(run.device, non_blocking=True)
-        loss = lm_loss(model, block)
-        if not bool(torch.isfinite(loss)):
-            raise NonFiniteError(
-                f"training diverged at step {step}: the loss is {loss.item()}; nothing was written. "
-                "Lower --lr, keep --max-grad-norm > 0, or check the data."
-            )
-        loss.backward()
-        if masks:
-            masks.mask_grads()  # frozen entries get no gradient ...
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()  # ... and MaskedAdamW leaves them, their moments and step counts alone
-        opt.zero_grad(set_to_none=True)
+            lr = learning_rate(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            batch = to_device(batch, run.device)
+            with run.autocast():
+                loss = task.loss(model, batch)
+            if not bool(torch.isfinite(loss)):
+                raise NonFiniteError(
+                    f"training diverged at step {step}: the loss is {loss.item()}; nothing was written. "
+                    "Lower --lr, keep --max-grad-norm > 0, or check the data."
+                )
+            loss.backward()
+            if masks:
+                masks.mask_grads()  # frozen entries get no gradient ...
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()  # ... and MaskedAdamW leaves them, their moments and step counts alone
+            opt.zero_grad(set_to_none=True)
 
-        losses.append(loss.item())
-        tokens += block[:, 1:].numel()
-        log({"event": "step", "step": step + 1, "loss": losses[-1], "lr": lr})
-        if progress:
-            progress(step + 1, cfg.steps, losses[-1])
-    train_time = time.perf_counter() - t_train
+            losses.append(loss.item())
+            tokens += task.tokens(batch)
+            train_time += time.perf_counter() - t_step
+            log({"event": "step", "step": step + 1, "loss": losses[-1], "lr": lr})
+            if progress:
+                progress(step + 1, cfg.steps, losses[-1])
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and before:
+                eval_curve.append((step + 1, evaluate(run)["loss"]))
+                log({"event": "eval", "step": step + 1, "eval_loss": eval_curve[-1][1]})
 
-    # Chain of LoRA: the last link is merged too, so inference costs what a plain model costs.
-    if cfg.method == "chain":
-        finish_chain(run)
-    eval_after = evaluate(run)
+        # Chain of LoRA: the last link is merged too, so inference costs what a plain model costs.
+        if cfg.method == "chain":
+            finish_chain(run)
+        after = evaluate(run)
+    if after:
+        eval_curve.append((cfg.steps, after["loss"]))
     model.eval()  # trained: hand it back ready for inference
     trainable, allocated = run.parameter_counts()
     result = TrainResult(
-        method=cfg.method, losses=losses, eval_loss=eval_after, eval_loss_before=eval_before,
+        method=cfg.method, losses=losses, eval_loss=after["loss"] if after else None,
+        eval_loss_before=before["loss"] if before else None,
         trainable_parameters=trainable, allocated_parameters=allocated,
         wall_time_s=time.perf_counter() - t_start, tokens_per_s=tokens / max(train_time, 1e-9),
-        steps=cfg.steps, tokens=tokens, knots=run.knots, model=model,
+        steps=cfg.steps, tokens=tokens, knots=run.knots, model=model, task=task.name, eval_curve=eval_curve,
+        eval_metrics=after, train_time_s=train_time, peak_memory_bytes=memory.peak,
+        peak_memory_kind=memory.kind, dtype=cfg.dtype, head_parameters=run.head_parameters(),
     )
     log({"event": "end", **result.to_dict()})
     return result

@@ -43,20 +43,11 @@ def load_model(base: str | Path | nn.Module, tokenizer=None) -> tuple[nn.Module,
     if isinstance(base, nn.Module):
         return copy.deepcopy(base), tokenizer, type(base).__name__
     path = Path(base)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such folder; expected --base to name a Hugging Face model folder.")
-    if not (path.is_dir() and (path / "config.json").is_file()):
-        raise CheckpointError(
-            f"{path}: not a Hugging Face model folder (no config.json); the trainer loads models with "
-            "AutoModelForCausalLM. Pass the folder that holds config.json and the weights."
-        )
-    open_base(path)  # our own validation first: a truncated or corrupt file is named, not a library traceback
+    check_model_folder(path, "AutoModelForCausalLM")
     _refuse_encoder(path)
     tf = _transformers()
-    major, minor = (int(x) for x in tf.__version__.split(".")[:2])
-    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     try:
-        model = tf.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **{dtype_kw: torch.float32})
+        model = tf.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **float32_kw(tf))
     except ValueError as e:
         raise ConfigError(
             f"{path}: cannot be loaded as a causal LM ({str(e).splitlines()[0][:160]}); the trainer trains "
@@ -64,15 +55,43 @@ def load_model(base: str | Path | nn.Module, tokenizer=None) -> tuple[nn.Module,
         ) from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot load the model ({str(e).splitlines()[0][:200]}).") from None
-    if tokenizer is None and any((path / f).is_file() for f in TOKENIZER_FILES):
-        tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = tokenizer if tokenizer is not None else folder_tokenizer(path)
+    check_finite(model, path)
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # no KV cache while training
+    return model, tokenizer, str(path)
+
+
+def check_model_folder(path: Path, loader: str) -> None:
+    """Refuse a missing folder, one without config.json, or damaged weights, before transformers sees it."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such folder; expected --base to name a Hugging Face model folder.")
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise CheckpointError(
+            f"{path}: not a Hugging Face model folder (no config.json); the trainer loads models with "
+            f"{loader}. Pass the folder that holds config.json and the weights."
+        )
+    open_base(path)  # our own validation first: a truncated or corrupt file is named, not a library traceback
+
+
+def check_finite(model: nn.Module, path: Path) -> None:
     for name, p in model.named_parameters():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             raise NonFiniteError(f"{path}: weight '{name}' holds NaN/Inf; expected finite weights. The checkpoint is "
                                  "damaged: use an earlier one.")
-    if getattr(model.config, "use_cache", None):
-        model.config.use_cache = False  # no KV cache while training
-    return model, tokenizer, str(path)
+
+
+def folder_tokenizer(path: Path):
+    """The folder's own tokenizer (local files only), or None when it has no tokenizer files."""
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    return _transformers().AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def float32_kw(tf) -> dict:
+    """``from_pretrained``'s float32 keyword: ``dtype`` from transformers 4.56, ``torch_dtype`` before."""
+    major, minor = (int(x) for x in tf.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
 
 
 #: Encoder-only families: AutoModelForCausalLM would give them a random LM head
@@ -91,8 +110,8 @@ def _refuse_encoder(path: Path) -> None:
     if cfg.get("model_type") in ENCODER_TYPES and not cfg.get("is_decoder", False):
         raise ConfigError(
             f"{path}: is an encoder ({cfg.get('model_type')}); the trainer trains causal LMs, and an encoder loaded as "
-            "one gets a random LM head and sees the future tokens. Pass a causal LM folder, or an nn.Module "
-            "(see lora_lens.demo.NextTokenEncoder) from Python."
+            "one gets a random LM head and sees the future tokens. Train it on labelled data with --task classify, "
+            "pass a causal LM folder, or an nn.Module (see lora_lens.demo.NextTokenEncoder) from Python."
         )
 
 

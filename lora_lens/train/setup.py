@@ -11,6 +11,8 @@ cora-frozen    ``LoRALinear``, ``B`` frozen                  ``B`` = basis (init
 cora-init      ``LoRALinear``, ``B`` trainable               same
 condlora       ``CondLoRALinear``; one ``CondTheta`` per     ``Θ`` from the init folder, or Kaiming
                module type, shared by all its layers         ``Θ_A`` and ``Θ_B = 0``
+head-only      none: the base stays frozen, only the task's  the head's own init
+               head trains (the control every table needs)
 =============  ============================================  ===========================================
 
 Every start gives ``ΔW = 0`` (``B = 0`` or ``A = 0``), so the model's output
@@ -66,6 +68,9 @@ def adapt(model: nn.Module, cfg: TrainConfig, init: str | Path | None, generator
     if init is not None:
         adaptable = [p for p, m in model.named_modules() if p and is_adaptable(m)]
         loaded = read_init(init, method, adaptable)
+    if method == "head-only":
+        model.requires_grad_(False)  # the task unfreezes its head
+        return Adapted({}, {}, 0, 0.0, None, None)
     rank = _pick(cfg.rank, loaded.rank if loaded else None, "rank", init) or DEFAULT_RANK
     # CoRA's default scale is CoRA's (s = 1, as `cora init` writes), not LoRA's α = 16 at r = 8 (s = 2)
     default_alpha = cora_default_alpha(rank) if method.startswith("cora") else DEFAULT_ALPHA

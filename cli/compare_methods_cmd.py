@@ -1,0 +1,74 @@
+"""``lora-lens compare-methods``: every method × seed at one budget, the table and the claims judged from it."""
+
+from __future__ import annotations
+
+import warnings
+
+import click
+
+from .common import echo_json, echo_warnings
+from .options import device_option, json_option, out_option, overwrite_option, quiet_option
+from .train_cmd import METHODS, TASKS, _csv
+
+
+@click.command("compare-methods")
+@click.option("--base", required=True, type=click.Path(path_type=str), help="Hugging Face model folder.")
+@click.option("--data", required=True, type=click.Path(path_type=str), help="classify: JSONL(.gz) with 'text' and "
+              "'label'; lm: text or JSONL.")
+@click.option("--task", default="classify", show_default=True, type=click.Choice(TASKS))
+@click.option("--methods", callback=_csv(str), help=f"Comma-separated subset of {','.join(METHODS)} [default: all].")
+@click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1), help="Seeds 0 … N−1 per method.")
+@click.option("--rank", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--alpha", type=float, help="LoRA alpha [default: 2 × rank].")
+@click.option("--targets", callback=_csv(str), help="Module names [default: the attention query/value projections].")
+@click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="Peak learning rate, the same for all.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=2), help="classify: tokens "
+              "per example (longer ones truncated, with a warning).")
+@click.option("--seq-len", default=64, show_default=True, type=click.IntRange(min=1), help="lm: block length.")
+@click.option("--eval-fraction", default=0.1, show_default=True, type=float, help="Held-out share (stratified).")
+@click.option("--eval-every", type=click.IntRange(min=1), help="Evaluate every N steps for the loss curves.")
+@click.option("--margin", type=float, help="'matches' margin: accuracy points as a fraction [default: 0.01] or "
+              "nats for lm [default: 0.02].")
+@click.option("--dtype", "train_dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
+              help="Training precision: bfloat16 autocasts forward and loss; weights and optimizer stay float32.")
+@click.option("--no-analysis", is_flag=True, help="Skip the adapter analyses (φ between seeds, CoRA overlap, "
+              "CondLoRA conversion matrices).")
+@device_option
+@out_option("Folder for results.json, results.md, the plots and runs/.")
+@overwrite_option
+@json_option
+@quiet_option
+def compare_methods_cmd(base, data, task, methods, seeds, rank, alpha, targets, steps, lr, batch_size, max_length,
+                        seq_len, eval_fraction, eval_every, margin, train_dtype, no_analysis, device, out, overwrite,
+                        as_json, quiet) -> None:
+    """Train every method × seed at the same rank, steps, schedule and batch (Chain of LoRA splits the same
+    steps over its links), then write OUT/results.json, OUT/results.md (method · trainable parameters ·
+    eval accuracy mean ± std · eval loss · time per step · peak memory), OUT/metric_vs_parameters.png,
+    OUT/loss_curves.png, OUT/runs/ (every adapter), and a claims table: each paper's claim judged
+    holds / does not hold / inconclusive from paired seeds. Progress goes to stderr.
+
+    \b
+    Examples:
+      lora-lens compare-methods --base ./MiniLM --data austen-paragraphs.jsonl.gz -o cmp/austen
+      lora-lens compare-methods --base ./MiniLM --data wordnet.jsonl.gz --methods lora,condlora,head-only \\
+          --seeds 5 --steps 400 -o cmp/wordnet
+    """
+    from lora_lens.compare_methods import compare_methods
+
+    log = (lambda msg: None) if as_json or quiet else (lambda msg: click.echo(msg, err=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        c = compare_methods(base, data, out, task=task, methods=methods, seeds=seeds, rank=rank, alpha=alpha,
+                            targets=targets, steps=steps, lr=lr, batch_size=batch_size, max_length=max_length,
+                            seq_len=seq_len, eval_fraction=eval_fraction, eval_every=eval_every, margin=margin,
+                            dtype=train_dtype, device=device, overwrite=overwrite, analyze=not no_analysis, log=log)
+    echo_warnings(list({str(w.message): w for w in caught}.values()))  # one line per distinct warning
+    if as_json:
+        echo_json({"out": str(c.out), "summary": [s.__dict__ for s in c.summaries],
+                   "claims": [v.to_dict() for v in c.claims]})
+        return
+    from lora_lens.compare_methods.output import RESULTS_MD
+
+    click.echo((c.out / RESULTS_MD).read_text())

@@ -1,0 +1,113 @@
+"""Write a comparison: ``results.json``, ``results.md`` (the table and the claims), and two PNGs.
+
+``results.md`` columns: method · trainable parameters (what the optimizer
+updates: adapter + head; LoRA-SP without its masked entries) · the metric's
+mean ± sample std over seeds · eval loss · macro-F1 (classify) · time per
+training step · peak memory (see :mod:`lora_lens.train.memory` for what it
+measures on CPU and on CUDA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from ..io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .run import Comparison
+
+RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
+PLOT_METRIC, PLOT_CURVES = "metric_vs_parameters.png", "loss_curves.png"
+
+
+def _pm(mean, std, pct: bool) -> str:
+    if mean is None:
+        return "–"
+    f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.4f}")
+    return f(mean) + (f" ± {f(std)}" if std is not None else "") + (" %" if pct else "")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def markdown(c: Comparison) -> str:
+    pct = c.metric == "accuracy"
+    s = c.settings
+    lines = [
+        f"# Method comparison: {Path(s['base']).name} on {Path(s['data']).name} ({c.task})", "",
+        f"rank {s['rank']}, alpha {s['alpha']}, {s['steps']} steps (linear warm-up {s['warmup_steps']}, then linear "
+        f"decay), lr {s['lr']}, batch {s['batch_size']}, seeds {s['seeds']}, {s['dtype']}; chain splits the "
+        f"{s['steps']} steps over its links. Wall time {c.wall_time_s / 60:.1f} min.", "",
+        f"| method | trainable params | eval {c.metric} (mean ± std) | eval loss | macro-F1 | time/step | peak mem |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in c.summaries:
+        lines.append(f"| {m.method} | {m.trainable_parameters:,} | {_pm(m.metric_mean, m.metric_std, pct)} | "
+                     f"{_pm(m.eval_loss_mean, m.eval_loss_std, False)} | "
+                     f"{'–' if m.macro_f1_mean is None else f'{100 * m.macro_f1_mean:.1f} %'} | "
+                     f"{m.time_per_step_s * 1e3:.0f} ms | {_mib(m.peak_memory_bytes)} |")
+    kind = c.runs[0]["peak_memory_kind"] if c.runs else ""
+    lines += ["", f"Peak memory: {kind} (see docs/training.md). Trainable parameters include the head "
+              f"({c.runs[0]['head_parameters']:,} for every method)." if c.runs else "", "",
+              "## Claims", "",
+              f"Paired over seeds, 95 % t-interval of the advantage over the reference; 'matches' allows a margin "
+              f"of {_pm(s['margin'], None, pct).replace(' %', ' pt')}.", "",
+              "| claim | outcome | numbers |", "|---|---|---|"]
+    for v in c.claims:
+        lines.append(f"| {v.claim} | **{v.outcome}** | {v.words.split(': ', 1)[1]} |")
+    control = next((v for v in c.claims if v.key == "control"), None)
+    if control is not None and control.outcome != "holds":
+        lines += ["", f"LoRA does not clearly beat the head-only control here ({control.outcome}): at this budget "
+                  "the adapters changed the predictions little, so the verdicts above say little about the "
+                  "methods. More steps, a larger evaluation set or more seeds would be needed to test them."]
+    if c.analyses:
+        lines += ["", "## Adapters", ""] + _analyses_lines(c.analyses)
+    env = c.environment
+    lines += ["", "## Environment", "", ", ".join(f"{k} {v}" for k, v in env.items() if v is not None), ""]
+    return "\n".join(lines)
+
+
+def _analyses_lines(a: dict) -> list[str]:
+    out = []
+    if a.get("seed_phi"):
+        out += ["φ between seeds of one method (ΔW column spaces, mean over modules and seed pairs; random: "
+                "subspaces of the same sizes):", "", "| method | φ | random φ |", "|---|---:|---:|"]
+        out += [f"| {m} | {d['phi']:.3f} | {d['random_phi']:.3f} |" for m, d in a["seed_phi"].items()]
+        out.append("")
+    if a.get("cora_overlap"):
+        d = a["cora_overlap"]
+        out += [f"CoRA's frozen basis vs what LoRA learned (same seed): φ = {d['phi']:.3f} (random "
+                f"{d['random_phi']:.3f}, {d['seeds']} seeds).", ""]
+    if a.get("condlora_conversion"):
+        out += ["LoRA's conversion matrices across layers (CondLoRA's premise: φ above both baselines):", "",
+                "| module · side | φ off-diagonal | Gaussian | W0-aware |", "|---|---:|---:|---:|"]
+        out += [f"| {g['module_type']} · {g['side']} | {g['phi_offdiag']:.3f} | {g['gaussian_offdiag']:.3f} | "
+                f"{g['structural_offdiag']:.3f} |" for g in a["condlora_conversion"]]
+    return out
+
+
+def figures(c: Comparison) -> dict[str, bytes]:
+    from ..report import figure_to_png_bytes, new_figure, panel_figure, plot_loss_curves, plot_metric_vs_parameters
+
+    fig, ax = new_figure(size=(7, 4.5))
+    points = {m.method: {"parameters": m.trainable_parameters,
+                         "values": [r["eval_accuracy"] if c.metric == "accuracy" else r["eval_loss"]
+                                    for r in c.runs if r["method"] == m.method]} for m in c.summaries}
+    plot_metric_vs_parameters(ax, points, metric=f"eval {c.metric}")
+    out = {PLOT_METRIC: figure_to_png_bytes(fig)}
+    by_method = {m.method: {r["run"].rsplit("-", 1)[1]: c.curves[r["run"]] for r in c.runs if r["method"] == m.method}
+                 for m in c.summaries}
+    out[PLOT_CURVES] = figure_to_png_bytes(panel_figure(by_method, plot_loss_curves, ncols=4, smooth=0.8))
+    return out
+
+
+def write_comparison(c: Comparison, folder: Path) -> None:
+    """Into ``folder`` (the comparison's temporary output, renamed to OUT when complete)."""
+    atomic_write_json(folder / RESULTS_JSON, {
+        "settings": c.settings, "environment": c.environment, "task": c.task, "metric": c.metric,
+        "summary": [asdict(m) for m in c.summaries], "claims": [v.to_dict() for v in c.claims],
+        "analyses": c.analyses, "runs": c.runs, "wall_time_s": c.wall_time_s,
+    })
+    atomic_write_text(folder / RESULTS_MD, markdown(c))
+    for name, png in figures(c).items():
+        atomic_write_bytes(folder / name, png)

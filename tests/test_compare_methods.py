@@ -1,0 +1,97 @@
+"""compare-methods: the claims judged from numbers, and one tiny end-to-end run through the CLI."""
+
+import json
+
+import pytest
+
+from lora_lens.compare_methods.claims import FAILS, HOLDS, INCONCLUSIVE, evaluate_claims, judge, paired_interval
+
+from .train_utils import assert_bad_input
+
+
+def test_paired_interval_matches_scipys_paired_t_test():
+    from scipy.stats import ttest_rel
+
+    a, b = [0.71, 0.69, 0.74, 0.70], [0.70, 0.70, 0.71, 0.66]
+    mean, half = paired_interval([x - y for x, y in zip(a, b)])
+    ci = ttest_rel(a, b).confidence_interval(0.95)
+    assert mean - half == pytest.approx(ci.low, abs=1e-12) and mean + half == pytest.approx(ci.high, abs=1e-12)
+    assert paired_interval([0.3]) == (0.3, None)
+
+
+@pytest.mark.parametrize("kind, mean, half, expected", [
+    ("matches", -0.005, 0.004, HOLDS),         # whole interval above −δ (δ = 0.01)
+    ("matches", -0.05, 0.02, FAILS),           # whole interval below −δ
+    ("matches", -0.01, 0.02, INCONCLUSIVE),    # straddles −δ
+    ("beats", 0.02, 0.01, HOLDS),
+    ("beats", -0.01, 0.005, FAILS),
+    ("beats", 0.01, 0.02, INCONCLUSIVE),
+    ("beats", 0.5, None, INCONCLUSIVE),        # one seed: no spread
+])
+def test_judge(kind, mean, half, expected):
+    assert judge(kind, mean, half, margin=0.01) == expected
+
+
+def test_claims_words_come_from_the_numbers():
+    per_seed = {"lora": {0: 0.80, 1: 0.82, 2: 0.81}, "condlora": {0: 0.806, 1: 0.824, 2: 0.811},
+                "chain": {0: 0.70, 1: 0.71, 2: 0.69}, "head-only": {0: 0.5, 1: 0.52, 2: 0.49},
+                "cora-init": {0: 0.80}}
+    params = {"lora": 1200, "condlora": 100, "chain": 1200, "head-only": 0, "cora-init": 1200}
+    v = {x.key: x for x in evaluate_claims(per_seed, params, metric="accuracy", higher_is_better=True, margin=0.01)}
+    assert set(v) == {"condlora", "chain", "control", "cora-init"}  # claims whose methods did not run are absent
+    assert v["condlora"].outcome == HOLDS and "0.0833× LoRA's" in v["condlora"].words
+    assert v["condlora"].words.startswith("holds: condlora 81.4 % vs lora 81.0 %")
+    assert v["chain"].outcome == FAILS and v["chain"].advantage == pytest.approx(-0.11)
+    assert v["control"].outcome == HOLDS
+    assert v["cora-init"].outcome == INCONCLUSIVE and "1 seed" in v["cora-init"].words
+    # lm: lower loss is better, so a method with the lower loss has the positive advantage
+    lm = evaluate_claims({"lora": {0: 2.0, 1: 2.1}, "chain": {0: 1.5, 1: 1.55}}, {"lora": 1, "chain": 1},
+                         metric="eval_loss", higher_is_better=False, margin=0.02)
+    assert lm[0].outcome == HOLDS and lm[0].advantage > 0
+
+
+def test_cli_end_to_end(tiny_bert, tmp_path):
+    import torch
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(40):
+        ids = torch.randint(3, 60, (3 + i % 7,), generator=g).tolist()
+        rows.append(json.dumps({"input_ids": ids, "label": ids[0] % 2}))
+    (tmp_path / "d.jsonl").write_text("\n".join(rows))
+    r = CliRunner().invoke(main, ["compare-methods", "--base", str(tiny_bert[1]), "--data", str(tmp_path / "d.jsonl"),
+                                  "--methods", "lora,condlora,head-only", "--seeds", "2", "--steps", "3",
+                                  "--batch-size", "4", "--eval-fraction", "0.25", "--device", "cpu",
+                                  "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "out"
+    res = json.loads((out / "results.json").read_text())
+    assert [s["method"] for s in res["summary"]] == ["lora", "condlora", "head-only"]
+    assert len(res["runs"]) == 6 and {c["key"] for c in res["claims"]} == {"condlora", "control"}
+    assert all(c["outcome"] in (HOLDS, FAILS, INCONCLUSIVE) for c in res["claims"])
+    head = 32 * 2 + 2
+    assert {s["method"]: s["trainable_parameters"] for s in res["summary"]}["head-only"] == head
+    assert res["analyses"]["seed_phi"]["lora"]["pairs"] == 1 and res["analyses"]["condlora_conversion"]
+    md = (out / "results.md").read_text()
+    assert "| lora | " in md and "## Claims" in md and md in r.stdout
+    for png in ("metric_vs_parameters.png", "loss_curves.png"):
+        assert (out / png).read_bytes().startswith(b"\x89PNG")
+    assert (out / "runs" / "lora-seed1" / "adapter_config.json").is_file()
+    log = json.loads((out / "runs" / "lora-seed1" / "train_log.json").read_text())
+    assert log["output"] == str(out / "runs" / "lora-seed1") == res["runs"][1]["output"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+
+
+def test_cli_refuses_unknown_method_before_training(tiny_bert, tmp_path):
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    (tmp_path / "d.jsonl").write_text('{"input_ids": [4], "label": 0}\n')
+    r = CliRunner().invoke(main, ["compare-methods", "--base", str(tiny_bert[1]), "--data", str(tmp_path / "d.jsonl"),
+                                  "--methods", "lora,dora", "-o", str(tmp_path / "out")])
+    assert_bad_input(r, "unknown ['dora']")
+    assert not (tmp_path / "out").exists()
