@@ -218,3 +218,20 @@ def tiny_vit(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_vit")
     transformers.ViTModel(cfg).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def adapter_copy(llama_adapter, tmp_path):
+    """A writable copy of the tiny Llama PEFT adapter folder (for tests that break it)."""
+    import shutil
+
+    dst = tmp_path / "adapter"
+    shutil.copytree(llama_adapter[1], dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def stories_model(stories_path):
+    """The real stories260K as a ``LlamaForCausalLM`` (float32, eval)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(stories_path).eval()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-import zipfile
 from pathlib import Path
 
 import torch
@@ -92,19 +91,6 @@ def claim_size_in_zip(blob: bytes, member_suffix: str, claimed: int) -> bytes:
     tail = bytearray(blob[eocd:])
     tail[12:16] = struct.pack("<I", len(new_cd))
     return blob[:cd_off] + new_cd + bytes(tail)
-
-
-def assert_bad_input(result, *needles: str) -> str:
-    """Exit 2, exactly one stderr line starting 'error: ', no traceback; returns the line."""
-    stderr = result.stderr if hasattr(result, "exit_code") else result.stderr.decode(errors="replace")
-    code = result.exit_code if hasattr(result, "exit_code") else result.returncode
-    assert code == 2, (code, stderr)
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr and lines[0].startswith("error: "), stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def reads_or_refuses(fn, *args):

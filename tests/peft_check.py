@@ -23,13 +23,6 @@ def load_with_peft(model, folder):
     return pm.eval()
 
 
-@pytest.fixture(scope="session")
-def stories_model(stories_path):
-    """The real stories260K as a ``LlamaForCausalLM`` (float32, eval)."""
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoModelForCausalLM.from_pretrained(stories_path).eval()
-
-
 def token_ids(vocab: int, seed: int = 0, shape=(2, 12)):
     import torch
 

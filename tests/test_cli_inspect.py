@@ -3,13 +3,12 @@
 import json
 import os
 import pickle
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from .cli_utils import assert_bad_input, run  # noqa: F401  (re-exported: other modules import them from here)
+from .cli_utils import assert_bad_input, run
 
 
 
@@ -45,13 +44,6 @@ def test_empty_folder(tmp_path):
 def test_plain_file_where_folder_expected(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     assert_bad_input(run("inspect", tmp_path / "notes.txt"), "notes.txt", "unknown file type")
-
-
-@pytest.fixture
-def adapter_copy(llama_adapter, tmp_path):
-    dst = tmp_path / "adapter"
-    shutil.copytree(llama_adapter[1], dst)
-    return dst
 
 
 def test_invalid_json_config(adapter_copy):

@@ -3,17 +3,11 @@
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from lora_lens_cli.main import main
 from lora_lens import load_adapter
 from lora_lens.io import read_init_description
 
-from .test_cli_inspect import assert_bad_input
-
-
-def run(*args):
-    return CliRunner().invoke(main, list(map(str, args)))
+from .cli_utils import assert_bad_input, run
 
 
 def test_condlora_init_then_analyze_json(tiny_llama, tmp_path):

@@ -4,19 +4,13 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from lora_lens_cli.common import parse_size
-from lora_lens_cli.main import main
 from lora_lens import save_peft_adapter
 from lora_lens.spectra import adapter_spectra
 from lora_lens.types import LayerKey, LoraModule
-from tests.test_cli_inspect import adapter_copy, assert_bad_input  # noqa: F401  (adapter_copy: a fixture)
-
-
-def run(*args):
-    return CliRunner().invoke(main, list(map(str, args)))
+from .cli_utils import assert_bad_input, run
 
 
 def _strict_json(text: str) -> dict:

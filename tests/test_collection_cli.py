@@ -5,17 +5,12 @@ from __future__ import annotations
 import json
 
 import torch
-from click.testing import CliRunner
 
-from cli.main import main
 from lora_lens import __version__, load_adapter
 from lora_lens.io import read_init_description
 
+from .cli_utils import run
 from .conftest import PLANTED
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def bad_input(result, *needles):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from .test_cli_inspect import assert_bad_input, run
+from .cli_utils import assert_bad_input, run
 
 
 def test_similarity_one_adapter_table_and_json(llama_adapter):

@@ -6,7 +6,7 @@ import pytest
 
 from lora_lens.compare_methods.claims import FAILS, HOLDS, INCONCLUSIVE, evaluate_claims, judge, paired_interval
 
-from .train_utils import assert_bad_input
+from .cli_utils import assert_bad_input
 
 
 def test_paired_interval_matches_scipys_paired_t_test():

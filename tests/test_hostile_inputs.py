@@ -10,18 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from lora_lens_cli.main import main
 from lora_lens.errors import CheckpointError, UnsafeFileError
 from lora_lens.io.npz import read_npz
 from lora_lens.io.safetensors_header import read_safetensors_header
 from lora_lens.io.tensors import open_tensor_file
 
+from .cli_utils import assert_bad_input
+from .cli_utils import run as run_cli
 from .fuzz_inputs import time_limit
 from .hostile_files import (
     CONFIG,
-    assert_bad_input,
     claim_size_in_zip,
     safetensors_from,
     seed_safetensors,
@@ -32,7 +31,7 @@ from .hostile_files import (
 
 
 def run(*args):
-    return CliRunner().invoke(main, ["inspect", *map(str, args)])
+    return run_cli("inspect", *args)
 
 
 @pytest.fixture

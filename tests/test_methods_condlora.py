@@ -14,7 +14,7 @@ from lora_lens.io import read_init_description
 from lora_lens.methods import condlora_analysis, condlora_factors, condlora_init, target_layers
 from lora_lens.methods.common import lora_module
 
-from .peft_check import load_with_peft, stories_model, token_ids  # noqa: F401
+from .peft_check import load_with_peft, token_ids
 
 R = 4
 

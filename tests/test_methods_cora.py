@@ -11,7 +11,7 @@ from lora_lens.io import read_init_description
 from lora_lens.linalg import phi, svd
 from lora_lens.methods import cora_basis, cora_init, target_layers, write_cora_basis
 
-from .peft_check import load_with_peft, stories_model, token_ids  # noqa: F401
+from .peft_check import load_with_peft, token_ids
 
 
 def _exact_left(M: torch.Tensor, r: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from lora_lens import load_adapter
 from lora_lens.io import read_init_description
 from lora_lens.methods import pissa_init
 
-from .peft_check import load_with_peft, stories_model, token_ids  # noqa: F401
+from .peft_check import load_with_peft, token_ids
 from .tolerances import gamma, logits_atol_float64
 
 

@@ -4,13 +4,9 @@ import json
 from html.parser import HTMLParser
 
 import pytest
-from click.testing import CliRunner
-
-from lora_lens_cli.main import main
 
 
-def run(*args):
-    return CliRunner().invoke(main, list(map(str, args)))
+from .cli_utils import run
 
 
 class _Collect(HTMLParser):

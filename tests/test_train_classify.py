@@ -12,7 +12,7 @@ from lora_lens.train import train
 from lora_lens.train.labelled import pad_batch, read_labelled, stratified_split
 
 from .tolerances import gamma, logits_atol_float64, merged_weights_logits_atol
-from .train_utils import assert_bad_input
+from .cli_utils import assert_bad_input
 
 pytest.importorskip("transformers")
 

@@ -8,7 +8,9 @@ from click.testing import CliRunner
 import lora_lens
 from lora_lens_cli.main import main
 
-from .train_utils import assert_bad_input, write_condlora_init, write_cora_init
+from .cli_utils import assert_bad_input
+from .cli_utils import run as run_cli
+from .train_utils import write_condlora_init, write_cora_init
 
 pytestmark = pytest.mark.realmodel
 
@@ -16,7 +18,7 @@ FAST = ["--steps", "3", "--batch-size", "2", "--seq-len", "16"]
 
 
 def run(*args):
-    return CliRunner().invoke(main, ["train", *map(str, args)])
+    return run_cli("train", *args)
 
 
 @pytest.mark.parametrize("method", ["lora", "cora-frozen", "cora-init", "condlora", "lora-sp", "chain"])
@@ -107,7 +109,6 @@ def test_help_has_examples():
 def test_train_refuses_nan_base_truncated_base_and_encoders(tmp_path, stories_path, minilm_path):
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     from lora_lens_cli.main import main as cli_main

@@ -9,7 +9,7 @@ from torch import nn
 from lora_lens.train.inject import find_targets, inject
 from lora_lens.train.layers import CondLoRALinear, CondTheta, LoRALinear, base_weight, kaiming_uniform
 
-from .tolerances import U32, gamma, product_bound
+from .tolerances import U32, gamma
 
 
 def lora_forward_bound(x, W0, b, A, B, s, inner):

@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 from lora_lens_cli.main import main
 from lora_lens.io import atomic
 
-from .hostile_files import assert_bad_input, write_adapter
+from .cli_utils import assert_bad_input
+from .hostile_files import write_adapter
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 

@@ -25,19 +25,6 @@ def gamma(n: int, u: float = U32) -> float:
     return n * u / (1 - n * u)
 
 
-def product_bound(*factors: torch.Tensor, u: float = U32) -> float:
-    """Worst-case max |fl(X1 X2 … Xk) − X1 X2 … Xk| for the product computed in the precision of ``u``.
-
-    ``γ_N · max(|X1| |X2| … |Xk|)`` with N the sum of the inner dimensions (Higham eq. 3.13); the factors are
-    taken as exact (they are the stored values both sides use). Shapes: X1 (…, a, b), X2 (…, b, c), …
-    """
-    inner = sum(f.shape[-1] for f in factors[:-1])
-    magnitude = factors[0].double().abs()
-    for f in factors[1:]:
-        magnitude = magnitude @ f.double().abs()
-    return gamma(inner, u) * magnitude.max().item()
-
-
 def logits_atol_float64(logits: torch.Tensor, *, depth: int, width: int) -> float:
     """Two float64 evaluations of the same network on the same stored weights, in different operation order.
 

@@ -109,13 +109,3 @@ def write_condlora_init(folder: Path, shapes: dict[str, tuple[int, int]], rank: 
         theta_file=THETA_NAME,
     ))
     return theta
-
-
-def assert_bad_input(result, *needles):
-    """A CLI refusal: exit 2, exactly one ``error: …`` line on stderr holding every needle, no traceback."""
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
