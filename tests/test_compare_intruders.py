@@ -13,7 +13,7 @@ from lora_lens.keys import parse_module_path
 from lora_lens.types import Adapter, LoraModule, LoraSettings
 
 from .conftest import make_peft_adapter
-from .test_compare_alignment import base_matrix, ref_alignment
+from .alignment_refs import base_matrix, ref_alignment
 
 
 def ref_max_cos(W0: np.ndarray, dW: np.ndarray, k: int) -> np.ndarray:
