@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from .common import echo_json, progress_callback, table
-from .options import compute_options, json_option, out_option, overwrite_option, quiet_option, seed_option
+from .options import (device_option, dtype_option, json_option, max_memory_option, out_option, overwrite_option,
+                      quiet_option, seed_option)
 
 
 def read_list(path: str) -> list[str]:
@@ -49,9 +50,13 @@ def read_list(path: str) -> list[str]:
 @overwrite_option
 @json_option
 @quiet_option
-@compute_options
+# the raw --device string travels to the workers, each resolves it (auto: its own GPU), so no compute_options here
+@device_option
+@dtype_option
+@max_memory_option
 def collection_cmd(adapters, list_file, out, top_k, weighted, clusters, distance_threshold, duplicate, shared_rank,
-                   write_basis, allow_partial, scheduler, workers, seed, overwrite, as_json, quiet, compute) -> None:
+                   write_basis, allow_partial, scheduler, workers, seed, overwrite, as_json, quiet, device, dtype,
+                   max_memory) -> None:
     """Compare many adapters of one base at once: the adapter × adapter φ
     matrix (per module, per module type and overall, with a random
     baseline), clusters, a 2-D map, near-duplicates and outliers, and the
@@ -80,8 +85,8 @@ def collection_cmd(adapters, list_file, out, top_k, weighted, clusters, distance
     if write_basis:
         check_destination(Path(write_basis), overwrite)
     settings = CollectionSettings(top_k=top_k, weighted=weighted, shared_rank=shared_rank,
-                                  keep_basis=bool(write_basis), device=str(compute.device),
-                                  dtype=str(compute.dtype).removeprefix("torch."), max_memory=compute.max_memory,
+                                  keep_basis=bool(write_basis), device=device, dtype=dtype,
+                                  **({} if max_memory is None else {"max_memory": max_memory}),
                                   seed=seed)
     with contextlib.ExitStack() as stack:
         mapper = None

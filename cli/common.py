@@ -88,16 +88,10 @@ def _one_line(text: str) -> str:
 
 
 def echo_json(obj) -> None:
-    """Print one JSON object on stdout."""
-    click.echo(json.dumps(obj, indent=2, default=_json_default))
+    """Print one JSON object on stdout: strict JSON (NaN/Inf → null) through the library's one converter."""
+    from lora_lens.jsonable import to_jsonable
 
-
-def _json_default(o):
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if hasattr(o, "__fspath__"):
-        return str(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+    click.echo(json.dumps(to_jsonable(obj), indent=2, allow_nan=False))
 
 
 def table(rows: list[list], header: list[str]) -> str:

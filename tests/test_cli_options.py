@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from lora_lens_cli.main import main
@@ -144,3 +145,14 @@ def _can_build_wheels() -> bool:
     import setuptools
 
     return importlib.util.find_spec("wheel") is not None or int(setuptools.__version__.split(".")[0]) >= 70
+
+
+def test_json_output_is_strict_json(capsys):
+    """NaN/Inf (a zero update's effective rank, an undefined ratio) print as null: every JSON reader parses it."""
+    import torch
+
+    from lora_lens_cli.common import echo_json
+
+    echo_json({"nan": float("nan"), "t": torch.tensor([1.0, float("inf")]), "n": torch.tensor(3)})
+    assert json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(c)) == {
+        "nan": None, "t": [1.0, None], "n": 3}

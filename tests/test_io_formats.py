@@ -331,3 +331,36 @@ def test_convert_lycoris_to_peft_keeps_delta(tmp_path):
         assert back[m.name].kind == "lora" and back[m.name].rank == m.rank
         assert torch.allclose(back[m.name].delta(), m.delta(), rtol=0, atol=0), m.name
     assert_bad_input(run("convert", tmp_path / "lycoris.safetensors", "-o", tmp_path / "out"), "out")
+
+
+# ------------------------------------------------------------- found by review after the merge (each failed before)
+
+
+def test_lokr_conv_with_factored_w2_keeps_its_kernel(tmp_path):
+    """A conv LoKr whose w2 is factored (w2_b (r, in, kh, kw)) is a conv module, ΔW flattened (out, in·kh·kw)."""
+    s = "lora_unet_down_blocks_1_resnets_0_conv1"
+    t = {f"{s}.lokr_w1": rnd(2, 2, seed=1), f"{s}.lokr_w2_a": rnd(4, 2, seed=2), f"{s}.lokr_w2_b": rnd(2, 3, 3, 3, seed=3),
+         f"{s}.alpha": torch.tensor(2.0)}
+    save_file(t, tmp_path / "conv_lokr.safetensors")
+    m = load_adapter(tmp_path / "conv_lokr.safetensors")["unet.down_blocks.1.resnets.0.conv1"]
+    assert m.kernel == (3, 3) and m.layout == "conv"
+    w2 = torch.einsum("or,rikl->oikl", t[f"{s}.lokr_w2_a"].double(), t[f"{s}.lokr_w2_b"].double())
+    ref = (2.0 / 2) * torch.kron(t[f"{s}.lokr_w1"].double()[:, :, None, None], w2).reshape(8, -1)
+    check_reference(load_adapter(tmp_path / "conv_lokr.safetensors"), {m.name: ref})
+
+
+def test_kohya_alpha_that_is_not_one_number_is_named(tmp_path):
+    t = kohya_file(tmp_path / "a.safetensors")
+    t[f"{KOHYA_LINEAR}.alpha"] = torch.zeros(0)
+    save_file(t, tmp_path / "b.safetensors")
+    assert_bad_input(run("inspect", tmp_path / "b.safetensors"), f"{KOHYA_LINEAR}.alpha", "expected one number")
+
+
+def test_collection_reads_other_formats_and_reduce_points_to_convert(tmp_path):
+    t = kohya_file(tmp_path / "k1.safetensors")
+    save_file({k: v * 1.5 if v.ndim else v for k, v in t.items()}, tmp_path / "k2.safetensors")
+    r = run("collection", tmp_path / "k1.safetensors", tmp_path / "k2.safetensors", "-o", tmp_path / "c", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["phi"][0][1] == pytest.approx(1.0, abs=1e-6)  # a scaled copy: same subspaces
+    assert_bad_input(run("reduce", tmp_path / "k1.safetensors", "--rank", "2", "-o", tmp_path / "r"),
+                     "kohya adapter", "lora-lens convert")

@@ -272,3 +272,28 @@ def test_read_only_real_tmpfs(tmp_path):
     with _tmpfs(tmp_path / "ro", "ro,size=64k") as mnt:
         r = CliRunner().invoke(main, ["report", str(adapter), "-o", str(mnt / "rep")])
         assert_bad_input(r, "rep", "Read-only file system")
+
+
+def test_failed_replacement_puts_the_previous_output_back(tmp_path, monkeypatch):
+    """--overwrite moves the old folder aside, then renames the new one in; if that rename fails the old one
+    returns (before, it was left at .NAME.old-PID and the next run's clean-up deleted it)."""
+    import lora_lens.io.atomic as atomic
+
+    dest = tmp_path / "out"
+    with atomic.atomic_directory(dest) as d:
+        (d / "file.txt").write_text("previous")
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new folder onto dest
+            raise OSError(errno.EIO, "simulated I/O error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(OSError):
+        with atomic.atomic_directory(dest, overwrite=True) as d:
+            (d / "file.txt").write_text("new")
+    monkeypatch.undo()
+    assert (dest / "file.txt").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -418,7 +418,7 @@ def plan_collection(
         ranks = tuple(ref.rank for _, _, ref in members)
         tasks.append(ModuleTask(
             name=key, module_type=ref0.key.module, shape=ref0.shape, members=tuple(i for i, _, _ in members),
-            paths=tuple(paths[i] for i, _, _ in members),
+            paths=tuple(os.path.abspath(paths[i]) for i, _, _ in members),  # a worker may run in another folder
             names=tuple(name for _, name, _ in members), ranks=ranks,
             shared_rank=settings.shared_rank or max(ranks), settings=settings, layout=ref0.layout,
         ))

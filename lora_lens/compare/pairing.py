@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ..chunks import TRANSPOSED, chunks, load_w0, stack  # noqa: F401  (TRANSPOSED re-exported)
+from ..chunks import chunks, load_w0, stack
 from ..compute import Compute
 from ..errors import ShapeError
 from ..io.base import BaseWeights

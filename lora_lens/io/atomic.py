@@ -41,10 +41,13 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: done once, at import, before any thread writes
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def _tmp_prefix(path: Path) -> str:
@@ -103,7 +106,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temporaries(path)
         fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), dir=path.parent)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600
         with os.fdopen(fd, "wb") as f:
             _write_all(f, data)
         os.replace(tmp, path)
@@ -123,7 +126,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """``obj`` through :func:`lora_lens.jsonable.to_jsonable` (NaN → null): strict JSON, in one rename."""
+    from ..jsonable import to_jsonable
+
+    return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def atomic_save_safetensors(
@@ -191,7 +197,7 @@ def _claim(dest: Path) -> None:
     lock = key.parent / f".{dest.name}.lock"
     while True:
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
         except OSError as e:
             raise _os_error(e, dest) from None
         try:
@@ -238,11 +244,11 @@ def atomic_directory(dest: str | os.PathLike, overwrite: bool = False) -> Iterat
     a kill exactly there leaves ``dest`` absent, never partial.
     """
     dest = check_destination(dest, overwrite)
-    tmp = None
+    tmp = old = None
     try:
         clean_stale_temporaries(dest)
         tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(dest), dir=dest.parent))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the result should look like any new folder
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700; the result should look like any new folder
         yield tmp
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
@@ -252,6 +258,8 @@ def atomic_directory(dest: str | os.PathLike, overwrite: bool = False) -> Iterat
         else:
             os.replace(tmp, dest)
     except BaseException as e:
+        if old is not None and old.exists() and not dest.exists():
+            os.replace(old, dest)  # the new folder could not take its place: the previous output comes back
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         clear = _os_error(e, dest) if isinstance(e, OSError) and not isinstance(e, DiskFullError) else e

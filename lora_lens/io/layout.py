@@ -23,12 +23,13 @@ Embedding and Conv2d modules keep the layout their PEFT keys give them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
+from ..errors import LoraLensError
 from ..keys import architecture_family
 from ..types import Adapter, LoraModule
 from .base import BaseWeights
+from .jsonfile import read_json
 
 #: ``config.json`` model types whose blocks use ``transformers.Conv1D`` (weight stored ``(n, m)``).
 CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp")
@@ -45,9 +46,10 @@ def model_type_is_conv1d(base: BaseWeights) -> bool | None:
     if not cfg.is_file():
         return None
     try:
-        model_type = json.loads(cfg.read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
+        config = read_json(cfg, "a Hugging Face config.json")
+    except LoraLensError:  # an unreadable config only means the layout is decided from shapes and names
         return None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     return None if not model_type else model_type in CONV1D_MODEL_TYPES
 
 

@@ -9,9 +9,9 @@ header and hand out one module's factors on demand.
   ``adapter_config.json`` only; ``read(name)`` reads the two factors of that
   module (``safe_open``, memory-mapped). Same layout, scaling and checks as
   :func:`~lora_lens.io.peft.load_adapter` (a test compares every module).
-- Anything else :func:`~lora_lens.io.peft.load_adapter` reads (``.bin``, and
-  every format added behind it): loaded whole once and kept, so such
-  collections cost the memory of the adapters opened at once.
+- Anything else :func:`~lora_lens.io.formats.load_adapter` reads (``.bin``,
+  MLX, kohya, diffusers, LyCORIS, research state dicts; detected): loaded whole
+  once and kept, so such collections cost the memory of the adapters opened at once.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 from ..errors import CheckpointError, ShapeError
 from ..keys import parse_module_path, parse_peft_key
 from ..types import Adapter, LayerKey, LoraModule
-from .peft import (CONFIG_NAME, _written_layouts, find_adapters, load_adapter, lora_scaling, rank_and_alpha,
-                   read_settings)
+from .formats import load_adapter
+from .peft import CONFIG_NAME, _written_layouts, find_adapters, lora_scaling, rank_and_alpha, read_settings
 from .tensors import SafetensorsStore, check_tensor, open_tensor_file
 
 

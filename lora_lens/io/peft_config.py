@@ -35,7 +35,7 @@ def _fail(path: Path, key: str, value, expected: str) -> ConfigError:
 
 def _rank(path: Path, key: str, value) -> int:
     if not _is_int(value):
-        raise _fail(path, key, value, f"a positive integer rank (a JSON number without quotes or decimals)")
+        raise _fail(path, key, value, "a positive integer rank (a JSON number without quotes or decimals)")
     if not 1 <= value <= MAX_RANK:
         raise _fail(path, key, value, f"a rank between 1 and {MAX_RANK:,}")
     return value

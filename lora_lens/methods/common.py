@@ -19,8 +19,8 @@ from .. import __version__
 from ..errors import ConfigError
 from ..io.base import BaseWeights
 from ..io.initfile import InitDescription
-from ..io.layout import CONV1D_MODEL_TYPES, is_conv1d_base, named_conv1d  # noqa: F401 - public names kept here
-from ..keys import architecture_family, resolve_targets
+from ..io.layout import is_conv1d_base, named_conv1d
+from ..keys import resolve_targets
 from ..linalg import lstsq
 from ..types import LayerKey, LoraModule
 

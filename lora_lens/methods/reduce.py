@@ -19,7 +19,8 @@ import torch
 from ..compute import Compute
 from ..decompose import decompose_adapter
 from ..errors import ConfigError
-from ..io.peft import load_adapter, save_peft_adapter
+from ..io.formats import load_adapter
+from ..io.peft import save_peft_adapter
 from ..io.tensors import open_tensor_file
 from ..keys import parse_peft_key, strip_peft_prefix
 from ..spectra import rank_at_energy
@@ -72,6 +73,11 @@ def reduce_rank(
     if energy is not None and not 0.0 < energy <= 1.0:
         raise ConfigError(f"energy must be a fraction in (0, 1]; got {energy}.")
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    if adapter.format != "peft":
+        # The reduced adapter is written in PEFT's layout under the source's module names; for other formats
+        # those names and the component split are convert's job, so reduce goes after it.
+        raise ConfigError(f"{adapter.path}: is a {adapter.format} adapter; reduce reads and writes PEFT adapters. "
+                          f"Convert it first (lora-lens convert {adapter.path} --to peft -o DIR), then reduce DIR.")
     if adapter.settings.use_dora or any(o.name.endswith(("lora_magnitude_vector", "lora_B.bias"))
                                         for o in adapter.other_tensors):
         raise ConfigError(f"{adapter.path}: DoRA magnitudes or LoRA biases are part of this adapter's update; "

@@ -19,6 +19,7 @@ from matplotlib.axes import Axes
 
 from ..errors import CheckpointError
 from ..io.atomic import atomic_directory, atomic_save_safetensors
+from ..io.jsonfile import read_json
 from ._axes import Artists, add_colorbar
 from .figures import new_figure
 from .html import write_report
@@ -151,11 +152,7 @@ def collection_section(data: Mapping[str, Any]) -> dict:
 def read_collection(folder: str | Path) -> dict:
     """``collection.json`` of a collection folder."""
     p = Path(folder) / COLLECTION_JSON
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{p}: cannot be read as JSON ({e}); expected a folder written by "
-                              "`lora-lens collection`.") from None
+    data = read_json(p, "a collection.json written by `lora-lens collection`")
     if not isinstance(data, dict) or data.get("kind") != "collection":
         raise CheckpointError(f"{p}: is not a lora_lens collection (no \"kind\": \"collection\").")
     return data

@@ -19,7 +19,6 @@ external CSS, fonts or scripts). :func:`write_report` writes ``index.html``,
 from __future__ import annotations
 
 import base64
-import dataclasses
 import html
 import json
 import math
@@ -31,6 +30,7 @@ from typing import Any, Mapping, Sequence
 
 from matplotlib.figure import Figure
 
+from ..jsonable import to_jsonable
 from .. import __version__
 from ..errors import ConfigError
 from ..io.atomic import atomic_directory
@@ -282,30 +282,6 @@ def render_html(report: Report | Mapping[str, Any], link_pngs: bool = False, dpi
 
 
 # ---------------------------------------------------------------- JSON and files
-
-def to_jsonable(obj: Any, where: str = "json_data") -> Any:
-    """Plain JSON values from numpy/torch arrays and scalars, tuples, dataclasses; NaN/Inf → null."""
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, int):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if hasattr(obj, "detach"):  # torch tensor
-        obj = obj.detach().cpu().numpy()
-    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy array or scalar
-        return to_jsonable(obj.tolist(), where)
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v, f"{where}[{k!r}]") for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name), f"{where}.{f.name}") for f in dataclasses.fields(obj)}
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise ConfigError(f"{where}: a {type(obj).__name__} cannot be written to JSON; pass numbers, strings, lists, "
-                      "dicts or arrays.")
-
 
 def results_json(report: Report, json_data: Any = None, link_pngs: bool = True) -> dict[str, Any]:
     """What ``results.json`` holds: provenance, the summary, figure files, tables, and ``json_data`` as ``data``."""

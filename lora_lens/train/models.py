@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError, NonFiniteError
 from ..io import open_base
+from ..io.jsonfile import read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
 
@@ -101,12 +102,10 @@ ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "alb
 
 
 def _refuse_encoder(path: Path) -> None:
-    import json
-
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path / 'config.json'}: unreadable ({e}); expected a Hugging Face config.") from None
+    cfg = read_json(path / "config.json", "a Hugging Face config")
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path / 'config.json'}: holds a JSON {type(cfg).__name__}; expected a Hugging Face config "
+                          "(a JSON object).")
     if cfg.get("model_type") in ENCODER_TYPES and not cfg.get("is_decoder", False):
         raise ConfigError(
             f"{path}: is an encoder ({cfg.get('model_type')}); the trainer trains causal LMs, and an encoder loaded as "

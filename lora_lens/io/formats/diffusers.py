@@ -28,7 +28,7 @@ from ...errors import LoraLensError
 from ..jsonfile import loads_strict
 from ..peft import pattern_key
 from ..tensors import check_tensor, open_tensor_file
-from .factors import lora_module, make_adapter, refuse_empty, refuse_orphans
+from .factors import lora_module, make_adapter, refuse_empty, refuse_orphans, scalar
 
 WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 _ROLE = re.compile(r"^(?P<stem>.+?)\.(?:(?P<ab>lora_[AB])\.weight|lora\.(?P<du>down|up)\.weight|"
@@ -58,7 +58,7 @@ def read(path: Path, file: Path) -> Adapter:
         A = store.get(g["A"], validate=False)
         r = int(A.shape[0])
         if "alpha" in g:
-            alpha = float(check_tensor(store.get(g["alpha"], validate=False), g["alpha"], file).double().reshape(-1)[0])
+            alpha = scalar(check_tensor(store.get(g["alpha"], validate=False), g["alpha"], file), g["alpha"], file)
         else:
             alpha = _metadata_alpha(meta, name, r)
         modules.append(lora_module(name, A, store.get(g["B"], validate=False), scaling=alpha / r, alpha=alpha,

@@ -24,6 +24,14 @@ from ..tensors import check_tensor, factor_2d
 SCALE_UNKNOWN = "scale-unknown"
 
 
+def scalar(t: torch.Tensor, key: str, file: Path) -> float:
+    """The value of a one-element tensor (an ``alpha``); anything else is a bad file, named."""
+    if t.numel() != 1:
+        raise CheckpointError(f"{file}: tensor '{key}' has shape {tuple(t.shape)}; expected one number (an alpha). "
+                              "The file is damaged or not this format; pass --format to choose another reader.")
+    return float(t.double().reshape(-1)[0])
+
+
 def lora_module(name: str, A: torch.Tensor, B: torch.Tensor, *, scaling: float, alpha: float, file: Path,
                 keys: tuple[str, str], layout: str | None = None, kind: str = "lora",
                 stored_as: str = "", kernel: tuple[int, ...] = (), checked: bool = False) -> LoraModule:

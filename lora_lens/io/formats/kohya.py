@@ -27,7 +27,7 @@ from ...errors import CheckpointError
 from ...keys import kohya_module_path
 from ...types import Adapter, TensorInfo
 from ..tensors import TensorStore, check_tensor, open_tensor_file
-from .factors import lora_module, make_adapter, refuse_empty, refuse_orphans
+from .factors import lora_module, make_adapter, refuse_empty, refuse_orphans, scalar
 from .lycoris import LOHA_KEYS, LOKR_KEYS, TUCKER_KEYS, loha_parts, lokr_parts
 
 _ROLE = re.compile(r"^(?P<stem>.+?)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha|dora_scale|"
@@ -76,7 +76,7 @@ def _module(store: TensorStore, file: Path, stem: str, g: dict[str, str], orphan
             return None
         A, B = get("lora_down"), get("lora_up")
         r = int(A.shape[0])
-        alpha = float(alpha_t.float().reshape(-1)[0]) if alpha_t is not None else float(r)
+        alpha = scalar(alpha_t, g["alpha"], file) if alpha_t is not None else float(r)
         return lora_module(name, A, B, scaling=alpha / r, alpha=alpha, file=file,
                            keys=(g["lora_down"], g["lora_up"]), stored_as=stem)
     kernel = ()
@@ -99,7 +99,7 @@ def _module(store: TensorStore, file: Path, stem: str, g: dict[str, str], orphan
     else:  # only an alpha or a dora_scale: not a module
         orphans.append(f"'{stem}' has only {sorted(g)}")
         return None
-    alpha = float(alpha_t.double().reshape(-1)[0]) if alpha_t is not None else float(dim or 1)
+    alpha = scalar(alpha_t, g["alpha"], file) if alpha_t is not None else float(dim or 1)
     return lora_module(name, A, B, scaling=scale_of(alpha), alpha=alpha, file=file,
                        keys=(f"{stem}.{kind} A", f"{stem}.{kind} B"), kind=kind, stored_as=stem, kernel=kernel,
                        layout="conv" if kernel else None, checked=True)

@@ -73,6 +73,7 @@ def lokr_parts(get, have: set[str]) -> tuple[torch.Tensor, torch.Tensor, int, bo
         else:
             a, b = get(f"lokr_w{i}_a").double(), get(f"lokr_w{i}_b").double()
             dim = int(b.shape[0])
+            kernel = tuple(int(k) for k in b.shape[2:]) or kernel  # a conv w2_b is (r, in, kh, kw)
             parts.append((a, b.reshape(b.shape[0], -1)))
     (B1, A1), (B2, A2) = parts
     B, A = kron_factors(B1, A1, B2, A2)

@@ -28,7 +28,7 @@ from ...keys import split_pair_token
 from ...types import Adapter
 from ..jsonfile import read_json
 from ..tensors import check_tensor, open_tensor_file
-from .factors import lora_module, make_adapter, refuse_empty, refuse_orphans
+from .factors import lora_module, make_adapter, refuse_empty, refuse_orphans, scalar
 
 
 def read(path: Path, file: Path) -> Adapter:
@@ -57,7 +57,7 @@ def read(path: Path, file: Path) -> Adapter:
         r = int(A.shape[0])
         alpha_key = next((k for k in (f"{stem}.alpha", f"{stem}.lora_alpha") if k in names), None)
         if alpha_key:
-            alpha = float(check_tensor(store.get(alpha_key, validate=False), alpha_key, file).double().reshape(-1)[0])
+            alpha = scalar(check_tensor(store.get(alpha_key, validate=False), alpha_key, file), alpha_key, file)
             scale = alpha / r
         elif default_scale is not None:
             scale, alpha = default_scale, default_scale * r
