@@ -27,6 +27,8 @@ def test_paired_interval_matches_scipys_paired_t_test():
     ("beats", -0.01, 0.005, FAILS),
     ("beats", 0.01, 0.02, INCONCLUSIVE),
     ("beats", 0.5, None, INCONCLUSIVE),        # one seed: no spread
+    ("matches", 0.0, 0.0, INCONCLUSIVE),       # every seed tied: a zero-width interval measures no spread
+    ("beats", 0.03, 0.0, INCONCLUSIVE),
 ])
 def test_judge(kind, mean, half, expected):
     assert judge(kind, mean, half, margin=0.01) == expected

@@ -364,3 +364,11 @@ def test_collection_reads_other_formats_and_reduce_points_to_convert(tmp_path):
     assert json.loads(r.output)["phi"][0][1] == pytest.approx(1.0, abs=1e-6)  # a scaled copy: same subspaces
     assert_bad_input(run("reduce", tmp_path / "k1.safetensors", "--rank", "2", "-o", tmp_path / "r"),
                      "kohya adapter", "lora-lens convert")
+
+
+def test_format_forced_on_a_peft_folder_is_refused_not_ignored(llama_adapter):
+    """--format kohya on a PEFT folder used to be ignored (exit 0, 'peft adapter'); --format mlx blamed an MLX config."""
+    folder = llama_adapter[1]
+    assert_bad_input(run("inspect", folder, "--format", "kohya"), "is a PEFT adapter folder", "drop --format")
+    assert_bad_input(run("inspect", folder, "--format", "mlx"), "--format mlx", "drop --format")
+    assert run("inspect", folder, "--format", "peft").exit_code == 0

@@ -13,7 +13,8 @@ the 95 % confidence interval of the mean advantage is ``[d̄ − h, d̄ + h]``.
 - "matches" (non-inferiority with margin ``δ``): *holds* when ``d̄ − h ≥ −δ``,
   *does not hold* when ``d̄ + h < −δ``;
 - "beats": *holds* when ``d̄ − h > 0``, *does not hold* when ``d̄ + h ≤ 0``;
-- otherwise, or with fewer than two seeds, *inconclusive given the seed spread*.
+- otherwise, with fewer than two seeds, or when every seed gave the same difference (``h = 0``: typically
+  ties on a small eval set, which measure no spread at all), *inconclusive given the seed spread*.
 
 The parameter part of a claim ("with 1/12 of the parameters") is reported as
 measured (adapter parameters only: the head is the same for every method), not
@@ -80,7 +81,7 @@ def paired_interval(d: list[float]) -> tuple[float, float | None]:
 
 
 def judge(kind: str, mean: float, half: float | None, margin: float) -> str:
-    if half is None:
+    if half is None or half == 0:  # no spread measured: a zero-width interval is no evidence either way
         return INCONCLUSIVE
     lo, hi = mean - half, mean + half
     if kind == "matches":

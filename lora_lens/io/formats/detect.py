@@ -76,9 +76,15 @@ def _folder(folder: Path, format: str | None) -> Found | None:
         raw = _json(config)
         if format == "mlx" or (format is None and (mlx.is_mlx_config(raw) or mlx_file is not None)):
             if mlx_file is None:
-                raise CheckpointError(f"{folder}: MLX adapter config but no {' or '.join(mlx.WEIGHT_NAMES)}; "
-                                      "the save was interrupted or the file was not copied.")
+                said = "MLX adapter config" if mlx.is_mlx_config(raw) else f"--format mlx, and {PEFT_CONFIG}"
+                raise CheckpointError(f"{folder}: {said} but no {' or '.join(mlx.WEIGHT_NAMES)}; "
+                                      "the save was interrupted or the file was not copied"
+                                      + ("." if mlx.is_mlx_config(raw) else ", or the folder is PEFT's: drop --format."))
             return Found("mlx", folder, mlx_file, config)
+        if format is not None and format != "peft":
+            # kohya/diffusers/LyCORIS/state-dict readers read one weights file, never a PEFT config folder
+            raise ConfigError(f"{folder}: is a PEFT adapter folder ({PEFT_CONFIG}); --format {format} reads a single "
+                              f"{format} weights file. Pass that file's path, or drop --format.")
         peft_type = str(raw.get("peft_type") or "LORA").upper()
         if peft_type not in LOW_RANK_PEFT_TYPES:
             raise not_low_rank(folder, _tuner_name(peft_type))
