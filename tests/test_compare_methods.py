@@ -6,7 +6,7 @@ import pytest
 
 from lora_lens.compare_methods.claims import FAILS, HOLDS, INCONCLUSIVE, evaluate_claims, judge, paired_interval
 
-from .cli_utils import assert_bad_input
+from .cli_utils import assert_bad_input, run
 
 
 def test_paired_interval_matches_scipys_paired_t_test():
@@ -54,9 +54,6 @@ def test_claims_words_come_from_the_numbers():
 
 def test_cli_end_to_end(tiny_bert, tmp_path):
     import torch
-    from click.testing import CliRunner
-
-    from cli.main import main
 
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -64,10 +61,9 @@ def test_cli_end_to_end(tiny_bert, tmp_path):
         ids = torch.randint(3, 60, (3 + i % 7,), generator=g).tolist()
         rows.append(json.dumps({"input_ids": ids, "label": ids[0] % 2}))
     (tmp_path / "d.jsonl").write_text("\n".join(rows))
-    r = CliRunner().invoke(main, ["compare-methods", "--base", str(tiny_bert[1]), "--data", str(tmp_path / "d.jsonl"),
-                                  "--methods", "lora,condlora,head-only", "--seeds", "2", "--steps", "3",
-                                  "--batch-size", "4", "--eval-fraction", "0.25", "--device", "cpu",
-                                  "-o", str(tmp_path / "out")])
+    r = run("compare-methods", "--base", tiny_bert[1], "--data", tmp_path / "d.jsonl",
+            "--methods", "lora,condlora,head-only", "--seeds", "2", "--steps", "3",
+            "--batch-size", "4", "--eval-fraction", "0.25", "--device", "cpu", "-o", tmp_path / "out")
     assert r.exit_code == 0, r.output
     out = tmp_path / "out"
     res = json.loads((out / "results.json").read_text())
@@ -79,6 +75,7 @@ def test_cli_end_to_end(tiny_bert, tmp_path):
     assert res["analyses"]["seed_phi"]["lora"]["pairs"] == 1 and res["analyses"]["condlora_conversion"]
     md = (out / "results.md").read_text()
     assert "| lora | " in md and "## Claims" in md and md in r.stdout
+    assert "| eval accuracy (mean ± std) | eval loss | macro-F1 |" in md and "chain splits" not in md  # no chain run
     for png in ("metric_vs_parameters.png", "loss_curves.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
     assert (out / "runs" / "lora-seed1" / "adapter_config.json").is_file()
@@ -88,12 +85,8 @@ def test_cli_end_to_end(tiny_bert, tmp_path):
 
 
 def test_cli_refuses_unknown_method_before_training(tiny_bert, tmp_path):
-    from click.testing import CliRunner
-
-    from cli.main import main
-
     (tmp_path / "d.jsonl").write_text('{"input_ids": [4], "label": 0}\n')
-    r = CliRunner().invoke(main, ["compare-methods", "--base", str(tiny_bert[1]), "--data", str(tmp_path / "d.jsonl"),
-                                  "--methods", "lora,dora", "-o", str(tmp_path / "out")])
+    r = run("compare-methods", "--base", tiny_bert[1], "--data", tmp_path / "d.jsonl", "--methods", "lora,dora",
+            "-o", tmp_path / "out")
     assert_bad_input(r, "unknown ['dora']")
     assert not (tmp_path / "out").exists()

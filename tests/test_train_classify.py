@@ -12,7 +12,7 @@ from lora_lens.train import train
 from lora_lens.train.labelled import pad_batch, read_labelled, stratified_split
 
 from .tolerances import gamma, logits_atol_float64, merged_weights_logits_atol
-from .cli_utils import assert_bad_input
+from .cli_utils import assert_bad_input, run
 
 pytest.importorskip("transformers")
 
@@ -220,11 +220,7 @@ def test_minilm_text_with_its_tokenizer(minilm_path, tmp_path):
 
 
 def cli(*args):
-    from click.testing import CliRunner
-
-    from cli.main import main
-
-    return CliRunner().invoke(main, ["train", *map(str, args)])
+    return run("train", *args)
 
 
 CLI_FAST = ["--steps", "2", "--batch-size", "4", "--device", "cpu"]

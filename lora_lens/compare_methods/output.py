@@ -33,22 +33,30 @@ def _mib(n: int) -> str:
 def markdown(c: Comparison) -> str:
     pct = c.metric == "accuracy"
     s = c.settings
+    classify = c.task == "classify"
+    metric = "eval accuracy" if pct else c.metric.replace("_", " ")  # lm: the metric is the eval loss itself
+    methods = {m.method for m in c.summaries}
+    chain = f"; chain splits the {s['steps']} steps over its links" if "chain" in methods else ""
+    cols = ["method", "trainable params", f"{metric} (mean ± std)"] + (["eval loss", "macro-F1"] if classify else []) \
+        + ["time/step", "peak mem"]
     lines = [
         f"# Method comparison: {Path(s['base']).name} on {Path(s['data']).name} ({c.task})", "",
         f"rank {s['rank']}, alpha {s['alpha']}, {s['steps']} steps (linear warm-up {s['warmup_steps']}, then linear "
-        f"decay), lr {s['lr']}, batch {s['batch_size']}, seeds {s['seeds']}, {s['dtype']}; chain splits the "
-        f"{s['steps']} steps over its links. Wall time {c.wall_time_s / 60:.1f} min.", "",
-        f"| method | trainable params | eval {c.metric} (mean ± std) | eval loss | macro-F1 | time/step | peak mem |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"decay), lr {s['lr']}, batch {s['batch_size']}, seeds {s['seeds']}, {s['dtype']}{chain}. "
+        f"Wall time {c.wall_time_s / 60:.1f} min.", "",
+        "| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1),
     ]
     for m in c.summaries:
-        lines.append(f"| {m.method} | {m.trainable_parameters:,} | {_pm(m.metric_mean, m.metric_std, pct)} | "
-                     f"{_pm(m.eval_loss_mean, m.eval_loss_std, False)} | "
-                     f"{'–' if m.macro_f1_mean is None else f'{100 * m.macro_f1_mean:.1f} %'} | "
-                     f"{m.time_per_step_s * 1e3:.0f} ms | {_mib(m.peak_memory_bytes)} |")
+        extra = [_pm(m.eval_loss_mean, m.eval_loss_std, False),
+                 "–" if m.macro_f1_mean is None else f"{100 * m.macro_f1_mean:.1f} %"] if classify else []
+        cells = [m.method, f"{m.trainable_parameters:,}", _pm(m.metric_mean, m.metric_std, pct), *extra,
+                 f"{m.time_per_step_s * 1e3:.0f} ms", _mib(m.peak_memory_bytes)]
+        lines.append("| " + " | ".join(cells) + " |")
     kind = c.runs[0]["peak_memory_kind"] if c.runs else ""
-    lines += ["", f"Peak memory: {kind} (see docs/training.md). Trainable parameters include the head "
-              f"({c.runs[0]['head_parameters']:,} for every method)." if c.runs else "", "",
+    head = (f"Trainable parameters include the classification head ({c.runs[0]['head_parameters']:,} for every "
+            "method)." if classify else "head-only trains the LM head; every other method trains only its adapter.") \
+        if c.runs else ""
+    lines += ["", f"Peak memory: {kind} (see docs/training.md). {head}", "",
               "## Claims", "",
               f"Paired over seeds, 95 % t-interval of the advantage over the reference; 'matches' allows a margin "
               f"of {_pm(s['margin'], None, pct).replace(' %', ' pt')}.", "",
