@@ -321,7 +321,13 @@ def diffusers_module_path(stem: str) -> str:
     m = re.fullmatch(r"(.*)\.processor\.(to_[a-z]+)_lora", stem)
     if m:
         stem = f"{m.group(1)}.{m.group(2)}" + (".0" if m.group(2) == "to_out" else "")
+    if stem.split(".", 1)[0] in _UNET_ROOTS:  # UNet.save_attn_procs wrote no component prefix: it is the UNet
+        stem = "unet." + stem
     return stem
+
+
+#: Top-level modules of a diffusers UNet, for files saved without the ``unet.`` component prefix.
+_UNET_ROOTS = {"down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "time_embedding", "add_embedding"}
 
 
 # --- Generic factor pairing (research state dicts) ---------------------------------------------

@@ -372,3 +372,12 @@ def test_format_forced_on_a_peft_folder_is_refused_not_ignored(llama_adapter):
     assert_bad_input(run("inspect", folder, "--format", "kohya"), "is a PEFT adapter folder", "drop --format")
     assert_bad_input(run("inspect", folder, "--format", "mlx"), "--format mlx", "drop --format")
     assert run("inspect", folder, "--format", "peft").exit_code == 0
+
+
+def test_diffusers_processor_keys_without_prefix_are_the_unet(tmp_path):
+    """UNet.save_attn_procs files have no 'unet.' prefix; they map to the same module paths as kohya and the
+    prefixed generations (found by a new-user trial: similarity saw 'only in' modules that were the same)."""
+    q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora"
+    t = {f"{q}.down.weight": rnd(4, 32, seed=1), f"{q}.up.weight": rnd(32, 4, seed=2)}
+    save_file(t, tmp_path / "pytorch_lora_weights.safetensors")
+    assert load_adapter(tmp_path).names == ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
