@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from .randomized import LowRankSVD, range_svd
+from .randomized import LowRankSVD, range_svd, sketches
 
 
 def upcast(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -159,14 +159,13 @@ def randomized_svd(
 
 def gaussian_sketch(batch: tuple[int, ...], n: int, q: int, seed: int | Sequence[int],
                     dtype: torch.dtype) -> torch.Tensor:
-    """Gaussian ``(*batch, n, q)`` on the CPU: one generator for an int ``seed``, one per matrix for a sequence."""
-    if isinstance(seed, int):
-        return torch.randn(*batch, n, q, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-    seeds = list(seed)
-    if len(batch) != 1 or len(seeds) != batch[0]:
-        raise ValueError(f"{len(seeds)} seeds for a batch of shape {tuple(batch)}; expected one seed per matrix of (L, m, n).")
-    return torch.stack([torch.randn(n, q, generator=torch.Generator().manual_seed(s), dtype=dtype) for s in seeds]) \
-        if seeds else torch.empty(0, n, q, dtype=dtype)
+    """Gaussian ``(*batch, n, q)`` on the CPU: the range finder's own draws (:func:`lora_lens.randomized.sketches`,
+    no probes), one generator for an int ``seed``, one per matrix of an ``(L, m, n)`` batch for a sequence."""
+    if not isinstance(seed, int) and len(batch) != 1:
+        raise ValueError(f"{len(list(seed))} seeds for a batch of shape {tuple(batch)}; expected one seed per matrix "
+                         "of (L, m, n).")
+    omega, _ = sketches(math.prod(batch), n, q, 0, seed, dtype)  # (L, n, q): one stream, so reshaping is exact
+    return omega.reshape(*batch, n, q)
 
 
 def top_left_subspace(S: torch.Tensor, rank: int, oversample: int = 16, n_iter: int = 16,
