@@ -184,12 +184,31 @@ def test_macro_f1_against_a_hand_count(tiny_bert, id_data):
 
 def test_bfloat16_keeps_float32_master_weights(tiny_bert, id_data):
     r32 = train(tiny_bert[1], "lora", task="classify", data=id_data, **FAST)
-    r16 = train(tiny_bert[1], "lora", task="classify", data=id_data, dtype="bfloat16", **FAST)
+    r16 = train(tiny_bert[1], "lora", task="classify", data=id_data, train_dtype="bfloat16", **FAST)
     assert all(p.dtype == torch.float32 for p in r16.model.parameters())
-    assert r16.dtype == "bfloat16" and all(math.isfinite(x) for x in r16.losses)
+    assert r16.train_dtype == "bfloat16" and all(math.isfinite(x) for x in r16.losses)
     # bf16 keeps 8 mantissa bits: the losses differ from float32's, by about 2⁻⁸ relative per op, not more.
     assert r16.losses != r32.losses
     assert all(abs(a - b) < 0.05 * abs(b) for a, b in zip(r16.losses, r32.losses))
+
+
+def test_bfloat16_autocast_computes_in_bf16_and_updates_float32(tiny_bert, id_data):
+    """--dtype bfloat16 is autocast, not a cast of the model: an adapted layer's forward gives bf16 activations,
+    while the weights the optimizer updates and its moments stay float32; float32 stays float32 throughout."""
+    from lora_lens.train import TrainConfig, fit, prepare
+
+    seen = {}
+    for dt in ("float32", "bfloat16"):
+        run = prepare(tiny_bert[1], TrainConfig(method="lora", task="classify", train_dtype=dt, **FAST), data=id_data)
+        layer = next(iter(run.adapted.layers.values()))
+        outputs = []
+        layer.register_forward_hook(lambda module, args, out: outputs.append(out.dtype))
+        fit(run)
+        seen[dt] = set(outputs)
+        assert {p.dtype for p in run.model.parameters()} == {torch.float32}
+        moments = [v for s in run.optimizer.state.values() for k, v in s.items() if k.startswith("exp_avg")]
+        assert moments and {v.dtype for v in moments} == {torch.float32}
+    assert seen == {"float32": {torch.float32}, "bfloat16": {torch.bfloat16}}
 
 
 @pytest.mark.realmodel

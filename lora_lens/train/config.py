@@ -27,8 +27,10 @@ class TrainConfig:
     ``task``: ``lm`` (next token) or ``classify`` (:mod:`.tasks`);
     ``max_length``: classify's token limit (None: the model's positions);
     ``eval_every``: also evaluate every so many steps (None: before and after
-    only); ``dtype``: ``bfloat16`` runs forward and loss under autocast while
-    the weights, gradients and AdamW state stay float32.
+    only); ``train_dtype``: the *training* precision, not a compute dtype:
+    ``bfloat16`` runs forward and loss under ``torch.autocast`` while the
+    weights, gradients and AdamW state stay float32 (master weights); the CLI
+    spells it ``--dtype``.
     """
 
     method: str = "lora"
@@ -52,15 +54,16 @@ class TrainConfig:
     task: str = "lm"
     max_length: int | None = None
     eval_every: int | None = None
-    dtype: str = "float32"
+    train_dtype: str = "float32"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; expected one of {list(METHODS)}.")
         if self.task not in TASKS:
             raise ConfigError(f"unknown task {self.task!r}; expected one of {list(TASKS)}.")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r} is not supported; expected one of {list(DTYPES)}.")
+        if self.train_dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.train_dtype!r} (training precision) is not supported; expected one of "
+                              f"{list(DTYPES)}.")
         positive = {"steps": self.steps, "batch_size": self.batch_size, "seq_len": self.seq_len,
                     "rank": self.rank if self.rank is not None else 1, "lr": self.lr,
                     "alpha": self.alpha if self.alpha is not None else 1,
