@@ -123,8 +123,9 @@ def classify_batch_file(n: int, folder: Path) -> Path:
     return path
 
 
-def peft_classify_steps(base: Path, data: Path, steps: int, lr: float, device, dtype: str, max_length: int) -> float:
-    """Seconds per step of PEFT (SEQ_CLS, classifier in modules_to_save) + a plain AdamW loop on one batch."""
+def peft_classify_steps(base: Path, data: Path, steps: int, lr: float, device, dtype: str, max_length: int
+                        ) -> list[float]:
+    """Seconds of each step of PEFT (SEQ_CLS, classifier in modules_to_save) + a plain AdamW loop on one batch."""
     import json
 
     import peft
@@ -157,15 +158,18 @@ def peft_classify_steps(base: Path, data: Path, steps: int, lr: float, device, d
         return loss.item()
 
     step()  # warm-up step (allocations, kernels), not timed
-    t = time.perf_counter()
+    stamps = [time.perf_counter()]
     for _ in range(steps):
         step()
-    return (time.perf_counter() - t) / steps
+        stamps.append(time.perf_counter())
+    return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 def lora_lens_classify_steps(base: Path, data: Path, steps: int, lr: float, device, dtype: str, max_length: int,
-                             batch_size: int) -> float:
-    """Seconds per step of ``fit`` with ``--task classify`` on the same batch, the first step not timed."""
+                             batch_size: int) -> list[float]:
+    """Seconds of each step of ``fit`` with ``--task classify`` on the same batch (stamped in ``log`` at the end
+    of each step, so a step is the whole loop body: batch, forward, backward, clip, AdamW, logging), the first
+    step not timed."""
     from lora_lens.train import TrainConfig, fit, prepare
 
     cfg = TrainConfig(method="lora", rank=8, alpha=16, targets=("query", "value"), steps=steps + 1, lr=lr,
@@ -174,7 +178,7 @@ def lora_lens_classify_steps(base: Path, data: Path, steps: int, lr: float, devi
     stamps = []
     fit(prepare(base, cfg, data=data),
         log=lambda rec: stamps.append(time.perf_counter()) if rec["event"] == "step" else None)
-    return (stamps[-1] - stamps[0]) / steps
+    return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 def bench_classify(args) -> None:
@@ -196,10 +200,14 @@ def bench_classify(args) -> None:
             theirs.append(peft_classify_steps(base, data, args.steps, 1e-3, args.device, args.dtype, args.max_length))
             ours.append(lora_lens_classify_steps(base, data, args.steps, 1e-3, args.device, args.dtype,
                                                  args.max_length, args.cls_batch))
-    o, t = statistics.median(ours), statistics.median(theirs)
+    # The median of every timed step, pooled over the rounds: a burst of load on a shared machine hits a few
+    # steps of one side, which the median skips; the per-round medians show how much the load moved.
+    o, t = statistics.median(x for r in ours for x in r), statistics.median(x for r in theirs for x in r)
     print(f"{'MiniLM-L6 classify (WordNet, ' + args.dtype + ')':38s} lora_lens {o * 1e3:7.2f} ms/step   "
-          f"PEFT+AdamW {t * 1e3:7.2f} ms/step   ratio {o / t:.3f}")
-    print("  per round (lora_lens / PEFT ms): " + ", ".join(f"{a * 1e3:.1f}/{b * 1e3:.1f}" for a, b in zip(ours, theirs)))
+          f"PEFT+AdamW {t * 1e3:7.2f} ms/step   ratio {o / t:.3f}   (batch {args.cls_batch} x ≤{args.max_length} "
+          "tokens)")
+    print("  per-round medians (lora_lens / PEFT ms): " + ", ".join(
+        f"{statistics.median(a) * 1e3:.0f}/{statistics.median(b) * 1e3:.0f}" for a, b in zip(ours, theirs)))
 
 
 def main():

@@ -51,7 +51,8 @@ def _csv(kind):
 @click.option("--max-length", type=int, help="classify: tokens per example; longer ones are truncated with a "
               "warning [default: the model's positions].")
 @click.option("--rank", type=int, help="LoRA rank r (default 8, or the init folder's).")
-@click.option("--alpha", type=float, help="LoRA alpha; scaling alpha/r (default 16; cora-*: = rank, s = 1; or the init folder's).")
+@click.option("--alpha", type=float, help="LoRA alpha; scaling alpha/r (default 16; cora-*, condlora: = rank, "
+              "s = 1, as their init folders; or the init folder's).")
 @click.option("--targets", callback=_csv(str), help="Comma-separated module names (default q_proj,v_proj or the "
               "model's attention projections).")
 @click.option("--steps", default=40, show_default=True, type=int)

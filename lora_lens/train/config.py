@@ -20,7 +20,7 @@ class TrainConfig:
     """Options of one run; checked on creation.
 
     ``rank`` / ``alpha`` / ``targets`` left as None take the init folder's
-    values, else 8 / 16 (CoRA: ``α = r``, ``s = 1``, as ``cora init``) / the
+    values, else 8 / ``setup.default_alpha`` (16; CoRA, CondLoRA: ``α = r``, as their inits) / the
     model's attention projections. ``warmup_steps``
     None is 10 % of ``steps``. Chain of LoRA: ``knots`` (step indices where a
     new link starts) or ``links`` (evenly spaced; 3 when neither is given).
@@ -72,11 +72,11 @@ class TrainConfig:
         bad = [f"{k}={v}" for k, v in positive.items() if not v > 0]
         if bad:
             raise ConfigError(f"{', '.join(bad)}: expected positive values.")
-        if self.weight_decay < 0 or not 0 <= self.eval_fraction < 1:
-            raise ConfigError(
-                f"weight_decay={self.weight_decay}, eval_fraction={self.eval_fraction}: expected weight_decay ≥ 0 "
-                "and 0 ≤ eval_fraction < 1."
-            )
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay}: expected a value ≥ 0.")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction={self.eval_fraction}: expected the held-out share, 0 ≤ eval_fraction < 1 "
+                              "(e.g. 0.1).")
         if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
             raise ConfigError(f"warmup_steps={self.warmup_steps}: expected 0 … steps ({self.steps}).")
         if self.targets is not None and not self.targets:
