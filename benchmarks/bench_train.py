@@ -16,9 +16,12 @@ first ``--cls-batch`` rows, tokenized by the folder's tokenizer, right-padded),
 same dtype (``--dtype bfloat16``: both autocast forward and loss, weights fp32),
 same per-step work (forward, cross-entropy, backward, clip, AdamW step,
 zero_grad, ``loss.item()``), dropout as the model has it (both in train mode).
+The two loops alternate step by step in one process (the PEFT step runs in the
+trainer's progress callback and is timed apart from it); the median over all
+steps of ``--rounds`` rounds is reported per side, and the ratio.
 
-Rounds alternate between the two sides so that load on a shared machine hits
-both alike; the median step time per side is reported, and the ratio
+lm: rounds alternate between the two sides so that load on a shared machine
+hits both alike; the median step time per side is reported, and the ratio
 lora_lens / PEFT (target ≤ 1.2).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_train.py [--task lm|classify|all] [--steps 20]
@@ -123,9 +126,10 @@ def classify_batch_file(n: int, folder: Path) -> Path:
     return path
 
 
-def peft_classify_steps(base: Path, data: Path, steps: int, lr: float, device, dtype: str, max_length: int
-                        ) -> list[float]:
-    """Seconds of each step of PEFT (SEQ_CLS, classifier in modules_to_save) + a plain AdamW loop on one batch."""
+def peft_classify_step(base: Path, data: Path, lr: float, device, dtype: str, max_length: int):
+    """One training step of PEFT (SEQ_CLS, classifier in modules_to_save) + a plain AdamW loop on the batch in
+    ``data``, as a function: forward and cross-entropy (under autocast for bfloat16), backward, clip, AdamW step,
+    zero_grad, ``loss.item()``."""
     import json
 
     import peft
@@ -157,28 +161,42 @@ def peft_classify_steps(base: Path, data: Path, steps: int, lr: float, device, d
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    step()  # warm-up step (allocations, kernels), not timed
-    stamps = [time.perf_counter()]
-    for _ in range(steps):
-        step()
-        stamps.append(time.perf_counter())
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+    return step
 
 
-def lora_lens_classify_steps(base: Path, data: Path, steps: int, lr: float, device, dtype: str, max_length: int,
-                             batch_size: int) -> list[float]:
-    """Seconds of each step of ``fit`` with ``--task classify`` on the same batch (stamped in ``log`` at the end
-    of each step, so a step is the whole loop body: batch, forward, backward, clip, AdamW, logging), the first
-    step not timed."""
+def interleaved_classify_steps(base: Path, data: Path, steps: int, lr: float, device, dtype: str, max_length: int,
+                               batch_size: int) -> tuple[list[float], list[float]]:
+    """``(lora_lens, PEFT)`` seconds of each step, the two loops alternating step by step in one process.
+
+    ``fit`` runs the trainer (``--task classify``, every batch the whole file); its ``progress`` callback, called
+    after each trainer step, runs and times one PEFT step. A trainer step is timed from the return of that
+    callback to the trainer's next ``step`` log record: the whole loop body (batch, forward, backward, clip,
+    AdamW, ``loss.item()``, logging). Alternating single steps puts a burst of load on both sides alike. The
+    first step of each side is a warm-up, not timed.
+    """
     from lora_lens.train import TrainConfig, fit, prepare
 
+    peft_step = peft_classify_step(base, data, lr, device, dtype, max_length)
+    peft_step()  # warm-up (allocations, kernels)
     cfg = TrainConfig(method="lora", rank=8, alpha=16, targets=("query", "value"), steps=steps + 1, lr=lr,
                       batch_size=batch_size, eval_fraction=0.0, device=device, task="classify",
                       max_length=max_length, train_dtype=dtype)
-    stamps = []
-    fit(prepare(base, cfg, data=data),
-        log=lambda rec: stamps.append(time.perf_counter()) if rec["event"] == "step" else None)
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+    ours, theirs, resumed = [], [], [None]
+
+    def log(record):
+        if record["event"] == "step" and resumed[0] is not None:
+            ours.append(time.perf_counter() - resumed[0])
+
+    def progress(step, total, loss):
+        if step == total:
+            return
+        t = time.perf_counter()
+        peft_step()
+        theirs.append(time.perf_counter() - t)
+        resumed[0] = time.perf_counter()
+
+    fit(prepare(base, cfg, data=data), log=log, progress=progress)
+    return ours, theirs
 
 
 def bench_classify(args) -> None:
@@ -196,12 +214,13 @@ def bench_classify(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = classify_batch_file(args.cls_batch, Path(tmp))
         ours, theirs = [], []
-        for _ in range(args.rounds):
-            theirs.append(peft_classify_steps(base, data, args.steps, 1e-3, args.device, args.dtype, args.max_length))
-            ours.append(lora_lens_classify_steps(base, data, args.steps, 1e-3, args.device, args.dtype,
-                                                 args.max_length, args.cls_batch))
+        for _ in range(args.rounds):  # fresh models each round
+            o, t = interleaved_classify_steps(base, data, args.steps, 1e-3, args.device, args.dtype, args.max_length,
+                                              args.cls_batch)
+            ours.append(o)
+            theirs.append(t)
     # The median of every timed step, pooled over the rounds: a burst of load on a shared machine hits a few
-    # steps of one side, which the median skips; the per-round medians show how much the load moved.
+    # steps, which the median skips; the per-round medians show how much the load moved.
     o, t = statistics.median(x for r in ours for x in r), statistics.median(x for r in theirs for x in r)
     print(f"{'MiniLM-L6 classify (WordNet, ' + args.dtype + ')':38s} lora_lens {o * 1e3:7.2f} ms/step   "
           f"PEFT+AdamW {t * 1e3:7.2f} ms/step   ratio {o / t:.3f}   (batch {args.cls_batch} x ≤{args.max_length} "
