@@ -32,7 +32,8 @@ from .errors import ConfigError
 from .io import load_adapter, open_base
 from .io.atomic import atomic_write_json, check_destination
 from .methods import condlora_analysis, condlora_init, cora_init
-from .report.analysis import analyze_adapters, write_analysis_report
+from .analysis import analyze_adapters
+from .report.analysis import write_analysis_report
 from .report.condlora import condlora_section
 from .train import train
 
