@@ -33,6 +33,7 @@ from .io import load_adapter, open_base
 from .io.atomic import atomic_write_json, check_destination
 from .methods import condlora_analysis, condlora_init, cora_init
 from .analysis import analyze_adapters
+from .jsonable import stamp
 from .report.analysis import write_analysis_report
 from .report.condlora import condlora_section
 from .train import train
@@ -144,9 +145,9 @@ def run_demo(
         extra_sections=[condlora_section(cond)], extra_json={"condlora_analysis": cond.to_dict()}, overwrite=True,
     )
     wall = time.perf_counter() - t0
-    atomic_write_json(out / "demo.json", {
+    atomic_write_json(out / "demo.json", stamp("demo_run", {
         "base": str(base_dir), "adapters": {k: str(v) for k, v in adapters.items()}, "eval_loss": losses,
         "report": str(report), "wall_time_s": wall, "steps": steps, "rank": rank,
-    })
+    }))
     return DemoResult(out, report, adapters, losses, wall)
 

@@ -21,17 +21,18 @@ from .errors import ConfigError
 #: Schema version of each kind of top-level JSON result. Bump a kind's number when one of its fields is
 #: removed, renamed or changes meaning (adding a field keeps the number); docs/formats.md lists the fields.
 SCHEMAS: dict[str, int] = {
-    "adapter": 1, "adapters": 1, "base": 1,                         # lora-lens inspect
-    "spectra": 1,                                                   # lora-lens spectrum
+    "adapter": 1, "adapters": 1, "base": 1,                          # lora-lens inspect
+    "spectra": 1,                                                    # lora-lens spectrum
     "layer_similarity": 1, "adapter_similarity": 1, "pairwise_similarity": 1,  # lora-lens similarity
-    "alignment": 1, "intruders": 1, "alignment_analysis": 1,        # lora-lens alignment
-    "collection": 1,                                                # collection.json
-    "condlora_analysis": 1,                                         # lora-lens condlora analyze
-    "init": 1, "reduced_adapter": 1, "cora_basis": 1,               # the init commands, cora_basis.json
-    "train_run": 1,                                                 # lora-lens train, log.json
-    "comparison": 1,                                                # compare-methods results.json / --json
-    "analysis": 1, "report": 1, "report_written": 1,                # lora-lens report, results.json
-    "converted": 1, "demo": 1,                                      # lora-lens convert, demo
+    "alignment": 1, "intruders": 1, "alignment_analysis": 1,         # lora-lens alignment
+    "collection": 1,                                                 # lora-lens collection, collection.json
+    "condlora_analysis": 1,                                          # lora-lens condlora analyze
+    "init": 1, "reduced_adapter": 1, "cora_basis": 1,                # init commands, reduce, cora_basis.json
+    "train_result": 1, "train_run": 1,                               # lora-lens train --json, train_log.json
+    "comparison": 1, "comparison_summary": 1,                        # compare-methods results.json, --json
+    "analysis": 1, "report": 1, "report_written": 1,                 # results.json's data, results.json, --json
+    "converted": 1,                                                  # lora-lens convert --json
+    "demo": 1, "demo_run": 1,                                        # lora-lens demo --json, demo.json
 }
 
 

@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from ..io.base import BaseWeights
 from ..io.initfile import InitDescription
 from ..io.layout import is_conv1d_base, named_conv1d
+from ..jsonable import stamp, to_jsonable
 from ..keys import resolve_targets
 from ..linalg import lstsq
 from ..types import LayerKey, LoraModule
@@ -138,5 +139,6 @@ class InitResult:
     summary: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"out_dir": str(self.out_dir), "init": asdict(self.description), "summary": self.summary,
-                "records": list(self.records)}
+        # reshaped: the description is written under the name of the file it mirrors ("init")
+        return stamp("init", {"out_dir": str(self.out_dir), "init": to_jsonable(self.description),
+                              "summary": self.summary, "records": list(self.records)})
