@@ -48,7 +48,8 @@ from ..jsonable import stamp
 from ..keys import match_modules_to_weights, parse_module_path
 from ..linalg import top_left_subspace  # noqa: F401  (CoRA's kernel; lives in linalg so compare can share it)
 from ..types import LoraModule
-from .common import InitResult, TargetLayer, check_rank, lora_module, provenance, target_layers
+from .result import InitResult, provenance
+from .targets import TargetLayer, check_rank, lora_module, target_layers
 
 SOURCE_KINDS = ("weights", "deltas")
 SCALES = ("orthonormal", "kaiming")

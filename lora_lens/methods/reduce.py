@@ -26,7 +26,7 @@ from ..io.tensors import open_tensor_file
 from ..keys import parse_peft_key, strip_peft_prefix
 from ..spectra import rank_at_energy
 from ..types import Adapter, LoraModule
-from .common import provenance
+from .result import provenance
 
 
 @dataclass(frozen=True)
