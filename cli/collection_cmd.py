@@ -9,7 +9,7 @@ import click
 
 from .common import echo_json, progress_callback, table
 from .options import (device_option, dtype_option, json_option, max_memory_option, out_option, overwrite_option,
-                      quiet_option, seed_option)
+                      quiet_option, seed_option, top_k_option)
 
 
 def read_list(path: str) -> list[str]:
@@ -32,7 +32,7 @@ def read_list(path: str) -> list[str]:
 @click.argument("adapters", nargs=-1, type=click.Path(path_type=str))
 @click.option("--list", "list_file", type=click.Path(path_type=str), help="A file with one adapter path per line.")
 @out_option("Folder for collection.json, collection.safetensors and report/.")
-@click.option("--top-k", type=click.IntRange(min=1), help="Directions compared per module (default: its min rank).")
+@top_k_option("Directions compared per module (default: its min rank).")
 @click.option("--weighted", is_flag=True, help="Average modules weighted by ‖ΔW‖ (default: plain mean).")
 @click.option("--clusters", default="auto", show_default=True, metavar="K|auto",
               help="Number of clusters, or auto (best silhouette).")

@@ -170,8 +170,9 @@ def progress_callback(label: str, quiet: bool = False, min_items: int = 100):
     Drawn when stderr is a terminal, or when the run is long (``total ≥
     min_items``; a non-terminal then gets the label once, click's behaviour);
     never with ``quiet``. The bar opens at the first call, so errors raised
-    while loading print alone. Never writes to stdout, so ``--json`` output
-    stays one object.
+    while loading print alone, and closes when ``done`` reaches ``total`` (a
+    later call, e.g. the next adapter's, opens a new one). Never writes to
+    stdout, so ``--json`` output stays one object.
     """
     state: dict = {}
     err = click.get_text_stream("stderr")
@@ -188,6 +189,10 @@ def progress_callback(label: str, quiet: bool = False, min_items: int = 100):
         if bar is not None:
             bar.update(done - state["done"], what)
             state["done"] = done
+            if done >= total:  # finished: end the line now, before the command prints its result
+                state.pop("bar").__exit__(None, None, None)
+        elif done >= total:
+            state.pop("bar")  # a later phase (the next adapter) decides again
 
     try:
         yield callback

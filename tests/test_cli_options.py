@@ -74,11 +74,16 @@ def test_one_spelling_per_option():
     assert set(by_name["as_json"]) == {path for path, c in commands.items() if not isinstance(c, click.Group)}
     assert {p.type.min for p in by_name["epsilon"].values()} == {0} and len(by_name["epsilon"]) == 2
     assert {tuple(p.opts) for p in by_name["n_iter"].values()} == {("--n-iter",)}
-    # progress bars on the long commands, off with --quiet
+    # progress bars on the long commands, off with --quiet: every command that computes (takes --device) has it
     assert {"lora-lens " + c for c in ("alignment", "report", "spectrum", "cora basis", "cora init", "train",
-                                       "demo")} <= set(by_name["quiet"])
+                                       "demo", "similarity", "reduce", "pissa", "condlora analyze",
+                                       "condlora init")} <= set(by_name["quiet"])
+    assert set(by_name["device"]) <= set(by_name["quiet"])
+    # how many top singular directions: --top-k wherever a command takes such a k
+    assert {tuple(p.opts) for p in by_name["top_k"].values()} == {("--top-k",)}
+    assert {"lora-lens " + c for c in ("similarity", "alignment", "report", "collection")} <= set(by_name["top_k"])
     visible = {o for c in commands.values() for p in c.params if not getattr(p, "hidden", False) for o in p.opts}
-    assert not {"--niter", "--output", "--n_iter"} & visible
+    assert not {"--niter", "--output", "--n_iter", "--k", "--intruder-k"} & visible
 
 
 def test_quiet_turns_the_progress_bar_off(llama_adapter, monkeypatch):
@@ -90,6 +95,20 @@ def test_quiet_turns_the_progress_bar_off(llama_adapter, monkeypatch):
     assert loud.exit_code == quiet.exit_code == 0
     assert "decomposing LoRA modules" in loud.stderr and quiet.stderr == ""
     assert json.loads(loud.stdout) == json.loads(quiet.stdout)
+
+
+@pytest.mark.parametrize("command", ["similarity", "reduce"])
+def test_quiet_on_the_commands_that_lacked_it(llama_adapter, monkeypatch, tmp_path, command):
+    import lora_lens_cli.common
+
+    monkeypatch.setattr(lora_lens_cli.common, "_isatty", lambda stream: True)
+    args = [command, str(llama_adapter[1]), "--json"] + (["--rank", "2", "-o"] if command == "reduce" else [])
+    loud = CliRunner().invoke(main, args + ([str(tmp_path / "loud")] if command == "reduce" else []))
+    quiet = CliRunner().invoke(main, args + ([str(tmp_path / "quiet")] if command == "reduce" else []) + ["-q"])
+    assert loud.exit_code == quiet.exit_code == 0, loud.output + quiet.output
+    assert "decomposing LoRA modules" in loud.stderr and quiet.stderr == ""
+    strip = (lambda d: {k: v for k, v in d.items() if k != "out_dir"})
+    assert strip(json.loads(loud.stdout)) == strip(json.loads(quiet.stdout))
 
 
 def test_renamed_niter_still_works_and_says_so(tiny_llama, tmp_path):
