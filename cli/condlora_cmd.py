@@ -49,7 +49,7 @@ def analyze_cmd(adapter, base, mode, rcond, seed, compute, as_json) -> None:
         s = g.summary()
         rows.append([g.module_type, g.side, g.equation, len(g.blocks), s["phi_offdiag"], s["phi_offdiag_deep"],
                      s["gaussian_offdiag"], s["structural_offdiag"], s["random_expectation"], s["residual_max"]])
-    click.echo(f"CondLoRA conversion matrices of {result.adapter} (base {result.base}); mean off-diagonal φ:")
+    click.echo(f"CondLoRA conversion matrices of {result.label} (base {result.base}); mean off-diagonal φ:")
     click.echo(table(rows, ["module type", "side", "equation", "L", "φ", "φ deep half", "gaussian", "W0⁻¹G",
                             "r/d", "residual max"]))
     if result.skipped:

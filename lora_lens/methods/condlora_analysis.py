@@ -87,6 +87,8 @@ class CondLoraAnalysis:
     base: str
     seed: int
     skipped: tuple[str, ...] = ()
+    #: The adapter's short name (:attr:`Adapter.label`) for tables; ``adapter`` is its path.
+    label: str = ""
 
     def grid(self, module_type: str, side: str) -> ConversionGrid:
         for g in self.grids:
@@ -96,7 +98,8 @@ class CondLoraAnalysis:
 
     def to_dict(self) -> dict:
         return {"adapter": self.adapter, "base": self.base, "seed": self.seed, "skipped": list(self.skipped),
-                "grids": [g.to_dict() for g in self.grids]}
+                "grids": [g.to_dict() for g in self.grids],
+                "label": self.label}
 
 
 def condlora_analysis(
@@ -132,7 +135,7 @@ def condlora_analysis(
     for mt in dict.fromkeys(m.key.module for m in usable):
         mods = sorted((m for m in usable if m.key.module == mt), key=lambda m: m.key.sort_key())
         grids += _analyse_type(mt, mods, weights, base, mode, rcond, cx)
-    return CondLoraAnalysis(tuple(grids), str(adapter.path), str(base.path), cx.seed, skipped)
+    return CondLoraAnalysis(tuple(grids), str(adapter.path), str(base.path), cx.seed, skipped, label=adapter.label)
 
 
 def _analyse_type(mt, mods, weights, base, mode, rcond, cx: Compute) -> list[ConversionGrid]:
