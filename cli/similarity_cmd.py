@@ -84,12 +84,23 @@ def render_layers(res) -> str:
         ks = sorted(set(g.ks))
         out += ["", f"{g.module_type}  d={g.dim}  k={','.join(map(str, ks))}  ({len(g.blocks)} layers)",
                 _summary_line("mean off-diagonal φ", s, ""), _summary_line("deeper half       ", s, "deep_")]
-        labels = ["-" if b is None else str(b) for b in g.blocks]
-        w = max(4, max(len(x) for x in labels))
-        out.append(" " * (w + 2) + " ".join(x.rjust(4) for x in labels))
-        for lab, row in zip(labels, g.phi.tolist()):
-            out.append(f"  {lab.rjust(w)}" + " ".join(_cell(x) for x in row))
+        rows, cols = block_labels(g.blocks, g.block_names)
+        w = max(4, max(len(x) for x in rows))
+        out.append(" " * (w + 2) + " ".join(x.rjust(4) for x in cols))
+        just = str.rjust if rows == cols else str.ljust  # indices right-aligned, names left-aligned
+        for lab, row in zip(rows, g.phi.tolist()):
+            out.append(f"  {just(lab, w)}" + " ".join(_cell(x) for x in row))
     return "\n".join(out) + "\n"
+
+
+def block_labels(blocks, names) -> tuple[list[str], list[str]]:
+    """Row and column labels of a layers × layers grid: the block index, or where the index is a position
+    code (diffusion UNets) the readable block name per row and the row number per column."""
+    if not any(names):
+        labels = ["-" if b is None else str(b) for b in blocks]
+        return labels, labels
+    cols = [str(i) for i in range(len(blocks))]
+    return [f"{i} {n or ('-' if b is None else b)}" for i, (b, n) in zip(cols, zip(blocks, names))], cols
 
 
 def _summary_line(label: str, s: dict, tag: str) -> str:

@@ -143,6 +143,8 @@ class SpectrumReport:
     stable_rank: float
     rank_at_energy: int
     rank_at_fro: int
+    #: The block's readable path where ``block`` is a position code (diffusion UNets), else ``None``.
+    block_name: str | None = None
 
     @property
     def top_singular_value(self) -> float:
@@ -150,7 +152,8 @@ class SpectrumReport:
 
     def to_dict(self) -> dict:
         return {
-            "name": self.name, "block": self.block, "module_type": self.module_type, "shape": list(self.shape),
+            "name": self.name, "block": self.block, "block_name": self.block_name, "module_type": self.module_type,
+            "shape": list(self.shape),
             "base_shape": list(self.base_shape), "layout": self.layout, "rank": self.rank, "alpha": self.alpha,
             "scaling": self.scaling, "singular_values": self.singular_values.tolist(), "energy": self.energy.tolist(),
             "fro_norm": self.fro_norm, "effective_rank": self.effective_rank, "stable_rank": self.stable_rank,
@@ -249,7 +252,7 @@ def adapter_spectra(
                                                      "rank_at_energy", "rank_at_fro")}
     layers = tuple(
         SpectrumReport(
-            name=m.name, block=m.key.block, module_type=m.key.module, shape=m.shape, base_shape=m.base_shape,
+            name=m.name, block=m.key.block, block_name=m.key.block_name, module_type=m.key.module, shape=m.shape, base_shape=m.base_shape,
             layout=m.layout, rank=m.rank, alpha=m.alpha, scaling=m.scaling,
             singular_values=S[i, :k], energy=met["energy"][i, :k],
             **{name: vals[i] for name, vals in scalars.items()},

@@ -114,3 +114,28 @@ def test_old_k_spellings_still_work_and_say_so(llama_adapter, tiny_llama):
     old = run("alignment", llama_adapter[1], "--base", tiny_llama[1], "--intruder-k", "3", "--json")
     assert old.exit_code == 0 and "--intruder-k is deprecated; use --top-k" in old.stderr, old.output
     assert json.loads(old.stdout)["intruders"]["k"] == 3  # the old value wins over --top-k's default
+
+
+def test_tables_name_unet_blocks_json_keeps_both(tmp_path):
+    """A UNet block's index is a position code (2010000): tables print its name, the JSON both."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    stems = {"down_blocks_0_attentions_0": "unet.down_blocks.0.attentions.0.transformer_blocks.0",
+             "mid_block_attentions_0": "unet.mid_block.attentions.0.transformer_blocks.0",
+             "up_blocks_1_attentions_2": "unet.up_blocks.1.attentions.2.transformer_blocks.0"}
+    t = {}
+    for s in stems:
+        stem = f"lora_unet_{s}_transformer_blocks_0_attn1_to_q"
+        t[f"{stem}.lora_down.weight"] = torch.randn(4, 32, generator=g)
+        t[f"{stem}.lora_up.weight"] = torch.randn(32, 4, generator=g)
+    save_file(t, tmp_path / "unet_lora.safetensors")
+    r = run("similarity", tmp_path / "unet_lora.safetensors")
+    assert r.exit_code == 0, r.output
+    for name in stems.values():
+        assert name in r.stdout, r.stdout
+    assert "2010200" not in r.stdout and "1000000" not in r.stdout
+    grid = json.loads(run("similarity", tmp_path / "unet_lora.safetensors", "--json").stdout)["grids"][0]
+    assert grid["blocks"] == [0, 1000000, 2010200] and grid["block_names"] == list(stems.values())
+    layers = json.loads(run("spectrum", tmp_path / "unet_lora.safetensors", "--json").stdout)["layers"]
+    assert {(x["block"], x["block_name"]) for x in layers} == set(zip(grid["blocks"], grid["block_names"]))

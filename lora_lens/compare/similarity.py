@@ -52,6 +52,8 @@ class LayerGrid:
     phi: torch.Tensor
     random_phi: torch.Tensor
     expected_phi: torch.Tensor
+    #: Readable block paths where ``blocks`` are position codes (diffusion UNets), else ``None`` each.
+    block_names: tuple[str | None, ...] = ()
 
     def summary(self) -> dict[str, float | None]:
         """Mean off-diagonal φ over all layers and over the deeper half (:data:`.baselines.DEEPER_HALF`)."""
@@ -68,7 +70,8 @@ class LayerGrid:
 
     def to_dict(self) -> dict:
         return {
-            "module_type": self.module_type, "blocks": list(self.blocks), "names": list(self.names),
+            "module_type": self.module_type, "blocks": list(self.blocks), "block_names": list(self.block_names),
+            "names": list(self.names),
             "dim": self.dim, "k": list(self.ks), "phi": as_list(self.phi), "random_phi": as_list(self.random_phi),
             "expected_phi": as_list(self.expected_phi), "summary": self.summary(),
         }
@@ -137,6 +140,7 @@ def layer_similarity(
         grids.append(LayerGrid(
             module_type=module_type, blocks=tuple(s.key.block for s in members), names=tuple(s.name for s in members),
             dim=d, ks=tuple(ks), phi=grid.cpu().double(), random_phi=rand, expected_phi=expected,
+            block_names=tuple(s.key.block_name for s in members),
         ))
     return LayerSimilarity(adapter.label, str(adapter.path), what, side, max(s.k for s in subs.values()),
                            tuple(grids), draws, seed,

@@ -53,6 +53,8 @@ class ConversionGrid:
     gaussian: torch.Tensor
     structural: torch.Tensor
     residual: torch.Tensor
+    #: Readable block paths where ``blocks`` are position codes (diffusion UNets), else ``None`` each.
+    block_names: tuple[str | None, ...] = ()
 
     def summary(self) -> dict:
         """Mean off-diagonal φ (all layers, and among the deeper half, ``compare.baselines.DEEPER_HALF``)
@@ -71,7 +73,7 @@ class ConversionGrid:
     def to_dict(self) -> dict:
         return {
             "module_type": self.module_type, "side": self.side, "equation": self.equation,
-            "blocks": list(self.blocks), "modules": list(self.modules), "ranks": list(self.ranks), "dim": self.dim,
+            "blocks": list(self.blocks), "block_names": list(self.block_names), "modules": list(self.modules), "ranks": list(self.ranks), "dim": self.dim,
             "phi": _nested(self.phi), "gaussian_baseline": _nested(self.gaussian),
             "structure_baseline": _nested(self.structural), "residual": _nested(self.residual),
             "summary": self.summary(),
@@ -191,6 +193,7 @@ def _analyse_type(mt, mods, weights, base, mode, rcond, cx: Compute) -> list[Con
     for s in SIDES:
         out.append(ConversionGrid(
             module_type=mt, side=s, equation=EQUATIONS[(eq, s)], blocks=tuple(m.key.block for m in mods),
+            block_names=tuple(m.key.block_name for m in mods),
             modules=tuple(m.name for m in mods), ranks=tuple(m.rank for m in mods), dim=int(U[s]["gauss"][0].shape[0]),
             phi=_layer_phi(U[s]["conv"]), gaussian=_layer_phi(U[s]["gauss"]), structural=_layer_phi(U[s]["struct"]),
             residual=resid[s],
