@@ -71,10 +71,9 @@ def collection_cmd(adapters, list_file, out, top_k, weighted, clusters, distance
       lora-lens collection --list adapters.txt -o coll/ --scheduler tcp://head:8786
     """
     from lora_lens import ConfigError
-    from lora_lens.compare.collection import CollectionSettings, collection_similarity
-    from lora_lens.compare.collection_structure import collection_structure
+    from lora_lens.compare import CollectionSettings, collection_similarity, collection_structure
     from lora_lens.io import check_destination
-    from lora_lens.report.collection import write_collection
+    from lora_lens.report import write_collection
 
     paths = list(adapters) + (read_list(list_file) if list_file else [])
     if not paths:
@@ -91,7 +90,7 @@ def collection_cmd(adapters, list_file, out, top_k, weighted, clusters, distance
     with contextlib.ExitStack() as stack:
         mapper = None
         if scheduler:
-            from lora_lens.dist import dask_mapper
+            from lora_lens import dask_mapper
             mapper = stack.enter_context(dask_mapper(scheduler, workers))
         progress = stack.enter_context(progress_callback("modules", quiet))
         coll = collection_similarity(paths, settings, allow_partial=allow_partial, mapper=mapper, progress=progress)

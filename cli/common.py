@@ -1,6 +1,6 @@
 """What every command shares: lazy loading and error handling, JSON output, plain tables, progress bars.
 
-Imports click and ``lora_lens.errors`` only; commands import the library
+Imports click and the library's error classes only; commands import the library
 inside their functions, so ``--help`` never imports torch or matplotlib.
 """
 
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import click
 
-from lora_lens.errors import DiskFullError, LoraLensError
+from lora_lens import DiskFullError, LoraLensError  # lazy names: imports lora_lens.errors alone
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -89,7 +89,7 @@ def _one_line(text: str) -> str:
 
 def echo_json(obj) -> None:
     """Print one JSON object on stdout: strict JSON (NaN/Inf → null) through the library's one converter."""
-    from lora_lens.jsonable import to_jsonable
+    from lora_lens import to_jsonable
 
     click.echo(json.dumps(to_jsonable(obj), indent=2, allow_nan=False))
 

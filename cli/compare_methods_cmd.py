@@ -69,6 +69,6 @@ def compare_methods_cmd(base, data, task, methods, seeds, rank, alpha, targets, 
         echo_json({"out": str(c.out), "summary": [s.__dict__ for s in c.summaries],
                    "claims": [v.to_dict() for v in c.claims]})
         return
-    from lora_lens.compare_methods.output import RESULTS_MD
+    from lora_lens.compare_methods import RESULTS_MD
 
     click.echo((c.out / RESULTS_MD).read_text())

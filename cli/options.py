@@ -90,7 +90,7 @@ def compute_options(f):
 
     @functools.wraps(f)  # copies __click_params__: the options declared below carry over
     def command(*args, device: str, dtype: str, max_memory: int | None, **kwargs):
-        from lora_lens.compute import Compute  # imported when the command runs, not for --help
+        from lora_lens import Compute  # imported when the command runs, not for --help
 
         compute = Compute(device=device, dtype=dtype) if max_memory is None else \
             Compute(device=device, dtype=dtype, max_memory=max_memory)

@@ -44,9 +44,8 @@ def report_cmd(adapters, base, out, title, energy, top_k, epsilon, seed, overwri
     """
     from lora_lens import load_adapters, open_base
     from lora_lens.io import check_destination
-    from lora_lens.report import write_report
-    from lora_lens.report.analysis import analyze_adapters, write_analysis_report
-    from lora_lens.report.collection import COLLECTION_JSON, collection_section, read_collection
+    from lora_lens.report import (COLLECTION_JSON, analyze_adapters, collection_section, read_collection,
+                                  write_analysis_report, write_report)
 
     collections = [p for p in adapters if (Path(p) / COLLECTION_JSON).is_file()]
     loaded = [a for path in adapters if path not in collections for a in load_adapters(path, fmt)]

@@ -121,6 +121,39 @@ def test_renamed_niter_still_works_and_says_so(tiny_llama, tmp_path):
     assert recorded[0] == recorded[1] and "3" in json.dumps(recorded[0])
 
 
+def _public_names() -> dict[str, set[str]]:
+    """What the library exports: ``lora_lens.__all__`` and each sub-package's ``__init__`` ``__all__``."""
+    import importlib
+
+    import lora_lens
+
+    public = {"lora_lens": set(lora_lens.__all__)}
+    for init in sorted((ROOT / "lora_lens").glob("*/__init__.py")):
+        name = f"lora_lens.{init.parent.name}"
+        public[name] = set(importlib.import_module(name).__all__)
+    return public
+
+
+def test_cli_imports_only_the_public_api():
+    """cli/ imports names that lora_lens/__init__.py or a lora_lens/<sub-package>/__init__.py exports, nothing deeper."""
+    import ast
+
+    public = _public_names()
+    bad = []
+    for path in sorted((ROOT / "cli").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                bad += [f"{path.name}:{node.lineno} import {a.name}" for a in node.names
+                        if a.name.split(".")[0] == "lora_lens" and a.name not in public]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "lora_lens":
+                if node.module not in public:
+                    bad.append(f"{path.name}:{node.lineno} from {node.module}")
+                else:
+                    bad += [f"{path.name}:{node.lineno} {node.module}.{a.name}" for a in node.names
+                            if a.name not in public[node.module]]
+    assert not bad, "cli/ reaches past the public API:\n" + "\n".join(bad)
+
+
 def test_train_methods_match_the_library():
     from lora_lens.train import METHODS
     from lora_lens_cli.train_cmd import METHODS as CLI_METHODS

@@ -8,6 +8,8 @@ with :func:`new_figure` (``Figure`` + Agg canvas, no pyplot) and rendered with
 HTML page, the PNGs and ``results.json``.
 """
 
+from .analysis import analyze_adapters, write_analysis_report
+from .collection import COLLECTION_JSON, collection_section, read_collection, write_collection
 from .alignment_plots import plot_amplification, plot_intruder_counts, plot_intruder_sweep, plot_projection_norms
 from .figures import figure_to_png_bytes, new_figure, panel_figure, show_figures_in_notebook
 from .html import build_report, render_html, to_jsonable, write_report
@@ -17,6 +19,8 @@ from .spectra_plots import plot_effective_rank, plot_energy_curves, plot_singula
 from .training_plots import plot_loss_curves
 
 __all__ = [
+    "COLLECTION_JSON", "analyze_adapters", "collection_section", "read_collection", "write_analysis_report",
+    "write_collection",
     "build_report", "figure_to_png_bytes", "new_figure", "panel_figure", "plot_adapter_heatmap",
     "plot_amplification", "plot_condlora_grid", "plot_effective_rank", "plot_energy_curves",
     "plot_intruder_counts", "plot_intruder_sweep", "plot_loss_curves", "plot_metric_vs_parameters",
