@@ -133,8 +133,9 @@ def adapter_subspaces(
                                method=sp.method, error=sp.error or 0.0)
     if clipped:  # one warning per adapter, not per module: the result's k says what was used
         ranks = sorted(set(clipped.values()))
+        limit = "min(m, n) of the base weight" if what == "base" else "the module rank"
         warnings.warn(f"{adapter.label}: k={k} is more than {len(clipped)} of its {len(out)} modules have; "
-                      f"clipped to the module rank ({', '.join(map(str, ranks))}).", stacklevel=2)
+                      f"clipped to {limit} ({', '.join(map(str, ranks))}).", stacklevel=2)
     return out
 
 
