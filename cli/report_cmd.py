@@ -42,10 +42,10 @@ def report_cmd(adapters, base, out, title, energy, top_k, epsilon, seed, overwri
       lora-lens report ./seed0 ./seed1 --base ./Llama-2-7b-hf -o report/ --overwrite
       lora-lens report ./coll -o report/
     """
-    from lora_lens import load_adapters, open_base
+    from lora_lens import analyze_adapters, load_adapters, open_base, stamp
     from lora_lens.io import check_destination
-    from lora_lens.report import (COLLECTION_JSON, analyze_adapters, collection_section, read_collection,
-                                  write_analysis_report, write_report)
+    from lora_lens.report import (COLLECTION_JSON, Report, collection_section, read_collection, write_analysis_report,
+                                  write_report)
 
     collections = [p for p in adapters if (Path(p) / COLLECTION_JSON).is_file()]
     loaded = [a for path in adapters if path not in collections for a in load_adapters(path, fmt)]
@@ -59,11 +59,10 @@ def report_cmd(adapters, base, out, title, energy, top_k, epsilon, seed, overwri
         index = write_analysis_report(out, analysis, title=title, energy=energy, overwrite=overwrite,
                                       extra_sections=sections)
     else:
-        index = write_report(out, {"title": title, "subtitle": f"collections: {', '.join(collections)}",
-                                   "sections": sections}, json_data={"collections": collections},
-                             overwrite=overwrite)
+        index = write_report(out, Report(title, f"collections: {', '.join(collections)}", sections=sections),
+                             json_data={"collections": collections}, overwrite=overwrite)
     if as_json:
-        echo_json({"report": str(index), "folder": out, "adapters": [a.label for a in loaded],
-                   "collections": collections})
+        echo_json(stamp("report_written", {"report": str(index), "folder": out,
+                                           "adapters": [a.label for a in loaded], "collections": collections}))
     else:
         click.echo(f"report written: {index}")

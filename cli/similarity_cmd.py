@@ -57,8 +57,10 @@ def similarity_cmd(adapters, base, what, top_k, side, seed, as_json, compute, fm
         echo_json(result.to_dict()) if as_json else click.echo(render_layers(result))
         return
     if as_json:
-        echo_json({"kind": "pairwise_similarity", "adapters": [a.label for a in loaded],
-                   "pairs": [p.to_dict() for p in pairs]})
+        from lora_lens import stamp
+
+        echo_json(stamp("pairwise_similarity", {"adapters": [a.label for a in loaded],
+                                                "pairs": [p.to_dict() for p in pairs]}))
     else:
         click.echo("\n".join(render_pair(p) for p in pairs))
 
