@@ -118,7 +118,7 @@ def train_cmd(base, method, task, init, data, eval_data, max_length, rank, alpha
     echo_warnings(caught)  # after the run, so a refusal stays the one line it is
     d = result.to_dict()
     if as_json:
-        from lora_lens.jsonable import stamp
+        from lora_lens import stamp
 
         echo_json(stamp("train_result", d))
         return
