@@ -62,7 +62,8 @@ def compare_methods_cmd(base, data, task, methods, seeds, rank, alpha, targets, 
         c = compare_methods(base, data, out, task=task, methods=methods, seeds=seeds, rank=rank, alpha=alpha,
                             targets=targets, steps=steps, lr=lr, batch_size=batch_size, max_length=max_length,
                             seq_len=seq_len, eval_fraction=eval_fraction, eval_every=eval_every, margin=margin,
-                            train_dtype=train_dtype, device=device, overwrite=overwrite, analyze=not no_analysis, log=log)
+                            train_dtype=train_dtype, device=device, overwrite=overwrite, analyze=not no_analysis,
+                            log=log)
     echo_warnings(list({str(w.message): w for w in caught}.values()))  # one line per distinct warning
     if as_json:
         from lora_lens import stamp

@@ -113,7 +113,8 @@ def train_cmd(base, method, task, init, data, eval_data, max_length, rank, alpha
             max_grad_norm=max_grad_norm or None, eval_fraction=eval_fraction, knots=knots, links=links,
             sp_granularity=sp_granularity, sp_targets=sp_targets, sp_resample=sp_resample,
             condlora_mode=condlora_mode, task=task, eval_data=eval_data, max_length=max_length,
-            eval_every=eval_every, train_dtype=train_dtype, seed=seed, device=device, overwrite=overwrite, progress=progress,
+            eval_every=eval_every, train_dtype=train_dtype, seed=seed, device=device, overwrite=overwrite,
+            progress=progress,
         )
     echo_warnings(caught)  # after the run, so a refusal stays the one line it is
     d = result.to_dict()

@@ -75,8 +75,8 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay={self.weight_decay}: expected a value ≥ 0.")
         if not 0 <= self.eval_fraction < 1:
-            raise ConfigError(f"eval_fraction={self.eval_fraction}: expected the held-out share, 0 ≤ eval_fraction < 1 "
-                              "(e.g. 0.1).")
+            raise ConfigError(f"eval_fraction={self.eval_fraction}: expected the held-out share, "
+                              "0 ≤ eval_fraction < 1 (e.g. 0.1).")
         if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
             raise ConfigError(f"warmup_steps={self.warmup_steps}: expected 0 … steps ({self.steps}).")
         if self.targets is not None and not self.targets:
