@@ -84,10 +84,11 @@ def collection_cmd(adapters, list_file, out, top_k, weighted, clusters, distance
     check_destination(Path(out), overwrite)
     if write_basis:
         check_destination(Path(write_basis), overwrite)
+    # In this process --device is resolved here; on Dask each worker resolves it (auto: its own GPU).
     settings = CollectionSettings(top_k=top_k, weighted=weighted, shared_rank=shared_rank,
-                                  keep_basis=bool(write_basis), device=device, dtype=dtype,
-                                  **({} if max_memory is None else {"max_memory": max_memory}),
-                                  seed=seed)
+                                  keep_basis=bool(write_basis), device=None if scheduler else device,
+                                  worker_device=device if scheduler else None, dtype=dtype,
+                                  **({} if max_memory is None else {"max_memory": max_memory}), seed=seed)
     with contextlib.ExitStack() as stack:
         mapper = None
         if scheduler:

@@ -225,3 +225,22 @@ def test_peft_written_adapters_with_mixed_ranks(llama_adapter, tiny_llama, tmp_p
     assert ks["layers.1.self_attn.q_proj"] == 2 and ks["layers.0.self_attn.q_proj"] == 4
     st = collection_structure(coll)
     assert [(i, j) for i, j, _ in st.duplicates] == [(0, 1)]
+
+
+def test_random_draws_are_seeded_per_module_not_per_run(planted_collection):
+    """A module's numbers come from its own name's seed (item_seed): alone or in a run, first or last, the same."""
+    from lora_lens.compare.collection import module_task
+    from lora_lens.compute import Compute
+
+    paths, _ = planted_collection
+    st = CollectionSettings(compute=Compute(device="cpu", seed=3), shared_rank=6)
+    tasks = plan_collection(paths, st)[0]
+    whole = collection_similarity(paths, st).modules
+    for task in (tasks[-1], tasks[0]):  # out of order, one at a time
+        alone = module_task(task)
+        got = next(m for m in whole if m.name == task.name)
+        assert alone.random == got.random
+        torch.testing.assert_close(alone.energy_both, got.energy_both, rtol=0, atol=0)
+    # Two modules of the same shape draw independently (a per-run seed would give them the same baseline).
+    same = [m for m in whole if m.shape == whole[0].shape]
+    assert len(same) >= 2 and same[0].random["left_mean"] != same[1].random["left_mean"]
