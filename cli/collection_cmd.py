@@ -73,6 +73,7 @@ def collection_cmd(adapters, list_file, out, top_k, weighted, clusters, distance
     from lora_lens import ConfigError
     from lora_lens.compare.collection import CollectionSettings, collection_similarity
     from lora_lens.compare.collection_structure import collection_structure
+    from lora_lens.dist import WorkerDiedError  # Dask itself is imported only with --scheduler
     from lora_lens.io import check_destination
     from lora_lens.report.collection import write_collection
 
@@ -95,7 +96,12 @@ def collection_cmd(adapters, list_file, out, top_k, weighted, clusters, distance
             from lora_lens.dist import dask_mapper
             mapper = stack.enter_context(dask_mapper(scheduler, workers))
         progress = stack.enter_context(progress_callback("modules", quiet))
-        coll = collection_similarity(paths, settings, allow_partial=allow_partial, mapper=mapper, progress=progress)
+        try:
+            coll = collection_similarity(paths, settings, allow_partial=allow_partial, mapper=mapper,
+                                         progress=progress)
+        except WorkerDiedError as e:  # not bad input (exit 2), not a bug ("internal error"): one line, exit 1
+            click.echo(f"error: {e}", err=True)
+            click.get_current_context().exit(1)
     structure = collection_structure(coll, clusters, distance_threshold, duplicate, seed)
     write_collection(out, coll, structure, overwrite=overwrite)
     if write_basis:
