@@ -227,8 +227,8 @@ def test_peft_written_adapters_with_mixed_ranks(llama_adapter, tiny_llama, tmp_p
     assert [(i, j) for i, j, _ in st.duplicates] == [(0, 1)]
 
 
-def test_random_draws_are_seeded_per_module_not_per_run(planted_collection):
-    """A module's numbers come from its own name's seed (item_seed): alone or in a run, first or last, the same."""
+def test_random_draws_are_seeded_per_item_not_per_run(planted_collection):
+    """Draws are seeded by their item's name (item_seed): alone or in a run, first or last, the same."""
     from lora_lens.compare.collection import module_task
     from lora_lens.compute import Compute
 
@@ -241,6 +241,8 @@ def test_random_draws_are_seeded_per_module_not_per_run(planted_collection):
         got = next(m for m in whole if m.name == task.name)
         assert alone.random == got.random
         torch.testing.assert_close(alone.energy_both, got.energy_both, rtol=0, atol=0)
-    # Two modules of the same shape draw independently (a per-run seed would give them the same baseline).
+    # The baseline is an item of its own, (d, k): one for all modules of a shape; the run's seed moves it.
     same = [m for m in whole if m.shape == whole[0].shape]
-    assert len(same) >= 2 and same[0].random["left_mean"] != same[1].random["left_mean"]
+    assert len(same) >= 2 and same[0].random == same[1].random
+    other = module_task(plan_collection(paths, CollectionSettings(compute=Compute(device="cpu", seed=4)))[0][0])
+    assert other.random["left_mean"] != whole[0].random["left_mean"]

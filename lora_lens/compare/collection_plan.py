@@ -16,7 +16,7 @@ from typing import Sequence
 
 from ..compute import Compute, as_compute
 from ..errors import ConfigError, KeyMatchError, ShapeError
-from ..io.lazy import AdapterIndex, index_adapter
+from ..io.lazy import AdapterIndex, index_once
 from ..keys import normalize_module_path, parse_module_path
 from .baselines import DRAWS
 
@@ -113,7 +113,8 @@ def plan_collection(
             raise ConfigError(f"{p}: is listed twice (also as {seen[real]}); expected each adapter once. "
                               "Remove the duplicate line.")
         seen[real] = p
-    indexes = [index_adapter(p) for p in paths]
+    # Cached per process: an in-process run's module tasks reuse these headers instead of parsing them again.
+    indexes = [index_once(p) for p in paths]
     labels = _labels(indexes)
     # key (backbone prefixes stripped) → [(adapter i, name in that file, ref)]
     found: OrderedDict[str, list] = OrderedDict()
