@@ -17,6 +17,7 @@ Writes N rank-r fp16 PEFT adapters on a Llama-7B-shaped q/v module set
 
     PYTHONPATH=. python benchmarks/bench_collection.py                       # N = 10, 50; 4 blocks
     PYTHONPATH=. python benchmarks/bench_collection.py --n 10,50,200 --layers 32 --workers 2
+    PYTHONPATH=. python benchmarks/bench_collection.py --n 50 --profile 15          # where the time goes
 """
 
 from __future__ import annotations
@@ -113,10 +114,22 @@ def naive_pair_time(paths, pairs: int) -> float:
 
 
 def child(args) -> None:
-    """Run one in-process collection and print its time and peak RSS (a fresh process per N)."""
+    """Run one in-process collection and print its time and peak RSS (a fresh process per N).
+
+    With ``--profile``: cProfile's top functions by own time go to stderr (where the time goes).
+    """
     paths = json.loads(Path(args.child).read_text())
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    _, t = timed(lambda: collection_similarity(paths, CollectionSettings(device=args.device)))
+    run = lambda: collection_similarity(paths, CollectionSettings(device=args.device))  # noqa: E731
+    if args.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        _, t = timed(lambda: prof.runcall(run))
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(args.profile)
+    else:
+        _, t = timed(run)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"t": t, "rss_before_kb": before, "rss_after_kb": after}))
 
@@ -131,6 +144,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="Also run on a local Dask cluster of this many processes.")
     ap.add_argument("--naive-pairs", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--profile", type=int, default=0, metavar="K",
+                    help="Print the K functions with the most own time (cProfile) of each in-process run.")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -151,9 +166,11 @@ def main() -> None:
             lst.write_text(json.dumps(sub))
             floor = min(read_floor(sub) for _ in range(2))
             cmd = [sys.executable, __file__, "--child", str(lst), "--threads", str(args.threads),
-                   "--device", args.device]
-            res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
-                                            env={**os.environ}).stdout.strip().splitlines()[-1])
+                   "--device", args.device, "--profile", str(args.profile)]
+            proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ})
+            if args.profile:
+                print(proc.stderr)
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
             t = res["t"]
             naive = t_pair * N * (N - 1) / 2 * modules
             t_gram, t_loop = kernel_ratio(N, args.dim, args.rank)

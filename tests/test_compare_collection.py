@@ -246,3 +246,22 @@ def test_random_draws_are_seeded_per_item_not_per_run(planted_collection):
     assert len(same) >= 2 and same[0].random == same[1].random
     other = module_task(plan_collection(paths, CollectionSettings(compute=Compute(device="cpu", seed=4)))[0][0])
     assert other.random["left_mean"] != whole[0].random["left_mean"]
+
+
+def test_headers_are_cached_until_the_weights_file_changes(tmp_path):
+    """index_once reuses a header within a process, and rereads it when the weights file is rewritten in place."""
+    import os
+
+    from lora_lens.io.lazy import index_once
+
+    names = ["model.layers.0.self_attn.q_proj"]
+    folder = _adapter(tmp_path / "a", names, r=2)
+    first = index_once(folder)
+    assert index_once(str(folder)) is first  # same file, same stamp: parsed once
+    weights = folder / "adapter_model.safetensors"
+    stamp = os.stat(folder).st_mtime_ns
+    _adapter(tmp_path / "b", names, r=3)
+    weights.write_bytes((tmp_path / "b" / "adapter_model.safetensors").read_bytes())  # in place: same inode
+    os.utime(folder, ns=(stamp, stamp))  # the folder's own stamp unchanged, as an in-place write leaves it
+    os.utime(weights, ns=(stamp + 10**9, stamp + 10**9))
+    assert index_once(folder).refs[names[0]].rank == 3
