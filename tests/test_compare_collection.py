@@ -265,3 +265,19 @@ def test_headers_are_cached_until_the_weights_file_changes(tmp_path):
     os.utime(folder, ns=(stamp, stamp))  # the folder's own stamp unchanged, as an in-place write leaves it
     os.utime(weights, ns=(stamp + 10**9, stamp + 10**9))
     assert index_once(folder).refs[names[0]].rank == 3
+
+
+def test_block_triangle_gram_equals_the_full_product():
+    """_gram (upper block triangle, mirrored) vs X.T @ X in float64: every entry, mirrored ones included, an
+    inner product of length d, so within γ_d·|x_i|ᵀ|x_j| of the float32 result (Higham, any summation order)."""
+    from lora_lens.compare.collection_kernel import _GRAM_BLOCK, _gram
+
+    g = torch.Generator().manual_seed(0)
+    d = 96
+    for c in (2 * _GRAM_BLOCK - 1, 2 * _GRAM_BLOCK + 37, 5 * _GRAM_BLOCK):  # one GEMM; ragged blocks; 5 blocks
+        X = torch.randn(d, c, generator=g)
+        G = _gram(X)
+        assert G.shape == (c, c)
+        ref = X.double().T @ X.double()
+        bound = gamma(d) * (X.double().abs().T @ X.double().abs())
+        assert bool(((G.double() - ref).abs() <= bound).all())

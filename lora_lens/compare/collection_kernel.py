@@ -26,8 +26,9 @@ U_N] (d, N·r)``):
   tools first form each ``ΔW (m, n)`` and take its full SVD, ``O(m·n·min(m,n))``
   per adapter *per pair*).
 - here: one QR per adapter's factors (``O((m+n)·r²)``, batched), then one
-  Gram ``G = Xᵀ X (N·r, N·r)``: the same ``d·(N·r)²`` flops in a single
-  large GEMM near peak; φ is the sum of squares of each ``(k, k)`` block of
+  Gram ``G = Xᵀ X (N·r, N·r)``: the same ``d·(N·r)²`` flops in a few large
+  GEMMs near peak — and only its upper block triangle is computed (about
+  half the flops, :func:`_gram`); φ is the sum of squares of each ``(k, k)`` block of
   ``G``'s top-left corners. The shared basis reuses ``G``: ``Fᵀ F = D G D``
   (``D = diag(S)``), whose top eigenvectors ``W`` give ``U_R = F W / σ``.
   When ``N·r > d`` the smaller ``F Fᵀ (d, d)`` is used instead and ``G`` is
@@ -201,7 +202,7 @@ def _gram(X: torch.Tensor, blocks: int = 8) -> torch.Tensor:
 
     Row block ``b`` times the columns from ``b`` on: ``(blocks + 1) / (2·blocks)``
     of the flops of ``X.T @ X`` (56 % at 8 blocks) in a few large GEMMs; the
-    result is exactly symmetric. Below ``2·_GRAM_BLOCK`` columns: one GEMM.
+    blocks below the diagonal are copies of those above. Below ``2·_GRAM_BLOCK`` columns: one GEMM.
     """
     c = X.shape[1]
     if c < 2 * _GRAM_BLOCK:
