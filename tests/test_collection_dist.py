@@ -68,13 +68,12 @@ def scheduler():
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
            "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": str(ALLOWED_FAILURES)}
     dask = [sys.executable, "-m", "dask"]
+    quiet = {"env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "start_new_session": True}
     procs = [subprocess.Popen(dask + ["scheduler", "--host", "127.0.0.1", "--port", addr.rsplit(":", 1)[1],
-                                      "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+                                      "--no-dashboard"], **quiet)]
     try:
         procs.append(subprocess.Popen(dask + ["worker", addr, "--host", "127.0.0.1", "--nworkers", "1",
-                                              "--nthreads", "1", "--no-dashboard", "--death-timeout", "60"],
-                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      start_new_session=True))
+                                              "--nthreads", "1", "--no-dashboard", "--death-timeout", "60"], **quiet))
         deadline = time.monotonic() + 60  # two interpreter starts on a loaded 2-core machine
         while True:
             try:

@@ -1,4 +1,4 @@
-"""Aggregating a collection: per-module results → ``(N, N)`` matrices over all adapters (:class:`CollectionSimilarity`).
+"""Aggregating a collection: per-module results → the ``(N, N)`` matrices (:class:`CollectionSimilarity`).
 
 Each module's ``(p, p)`` φ lands in the rows/columns of its ``p`` members;
 per pair, the mean over the modules both adapters have (or the
