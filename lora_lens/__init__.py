@@ -19,8 +19,13 @@ __version__ = "0.1.0"
 _LAZY = {
     **dict.fromkeys(["CheckpointError", "ConfigError", "DiskFullError", "KeyMatchError", "LoraLensError",
                      "NonFiniteError", "ShapeError", "UnsafeFileError"], ".errors"),
+    **dict.fromkeys(["Analysis", "analyze_adapters"], ".analysis"),
     "Compute": ".compute",
+    "adapter_spectra": ".spectra",
+    **dict.fromkeys(["WorkerDiedError", "dask_mapper"], ".dist"),
     "inspect_path": ".inspect",
+    "run_demo": ".demo",
+    **dict.fromkeys(["stamp", "to_jsonable"], ".jsonable"),
     **dict.fromkeys(["load_adapter", "load_adapters", "open_base", "save_peft_adapter"], ".io"),
     "parse_module_path": ".keys",
     **dict.fromkeys(["Adapter", "LayerKey", "LoraModule", "LoraSettings", "TensorInfo"], ".types"),

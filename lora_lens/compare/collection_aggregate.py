@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .. import __version__
+from ..jsonable import stamp
 from .collection_kernel import ModuleResult
 from .collection_plan import CollectionSettings
 from .serialize import as_list, num
@@ -76,11 +76,12 @@ class CollectionSimilarity:
         return at / safe, num_ / safe[:, None]
 
     def to_dict(self) -> dict:
+        # reshaped: matrices as lists, per-module and shared-basis summaries (tensors go to .safetensors)
         at, curve = self.shared_energy("both")
         at_l, curve_l = self.shared_energy("left")
         types = list(self.by_type)
-        return {
-            "kind": "collection", "lora_lens_version": __version__, "settings": self.settings.to_dict(),
+        return stamp("collection", {
+            "settings": self.settings.to_dict(),
             "adapters": [{"label": lab, "path": p, "norm": num(self.norms[i]),
                           "effective_rank": num(self.effective_rank[i])}
                          for i, (lab, p) in enumerate(zip(self.labels, self.paths))],
@@ -98,7 +99,7 @@ class CollectionSimilarity:
             "shared_basis": {"energy_both_at_rank": as_list(at), "energy_left_at_rank": as_list(at_l),
                              "curve_both": as_list(curve), "curve_left": as_list(curve_l)},
             "notes": list(self.notes),
-        }
+        })
 
 
 CONVENTIONS = {

@@ -17,6 +17,7 @@ from typing import Sequence
 from ..compute import Compute, as_compute
 from ..errors import ConfigError, KeyMatchError, ShapeError
 from ..io.lazy import AdapterIndex, index_once
+from ..jsonable import JsonFields, fields_dict
 from ..keys import normalize_module_path, parse_module_path
 from .baselines import DRAWS
 
@@ -24,7 +25,7 @@ _KEEP = object()  # an InitVar left out: keep what ``compute`` says
 
 
 @dataclass(frozen=True)
-class CollectionSettings:
+class CollectionSettings(JsonFields):
     """Run-wide options of a collection, resolved once on the client and shipped with every task.
 
     ``top_k``: directions compared (None: each module's smallest rank).
@@ -68,12 +69,12 @@ class CollectionSettings:
         object.__setattr__(self, "compute", replace(as_compute(self.compute, **given), progress=None))
 
     def to_dict(self) -> dict:
-        """The settings as JSON-able values (the compute fields flat, as the CLI options name them)."""
+        # reshaped: the Compute flattened into the names of the CLI options (device, dtype, seed, max_memory)
         cp = self.compute
-        return {"top_k": self.top_k, "weighted": self.weighted, "shared_rank": self.shared_rank,
-                "curve_rank": self.curve_rank, "keep_basis": self.keep_basis,
-                "device": self.worker_device or str(cp.device), "dtype": cp.dtype_name, "seed": cp.seed,
-                "draws": self.draws, "max_memory": cp.max_memory, "n_iter": self.n_iter}
+        d = fields_dict(self, exclude=("compute", "worker_device"))
+        d.update(device=self.worker_device or str(cp.device), dtype=cp.dtype_name, seed=cp.seed,
+                 max_memory=cp.max_memory)
+        return d
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ Layout is PyTorch's: ``W0 (m, n)``, ``A (r, n)``, ``B (m, r)``; ``L`` layers, ``
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from ..errors import ConfigError, ShapeError
 from ..io.base import BaseWeights, open_base
 from ..io.formats import load_adapter
 from ..io.layout import with_base_layouts
+from ..jsonable import JsonFields, to_jsonable
 from ..linalg import lstsq, phi, svd
 from ..types import Adapter
 from .condlora import EQUATIONS, SIDES, condlora_modes
@@ -53,6 +53,8 @@ class ConversionGrid:
     gaussian: torch.Tensor
     structural: torch.Tensor
     residual: torch.Tensor
+    #: Readable block paths where ``blocks`` are position codes (diffusion UNets), else ``None`` each.
+    block_names: tuple[str | None, ...] = ()
 
     def summary(self) -> dict:
         """Mean off-diagonal φ (all layers, and among the deeper half, ``compare.baselines.DEEPER_HALF``)
@@ -69,34 +71,36 @@ class ConversionGrid:
         return out
 
     def to_dict(self) -> dict:
+        # reshaped: the baselines get their documented names, and the summary is added
         return {
             "module_type": self.module_type, "side": self.side, "equation": self.equation,
-            "blocks": list(self.blocks), "modules": list(self.modules), "ranks": list(self.ranks), "dim": self.dim,
-            "phi": _nested(self.phi), "gaussian_baseline": _nested(self.gaussian),
-            "structure_baseline": _nested(self.structural), "residual": _nested(self.residual),
+            "blocks": list(self.blocks), "block_names": list(self.block_names), "modules": list(self.modules),
+            "ranks": list(self.ranks), "dim": self.dim,
+            "phi": to_jsonable(self.phi), "gaussian_baseline": to_jsonable(self.gaussian),
+            "structure_baseline": to_jsonable(self.structural), "residual": to_jsonable(self.residual),
             "summary": self.summary(),
         }
 
 
 @dataclass(frozen=True, eq=False)
-class CondLoraAnalysis:
+class CondLoraAnalysis(JsonFields):
     """Every module type × side grid of an adapter, plus what was skipped."""
+
+    KIND = "condlora_analysis"
 
     grids: tuple[ConversionGrid, ...]
     adapter: str
     base: str
     seed: int
     skipped: tuple[str, ...] = ()
+    #: The adapter's short name (:attr:`Adapter.label`) for tables; ``adapter`` is its path.
+    label: str = ""
 
     def grid(self, module_type: str, side: str) -> ConversionGrid:
         for g in self.grids:
             if g.module_type == module_type and g.side == side:
                 return g
         raise KeyError(f"no grid for {module_type!r} side {side!r}")
-
-    def to_dict(self) -> dict:
-        return {"adapter": self.adapter, "base": self.base, "seed": self.seed, "skipped": list(self.skipped),
-                "grids": [g.to_dict() for g in self.grids]}
 
 
 def condlora_analysis(
@@ -132,7 +136,7 @@ def condlora_analysis(
     for mt in dict.fromkeys(m.key.module for m in usable):
         mods = sorted((m for m in usable if m.key.module == mt), key=lambda m: m.key.sort_key())
         grids += _analyse_type(mt, mods, weights, base, mode, rcond, cx)
-    return CondLoraAnalysis(tuple(grids), str(adapter.path), str(base.path), cx.seed, skipped)
+    return CondLoraAnalysis(tuple(grids), str(adapter.path), str(base.path), cx.seed, skipped, label=adapter.label)
 
 
 def _analyse_type(mt, mods, weights, base, mode, rcond, cx: Compute) -> list[ConversionGrid]:
@@ -188,6 +192,7 @@ def _analyse_type(mt, mods, weights, base, mode, rcond, cx: Compute) -> list[Con
     for s in SIDES:
         out.append(ConversionGrid(
             module_type=mt, side=s, equation=EQUATIONS[(eq, s)], blocks=tuple(m.key.block for m in mods),
+            block_names=tuple(m.key.block_name for m in mods),
             modules=tuple(m.name for m in mods), ranks=tuple(m.rank for m in mods), dim=int(U[s]["gauss"][0].shape[0]),
             phi=_layer_phi(U[s]["conv"]), gaussian=_layer_phi(U[s]["gauss"]), structural=_layer_phi(U[s]["struct"]),
             residual=resid[s],
@@ -233,11 +238,6 @@ def _offdiag_mean(grid: torch.Tensor, idx: list[int]) -> float | None:
     vals = sub[mask]
     vals = vals[~torch.isnan(vals)]
     return float(vals.mean()) if vals.numel() else None
-
-
-def _nested(t: torch.Tensor):
-    return [None if isinstance(v, float) and math.isnan(v) else v for v in t.tolist()] if t.dim() == 1 else \
-        [_nested(row) for row in t]
 
 
 # ------------------------------------------------------------------------------------------------- init
