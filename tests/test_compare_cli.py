@@ -97,6 +97,7 @@ def test_similarity_reports_the_k_it_used_and_warns_once_when_clipped(llama_adap
     assert "k = 2–4" in head and "100" not in head, head
     warn = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
     assert len(warn) == 1 and "k=100" in warn[0] and "module rank (2, 4)" in warn[0], r.stderr
+    assert "k=100 exceeds the module rank in 9 of its 9 modules" in warn[0], r.stderr  # a sentence, not a riddle
     assert llama_adapter[1].name in warn[0]
     d = json.loads(run("similarity", llama_adapter[1], "--top-k", "100", "--json").stdout)
     assert d["k"] == 4 and d["k_requested"] == 100
