@@ -423,3 +423,10 @@ def test_lycoris_factors_keep_the_stored_dtype(tmp_path, dtype):
         assert ((m.delta() - ref).abs() <= bound + 1e-15 * ref.abs().max()).all(), name
         want = torch.linalg.svdvals(ref)[: len(sv[name])]
         assert (sv[name].double() - want).abs().max() <= bound.norm() + 1e-13 * want[0], name
+
+
+def test_an_adapter_given_as_cora_source_is_refused_with_a_hint_that_fits(tiny_llama, llama_adapter, tmp_path):
+    """cora basis has no ADAPTER argument: the refusal must not tell the user to pass it as one."""
+    r = run("cora", "basis", "--base", tiny_llama[1], "--source", llama_adapter[1], "--rank", 2,
+            "--targets", "q_proj", "-o", tmp_path / "b")
+    assert_bad_input(r, "is an adapter folder", "--source")
