@@ -139,3 +139,9 @@ def test_tables_name_unet_blocks_json_keeps_both(tmp_path):
     assert grid["blocks"] == [0, 1000000, 2010200] and grid["block_names"] == list(stems.values())
     layers = json.loads(run("spectrum", tmp_path / "unet_lora.safetensors", "--json").stdout)["layers"]
     assert {(x["block"], x["block_name"]) for x in layers} == set(zip(grid["blocks"], grid["block_names"]))
+
+
+def test_k_and_top_k_together_is_refused(llama_adapter):
+    """Both spellings of one setting: refused in one line (which value was meant is unknowable)."""
+    line = assert_bad_input(run("similarity", llama_adapter[1], "--k", "2", "--top-k", "3"), "--k", "--top-k")
+    assert "deprecated" not in line
