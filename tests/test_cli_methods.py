@@ -109,3 +109,15 @@ def test_help_has_examples():
                 ["reduce"]):
         r = run(*cmd, "--help")
         assert r.exit_code == 0 and "Examples:" in r.output, cmd
+
+
+def test_condlora_adapter_still_selected_by_its_folder_name(tiny_llama, tmp_path):
+    """``--adapter peft`` (the sub-folder's name, what selected it before it was named after OUT) and the
+    weights file itself still reach OUT's adapter, labelled OUT."""
+    _, base = tiny_llama
+    r = run("condlora", "init", "--base", base, "--rank", 2, "--targets", "q_proj", "-o", tmp_path / "cl-init")
+    assert r.exit_code == 0, r.output
+    r = run("spectrum", tmp_path / "cl-init", "--adapter", "peft")
+    assert r.exit_code == 0 and r.stdout.startswith("Spectra of ΔW = s·B·A: cl-init ("), r.output
+    assert load_adapter(tmp_path / "cl-init", "peft").label == "cl-init"
+    assert load_adapter(tmp_path / "cl-init" / "peft" / "adapter_model.safetensors").label == "cl-init"
