@@ -96,7 +96,7 @@ def test_similarity_reports_the_k_it_used_and_warns_once_when_clipped(llama_adap
     head = r.stdout.splitlines()[0]
     assert "k = 2–4" in head and "100" not in head, head
     warn = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
-    assert len(warn) == 1 and "k=100" in warn[0] and "module rank (2, 4)" in warn[0], r.stderr
+    assert len(warn) == 1 and "k=100" in warn[0] and "exceeds the module rank in" in warn[0] and warn[0].endswith("clipped to it (2, 4)."), r.stderr
     assert llama_adapter[1].name in warn[0]
     d = json.loads(run("similarity", llama_adapter[1], "--top-k", "100", "--json").stdout)
     assert d["k"] == 4 and d["k_requested"] == 100
