@@ -89,8 +89,13 @@ def find_adapters(path: str | Path) -> list[tuple[str | None, Path]]:
     if (path / CONFIG_NAME).is_file():
         found.append((_own_name(path), path))
     inner = _init_adapter_folder(path)
-    found += [(path.resolve().name if p.name == inner else p.name, p) for p in sorted(path.iterdir())
-              if p.is_dir() and (p / CONFIG_NAME).is_file()]
+    for p in sorted(path.iterdir()):
+        if not p.is_dir():
+            continue
+        if (p / CONFIG_NAME).is_file():
+            found.append((path.resolve().name if p.name == inner else p.name, p))
+        elif (own := _init_adapter_folder(p)) and (p / own / CONFIG_NAME).is_file():
+            found.append((p.name, p / own))  # a CondLoRA folder among named adapters (the demo's adapters/)
     if not found:
         listing = sorted(p.name for p in path.iterdir())[:8]
         what = "is empty" if not listing else f"has no {CONFIG_NAME} (found {listing})"
