@@ -71,6 +71,7 @@ def collection_cmd(adapters, list_file, out, top_k, weighted, clusters, distance
       lora-lens collection --list adapters.txt -o coll/ --scheduler tcp://head:8786
     """
     from lora_lens import ConfigError
+    from lora_lens import WorkerDiedError  # lora_lens.dist's; Dask itself is imported only with --scheduler
     from lora_lens.compare import CollectionSettings, collection_similarity, collection_structure
     from lora_lens.io import check_destination
     from lora_lens.report import write_collection
@@ -83,17 +84,23 @@ def collection_cmd(adapters, list_file, out, top_k, weighted, clusters, distance
     check_destination(Path(out), overwrite)
     if write_basis:
         check_destination(Path(write_basis), overwrite)
+    # In this process --device is resolved here; on Dask each worker resolves it (auto: its own GPU).
     settings = CollectionSettings(top_k=top_k, weighted=weighted, shared_rank=shared_rank,
-                                  keep_basis=bool(write_basis), device=device, dtype=dtype,
-                                  **({} if max_memory is None else {"max_memory": max_memory}),
-                                  seed=seed)
+                                  keep_basis=bool(write_basis), device=None if scheduler else device,
+                                  worker_device=device if scheduler else None, dtype=dtype,
+                                  **({} if max_memory is None else {"max_memory": max_memory}), seed=seed)
     with contextlib.ExitStack() as stack:
         mapper = None
         if scheduler:
             from lora_lens import dask_mapper
             mapper = stack.enter_context(dask_mapper(scheduler, workers))
         progress = stack.enter_context(progress_callback("modules", quiet))
-        coll = collection_similarity(paths, settings, allow_partial=allow_partial, mapper=mapper, progress=progress)
+        try:
+            coll = collection_similarity(paths, settings, allow_partial=allow_partial, mapper=mapper,
+                                         progress=progress)
+        except WorkerDiedError as e:  # not bad input (exit 2), not a bug ("internal error"): one line, exit 1
+            click.echo(f"error: {e}", err=True)
+            click.get_current_context().exit(1)
     structure = collection_structure(coll, clusters, distance_threshold, duplicate, seed)
     write_collection(out, coll, structure, overwrite=overwrite)
     if write_basis:

@@ -22,7 +22,7 @@ _LAZY = {
     **dict.fromkeys(["Analysis", "analyze_adapters"], ".analysis"),
     "Compute": ".compute",
     "adapter_spectra": ".spectra",
-    "dask_mapper": ".dist",
+    **dict.fromkeys(["WorkerDiedError", "dask_mapper"], ".dist"),
     "inspect_path": ".inspect",
     "run_demo": ".demo",
     **dict.fromkeys(["stamp", "to_jsonable"], ".jsonable"),
