@@ -139,7 +139,8 @@ def test_kohya_linear_conv_alpha_and_metadata(tmp_path):
 
 def lokr_loha_tensors():
     """Stored as float64, so the readers' products are exact and ΔW matches the float64 reference to 1e-12
-    (a float32 file rounds each product once: see test_lycoris_factors_keep_the_stored_dtype)."""
+    (a float32 file rounds each product once; fp16/bf16 files are exact in float32: see
+    test_lycoris_half_precision_factors_are_exact_in_float32)."""
     return {k: v.double() for k, v in {
         # LoKr: full w1 (4, 2), factored w2 = w2_a (8, 3) · w2_b (3, 16): ΔW (32, 32), rank ≤ 2·3
         "lora_unet_mid_block_attentions_0_proj_in.lokr_w1": rnd(4, 2, seed=1),
