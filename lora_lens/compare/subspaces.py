@@ -135,7 +135,7 @@ def adapter_subspaces(
         ranks = sorted(set(clipped.values()))
         limit = "min(m, n) of the base weight" if what == "base" else "the module rank"
         warnings.warn(f"{adapter.label}: k={k} exceeds {limit} in {len(clipped)} of its {len(out)} modules; "
-                      f"clipped to {limit} ({', '.join(map(str, ranks))}).", stacklevel=2)
+                      f"clipped to it ({', '.join(map(str, ranks))}).", stacklevel=2)
     return out
 
 
