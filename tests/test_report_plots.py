@@ -345,3 +345,13 @@ def test_report_figures_name_unet_blocks_as_the_tables_do(tmp_path):
         ticks = _tick_texts(figures[name])
         assert {"down.0.attn.0.tb.0", "mid.attn.0.tb.0", "up.1.attn.2.tb.0"} <= ticks, (name, ticks)
         assert not ticks & {"1000000", "2010200"}, (name, ticks)
+
+
+def test_analyze_adapters_takes_paths_as_adapter_spectra_does(llama_adapter, tiny_llama):
+    """``analyze_adapters(["./my-adapter"], base="./model")`` (what users type after adapter_spectra("./x")) runs the
+    same analyses as with loaded objects; before, a path failed with AttributeError: 'str' object has no 'label'."""
+    from lora_lens import analyze_adapters, load_adapter, open_base
+
+    by_path = analyze_adapters([str(llama_adapter[1])], base=str(tiny_llama[1])).to_dict()
+    by_object = analyze_adapters([load_adapter(llama_adapter[1])], base=open_base(tiny_llama[1])).to_dict()
+    assert by_path == by_object and by_path["adapters"][0]["alignment"] is not None
