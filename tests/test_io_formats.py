@@ -278,7 +278,18 @@ def test_adapters_are_never_bases(tmp_path):
     save_file({"model.layers.0.mlp.up_proj.weight": rnd(8, 4), "model.layers.0.mlp.down_proj.weight": rnd(4, 8),
                "unet.down_blocks.0.resnets.0.conv1.weight": rnd(4, 4, 3, 3)}, base / "model.safetensors")
     assert run("inspect", base).output.startswith("Base checkpoint")
-    assert_bad_input(run("spectrum", base), "holds no adapter", "--format")
+    assert_bad_input(run("spectrum", base), "holds no adapter", "--format", "looks like a base checkpoint")
+
+
+def test_a_non_adapter_that_is_no_checkpoint_is_not_called_a_base(tmp_path, adapter_copy):
+    """train_log.json or an empty folder given as ADAPTER: say what it is, not 'it looks like a base checkpoint'."""
+    (tmp_path / "empty").mkdir()
+    line = assert_bad_input(run("spectrum", tmp_path / "empty"), "holds no adapter and no weights file")
+    assert "base checkpoint" not in line and "--format" not in line
+    log = adapter_copy / "train_log.json"
+    log.write_text("{}")
+    line = assert_bad_input(run("spectrum", log), "train_log.json: is not a weights file ('.json')", ".safetensors")
+    assert "base checkpoint" not in line
 
 
 def test_several_unrelated_files_refused_and_duplicates_across_shards(tmp_path):
