@@ -65,3 +65,16 @@ def test_collection_bad_input(planted_collection, tmp_path):
     bad_input(run("collection", paths[0], tmp_path / "nope", "-o", out), "nope")
     bad_input(run("collection", paths[0], paths[1], "-o", out, "--clusters", "x"), "--clusters")
     assert not out.exists()  # nothing half-written
+
+
+def test_collection_says_when_top_k_was_clipped_to_the_rank(planted_collection, tmp_path):
+    """--top-k above every module's rank compares rank-many directions, and says so (found by a new-user
+    trial: the number was cut silently, while similarity warns)."""
+    paths, _ = planted_collection
+    r = run("collection", *paths[:3], "-o", tmp_path / "c", "--top-k", 50, "--device", "cpu", "-q")
+    assert r.exit_code == 0, r.output
+    modules = PLANTED["layers"] * 2
+    assert (f"note: top_k=50 exceeds the smallest rank in {modules} of {modules} modules; "
+            f"those compare k = {PLANTED['rank']} directions") in r.stdout
+    r = run("collection", *paths[:3], "-o", tmp_path / "d", "--top-k", 2, "--device", "cpu", "-q")
+    assert r.exit_code == 0 and "exceeds" not in r.output

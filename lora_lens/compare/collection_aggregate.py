@@ -157,8 +157,18 @@ def aggregate(results: Sequence[ModuleResult], labels, paths, settings: Collecti
     notes = []
     if bool((common == 0).any()):
         notes.append("some pairs of adapters share no module: their φ is NaN (treated as distance 1 for clustering).")
+    clipped = [m.k for m in results if settings.top_k is not None and m.k < settings.top_k]
+    if clipped:
+        notes.append(f"top_k={settings.top_k} exceeds the smallest rank in {len(clipped)} of {len(results)} modules; "
+                     f"those compare k = {_span(clipped)} directions (each module's smallest rank).")
     return CollectionSimilarity(
         labels=tuple(labels), paths=tuple(paths), modules=tuple(results), phi=ratio(S, W), by_type=by_type,
         random_phi=ratio(MU, W), random_std=ratio(VAR.sqrt(), W), common=common, norms=sq.sqrt(),
         effective_rank=ratio(er, cnt), partial=partial, skipped=skipped, settings=settings, notes=tuple(notes),
     )
+
+
+def _span(ks: list[int]) -> str:
+    """``"4"`` or ``"2–4"``: the range of the k values used."""
+    lo, hi = min(ks), max(ks)
+    return str(lo) if lo == hi else f"{lo}–{hi}"
