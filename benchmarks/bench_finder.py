@@ -250,6 +250,7 @@ def main() -> None:
     ap.add_argument("--ks", default="16,64,256")
     ap.add_argument("--groups", default="2048,llama", help="which groups: 2048 and/or llama")
     ap.add_argument("--no-variants", action="store_true", help="skip the k=64 variants on the 2048² group")
+    ap.add_argument("--variant-count", type=int, default=8, help="2048² weights the variants run on")
     ap.add_argument("--whole-base", action="store_true", help="also a synthetic Llama-7B-shaped base from files")
     ap.add_argument("--layers", type=int, default=2, help="layers of the whole base (32: Llama-7B, 13 GB)")
     ap.add_argument("--max-memory", type=int, default=1 << 30, help="decompose_base's budget for the whole base")
@@ -268,7 +269,7 @@ def main() -> None:
         W32, sig = decaying(2048, 2048)
         W = permuted(W32, args.count)
         if not args.no_variants:
-            variants(W, args.repeats)
+            variants(W[: args.variant_count], args.repeats)
         compare("(a)", W, W32, sig, ks, args.repeats, square)
         del W
     if "llama" in args.groups:

@@ -132,15 +132,16 @@ def randomized_svd(
     """Top-``k`` SVD of ``W (..., m, n)`` by a randomized range finder (Halko et al. 2011).
 
     ``q = k + oversample`` Gaussian columns, ``n_iter`` power iterations
-    re-orthonormalized after every product (without it float32 loses the
-    tail: docs/maths.md §10) by CholeskyQR2 with a Householder fallback; see
-    :mod:`lora_lens.randomized`, whose keyword options (``tol``,
-    ``max_iter``, ``phi_tol``, ``probes``, ``householder``, ``block``)
+    normalized after every product (without it float32 loses the tail:
+    docs/maths.md §10) — LU-normalized, and by CholeskyQR2 with a Householder
+    fallback where an orthonormal iterate is needed; see
+    :mod:`lora_lens.randomized`, whose keyword options (``tol``, ``max_iter``,
+    ``phi_tol``, ``subspace_tol``, ``probes``, ``ortho``, ``block``)
     ``finder`` passes on — ``tol`` replaces the fixed ``n_iter`` by an
     accuracy target. Returns a :class:`~lora_lens.randomized.LowRankSVD`
     that unpacks as ``U (..., m, k), S (..., k), Vh (..., k, n)``, signs
     fixed, plus passes, last change and a residual bound per matrix. Input
-    in bf16/fp16 is upcast one matrix at a time on the CPU. Falls back to the
+    in bf16/fp16 is upcast once, one block at a time. Falls back to the
     exact SVD when ``q`` reaches ``min(m, n)``. Deterministic for a given
     ``seed``; a sequence of seeds (one per matrix of a ``(L, m, n)`` stack)
     makes each matrix's result independent of the stack it is in.

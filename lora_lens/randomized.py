@@ -15,13 +15,18 @@ finishes, ``U = Qₜ Ur``, ``V = Zₜ Vr``, without the extra pass ``Qᵀ W`` an
 the ``(q, n)`` SVD of ``torch.svd_lowrank`` — same subspace, same numbers in
 exact arithmetic as HMT Algorithm 4.4 + 5.1 with ``t`` iterations.
 
-Orthonormalization between passes (needed in float32: docs/maths.md §10) is
+Normalization between passes (needed in float32: docs/maths.md §10): a pass
+no check looks at is LU-normalized (``P L`` of a pivoted LU, HMT §4.5,
+:func:`lu_basis`): one LU of the skinny block, a well-conditioned basis of the
+same span, not orthonormal. Where the iterate must be orthonormal — at the
+checks below, and for the last three iterations of a fixed ``n_iter`` run —
 CholeskyQR2 (Yamamoto et al. 2015): Gram ``XᵀX``, Cholesky, triangular
 solve, twice — all GEMM-shaped, 10–40× cheaper than Householder QR on skinny
 ``(m, q)`` blocks on the CPU. When the Gram is too ill-conditioned (``κ(X)``
 beyond ≈ ``u^{-1/2}``) Cholesky fails or the first pass leaves ``Q₁`` far
 from orthonormal; that item is redone by Householder QR (see
-:func:`cholesky_qr2`).
+:func:`cholesky_qr2`). ``ortho="cholesky"`` / ``"householder"`` orthonormalize
+every pass instead (the references the tests and benchmark compare with).
 
 Accuracy: ``tol=None`` runs exactly ``n_iter`` iterations (the historical
 behaviour). With ``tol`` the top-k singular values are checked after every
@@ -32,12 +37,17 @@ successive iterates). Each item reports its passes, last change and a
 probabilistic bound on ``‖W − QQᵀW‖₂`` from a few Gaussian probes (HMT §4.3)
 that ride along with the first pass for free.
 
-Batching: items are processed ``block`` at a time (default: one at a time on
-the CPU, where a batched product is no faster than a loop and one item keeps
-the upcast workspace to one matrix; the whole stack on CUDA). Half-precision
-input is upcast one block at a time, never as a full copy. Each item's result
-depends only on its own matrix and seed, not on the block size (up to the
-rounding of batched vs single GEMMs).
+Accuracy of subspaces: ``subspace_tol`` stops each item once Wedin's bound
+on ``1 − φ`` against the exact top-k subspace is met (:func:`_wedin`, from the
+product of the next pass, so nearly free); :func:`lora_lens.linalg.top_subspace_svd`
+is this finder with that criterion.
+
+Batching: items are processed ``block`` at a time (default: the whole stack,
+one batched product per pass; ``decompose_base`` bounds the stack by its
+chunk budget). ``Wᵀ Q`` is computed as ``(Qᵀ W)ᵀ`` (:func:`_wt`). Half-precision
+input is upcast one block at a time, once. Wide matrices run on their
+transposed view. Each item's result depends only on its own matrix and seed,
+not on the block size (up to the rounding of batched vs single GEMMs).
 """
 
 from __future__ import annotations
