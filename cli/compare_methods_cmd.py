@@ -66,8 +66,9 @@ def compare_methods_cmd(base, data, task, methods, seeds, rank, alpha, targets, 
                             dtype=train_dtype, device=device, overwrite=overwrite, analyze=not no_analysis, log=log)
     echo_warnings(list({str(w.message): w for w in caught}.values()))  # one line per distinct warning
     if as_json:
-        echo_json({"out": str(c.out), "summary": [s.__dict__ for s in c.summaries],
-                   "claims": [v.to_dict() for v in c.claims]})
+        from lora_lens.jsonable import stamp
+
+        echo_json(stamp("comparison_summary", {"out": str(c.out), "summary": c.summaries, "claims": c.claims}))
         return
     from lora_lens.compare_methods.output import RESULTS_MD
 

@@ -33,6 +33,8 @@ def convert_cmd(adapter, target, out, overwrite, as_json, fmt) -> None:
 
     written = convert_to_peft(load_adapter(adapter, format=fmt), out, overwrite=overwrite)
     if as_json:
-        echo_json({"written": [str(p) for p in written], "to": target})
+        from lora_lens.jsonable import stamp
+
+        echo_json(stamp("converted", {"written": [str(p) for p in written], "to": target}))
     else:
         click.echo("\n".join(f"written: {p}" for p in written))

@@ -58,7 +58,7 @@ def basis_cmd(base, sources, rank, targets, out, overwrite, as_json, quiet, **kw
     write_cora_basis(basis, out, overwrite=overwrite)
     d = basis.to_dict()
     if as_json:
-        echo_json({"out_dir": out, **d})
+        echo_json({**d, "out_dir": out})
         return
     click.echo(f"CoRA bases (rank {rank}, {'shared' if d['shared'] else 'per layer'}) written to {out}")
     rows = [[e["key"], "x".join(map(str, e["shape"])), e["singular_values"][0], e["singular_values"][-1], e["energy"]]

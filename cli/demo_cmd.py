@@ -29,13 +29,14 @@ def demo_cmd(out, steps, rank, device, overwrite, as_json, quiet):
       lora-lens demo -o /tmp/demo --steps 60
     """
     from lora_lens.demo import run_demo
+    from lora_lens.jsonable import stamp
 
     log = (lambda msg: None) if as_json or quiet else (lambda msg: click.echo(msg, err=True))
     res = run_demo(out, steps=steps, rank=rank, device=device, overwrite=overwrite, log=log)
     if as_json:
-        echo_json({"out_dir": str(res.out_dir), "report": str(res.report),
-                   "adapters": {k: str(v) for k, v in res.adapters.items()}, "eval_loss": res.eval_losses,
-                   "wall_time_s": res.wall_time_s})
+        echo_json(stamp("demo", {"out_dir": str(res.out_dir), "report": str(res.report),
+                                 "adapters": {k: str(v) for k, v in res.adapters.items()},
+                                 "eval_loss": res.eval_losses, "wall_time_s": res.wall_time_s}))
         return
     click.echo(f"\nDone in {res.wall_time_s:.0f} s. Open the report: {res.report}")
     click.echo("Adapters: " + ", ".join(str(p) for p in res.adapters.values()))

@@ -43,8 +43,10 @@ def report_cmd(adapters, base, out, title, energy, intruder_k, epsilon, seed, ov
     """
     from lora_lens import load_adapters, open_base
     from lora_lens.io import check_destination
-    from lora_lens.report import write_report
-    from lora_lens.report.analysis import analyze_adapters, write_analysis_report
+    from lora_lens.analysis import analyze_adapters
+    from lora_lens.jsonable import stamp
+    from lora_lens.report import Report, write_report
+    from lora_lens.report.analysis import write_analysis_report
     from lora_lens.report.collection import COLLECTION_JSON, collection_section, read_collection
 
     collections = [p for p in adapters if (Path(p) / COLLECTION_JSON).is_file()]
@@ -59,11 +61,10 @@ def report_cmd(adapters, base, out, title, energy, intruder_k, epsilon, seed, ov
         index = write_analysis_report(out, analysis, title=title, energy=energy, overwrite=overwrite,
                                       extra_sections=sections)
     else:
-        index = write_report(out, {"title": title, "subtitle": f"collections: {', '.join(collections)}",
-                                   "sections": sections}, json_data={"collections": collections},
-                             overwrite=overwrite)
+        index = write_report(out, Report(title, f"collections: {', '.join(collections)}", sections=sections),
+                             json_data={"collections": collections}, overwrite=overwrite)
     if as_json:
-        echo_json({"report": str(index), "folder": out, "adapters": [a.label for a in loaded],
-                   "collections": collections})
+        echo_json(stamp("report_written", {"report": str(index), "folder": out,
+                                           "adapters": [a.label for a in loaded], "collections": collections}))
     else:
         click.echo(f"report written: {index}")

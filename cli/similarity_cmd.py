@@ -47,8 +47,10 @@ def similarity_cmd(adapters, base, what, k, side, seed, as_json, compute, fmt) -
         return
     pairs = pairwise_similarity(loaded, **kw)
     if as_json:
-        echo_json({"kind": "pairwise_similarity", "adapters": [a.label for a in loaded],
-                   "pairs": [p.to_dict() for p in pairs]})
+        from lora_lens.jsonable import stamp
+
+        echo_json(stamp("pairwise_similarity", {"adapters": [a.label for a in loaded],
+                                                "pairs": [p.to_dict() for p in pairs]}))
     else:
         click.echo("\n".join(render_pair(p) for p in pairs))
 

@@ -109,7 +109,9 @@ def train_cmd(base, method, task, init, data, eval_data, max_length, rank, alpha
     echo_warnings(caught)  # after the run, so a refusal stays the one line it is
     d = result.to_dict()
     if as_json:
-        echo_json(d)
+        from lora_lens.jsonable import stamp
+
+        echo_json(stamp("train_result", d))
         return
     w = max(1, min(5, len(d["losses"]) // 2))  # windows that never overlap, even for a few steps
     first = sum(d["losses"][:w]) / w

@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 _LAZY = {
     **dict.fromkeys(["CheckpointError", "ConfigError", "DiskFullError", "KeyMatchError", "LoraLensError",
                      "NonFiniteError", "ShapeError", "UnsafeFileError"], ".errors"),
+    **dict.fromkeys(["Analysis", "analyze_adapters"], ".analysis"),
     "Compute": ".compute",
     "inspect_path": ".inspect",
     **dict.fromkeys(["load_adapter", "load_adapters", "open_base", "save_peft_adapter"], ".io"),

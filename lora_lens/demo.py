@@ -32,7 +32,9 @@ from .errors import ConfigError
 from .io import load_adapter, open_base
 from .io.atomic import atomic_write_json, check_destination
 from .methods import condlora_analysis, condlora_init, cora_init
-from .report.analysis import analyze_adapters, write_analysis_report
+from .analysis import analyze_adapters
+from .jsonable import stamp
+from .report.analysis import write_analysis_report
 from .report.condlora import condlora_section
 from .train import train
 
@@ -143,9 +145,9 @@ def run_demo(
         extra_sections=[condlora_section(cond)], extra_json={"condlora_analysis": cond.to_dict()}, overwrite=True,
     )
     wall = time.perf_counter() - t0
-    atomic_write_json(out / "demo.json", {
+    atomic_write_json(out / "demo.json", stamp("demo_run", {
         "base": str(base_dir), "adapters": {k: str(v) for k, v in adapters.items()}, "eval_loss": losses,
         "report": str(report), "wall_time_s": wall, "steps": steps, "rank": rank,
-    })
+    }))
     return DemoResult(out, report, adapters, losses, wall)
 

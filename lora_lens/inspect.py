@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .io.base import BaseWeights, open_base
 from .io.formats import detect, load_adapters
+from .jsonable import stamp
 from .keys import architecture_family, parse_module_path
 from .types import Adapter
 
@@ -42,8 +43,7 @@ def describe_adapter(adapter: Adapter) -> dict:
         }
         for m in adapter.modules
     ]
-    return {
-        "kind": "adapter",
+    return stamp("adapter", {
         "format": adapter.format,
         "path": str(adapter.path),
         "adapter_name": adapter.adapter_name,
@@ -70,7 +70,7 @@ def describe_adapter(adapter: Adapter) -> dict:
             "bytes": adapter.num_bytes,
             "other_parameters": sum(t.numel for t in adapter.other_tensors),
         },
-    }
+    })
 
 
 def describe_base(base: BaseWeights) -> dict:
@@ -85,15 +85,14 @@ def describe_base(base: BaseWeights) -> dict:
             "dtypes": sorted({t.dtype for t in g.tensors}),
             "blocks": [b for b in blocks if b is not None],
         })
-    return {
-        "kind": "base",
+    return stamp("base", {
         "path": str(base.path),
         "format": base.format,
         "family": architecture_family([t.name for t in base.matrices()]),
         "groups": groups,
         "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in base.infos()],
         "totals": {"tensors": len(base.infos()), "parameters": base.num_parameters, "bytes": base.num_bytes},
-    }
+    })
 
 
 def inspect_path(path: str | Path, format: str | None = None) -> dict:
@@ -106,5 +105,5 @@ def inspect_path(path: str | Path, format: str | None = None) -> dict:
         adapters = load_adapters(path, format)
         if len(adapters) == 1:
             return describe_adapter(adapters[0])
-        return {"kind": "adapters", "path": str(path), "adapters": [describe_adapter(a) for a in adapters]}
+        return stamp("adapters", {"path": str(path), "adapters": [describe_adapter(a) for a in adapters]})
     return describe_base(open_base(path))

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
+from .errors import ConfigError
 from .randomized import LowRankSVD, range_svd
 
 
@@ -360,6 +361,32 @@ def lstsq(
 
 #: Largest relative residual ‖AX − B‖/‖B‖ at which an exact solve is trusted.
 _SOLVE_TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+
+
+def stacked_lstsq(
+    blocks: Iterable[tuple[torch.Tensor, torch.Tensor]], rcond: float | None = None, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Least squares over stacked blocks: ``[M_1; …; M_L] X ≈ [Y_1; …; Y_L]``.
+
+    ``M_l (p, q)``, ``Y_l (p, k)`` → ``X (q, k)`` (minimum norm when the stack
+    is rank-deficient). Streams: a running thin QR ``[R; M_l] = Q' R'`` keeps
+    only ``R (≤q, q)`` and ``Qᵀ Y (≤q, k)``, so memory is one block plus
+    ``q²``, never the ``(L·p, q)`` stack; the small final system goes to
+    :func:`~lora_lens.linalg.lstsq`. Since the running ``Q`` has orthonormal
+    columns, ``R X = Qᵀ Y`` has the same least-squares / minimum-norm solution
+    as the stack.
+    """
+    R = QtY = None
+    for M, Y in blocks:
+        M, Y = M.to(dtype), Y.to(dtype)
+        if R is not None:
+            M, Y = torch.cat([R, M]), torch.cat([QtY, Y])  # (≤q + p, q), (≤q + p, k)
+        Q, R = torch.linalg.qr(M)  # (rows, ≤q), (≤q, q)
+        QtY = Q.T @ Y  # (≤q, k)
+    if R is None:
+        raise ConfigError("least squares over no layers: nothing to fit.")
+    X, _ = lstsq(R, QtY, rcond=rcond)
+    return X
 
 
 def _residual(A: torch.Tensor, X: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

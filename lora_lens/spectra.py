@@ -41,6 +41,7 @@ from .compute import Compute, as_compute
 from .decompose import adapter_singular_values
 from .errors import ConfigError
 from .io.formats import load_adapter
+from .jsonable import JsonFields, stamp
 from .types import Adapter, LoraModule
 
 #: What the JSON output says about the numbers it holds.
@@ -119,7 +120,7 @@ def _check_fraction(name: str, value: float) -> None:
 
 
 @dataclass(frozen=True, eq=False)
-class SpectrumReport:
+class SpectrumReport(JsonFields):
     """The spectrum of one LoRA module's update and its metrics (see the module docstring).
 
     ``shape`` is ``(m, n)`` in PyTorch's layout, ``base_shape`` as the base
@@ -148,14 +149,6 @@ class SpectrumReport:
     def top_singular_value(self) -> float:
         return float(self.singular_values[0]) if len(self.singular_values) else 0.0
 
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name, "block": self.block, "module_type": self.module_type, "shape": list(self.shape),
-            "base_shape": list(self.base_shape), "layout": self.layout, "rank": self.rank, "alpha": self.alpha,
-            "scaling": self.scaling, "singular_values": self.singular_values.tolist(), "energy": self.energy.tolist(),
-            "fro_norm": self.fro_norm, "effective_rank": self.effective_rank, "stable_rank": self.stable_rank,
-            "rank_at_energy": self.rank_at_energy, "rank_at_fro": self.rank_at_fro,
-        }
 
 
 @dataclass(frozen=True)
@@ -177,6 +170,7 @@ class TypeSummary:
     top_singular_values: tuple[float, ...] = ()
 
     def to_dict(self) -> dict:
+        # reshaped: the metric stats sit at the top level next to the counts
         return {"module_type": self.module_type, "layers": self.layers, "blocks": list(self.blocks),
                 "ranks": list(self.ranks), "shapes": [list(s) for s in self.shapes], **self.stats,
                 "top_singular_values": list(self.top_singular_values)}
@@ -204,14 +198,15 @@ class AdapterSpectra:
 
     def to_dict(self) -> dict:
         """JSON-ready: ``adapter``, ``settings``, ``conventions``, ``summary`` (by module type), ``layers``."""
-        return {
+        # reshaped: adapter and settings grouped, the conventions shipped with the numbers
+        return stamp("spectra", {
             "adapter": {"label": self.label, "path": self.path, "flags": list(self.flags)},
             "settings": {"energy_fraction": self.energy_fraction, "fro_fraction": self.fro_fraction,
                          "device": self.device, "dtype": self.dtype},
             "conventions": CONVENTIONS,
             "summary": {t: s.to_dict() for t, s in self.summary.items()},
             "layers": [rep.to_dict() for rep in self.layers],
-        }
+        })
 
 
 def adapter_spectra(

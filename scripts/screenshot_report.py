@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python scripts/screenshot_report.py -o /tmp/report.png [--report-dir DIR]
 
-Builds ``lora_lens.report.sample.sample_report_spec()`` with ``write_report``,
+Builds ``lora_lens.report.sample.sample_report()`` with ``write_report``,
 then runs Chromium offline (no network, no GPU, a throw-away profile) on
 ``file://…/index.html``. Needs a Chromium binary (Debian: ``apt-get install
 chromium``); exits 2 with a one-line message when none is found.
@@ -57,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from lora_lens.report import write_report
-    from lora_lens.report.sample import sample_data, sample_report_spec
+    from lora_lens.report.sample import sample_data, sample_report
 
     with tempfile.TemporaryDirectory(prefix="lora-lens-report-") as tmp:
         report_dir = args.report_dir or Path(tmp) / "report"
         data = sample_data(args.seed)
-        index = write_report(report_dir, sample_report_spec(args.seed, data), json_data=data, overwrite=True)
+        index = write_report(report_dir, sample_report(args.seed, data), json_data=data, overwrite=True)
         try:
             png = screenshot(index, args.out, window=args.window_size, browser=args.chromium)
         except (FileNotFoundError, RuntimeError, subprocess.TimeoutExpired) as e:

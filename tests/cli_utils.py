@@ -25,3 +25,23 @@ def assert_bad_input(result, *needles: str) -> str:
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]
+
+
+def assert_stamped(obj, kind: str | None = None) -> dict:
+    """A top-level JSON result: ``kind`` (documented in docs/formats.md, "JSON results"), ``lora_lens_version``
+    (this one) and the kind's integer ``schema``, as the first three keys. Returns ``obj``."""
+    import lora_lens
+    from lora_lens.jsonable import SCHEMAS
+
+    assert isinstance(obj, dict) and list(obj)[:3] == ["kind", "lora_lens_version", "schema"], list(obj)[:5]
+    assert kind is None or obj["kind"] == kind, (obj["kind"], kind)
+    assert obj["lora_lens_version"] == lora_lens.__version__
+    assert isinstance(obj["schema"], int) and obj["schema"] == SCHEMAS[obj["kind"]] >= 1
+    assert f"| `{obj['kind']}` | {obj['schema']} |" in formats_doc(), f"kind {obj['kind']!r} not in docs/formats.md"
+    return obj
+
+
+def formats_doc() -> str:
+    from pathlib import Path
+
+    return (Path(__file__).resolve().parents[1] / "docs" / "formats.md").read_text(encoding="utf-8")

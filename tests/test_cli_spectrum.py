@@ -26,7 +26,7 @@ def test_json_fields_and_values_match_library(llama_adapter):
     assert r.exit_code == 0, r.output
     assert r.stderr == ""  # few modules, not a terminal: no progress bar
     d = _strict_json(r.stdout)
-    assert set(d) == {"adapter", "settings", "conventions", "summary", "layers"}
+    assert set(d) == {"kind", "lora_lens_version", "schema", "adapter", "settings", "conventions", "summary", "layers"}
     assert d["settings"] == {"energy_fraction": 0.8, "fro_fraction": 0.9, "device": "cpu", "dtype": "float32"}
     assert "PEFT" in d["conventions"]["rank_at_energy"] and "sv_fro" in d["conventions"]["rank_at_fro"]
     lib = adapter_spectra(folder, device="cpu", energy=0.8)

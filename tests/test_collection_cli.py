@@ -10,7 +10,7 @@ from lora_lens import __version__, load_adapter
 from lora_lens.io import read_init_description
 
 from .cli_utils import run
-from .conftest import PLANTED
+from .adapter_utils import PLANTED
 
 
 def bad_input(result, *needles):

@@ -133,7 +133,7 @@ def test_zero_update_is_flagged_in_alignment(tiny_llama, tmp_path):
     from lora_lens import load_adapter, open_base, save_peft_adapter
     from lora_lens.compare import analyze_alignment
 
-    from .conftest import make_peft_adapter
+    from .adapter_utils import make_peft_adapter
 
     model, folder = tiny_llama
     make_peft_adapter(model, tmp_path / "ad", r=2, lora_alpha=2, target_modules=["q_proj"])

@@ -14,7 +14,7 @@ from lora_lens.io.lazy import index_adapter
 from lora_lens.keys import parse_module_path
 from lora_lens.types import LoraModule
 
-from .conftest import PLANTED
+from .adapter_utils import PLANTED
 from .tolerances import U64, gamma
 
 F64 = CollectionSettings(device="cpu", dtype="float64", shared_rank=PLANTED["groups"] * PLANTED["rank"])
@@ -209,7 +209,7 @@ def test_peft_written_adapters_with_mixed_ranks(llama_adapter, tiny_llama, tmp_p
     """Real PEFT files (rank_pattern: one module at r=2, the rest r=4), a byte copy, and other seeds."""
     import shutil
 
-    from .conftest import make_peft_adapter
+    from .adapter_utils import make_peft_adapter
 
     model, _ = tiny_llama
     src = llama_adapter[1]

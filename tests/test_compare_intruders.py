@@ -12,7 +12,7 @@ from lora_lens.compare import analyze_alignment, intruder_dimensions, max_cosine
 from lora_lens.keys import parse_module_path
 from lora_lens.types import Adapter, LoraModule, LoraSettings
 
-from .conftest import make_peft_adapter
+from .adapter_utils import make_peft_adapter
 from .alignment_refs import base_matrix, ref_alignment
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from lora_lens.compare_methods.claims import FAILS, HOLDS, INCONCLUSIVE, evaluate_claims, judge, paired_interval
 
-from .cli_utils import assert_bad_input, run
+from .cli_utils import assert_bad_input, assert_stamped, run
 
 
 def test_paired_interval_matches_scipys_paired_t_test():
@@ -66,7 +66,7 @@ def test_cli_end_to_end(tiny_bert, tmp_path):
             "--batch-size", "4", "--eval-fraction", "0.25", "--device", "cpu", "-o", tmp_path / "out")
     assert r.exit_code == 0, r.output
     out = tmp_path / "out"
-    res = json.loads((out / "results.json").read_text())
+    res = assert_stamped(json.loads((out / "results.json").read_text()), "comparison")
     assert [s["method"] for s in res["summary"]] == ["lora", "condlora", "head-only"]
     assert len(res["runs"]) == 6 and {c["key"] for c in res["claims"]} == {"condlora", "control"}
     assert all(c["outcome"] in (HOLDS, FAILS, INCONCLUSIVE) for c in res["claims"])

@@ -18,7 +18,7 @@ from lora_lens.compare.subspaces import cross_phi, padded
 from lora_lens.types import Adapter, LoraModule, LoraSettings
 from lora_lens.keys import parse_module_path
 
-from .conftest import make_peft_adapter
+from .adapter_utils import make_peft_adapter
 
 
 # ---------------------------------------------------------------- references (float64, numpy)

@@ -231,3 +231,29 @@ def test_compute_resolved_once_and_keywords_folded():
     assert item_seed(0, "model.layers.0.self_attn.q_proj") == item_seed(0, "model.layers.0.self_attn.q_proj")
     assert item_seed(0, "a") != item_seed(1, "a") != item_seed(0, "b")
     assert item_seed(0, "a") == 7340373685759566269
+
+
+@pytest.mark.parametrize("budget", [None, 1])
+def test_decompose_base_float32_exact_against_float64_reference(flat_base, budget):
+    """The exact path in float32, whole or one matrix per chunk, against float64 LAPACK on the same stored values.
+
+    A backward-stable SVD in float32 moves each σ by at most c·max(m, n)·u₃₂·σ_1 (Weyl), and its
+    reconstruction ``U S Vh`` by the same relative amount; c = 10 covers the bidiagonalization's constant.
+    Orthonormality of the computed U holds to c·max(m, n)·u₃₂. The weights are float32 in the file, so the
+    reference sees exactly the values the float32 run sees.
+    """
+    u32 = torch.finfo(torch.float32).eps
+    tol = 10 * max(M, N) * u32
+    names = flat_base.names()
+    got = decompose_base(flat_base, names, randomized=False,
+                         compute=Compute("cpu", "float32", max_memory=budget))
+    for w in names:
+        W = flat_base.get(w).double()  # (m, n), the stored float32 values
+        ref = torch.linalg.svdvals(W)
+        sp = got[w]
+        assert sp.exact and sp.S.dtype == torch.float32 and sp.k == min(M, N)
+        s1 = float(ref[0])
+        assert torch.allclose(sp.S.double(), ref, rtol=0, atol=tol * s1)
+        assert torch.allclose(_lowrank_part(sp).double(), W, rtol=0, atol=tol * s1)
+        eye = torch.eye(sp.k, dtype=torch.float64)
+        assert torch.allclose(sp.U.double().T @ sp.U.double(), eye, rtol=0, atol=tol)

@@ -10,7 +10,7 @@ from lora_lens import ConfigError, load_adapter, load_adapters, save_peft_adapte
 from lora_lens.inspect import inspect_path
 from lora_lens.io.peft import pattern_key
 
-from .conftest import make_peft_adapter
+from .adapter_utils import make_peft_adapter
 
 
 def _peft_layers(pm, adapter="default"):

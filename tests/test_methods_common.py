@@ -7,7 +7,8 @@ import torch
 from lora_lens import KeyMatchError, open_base
 from lora_lens.keys import resolve_targets
 from lora_lens.methods import target_layers
-from lora_lens.methods.common import is_conv1d_base, stacked_lstsq
+from lora_lens.io.layout import is_conv1d_base
+from lora_lens.linalg import stacked_lstsq
 
 TYPES = ["self_attn.q_proj", "self_attn.k_proj", "attn.c_proj", "mlp.c_proj", "mlp.up_proj"]
 

@@ -12,7 +12,7 @@ from lora_lens import ConfigError, ShapeError, load_adapter, open_base, save_pef
 from lora_lens.compute import item_seed
 from lora_lens.io import read_init_description
 from lora_lens.methods import condlora_analysis, condlora_factors, condlora_init, target_layers
-from lora_lens.methods.common import lora_module
+from lora_lens.methods.targets import lora_module
 
 from .peft_check import load_with_peft, token_ids
 

@@ -64,7 +64,7 @@ def pair():
 
 
 def test_adapter_pair_heatmap_has_one_baseline_per_module_type(pair):
-    (fig, *_), grid_fig = pair_similarity_figures(pair)
+    fig = pair_similarity_figures(pair)[0].figure
     (ax,) = [a for a in fig.axes if a.images]
     rows = dict(t.get_text().rstrip(")").split("\n(random ") for t in ax.get_yticklabels())
     assert set(rows) == set(DIMS)
@@ -74,7 +74,7 @@ def test_adapter_pair_heatmap_has_one_baseline_per_module_type(pair):
 
 def test_phi_grid_gets_the_per_cell_baseline_max_i_j_over_d(pair):
     """Before the fix: one line at r/d; the grid max(i, j)/d runs from 1/d (i = j = 1) to r/d."""
-    _, (fig, *_) = pair_similarity_figures(pair)
+    fig = pair_similarity_figures(pair)[1].figure
     (ax,) = [a for a in fig.axes if a.images]
     mid = pair.modules[len(pair.modules) // 2]
     assert baseline_lines(fig, [ax]) == [[1 / mid.dim, R / mid.dim]]

@@ -6,7 +6,7 @@ from html.parser import HTMLParser
 import pytest
 
 
-from .cli_utils import run
+from .cli_utils import assert_stamped, run
 
 
 class _Collect(HTMLParser):
@@ -65,10 +65,10 @@ def test_report_bad_adapter_path(tmp_path):
 def test_demo_runs_end_to_end_small(minilm_path, tmp_path):
     r = run("demo", "-o", tmp_path / "demo", "--steps", "3", "--rank", "4", "--json")
     assert r.exit_code == 0, r.output
-    out = json.loads(r.stdout)
+    out = assert_stamped(json.loads(r.stdout), "demo")
     assert set(out["adapters"]) == {"lora-seed0", "lora-seed1", "cora-frozen", "condlora"}
     assert (tmp_path / "demo" / "report" / "index.html").is_file()
-    summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    summary = assert_stamped(json.loads((tmp_path / "demo" / "demo.json").read_text()), "demo_run")
     assert summary["rank"] == 4 and set(summary["eval_loss"]) == set(out["adapters"])
 
 

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from lora_lens.errors import ConfigError
-from lora_lens.report import build_report, new_figure, render_html, to_jsonable, write_report
+from lora_lens.jsonable import to_jsonable
+from lora_lens.report import (Report, ReportFigure, ReportSection, ReportTable, new_figure, render_html,
+                               write_report)
 from lora_lens.report.figures import PNG_SIGNATURE, figure_to_png_bytes
 
 EVIL = "<script>alert('x')</script> & \"quotes\""
@@ -29,19 +31,13 @@ def _fig(title="t"):
 
 def _spec(fig=None):
     png = figure_to_png_bytes(_fig("png"), dpi=30)
-    return {
-        "title": f"Report {EVIL}",
-        "subtitle": "sub",
-        "summary": {"bullets": [f"bullet {EVIL}"], "table": {f"key {EVIL}": 0.123456, "n": 3, "nan": float("nan")}},
-        "sections": [
-            {"heading": f"Spectra {EVIL}", "text": f"para one {EVIL}\n\npara two",
-             "figures": [{"figure": fig or _fig(), "caption": f"cap {EVIL}", "name": "sv"},
-                         {"figure": png, "caption": "from bytes"}],
-             "tables": [{"caption": "t", "header": ["layer", f"h {EVIL}"],
-                         "rows": [[0, np.float32(1.5)], [1, EVIL]]}]},
-            {"heading": "Spectra", "text": ["a", "b"]},  # same slug as above: needs its own anchor
-        ],
-    }
+    return Report(
+        f"Report {EVIL}", "sub", [f"bullet {EVIL}"], [(f"key {EVIL}", 0.123456), ("n", 3), ("nan", float("nan"))],
+        [ReportSection(f"Spectra {EVIL}", f"para one {EVIL}\n\npara two",
+                       [ReportFigure(fig or _fig(), f"cap {EVIL}", "sv"), ReportFigure(png, "from bytes")],
+                       [ReportTable(["layer", f"h {EVIL}"], [[0, np.float32(1.5)], [1, EVIL]], "t")]),
+         ReportSection("Spectra", ["a", "b"])],  # same slug as above: needs its own anchor
+    )
 
 
 class Checker(HTMLParser):
@@ -111,13 +107,15 @@ def test_images_are_embedded_pngs_and_cells_formatted():
     assert "Figure 1." in text and "Figure 2." in text
 
 
-def test_bad_spec_reports_every_bad_key_at_once():
-    with pytest.raises(ConfigError, match=r"unknown keys \['colour', 'titel'\], missing keys \['title'\]"):
-        build_report({"titel": "x", "colour": 1})
-    with pytest.raises(ConfigError, match=r"sections\[0\].figures\[0\]: got str"):
-        build_report({"title": "x", "sections": [{"heading": "h", "figures": [{"figure": "plot.png"}]}]})
-    with pytest.raises(ConfigError, match="lengths"):
-        build_report({"title": "x", "sections": [{"heading": "h", "tables": [{"header": ["a"], "rows": [[1, 2]]}]}]})
+def test_bad_pieces_are_refused_when_built():
+    with pytest.raises(ConfigError, match=r"report figure 'plot': got str; expected a matplotlib Figure or PNG"):
+        ReportFigure("plot.png", "plot")
+    with pytest.raises(ConfigError, match=r"report figure .*got bytes"):
+        ReportFigure(b"GIF89a", "not a png")
+    with pytest.raises(ConfigError, match=r"report table 'c': rows of lengths \[1, 2\]"):
+        ReportTable(["a"], [[1, 2]], "c")
+    with pytest.raises(ConfigError, match="expected a lora_lens.report.Report"):
+        write_report("unused", {"title": "x"})
 
 
 def test_write_report_files_links_and_json(tmp_path):
@@ -131,6 +129,7 @@ def test_write_report_files_links_and_json(tmp_path):
     c = _parse(index.read_text(encoding="utf-8"))
     assert sorted(h for h in c.hrefs if h.startswith("figures/")) == [f"figures/{n}" for n in names]
     res = json.loads((out / "results.json").read_text())
+    assert res["kind"] == "report" and res["schema"] >= 1 and res["lora_lens_version"]
     assert res["data"] == {"phi": [[1.0, 0.0], [0.0, 1.0]], "S": [2.0, 1.0], "bad": None, "n": 3, "t": [1, 2]}
     assert res["generated_by"].startswith("lora_lens ")
     assert [f["file"] for f in res["figures"]] == [f"figures/{n}" for n in names]

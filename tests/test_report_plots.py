@@ -303,9 +303,9 @@ def test_only_report_imports_matplotlib_and_never_pyplot():
     assert offenders == []
 
 
-def test_sample_report_spec_uses_every_plot_without_pyplot():
-    from lora_lens.report.sample import sample_report_spec
+def test_sample_report_uses_every_plot_without_pyplot():
+    from lora_lens.report.sample import sample_report
 
-    spec = sample_report_spec(seed=1)
-    figures = [f["figure"] for s in spec["sections"] for f in s["figures"]]
+    report = sample_report(seed=1)
+    figures = [f.figure for s in report.sections for f in s.figures]
     assert len(figures) == 9 and all(isinstance(f, Figure) for f in figures)

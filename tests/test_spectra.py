@@ -255,7 +255,7 @@ def test_stories260k_trained_by_peft(stories_path, tmp_path):
 @pytest.mark.realmodel
 def test_minilm_adapter_matches_peft(minilm_path, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from tests.conftest import make_peft_adapter
+    from .adapter_utils import make_peft_adapter
 
     model = transformers.BertModel.from_pretrained(minilm_path)
     pm = make_peft_adapter(model, tmp_path, seed=3, r=8, lora_alpha=16, target_modules=["query", "value"])

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 import lora_lens
 from lora_lens_cli.main import main
 
-from .cli_utils import assert_bad_input
+from .cli_utils import assert_bad_input, assert_stamped
 from .cli_utils import run as run_cli
 from .train_utils import write_condlora_init, write_cora_init
 
@@ -25,7 +25,8 @@ def run(*args):
 def test_each_method_json(stories_path, tmp_path, method):
     r = run("--base", stories_path, "--method", method, *FAST, "-o", tmp_path / "out", "--json")
     assert r.exit_code == 0, r.output
-    d = json.loads(r.stdout)
+    d = assert_stamped(json.loads(r.stdout), "train_result")
+    assert_stamped(json.loads((tmp_path / "out" / "train_log.json").read_text()), "train_run")
     for key in ("losses", "eval_loss", "trainable_parameters", "allocated_parameters", "wall_time_s",
                 "tokens_per_s", "method", "output"):
         assert key in d, key

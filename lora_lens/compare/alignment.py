@@ -25,6 +25,7 @@ import torch
 from ..compute import Compute, as_compute
 from ..io.base import BaseWeights
 from ..io.layout import with_base_layouts
+from ..jsonable import stamp
 from ..linalg import factored_svd, random_orthonormal, randomized_svd
 from ..types import Adapter, LayerKey
 from .pairing import Chunk, base_chunks, pair_with_base
@@ -75,6 +76,7 @@ class ModuleAlignment:
         return self.delta_norm / self.proj_delta if self.proj_delta > 0 else float("inf")
 
     def to_dict(self) -> dict:
+        # reshaped: the key as block/module type, the amplification factor added
         return {
             "name": self.name, **key_fields(self.key), "weight": self.weight, "rank": self.rank,
             "delta_norm": num(self.delta_norm), "w0_norm": num(self.w0_norm), "proj_delta": num(self.proj_delta),
@@ -97,11 +99,12 @@ class Alignment:
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        return {
-            "kind": "alignment", "adapter": self.adapter, "path": self.path, "base": self.base,
+        # reshaped: draws and seed grouped under "random"
+        return stamp("alignment", {
+            "adapter": self.adapter, "path": self.path, "base": self.base,
             "random": {"draws": self.draws, "seed": self.seed}, "w0_singular_values_exact": self.w0_exact,
             "notes": list(self.notes), "modules": [m.to_dict() for m in self.modules],
-        }
+        })
 
 
 def align_chunk(chunk: Chunk, compute: Compute, w0_sigma: torch.Tensor | None = None,

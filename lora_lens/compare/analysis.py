@@ -14,6 +14,7 @@ from typing import Sequence
 from ..compute import Compute, as_compute
 from ..io.base import BaseWeights
 from ..io.layout import with_base_layouts
+from ..jsonable import JsonFields
 from ..types import Adapter
 from .alignment import DRAWS, Alignment, align_chunk, zero_delta_notes
 from .intruders import EPSILON, K, Intruders, check_params, intruder_bytes, intruder_chunk
@@ -22,15 +23,13 @@ from .serialize import in_layer_order
 
 
 @dataclass(frozen=True)
-class AlignmentAnalysis:
+class AlignmentAnalysis(JsonFields):
     """:class:`Alignment` and :class:`Intruders` of one adapter against its base."""
+
+    KIND = "alignment_analysis"
 
     alignment: Alignment
     intruders: Intruders
-
-    def to_dict(self) -> dict:
-        return {"kind": "alignment_analysis", "alignment": self.alignment.to_dict(),
-                "intruders": self.intruders.to_dict()}
 
 
 def analyze_alignment(

@@ -54,10 +54,10 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .. import __version__
 from ..compute import DEFAULT_MAX_MEMORY, Progress, resolve_device, resolve_dtype
 from ..errors import ConfigError, KeyMatchError, ShapeError
 from ..io.lazy import AdapterIndex, cached_index, index_adapter
+from ..jsonable import JsonFields, stamp
 from ..keys import normalize_module_path, parse_module_path
 from ..linalg import factored_svd, phi, top_left_subspace
 from ..spectra import spectrum_metrics
@@ -69,7 +69,7 @@ Mapper = Callable[[Callable, Sequence], Iterable]
 
 
 @dataclass(frozen=True)
-class CollectionSettings:
+class CollectionSettings(JsonFields):
     """Run-wide options of a collection, resolved once and shipped with every task.
 
     ``top_k``: directions compared (None: each module's smallest rank).
@@ -93,9 +93,6 @@ class CollectionSettings:
     #: Power iterations of CoRA's kernel on the Gram of the stacked factors (each counts twice on the
     #: factors themselves, since the Gram squares the spectrum): 4 here ≈ CoRA's 8 on the matrix.
     n_iter: int = 4
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)
@@ -319,11 +316,12 @@ class CollectionSimilarity:
         return at / safe, num_ / safe[:, None]
 
     def to_dict(self) -> dict:
+        # reshaped: matrices as lists, per-module and shared-basis summaries (tensors go to .safetensors)
         at, curve = self.shared_energy("both")
         at_l, curve_l = self.shared_energy("left")
         types = list(self.by_type)
-        return {
-            "kind": "collection", "lora_lens_version": __version__, "settings": self.settings.to_dict(),
+        return stamp("collection", {
+            "settings": self.settings.to_dict(),
             "adapters": [{"label": lab, "path": p, "norm": num(self.norms[i]),
                           "effective_rank": num(self.effective_rank[i])}
                          for i, (lab, p) in enumerate(zip(self.labels, self.paths))],
@@ -341,7 +339,7 @@ class CollectionSimilarity:
             "shared_basis": {"energy_both_at_rank": as_list(at), "energy_left_at_rank": as_list(at_l),
                              "curve_both": as_list(curve), "curve_left": as_list(curve_l)},
             "notes": list(self.notes),
-        }
+        })
 
 
 CONVENTIONS = {

@@ -54,6 +54,7 @@ class CollectionStructure:
     nearest_phi: tuple[float, ...]
 
     def to_dict(self, names) -> dict:
+        # reshaped: adapter indices become names (``names``), pairs and outliers become records
         return {
             "clusters": {"labels": list(self.labels), "n_clusters": self.n_clusters, "method": self.method,
                          "silhouette": num(self.silhouette)},

@@ -31,6 +31,7 @@ from ..compute import Compute, as_compute
 from ..errors import ConfigError
 from ..io.base import BaseWeights
 from ..io.layout import with_base_layouts
+from ..jsonable import stamp
 from ..linalg import svd
 from ..types import Adapter, LayerKey
 from .pairing import Chunk, base_chunks, pair_with_base
@@ -83,6 +84,7 @@ class ModuleIntruders:
         return tuple(sum(c < e for c in self.max_cos) for e in self.epsilons)
 
     def to_dict(self) -> dict:
+        # reshaped: the key as block/module type, counts per ε derived from max_cos
         return {"name": self.name, **key_fields(self.key), "weight": self.weight, "k": len(self.max_cos),
                 "max_cos": list(self.max_cos), "counts": list(self.counts)}
 
@@ -104,9 +106,10 @@ class Intruders:
         return tuple(sum(m.counts[i] for m in self.modules) for i in range(len(self.epsilons)))
 
     def to_dict(self) -> dict:
-        return {"kind": "intruders", "adapter": self.adapter, "path": self.path, "base": self.base, "k": self.k,
-                "epsilons": list(self.epsilons), "totals": list(self.totals), "notes": list(self.notes),
-                "modules": [m.to_dict() for m in self.modules]}
+        # reshaped: totals per ε added, modules through their own to_dict
+        return stamp("intruders", {"adapter": self.adapter, "path": self.path, "base": self.base, "k": self.k,
+                                   "epsilons": list(self.epsilons), "totals": list(self.totals),
+                                   "notes": list(self.notes), "modules": [m.to_dict() for m in self.modules]})
 
 
 def intruder_chunk(chunk: Chunk, k: int, epsilons: tuple[float, ...]) -> tuple[list[ModuleIntruders], torch.Tensor]:

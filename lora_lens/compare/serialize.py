@@ -1,26 +1,21 @@
-"""JSON-ready numbers: tensors → nested lists, NaN/Inf → ``None`` (JSON has no NaN)."""
+"""Helpers the compare results' ``to_dict`` share: floats and float tensors through
+:func:`lora_lens.jsonable.to_jsonable` (the one converter; NaN/Inf → ``None``), a module's place, layer order."""
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from ..jsonable import to_jsonable
 
 
 def num(x: float | torch.Tensor | None) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
+    """A number as a JSON float (ints and 0-d tensors too), non-finite → ``None``."""
+    return None if x is None else to_jsonable(float(x))
 
 
 def as_list(t: torch.Tensor) -> list | float | None:
-    """A tensor → nested Python lists of floats, non-finite → ``None``."""
-    return _clean(t.detach().cpu().double().tolist())
-
-
-def _clean(x):
-    return [_clean(v) for v in x] if isinstance(x, list) else num(x)
+    """A tensor → nested Python lists of floats (whatever its dtype), non-finite → ``None``."""
+    return to_jsonable(t.detach().double())
 
 
 def key_fields(key) -> dict:

@@ -26,6 +26,7 @@ import torch
 from ..compute import Compute, as_compute
 from ..errors import ConfigError, KeyMatchError, ShapeError
 from ..io.base import BaseWeights
+from ..jsonable import stamp
 from ..keys import normalize_module_path
 from ..linalg import phi_grid, principal_angles
 from ..types import Adapter, LayerKey
@@ -67,6 +68,7 @@ class LayerGrid:
         return out
 
     def to_dict(self) -> dict:
+        # reshaped: ks as "k", the summary added
         return {
             "module_type": self.module_type, "blocks": list(self.blocks), "names": list(self.names),
             "dim": self.dim, "k": list(self.ks), "phi": as_list(self.phi), "random_phi": as_list(self.random_phi),
@@ -91,12 +93,13 @@ class LayerSimilarity:
     accuracy: dict | None = None
 
     def to_dict(self) -> dict:
-        return {
-            "kind": "layer_similarity", "adapter": self.adapter, "path": self.path, "what": self.what,
+        # reshaped: draws and seed grouped under "baseline"
+        return stamp("layer_similarity", {
+            "adapter": self.adapter, "path": self.path, "what": self.what,
             "side": self.side, "k": self.k, "baseline": {"draws": self.draws, "seed": self.seed},
             "subspaces": self.accuracy,
             "notes": list(self.notes), "grids": [g.to_dict() for g in self.grids],
-        }
+        })
 
 
 def layer_similarity(
@@ -171,6 +174,7 @@ class ModulePairSimilarity:
         return float(self.grid[-1, -1])
 
     def to_dict(self, grids: bool = True) -> dict:
+        # reshaped: φ at min(k), baselines grouped, the (k_a, k_b) grids optional
         b = self.baseline
         d = {
             "name": self.name, **key_fields(self.key), "dim": self.dim, "k_a": self.k_a, "k_b": self.k_b,
@@ -218,13 +222,14 @@ class AdapterSimilarity:
         return _means(self.modules)
 
     def to_dict(self, grids: bool = True) -> dict:
-        return {
-            "kind": "adapter_similarity", "a": self.a, "b": self.b, "path_a": self.path_a, "path_b": self.path_b,
+        # reshaped: summaries per module type added, module grids optional
+        return stamp("adapter_similarity", {
+            "a": self.a, "b": self.b, "path_a": self.path_a, "path_b": self.path_b,
             "what": self.what, "side": self.side, "k": self.k, "baseline": {"draws": self.draws, "seed": self.seed},
             "summary": self.summary(), "by_module_type": dict(self.by_module_type()),
             "modules": [m.to_dict(grids) for m in self.modules],
             "unmatched_a": list(self.unmatched_a), "unmatched_b": list(self.unmatched_b), "notes": list(self.notes),
-        }
+        })
 
 
 def _means(ms: Sequence[ModulePairSimilarity]) -> dict[str, float | None]:

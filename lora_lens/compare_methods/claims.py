@@ -24,7 +24,9 @@ judged: it follows from the shapes, not from training.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from ..jsonable import JsonFields
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 
@@ -51,7 +53,7 @@ CLAIMS = (
 
 
 @dataclass(frozen=True)
-class Verdict:
+class Verdict(JsonFields):
     key: str
     claim: str
     outcome: str  # HOLDS | FAILS | INCONCLUSIVE
@@ -63,9 +65,6 @@ class Verdict:
     half_width: float | None  # h
     seeds: int
     parameter_ratio: float | None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def paired_interval(d: list[float]) -> tuple[float, float | None]:

@@ -9,10 +9,10 @@ measures on CPU and on CUDA).
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 from ..io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..jsonable import stamp
 from .run import Comparison
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
@@ -111,11 +111,11 @@ def figures(c: Comparison) -> dict[str, bytes]:
 
 def write_comparison(c: Comparison, folder: Path) -> None:
     """Into ``folder`` (the comparison's temporary output, renamed to OUT when complete)."""
-    atomic_write_json(folder / RESULTS_JSON, {
+    atomic_write_json(folder / RESULTS_JSON, stamp("comparison", {
         "settings": c.settings, "environment": c.environment, "task": c.task, "metric": c.metric,
-        "summary": [asdict(m) for m in c.summaries], "claims": [v.to_dict() for v in c.claims],
-        "analyses": c.analyses, "runs": c.runs, "wall_time_s": c.wall_time_s,
-    })
+        "summary": c.summaries, "claims": c.claims, "analyses": c.analyses, "runs": c.runs,
+        "wall_time_s": c.wall_time_s,
+    }))
     atomic_write_text(folder / RESULTS_MD, markdown(c))
     for name, png in figures(c).items():
         atomic_write_bytes(folder / name, png)

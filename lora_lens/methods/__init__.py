@@ -6,15 +6,17 @@
 - :mod:`.pissa`: PiSSA init (principal factors + residual base).
 - :mod:`.reduce`: rank reduction of a trained adapter by truncating its SVD.
 
-Init folders follow :mod:`lora_lens.io.initfile`.
+Shared by them: :mod:`.targets` (which base weights an init covers, their layout) and :mod:`.result`
+(the result record and provenance an init writes). Init folders follow :mod:`lora_lens.io.initfile`.
 """
 
-from .common import InitResult, TargetLayer, target_layers
 from .condlora import condlora_factors, condlora_init, condlora_theta_default
 from .condlora_analysis import CondLoraAnalysis, ConversionGrid, condlora_analysis
 from .cora import CoraBasis, collection_cora_init, cora_basis, cora_init, top_left_subspace, write_cora_basis
 from .pissa import pissa_init
 from .reduce import ReducedAdapter, rank_for_energy, reduce_rank
+from .result import InitResult
+from .targets import TargetLayer, target_layers
 
 __all__ = [
     "CondLoraAnalysis", "ConversionGrid", "CoraBasis", "InitResult", "ReducedAdapter", "TargetLayer",

@@ -37,8 +37,10 @@ from ..io.base import BaseWeights, open_base
 from ..io.initfile import THETA_NAME, InitDescription, write_init_description
 from ..io.formats import load_adapter
 from ..io.peft import save_peft_adapter
+from ..linalg import stacked_lstsq
 from ..types import Adapter, LoraModule
-from .common import InitResult, TargetLayer, lora_module, provenance, stacked_lstsq, target_layers
+from .result import InitResult, provenance
+from .targets import TargetLayer, lora_module, target_layers
 
 MODES = ("official", "general")
 #: What a user may ask for: one of :data:`MODES` for every module type, or ``auto`` (per module type).

@@ -14,7 +14,6 @@ Layout is PyTorch's: ``W0 (m, n)``, ``A (r, n)``, ``B (m, r)``; ``L`` layers, ``
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from ..errors import ConfigError, ShapeError
 from ..io.base import BaseWeights, open_base
 from ..io.formats import load_adapter
 from ..io.layout import with_base_layouts
+from ..jsonable import JsonFields, to_jsonable
 from ..linalg import lstsq, phi, svd
 from ..types import Adapter
 from .condlora import EQUATIONS, SIDES, condlora_modes
@@ -69,18 +69,21 @@ class ConversionGrid:
         return out
 
     def to_dict(self) -> dict:
+        # reshaped: the baselines get their documented names, and the summary is added
         return {
             "module_type": self.module_type, "side": self.side, "equation": self.equation,
             "blocks": list(self.blocks), "modules": list(self.modules), "ranks": list(self.ranks), "dim": self.dim,
-            "phi": _nested(self.phi), "gaussian_baseline": _nested(self.gaussian),
-            "structure_baseline": _nested(self.structural), "residual": _nested(self.residual),
+            "phi": to_jsonable(self.phi), "gaussian_baseline": to_jsonable(self.gaussian),
+            "structure_baseline": to_jsonable(self.structural), "residual": to_jsonable(self.residual),
             "summary": self.summary(),
         }
 
 
 @dataclass(frozen=True, eq=False)
-class CondLoraAnalysis:
+class CondLoraAnalysis(JsonFields):
     """Every module type × side grid of an adapter, plus what was skipped."""
+
+    KIND = "condlora_analysis"
 
     grids: tuple[ConversionGrid, ...]
     adapter: str
@@ -93,10 +96,6 @@ class CondLoraAnalysis:
             if g.module_type == module_type and g.side == side:
                 return g
         raise KeyError(f"no grid for {module_type!r} side {side!r}")
-
-    def to_dict(self) -> dict:
-        return {"adapter": self.adapter, "base": self.base, "seed": self.seed, "skipped": list(self.skipped),
-                "grids": [g.to_dict() for g in self.grids]}
 
 
 def condlora_analysis(
@@ -233,11 +232,6 @@ def _offdiag_mean(grid: torch.Tensor, idx: list[int]) -> float | None:
     vals = sub[mask]
     vals = vals[~torch.isnan(vals)]
     return float(vals.mean()) if vals.numel() else None
-
-
-def _nested(t: torch.Tensor):
-    return [None if isinstance(v, float) and math.isnan(v) else v for v in t.tolist()] if t.dim() == 1 else \
-        [_nested(row) for row in t]
 
 
 # ------------------------------------------------------------------------------------------------- init

@@ -44,10 +44,12 @@ from ..io.atomic import atomic_directory, atomic_save_safetensors, atomic_write_
 from ..io.base import BaseWeights, open_base
 from ..io.initfile import InitDescription, write_init_description
 from ..io.peft import save_peft_adapter
+from ..jsonable import stamp
 from ..keys import match_modules_to_weights, parse_module_path
 from ..linalg import top_left_subspace  # noqa: F401  (CoRA's kernel; lives in linalg so compare can share it)
 from ..types import LoraModule
-from .common import InitResult, TargetLayer, check_rank, lora_module, provenance, target_layers
+from .result import InitResult, provenance
+from .targets import TargetLayer, check_rank, lora_module, target_layers
 
 SOURCE_KINDS = ("weights", "deltas")
 SCALES = ("orthonormal", "kaiming")
@@ -92,13 +94,14 @@ class CoraBasis:
         return self.bases[self.key_for(module_type, layer)]
 
     def to_dict(self) -> dict:
+        # reshaped: one entry per distinct basis (shared ones once), without the (m, r) tensors themselves
         entries = []
         for mt, ls in self.layers.items():
             for key in dict.fromkeys(self.key_for(mt, x) for x in ls):
                 entries.append({"key": key, "module_type": mt, "shape": list(self.bases[key].shape),
                                 "singular_values": self.singular_values[key].tolist(), "energy": self.energy[key]})
-        return {"rank": self.rank, "shared": self.shared, "targets": list(self.layers), "params": self.params,
-                "sources": list(self.sources), "bases": entries}
+        return stamp("cora_basis", {"rank": self.rank, "shared": self.shared, "targets": list(self.layers),
+                                    "params": self.params, "sources": list(self.sources), "bases": entries})
 
 
 #: CoRA's defaults for the range finder (16 iterations: see the module docstring) and the device bytes one

@@ -21,23 +21,23 @@ from ..decompose import decompose_adapter
 from ..errors import ConfigError
 from ..io.formats import load_adapter
 from ..io.peft import save_peft_adapter
+from ..jsonable import JsonFields
 from ..io.tensors import open_tensor_file
 from ..keys import parse_peft_key, strip_peft_prefix
 from ..spectra import rank_at_energy
 from ..types import Adapter, LoraModule
-from .common import provenance
+from .result import provenance
 
 
 @dataclass(frozen=True)
-class ReducedAdapter:
+class ReducedAdapter(JsonFields):
     """What :func:`reduce_rank` wrote: one record per module (ranks before/after, energy kept)."""
+
+    KIND = "reduced_adapter"
 
     out_dir: Path
     records: tuple[dict, ...]
     summary: dict
-
-    def to_dict(self) -> dict:
-        return {"out_dir": str(self.out_dir), "summary": self.summary, "records": list(self.records)}
 
 
 def rank_for_energy(S: torch.Tensor, energy: float) -> int:

@@ -1,138 +1,30 @@
-"""Analyze adapters and turn the results into a report spec (``lora-lens report``).
+"""The report of an :class:`~lora_lens.analysis.Analysis` (``lora-lens report``): figures, tables, sections.
 
-:func:`analyze_adapters` runs the analyses (spectra; layer × layer φ; adapter ×
-adapter φ when there are several; alignment with W0 and intruder dimensions
-when a base is given) and keeps the results; :func:`analysis_report_spec`
-turns them into the spec that :func:`~lora_lens.report.write_report` renders;
-:func:`write_analysis_report` writes the folder.
+:func:`lora_lens.analysis.analyze_adapters` computes; here the results are only
+drawn: :func:`analysis_report` builds the typed :class:`~lora_lens.report.html.Report`
+and :func:`write_analysis_report` writes the folder.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..compare import AlignmentAnalysis, LayerSimilarity, analyze_alignment, layer_similarity, pairwise_similarity
+from ..analysis import AdapterAnalysis, Analysis
 from ..compare.baselines import DEEPER_HALF
 from ..compare.similarity import AdapterSimilarity, LayerGrid
-from ..compute import Compute, Progress, as_compute
-from ..io.base import BaseWeights
-from ..spectra import AdapterSpectra, adapter_spectra
-from ..types import Adapter
 from .alignment_plots import plot_amplification, plot_intruder_counts, plot_intruder_sweep, plot_projection_norms
 from .figures import new_figure, panel_figure
-from .html import write_report
+from .html import Report, ReportFigure, ReportSection, ReportTable, write_report
 from .similarity_plots import plot_adapter_heatmap, plot_phi_grid, plot_phi_heatmap
 from .spectra_plots import plot_effective_rank, plot_energy_curves, plot_singular_values
 from .training_plots import plot_loss_curves
 
-#: Intruder ε values swept for the sweep figure (the chosen ε is always added).
-EPS_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
-
-@dataclass(frozen=True, eq=False)
-class AdapterAnalysis:
-    """Everything measured on one adapter."""
-
-    adapter: Adapter
-    spectra: AdapterSpectra
-    layers: LayerSimilarity
-    alignment: AlignmentAnalysis | None = None
-
-
-@dataclass(frozen=True, eq=False)
-class Analysis:
-    """:func:`analyze_adapters`' result: per adapter, plus every pair compared."""
-
-    adapters: tuple[AdapterAnalysis, ...]
-    pairs: tuple[AdapterSimilarity, ...] = ()
-    base: str | None = None
-    runs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    epsilon: float = 0.5
-    intruder_k: int = 10
-
-    def to_dict(self) -> dict:
-        return {
-            "base": self.base,
-            "adapters": [
-                {
-                    "label": a.adapter.label,
-                    "path": str(a.adapter.path),
-                    "spectra": a.spectra.to_dict(),
-                    "layer_similarity": a.layers.to_dict(),
-                    "alignment": a.alignment.to_dict() if a.alignment else None,
-                }
-                for a in self.adapters
-            ],
-            "pairs": [p.to_dict(grids=False) for p in self.pairs],
-            "runs": {k: dict(v) for k, v in self.runs.items()},
-        }
-
-
-def analyze_adapters(
-    adapters: Sequence[Adapter],
-    base: BaseWeights | None = None,
-    runs: Mapping[str, Mapping[str, Any]] | None = None,
-    *,
-    energy: float = 0.9,
-    intruder_k: int = 10,
-    epsilon: float = 0.5,
-    progress: Progress | None = None,
-    compute: Compute | None = None,
-    **options,
-) -> Analysis:
-    """Run every analysis the report shows. ``runs``: loss curves (``plot_loss_curves`` format).
-
-    ``progress(done, total, what)`` is called after each stage (spectra,
-    layer similarity, alignment of each adapter; the adapter pairs).
-    ``compute`` (or its fields as keywords) is resolved once and shared by every analysis.
-    """
-    cx = as_compute(compute, **options)
-    adapters = unique_labels(adapters)
-    eps = sorted(set(EPS_SWEEP) | {epsilon})
-    total = len(adapters) * (2 if base is None else 3) + (len(adapters) > 1)
-    done = 0
-
-    def stage(what: str, result):
-        nonlocal done
-        done += 1
-        if progress:
-            progress(done, total, what)
-        return result
-
-    per = []
-    for ad in adapters:
-        per.append(AdapterAnalysis(
-            adapter=ad,
-            spectra=stage(f"{ad.label}: spectra", adapter_spectra(ad, energy=energy, compute=cx)),
-            layers=stage(f"{ad.label}: layers", layer_similarity(ad, what="delta", compute=cx)),
-            alignment=stage(f"{ad.label}: alignment", analyze_alignment(
-                ad, base, intruder_k=intruder_k, epsilon=eps, compute=cx))
-            if base is not None else None,
-        ))
-    pairs = (stage("adapter pairs", tuple(pairwise_similarity(list(adapters), compute=cx)))
-             if len(adapters) > 1 else ())
-    return Analysis(tuple(per), pairs, str(base.path) if base is not None else None, dict(runs or {}), epsilon,
-                    intruder_k)
-
-
-def unique_labels(adapters: Sequence[Adapter]) -> list[Adapter]:
-    """Adapters whose labels collide (``x1/ad``, ``x2/ad``) are labelled ``x1/ad``, ``x2/ad``."""
-    labels = [a.label for a in adapters]
-    return [replace(a, adapter_name=f"{a.path.parent.name}/{a.label}") if labels.count(a.label) > 1 else a
-            for a in adapters]
-
-
-def _section(heading: str, text: str, figures=(), tables=()) -> dict:
-    return {"heading": heading, "text": text,
-            "figures": [{"figure": f, "caption": c, "name": n} for f, c, n in figures], "tables": list(tables)}
-
-
-def _spectra_section(a: AdapterAnalysis, energy: float) -> dict:
+def _spectra_section(a: AdapterAnalysis, energy: float) -> ReportSection:
     sp = a.spectra
     types = list(sp.summary)
     figs = []
@@ -146,43 +38,45 @@ def _spectra_section(a: AdapterAnalysis, energy: float) -> dict:
             plot_energy_curves(ax2, S, blocks, fraction=energy, title=f"{t}: energy kept at rank j")
         else:
             ax1.set_title(f"{t}: ΔW = 0 (untrained: B = 0)")
-        figs.append((fig, f"{a.adapter.label} · {t}: singular values and energy, coloured by depth.",
-                     f"spectra-{a.adapter.label}-{t}"))
+        figs.append(ReportFigure(fig, f"{a.adapter.label} · {t}: singular values and energy, coloured by depth.",
+                                 f"spectra-{a.adapter.label}-{t}"))
     eff = {t: np.array([r.effective_rank for r in sp.layers if r.module_type == t]) for t in types}
     blocks = [r.block for r in sp.layers if r.module_type == types[0]]
     if all(len(v) == len(blocks) for v in eff.values()):
         fig, ax = new_figure(size=(8, 3.6))
         plot_effective_rank(ax, eff, blocks, nominal_rank={t: max(sp.summary[t].ranks) for t in types},
                             metric="effective rank exp(H(σ/Σσ))")
-        figs.append((fig, "Effective rank per layer; dashed: the nominal rank.", f"effrank-{a.adapter.label}"))
+        figs.append(ReportFigure(fig, "Effective rank per layer; dashed: the nominal rank.",
+                                 f"effrank-{a.adapter.label}"))
     rows = []
     for t, s in sp.summary.items():
-        st = s.to_dict()
+        st = s.stats
         rows.append([t, s.layers, ",".join(map(str, sorted(set(s.ranks)))), st["effective_rank"]["mean"],
                      st["stable_rank"]["mean"], st["rank_at_energy"]["mean"], st["fro_norm"]["max"]])
-    table = {"caption": f"Per module type (means over layers; energy fraction {energy})",
-             "header": ["module type", "layers", "rank", "eff. rank", "stable rank", f"rank @ {energy:g} energy",
-                        "max ‖ΔW‖_F"], "rows": rows}
-    return _section(f"Spectra — {a.adapter.label}",
-                    "Singular values of each layer's update ΔW = s·B·A, computed from the factors (QR + a small SVD) "
-                    "without forming ΔW; effective rank is Roy & Vetterli's exp(entropy); the energy rank is PEFT's "
-                    "convention (smallest j keeping the fraction of Σσ²).", figs, [table])
+    table = ReportTable(["module type", "layers", "rank", "eff. rank", "stable rank", f"rank @ {energy:g} energy",
+                         "max ‖ΔW‖_F"], rows, f"Per module type (means over layers; energy fraction {energy})")
+    return ReportSection(f"Spectra — {a.adapter.label}",
+                         "Singular values of each layer's update ΔW = s·B·A, computed from the factors (QR + a small "
+                         "SVD) without forming ΔW; effective rank is Roy & Vetterli's exp(entropy); the energy rank is "
+                         "PEFT's convention (smallest j keeping the fraction of Σσ²).", figs, [table])
 
 
-def _layer_similarity_section(a: AdapterAnalysis) -> dict:
+def _layer_similarity_section(a: AdapterAnalysis) -> ReportSection:
     grids = [g for g in a.layers.grids if len(g.blocks) > 1]
     if not grids:
-        return _section(f"Similarity across layers — {a.adapter.label}", "Only one layer per module type: no grid.")
+        return ReportSection(f"Similarity across layers — {a.adapter.label}",
+                             "Only one layer per module type: no grid.")
     fig = layer_similarity_figure(grids)
     rows = [[g.module_type, g.dim, max(g.ks), g.summary()["mean_offdiag"], g.summary()["random_mean_offdiag"],
              g.summary()["deep_mean_offdiag"]] for g in grids]
-    table = {"caption": "Mean off-diagonal φ (all layers, and the deeper half) against the random baseline",
-             "header": ["module type", "dim", "k", "φ", "random φ", "φ deeper half"], "rows": rows}
-    return _section(f"Similarity across layers — {a.adapter.label}",
-                    "φ(i = j = r) = ‖U_aᵀ U_b‖²_F / r between the top singular vectors of ΔW (left, output space) "
-                    "of every pair of layers of one module type (LoRA §7). The baseline is φ for random subspaces "
-                    f"of the same dimensions. The deeper half is {DEEPER_HALF}.", [(fig, "φ between layers, one panel per module type.",
-                                                  f"phi-layers-{a.adapter.label}")], [table])
+    table = ReportTable(["module type", "dim", "k", "φ", "random φ", "φ deeper half"], rows,
+                        "Mean off-diagonal φ (all layers, and the deeper half) against the random baseline")
+    return ReportSection(f"Similarity across layers — {a.adapter.label}",
+                         "φ(i = j = r) = ‖U_aᵀ U_b‖²_F / r between the top singular vectors of ΔW (left, output "
+                         "space) of every pair of layers of one module type (LoRA §7). The baseline is φ for random "
+                         f"subspaces of the same dimensions. The deeper half is {DEEPER_HALF}.",
+                         [ReportFigure(fig, "φ between layers, one panel per module type.",
+                                       f"phi-layers-{a.adapter.label}")], [table])
 
 
 def layer_similarity_figure(grids: Sequence[LayerGrid]) -> Figure:
@@ -195,7 +89,7 @@ def layer_similarity_figure(grids: Sequence[LayerGrid]) -> Figure:
                         panel_size=(5.2, 4.5), per_item=per_item)
 
 
-def pair_similarity_figures(p: AdapterSimilarity) -> list[tuple[Figure, str, str]]:
+def pair_similarity_figures(p: AdapterSimilarity) -> list[ReportFigure]:
     """Adapter vs adapter: the module type × layer φ heatmap (one baseline per module type) and the
     LoRA Figure 3 φ(i, j) grid of the middle module, with the per-cell baseline ``max(i, j)/d``."""
     figs = []
@@ -210,29 +104,28 @@ def pair_similarity_figures(p: AdapterSimilarity) -> list[tuple[Figure, str, str
                 vals[types.index(m.key.module), blocks.index(m.key.block)] = m.phi
         fig, ax = new_figure(size=(max(6, 0.5 * len(blocks) + 3), 1.0 + 0.6 * len(types) + 1.6))
         plot_adapter_heatmap(ax, vals, types, blocks, baseline=baselines, labels=(p.a, p.b))
-        figs.append((fig, f"φ({p.a}, {p.b}) per layer and module type.", f"pair-{p.a}-{p.b}"))
+        figs.append(ReportFigure(fig, f"φ({p.a}, {p.b}) per layer and module type.", f"pair-{p.a}-{p.b}"))
     mid = p.modules[len(p.modules) // 2]
     fig, ax = new_figure(size=(8, 3.4))
     plot_phi_grid(ax, mid.grid.numpy(), labels=(f"{p.a} (r={mid.k_a})", f"{p.b} (r={mid.k_b})"),
                   baseline=mid.baseline.expected_grid.numpy(), title=f"φ(i, j): {mid.name} (as LoRA Figure 3)")
-    figs.append((fig, f"φ(i, j) for i ≤ {mid.k_a}, j ≤ {mid.k_b} on {mid.name}.", f"grid-{p.a}-{p.b}"))
+    figs.append(ReportFigure(fig, f"φ(i, j) for i ≤ {mid.k_a}, j ≤ {mid.k_b} on {mid.name}.", f"grid-{p.a}-{p.b}"))
     return figs
 
 
-def _pairs_section(pairs: Sequence[AdapterSimilarity]) -> dict:
+def _pairs_section(pairs: Sequence[AdapterSimilarity]) -> ReportSection:
     figs, rows = [], []
     for p in pairs:
         figs += pair_similarity_figures(p)
         s = p.summary()
         rows.append([p.a, p.b, len(p.modules), s.get("phi"), s.get("random_phi"), s.get("expected_phi")])
-    table = {"caption": "Mean φ over matched modules", "header": ["a", "b", "modules", "φ", "random φ", "expected φ"],
-             "rows": rows}
-    return _section("Adapter vs adapter",
-                    "The same module in two adapters (two seeds, two tasks, two ranks): φ at i = j = min(r), and the "
-                    "LoRA §7.2 φ(i, j) grid for one layer.", figs, [table])
+    table = ReportTable(["a", "b", "modules", "φ", "random φ", "expected φ"], rows, "Mean φ over matched modules")
+    return ReportSection("Adapter vs adapter",
+                         "The same module in two adapters (two seeds, two tasks, two ranks): φ at i = j = min(r), and "
+                         "the LoRA §7.2 φ(i, j) grid for one layer.", figs, [table])
 
 
-def _alignment_section(a: AdapterAnalysis, epsilon: float, k: int) -> dict:
+def _alignment_section(a: AdapterAnalysis, epsilon: float, k: int) -> ReportSection:
     al, intr = a.alignment.alignment, a.alignment.intruders
     types = list(dict.fromkeys(m.key.module for m in al.modules))
     first = [m for m in al.modules if m.key.module == types[0]]
@@ -255,8 +148,9 @@ def _alignment_section(a: AdapterAnalysis, epsilon: float, k: int) -> dict:
     amp = {t: np.array([m.amplification for m in al.modules if m.key.module == t]) for t in types}
     if all(len(v) == len(blocks) for v in amp.values()):
         plot_amplification(axes[-1], amp, blocks)
-    figs.append((fig, "‖U_rᵀ W0 V_r‖_F for ΔW's, W0's own and random top-r directions, and the amplification factor "
-                      "‖ΔW‖_F / ‖U_rᵀ W0 V_r‖_F (LoRA §7.3).", f"alignment-{a.adapter.label}"))
+    figs.append(ReportFigure(fig, "‖U_rᵀ W0 V_r‖_F for ΔW's, W0's own and random top-r directions, and the "
+                                  "amplification factor ‖ΔW‖_F / ‖U_rᵀ W0 V_r‖_F (LoRA §7.3).",
+                             f"alignment-{a.adapter.label}"))
     ie = list(intr.epsilons).index(epsilon)
     counts = {t: np.array([m.counts[ie] for m in intr.modules if m.key.module == t]) for t in types}
     if all(len(v) == len(blocks) for v in counts.values()):
@@ -265,18 +159,18 @@ def _alignment_section(a: AdapterAnalysis, epsilon: float, k: int) -> dict:
         sweep = {t: np.array([sum(m.counts[i] for m in intr.modules if m.key.module == t)
                               for i in range(len(intr.epsilons))]) for t in types}
         plot_intruder_sweep(ax2, list(intr.epsilons), sweep, chosen_eps=epsilon, k=k)
-        figs.append((fig, f"Intruder dimensions among the top-{k} singular vectors of W0 + ΔW (ε = {epsilon}), and "
-                          "the total as ε varies.", f"intruders-{a.adapter.label}"))
+        figs.append(ReportFigure(fig, f"Intruder dimensions among the top-{k} singular vectors of W0 + ΔW "
+                                      f"(ε = {epsilon}), and the total as ε varies.", f"intruders-{a.adapter.label}"))
     rows = [[t, float(np.mean(amp[t])), int(sum(m.counts[ie] for m in intr.modules if m.key.module == t))]
             for t in types]
-    table = {"caption": f"Per module type: mean amplification, intruder dimensions (k = {k}, ε = {epsilon})",
-             "header": ["module type", "amplification", "intruders"], "rows": rows}
-    return _section(f"Alignment with W0 — {a.adapter.label}",
-                    "Does ΔW amplify directions W0 already has (LoRA §7.3), and does it bring new ones (intruder "
-                    "dimensions, Shuttleworth et al. 2024)?", figs, [table])
+    table = ReportTable(["module type", "amplification", "intruders"], rows,
+                        f"Per module type: mean amplification, intruder dimensions (k = {k}, ε = {epsilon})")
+    return ReportSection(f"Alignment with W0 — {a.adapter.label}",
+                         "Does ΔW amplify directions W0 already has (LoRA §7.3), and does it bring new ones "
+                         "(intruder dimensions, Shuttleworth et al. 2024)?", figs, [table])
 
 
-def _summary(an: Analysis) -> dict:
+def _summary(an: Analysis) -> tuple[list[str], list[tuple[str, Any]]]:
     bullets = []
     for a in an.adapters:
         sp = a.spectra
@@ -285,7 +179,7 @@ def _summary(an: Analysis) -> dict:
             bullets.append(f"{a.adapter.label}: largest updates ‖ΔW‖_F in " + ", ".join(
                 f"{r.name} ({r.fro_norm:.3g})" for r in top) + ".")
         for t, s in sp.summary.items():
-            st = s.to_dict()
+            st = s.stats
             bullets.append(f"{a.adapter.label} · {t}: effective rank {st['effective_rank']['mean']:.2f} of nominal "
                            f"r = {max(s.ranks)} (energy rank {st['rank_at_energy']['mean']:.1f}).")
         for g in a.layers.grids:
@@ -303,14 +197,14 @@ def _summary(an: Analysis) -> dict:
         s = p.summary()
         bullets.append(f"φ({p.a}, {p.b}) = {s.get('phi') or 0:.3f} on {len(p.modules)} matched modules vs random "
                        f"{s.get('random_phi') or 0:.3f}.")
-    table = {"adapters": ", ".join(a.adapter.label for a in an.adapters), "base": an.base or "—",
-             "modules": ", ".join(str(len(a.adapter)) for a in an.adapters)}
-    return {"bullets": bullets, "table": table}
+    table = [("adapters", ", ".join(a.adapter.label for a in an.adapters)), ("base", an.base or "—"),
+             ("modules", ", ".join(str(len(a.adapter)) for a in an.adapters))]
+    return bullets, table
 
 
-def analysis_report_spec(an: Analysis, title: str = "lora_lens report", energy: float = 0.9,
-                         extra_sections: Sequence[dict] = ()) -> dict:
-    """The report spec for :func:`~lora_lens.report.write_report` from an :class:`Analysis`."""
+def analysis_report(an: Analysis, title: str = "lora_lens report", energy: float = 0.9,
+                    extra_sections: Sequence[ReportSection] = ()) -> Report:
+    """The :class:`~lora_lens.report.html.Report` of an :class:`Analysis` (``extra_sections`` appended)."""
     sections = []
     for a in an.adapters:
         sections.append(_spectra_section(a, energy))
@@ -322,12 +216,13 @@ def analysis_report_spec(an: Analysis, title: str = "lora_lens report", energy: 
     if an.runs:
         fig, ax = new_figure(size=(9, 4))
         plot_loss_curves(ax, an.runs, smooth=0.6)
-        sections.append(_section("Training", "Train loss (smoothed, raw underneath), eval loss, Chain-of-LoRA knots.",
-                                 [(fig, "Loss curves.", "loss")]))
+        sections.append(ReportSection("Training", "Train loss (smoothed, raw underneath), eval loss, Chain-of-LoRA "
+                                      "knots.", [ReportFigure(fig, "Loss curves.", "loss")]))
     sections += list(extra_sections)
     labels = ", ".join(a.adapter.label for a in an.adapters)
-    return {"title": title, "subtitle": f"adapters: {labels}" + (f" · base: {an.base}" if an.base else ""),
-            "summary": _summary(an), "sections": sections}
+    bullets, table = _summary(an)
+    return Report(title, f"adapters: {labels}" + (f" · base: {an.base}" if an.base else ""), bullets, table,
+                  sections)
 
 
 def write_analysis_report(
@@ -335,10 +230,11 @@ def write_analysis_report(
     analysis: Analysis,
     title: str = "lora_lens report",
     energy: float = 0.9,
-    extra_sections: Sequence[dict] = (),
+    extra_sections: Sequence[ReportSection] = (),
     extra_json: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``out_dir/index.html`` + ``figures/*.png`` + ``results.json`` for an :class:`Analysis`; returns index.html."""
-    spec = analysis_report_spec(analysis, title, energy, extra_sections)
-    return write_report(out_dir, spec, json_data={**analysis.to_dict(), **(extra_json or {})}, overwrite=overwrite)
+    report = analysis_report(analysis, title, energy, extra_sections)
+    return write_report(out_dir, report, json_data={**analysis.to_dict(), **(extra_json or {})},
+                        overwrite=overwrite)

@@ -22,7 +22,7 @@ from ..io.atomic import atomic_directory, atomic_save_safetensors
 from ..io.jsonfile import read_json
 from ._axes import Artists, add_colorbar
 from .figures import new_figure
-from .html import write_report
+from .html import Report, ReportFigure, ReportSection, ReportTable, write_report
 
 COLLECTION_JSON = "collection.json"
 COLLECTION_TENSORS = "collection.safetensors"
@@ -103,8 +103,8 @@ def plot_energy_curves(ax: Axes, curves: np.ndarray, shared_rank: int | None, na
     return out
 
 
-def collection_section(data: Mapping[str, Any]) -> dict:
-    """The report section (see :func:`~lora_lens.report.write_report`) from ``collection.json``'s data."""
+def collection_section(data: Mapping[str, Any]) -> ReportSection:
+    """The report section from ``collection.json``'s data."""
     names = [a["label"] for a in data["adapters"]]
     st = data["structure"]
     phi = np.array(data["phi"], dtype=float)
@@ -115,17 +115,17 @@ def collection_section(data: Mapping[str, Any]) -> dict:
     fig = new_figure(size=(7.5, 8.5))[0]
     fig.clear()
     plot_clustered_heatmap(fig, phi, np.array(st["linkage"]), st["dendrogram_order"], names, base)
-    figs.append({"figure": fig, "caption": "Adapter × adapter φ (mean over modules), clustered (average linkage "
-                 "on 1 − φ).", "name": "collection-heatmap"})
+    figs.append(ReportFigure(fig, "Adapter × adapter φ (mean over modules), clustered (average linkage on 1 − φ).",
+                             "collection-heatmap"))
     fig, ax = new_figure(size=(6.5, 5.5))
     outl = [names.index(o["adapter"]) for o in st["outliers"]]
     plot_map(ax, np.array(st["coords"]), st["clusters"]["labels"], names, outl)
-    figs.append({"figure": fig, "caption": "2-D map of the collection.", "name": "collection-map"})
+    figs.append(ReportFigure(fig, "2-D map of the collection.", "collection-map"))
     sb = data["shared_basis"]
     if sb.get("curve_both"):
         fig, ax = new_figure(size=(6.5, 4.2))
         plot_energy_curves(ax, np.array(sb["curve_both"], dtype=float), data["settings"].get("shared_rank"), names)
-        figs.append({"figure": fig, "caption": "Shared-basis energy per adapter.", "name": "collection-energy"})
+        figs.append(ReportFigure(fig, "Shared-basis energy per adapter.", "collection-energy"))
     cl = st["clusters"]
     sil = "" if cl["silhouette"] is None else f", silhouette {cl['silhouette']:.2f}"
     text = [f"{len(names)} adapters, {len(data['modules'])} modules compared. {cl['n_clusters']} clusters "
@@ -138,15 +138,15 @@ def collection_section(data: Mapping[str, Any]) -> dict:
     at = sb.get("energy_both_at_rank") or [None] * len(names)
     rows = [[n, c, a.get("norm"), a.get("effective_rank"), e, next((x["nearest"] for x in st["nearest"]
              if x["adapter"] == n), None)] for n, c, a, e in zip(names, cl["labels"], data["adapters"], at)]
-    tables = [{"caption": "Adapters: cluster, ‖ΔW‖, effective rank, shared-basis energy at R, nearest neighbour.",
-               "header": ["adapter", "cluster", "‖ΔW‖", "eff. rank", "energy at R", "nearest"], "rows": rows}]
+    tables = [ReportTable(["adapter", "cluster", "‖ΔW‖", "eff. rank", "energy at R", "nearest"], rows,
+                          "Adapters: cluster, ‖ΔW‖, effective rank, shared-basis energy at R, nearest neighbour.")]
     if st["near_duplicates"]:
-        tables.append({"caption": "Near-duplicates.", "header": ["a", "b", "φ"],
-                       "rows": [[d["a"], d["b"], d["phi"]] for d in st["near_duplicates"]]})
+        tables.append(ReportTable(["a", "b", "φ"], [[d["a"], d["b"], d["phi"]] for d in st["near_duplicates"]],
+                                  "Near-duplicates."))
     if st["outliers"]:
-        tables.append({"caption": "Outliers and why.", "header": ["adapter", "reasons"],
-                       "rows": [[o["adapter"], "; ".join(o["reasons"])] for o in st["outliers"]]})
-    return {"heading": "Collection", "text": text, "figures": figs, "tables": tables}
+        tables.append(ReportTable(["adapter", "reasons"],
+                                  [[o["adapter"], "; ".join(o["reasons"])] for o in st["outliers"]], "Outliers and why."))
+    return ReportSection("Collection", text, figs, tables)
 
 
 def read_collection(folder: str | Path) -> dict:
@@ -170,10 +170,10 @@ def write_collection(out_dir: str | Path, coll, structure, *, overwrite: bool = 
         tensors[f"modules.{m.name}.phi_left"] = m.phi_left.float()
         tensors[f"modules.{m.name}.phi_right"] = m.phi_right.float()
         tensors[f"modules.{m.name}.members"] = torch.tensor(m.members, dtype=torch.int64)
-    spec = {"title": title, "subtitle": f"{coll.size} adapters", "sections": [collection_section(data)]}
+    report = Report(title, f"{coll.size} adapters", sections=[collection_section(data)])
     text = json.dumps(data, indent=1, allow_nan=False) + "\n"
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         (tmp / COLLECTION_JSON).write_text(text, encoding="utf-8")
         atomic_save_safetensors(tensors, tmp / COLLECTION_TENSORS, {"kind": "collection"})
-        write_report(tmp / "report", spec, json_data={"collection": COLLECTION_JSON})
+        write_report(tmp / "report", report, json_data={"collection": COLLECTION_JSON})
     return Path(out_dir)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from ..compare.baselines import DEEPER_HALF
 from ..methods.condlora_analysis import CondLoraAnalysis
 from .figures import new_figure
+from .html import ReportFigure, ReportSection, ReportTable
 from .similarity_plots import plot_condlora_grid
 
 
-def condlora_section(analysis: CondLoraAnalysis) -> dict:
+def condlora_section(analysis: CondLoraAnalysis) -> ReportSection:
     """Report section: one L×L φ heatmap per module type and side, both baselines marked, and a table."""
     figures, rows = [], []
     for g in analysis.grids:
@@ -18,15 +19,14 @@ def condlora_section(analysis: CondLoraAnalysis) -> dict:
             plot_condlora_grid(ax, g.phi.numpy(), list(g.blocks), gaussian_baseline=s["gaussian_offdiag"],
                                structure_baseline=g.structural.numpy(), factor=f"C_{g.side}", module=g.module_type,
                                scale="sqrt")
-            figures.append({"figure": fig, "caption": f"{g.module_type}, C_{g.side}: φ between layers ({g.equation}).",
-                            "name": f"condlora-{g.module_type}-{g.side}"})
+            figures.append(ReportFigure(fig, f"{g.module_type}, C_{g.side}: φ between layers ({g.equation}).",
+                                        f"condlora-{g.module_type}-{g.side}"))
         rows.append([g.module_type, f"C_{g.side}", s["phi_offdiag"], s["gaussian_offdiag"], s["structural_offdiag"],
                      s["phi_offdiag_deep"], s["residual_max"]])
-    table = {"caption": "Mean off-diagonal φ of the conversion matrices against both baselines",
-             "header": ["module type", "side", "φ", "Gaussian", "W0⁻¹G (structure)", "φ deeper half", "max residual"],
-             "rows": rows}
+    table = ReportTable(["module type", "side", "φ", "Gaussian", "W0⁻¹G (structure)", "φ deeper half", "max residual"],
+                        rows, "Mean off-diagonal φ of the conversion matrices against both baselines")
     text = (f"Conversion matrices of {analysis.adapter}: W0·C_A = Aᵀ and W0·C_B = B per layer (exact solve for "
             "square W0, least squares otherwise, residual reported), compared across layers with φ on their left "
             "singular vectors (i = j = r). Two baselines: Gaussian matrices, and W0⁻¹G with the same W0 — "
             f"similarity that W0 alone explains, whatever the adapter learned. The deeper half is {DEEPER_HALF}.")
-    return {"heading": "CondLoRA conversion matrices", "text": text, "figures": figures, "tables": [table]}
+    return ReportSection("CondLoRA conversion matrices", text, figures, [table])

@@ -1,19 +1,18 @@
 """A self-contained HTML report: inline CSS, figures as base64 PNG data URIs, a table of contents.
 
-The report is built from a plain structure, so any analysis can fill it::
+A report is built from typed pieces, so any analysis can fill it::
 
-    {"title": "…", "subtitle": "…",                                   # subtitle optional
-     "summary": {"bullets": ["…", …], "table": {"key": value, …}},    # both optional
-     "sections": [
-        {"heading": "…", "text": "paragraph\\n\\nparagraph" | ["…", …],
-         "figures": [{"figure": Figure | png_bytes, "caption": "…", "name": "file-stem"}],
-         "tables": [{"caption": "…", "header": ["…", …], "rows": [[…], …]}]},
-     ]}
+    Report(title="…", subtitle="…", bullets=("…", …), summary_table=(("key", value), …),
+           sections=(ReportSection(heading="…", text="paragraph\\n\\nparagraph" | ("…", …),
+                                   figures=(ReportFigure(Figure | png_bytes, caption="…", name="file-stem"),),
+                                   tables=(ReportTable(header=("…", …), rows=((…), …), caption="…"),)),))
 
-Every piece of text is escaped (``html.escape``): captions, cells and headings
-are shown as written, never interpreted as markup. The page opens offline (no
-external CSS, fonts or scripts). :func:`write_report` writes ``index.html``,
-``figures/*.png`` and ``results.json`` into a folder atomically.
+Each piece checks itself when built (a figure is a matplotlib ``Figure`` or PNG
+bytes; table rows have equal lengths). Every piece of text is escaped
+(``html.escape``): captions, cells and headings are shown as written, never
+interpreted as markup. The page opens offline (no external CSS, fonts or
+scripts). :func:`write_report` writes ``index.html``, ``figures/*.png`` and
+``results.json`` into a folder atomically.
 """
 
 from __future__ import annotations
@@ -24,60 +23,96 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 
-from ..jsonable import to_jsonable
 from .. import __version__
 from ..errors import ConfigError
 from ..io.atomic import atomic_directory
+from ..jsonable import stamp, to_jsonable
 from .figures import PNG_SIGNATURE, figure_to_png_bytes
 
-REPORT_KEYS = {"title", "subtitle", "summary", "sections"}
-SUMMARY_KEYS = {"bullets", "table"}
-SECTION_KEYS = {"heading", "text", "figures", "tables"}
-FIGURE_KEYS = {"figure", "caption", "name"}
-TABLE_KEYS = {"caption", "header", "rows"}
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ReportFigure:
-    png: bytes
-    caption: str
-    file: str  # name under figures/, e.g. "03-phi-query.png"
+    """A figure (matplotlib ``Figure`` or PNG bytes), its caption, and the stem of its file under figures/."""
+
+    figure: Figure | bytes
+    caption: str = ""
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        f = self.figure
+        if not (isinstance(f, Figure) or (isinstance(f, (bytes, bytearray)) and bytes(f[:8]) == PNG_SIGNATURE)):
+            raise ConfigError(f"report figure {self.caption or self.name!r}: got {type(f).__name__}; expected a "
+                              "matplotlib Figure or PNG bytes.")
 
 
 @dataclass(frozen=True)
 class ReportTable:
-    caption: str
+    """A table: ``rows`` of cells (numbers are right-aligned, floats shown with 4 significant digits)."""
+
     header: tuple[str, ...]
     rows: tuple[tuple[Any, ...], ...]
+    caption: str = ""
+
+    def __post_init__(self) -> None:
+        header = tuple(str(h) for h in self.header or ())
+        rows = tuple(tuple(r) for r in self.rows)
+        widths = {len(r) for r in rows} | ({len(header)} if header else set())
+        if len(widths) > 1:
+            raise ConfigError(f"report table {self.caption!r}: rows of lengths {sorted(widths)} (header included); "
+                              "expected equal lengths.")
+        object.__setattr__(self, "header", header)
+        object.__setattr__(self, "rows", rows)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ReportSection:
+    """A heading, text (a string with blank-line-separated paragraphs, or several strings), figures, tables."""
+
     heading: str
-    anchor: str
-    paragraphs: tuple[str, ...]
-    figures: tuple[ReportFigure, ...]
-    tables: tuple[ReportTable, ...]
+    text: str | Sequence[str] = ()
+    figures: Sequence[ReportFigure] = ()
+    tables: Sequence[ReportTable] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "figures", tuple(self.figures))
+        object.__setattr__(self, "tables", tuple(self.tables))
+
+    @property
+    def paragraphs(self) -> tuple[str, ...]:
+        parts = [self.text] if isinstance(self.text, str) else list(self.text or ())
+        return tuple(p.strip() for part in parts for p in re.split(r"\n\s*\n", str(part)) if p.strip())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Report:
-    """A normalized report: text, PNG bytes and table cells, ready to render."""
+    """The whole page: title, subtitle, summary (bullets and a key-value table), sections."""
 
     title: str
-    subtitle: str
-    bullets: tuple[str, ...]
-    summary_table: tuple[tuple[str, Any], ...]
-    sections: tuple[ReportSection, ...]
+    subtitle: str = ""
+    bullets: Sequence[str] = ()
+    summary_table: Sequence[tuple[str, Any]] = ()
+    sections: Sequence[ReportSection] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bullets", tuple(str(b) for b in self.bullets))
+        object.__setattr__(self, "summary_table", tuple((str(k), v) for k, v in self.summary_table))
+        object.__setattr__(self, "sections", tuple(self.sections))
 
 
-# ---------------------------------------------------------------- building
+@dataclass(frozen=True)
+class _Rendered:
+    """A section as written: its unique anchor, and its figures as (PNG bytes, caption, file name)."""
+
+    section: ReportSection
+    anchor: str
+    figures: tuple[tuple[bytes, str, str], ...]
+
 
 def slug(text: str, max_len: int = 40) -> str:
     """``"φ across layers: q_proj"`` → ``"across-layers-q-proj"`` (ASCII, safe as a file name and anchor)."""
@@ -85,69 +120,22 @@ def slug(text: str, max_len: int = 40) -> str:
     return s[:max_len].rstrip("-") or "item"
 
 
-def _check_keys(obj: Any, allowed: set[str], where: str, required: Sequence[str] = ()) -> Mapping:
-    if not isinstance(obj, Mapping):
-        raise ConfigError(f"{where}: got {type(obj).__name__}; expected a mapping with keys among {sorted(allowed)}.")
-    unknown = sorted(set(obj) - allowed)
-    missing = [k for k in required if k not in obj]
-    if unknown or missing:
-        raise ConfigError(f"{where}: unknown keys {unknown}, missing keys {missing}; expected keys among {sorted(allowed)}.")
-    return obj
-
-
-def _png(fig: Any, where: str, dpi: float) -> bytes:
-    if isinstance(fig, Figure):
-        return figure_to_png_bytes(fig, dpi=dpi)
-    if isinstance(fig, (bytes, bytearray)) and bytes(fig[:8]) == PNG_SIGNATURE:
-        return bytes(fig)
-    raise ConfigError(f"{where}: got {type(fig).__name__}; expected a matplotlib Figure or PNG bytes.")
-
-
-def _paragraphs(text: Any) -> tuple[str, ...]:
-    if text is None:
-        return ()
-    parts = [text] if isinstance(text, str) else list(text)
-    return tuple(p.strip() for part in parts for p in re.split(r"\n\s*\n", str(part)) if p.strip())
-
-
-def _table(t: Any, where: str) -> ReportTable:
-    t = _check_keys(t, TABLE_KEYS, where, required=("rows",))
-    header = tuple(str(h) for h in t.get("header") or ())
-    rows = tuple(tuple(r) for r in t["rows"])
-    widths = {len(r) for r in rows} | ({len(header)} if header else set())
-    if len(widths) > 1:
-        raise ConfigError(f"{where}: rows of lengths {sorted(widths)} (header included); expected equal lengths.")
-    return ReportTable(str(t.get("caption") or ""), header, rows)
-
-
-def build_report(spec: Mapping[str, Any], dpi: float = 110) -> Report:
-    """Check ``spec`` (every bad key reported at once), render figures to PNG, number them."""
-    spec = _check_keys(spec, REPORT_KEYS, "report", required=("title",))
-    summary = _check_keys(spec.get("summary") or {}, SUMMARY_KEYS, "report.summary")
-    table = summary.get("table") or {}
-    kv = tuple((str(k), v) for k, v in (table.items() if isinstance(table, Mapping) else table))
-    sections, anchors, n_fig = [], {"summary", "contents"}, 0
-    for si, sec in enumerate(spec.get("sections") or []):
-        where = f"report.sections[{si}]"
-        sec = _check_keys(sec, SECTION_KEYS, where, required=("heading",))
-        anchor, n = slug(str(sec["heading"])), 1
-        while anchor in anchors:  # two sections with the same heading still get distinct anchors
+def _render(report: Report, dpi: float) -> tuple[_Rendered, ...]:
+    """Anchors (distinct even for equal headings), PNG bytes, and figure files numbered through the report."""
+    out, anchors, n_fig = [], {"summary", "contents"}, 0
+    for sec in report.sections:
+        anchor, n = slug(sec.heading), 1
+        while anchor in anchors:
             n += 1
-            anchor = f"{slug(str(sec['heading']))}-{n}"
+            anchor = f"{slug(sec.heading)}-{n}"
         anchors.add(anchor)
-        figures = []
-        for fi, f in enumerate(sec.get("figures") or []):
-            fwhere = f"{where}.figures[{fi}]"
-            f = _check_keys(f, FIGURE_KEYS, fwhere, required=("figure",))
+        figs = []
+        for f in sec.figures:
             n_fig += 1
-            caption = str(f.get("caption") or "")
-            stem = slug(str(f.get("name") or caption or sec["heading"]))
-            figures.append(ReportFigure(_png(f["figure"], fwhere, dpi), caption, f"{n_fig:02d}-{stem}.png"))
-        tables = tuple(_table(t, f"{where}.tables[{ti}]") for ti, t in enumerate(sec.get("tables") or []))
-        sections.append(ReportSection(str(sec["heading"]), anchor, _paragraphs(sec.get("text")), tuple(figures),
-                                      tables))
-    return Report(str(spec["title"]), str(spec.get("subtitle") or ""),
-                  tuple(str(b) for b in summary.get("bullets") or ()), kv, tuple(sections))
+            png = figure_to_png_bytes(f.figure, dpi=dpi) if isinstance(f.figure, Figure) else bytes(f.figure)
+            figs.append((png, f.caption, f"{n_fig:02d}-{slug(f.name or f.caption or sec.heading)}.png"))
+        out.append(_Rendered(sec, anchor, tuple(figs)))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------- rendering
@@ -226,22 +214,24 @@ def _table_html(t: ReportTable) -> str:
     return "".join(parts)
 
 
-def _figure_html(f: ReportFigure, number: int, link_png: bool) -> str:
+def _figure_html(png: bytes, caption: str, file: str, number: int, link_png: bool) -> str:
     e = html.escape
-    data = base64.b64encode(f.png).decode("ascii")
-    link = f' <a href="figures/{e(f.file)}">PNG</a>' if link_png else ""
-    alt = f.caption or f"Figure {number}"
+    data = base64.b64encode(png).decode("ascii")
+    link = f' <a href="figures/{e(file)}">PNG</a>' if link_png else ""
+    alt = caption or f"Figure {number}"
     return (f'<figure id="fig-{number}"><img src="data:image/png;base64,{data}" alt="{e(alt)}">'
-            f'<figcaption><span class="num">Figure {number}.</span> {e(f.caption)}{link}</figcaption></figure>')
+            f'<figcaption><span class="num">Figure {number}.</span> {e(caption)}{link}</figcaption></figure>')
 
 
-def render_html(report: Report | Mapping[str, Any], link_pngs: bool = False, dpi: float = 110) -> str:
+def render_html(report: Report, link_pngs: bool = False, dpi: float = 110) -> str:
     """The whole page as one string. ``link_pngs`` adds a link to ``figures/<file>`` under each figure."""
-    if not isinstance(report, Report):
-        report = build_report(report, dpi=dpi)
+    return _page(report, _render(report, dpi), link_pngs)
+
+
+def _page(report: Report, rendered: tuple[_Rendered, ...], link_pngs: bool) -> str:
     e = html.escape
     has_summary = bool(report.bullets or report.summary_table)
-    toc = ([("summary", "Summary")] if has_summary else []) + [(s.anchor, s.heading) for s in report.sections]
+    toc = ([("summary", "Summary")] if has_summary else []) + [(r.anchor, r.section.heading) for r in rendered]
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f'<meta name="generator" content="lora_lens {e(__version__)}">',
@@ -263,14 +253,15 @@ def render_html(report: Report | Mapping[str, Any], link_pngs: bool = False, dpi
             out.append(_kv_html(report.summary_table))
         out.append("</section>")
     number = 0
-    for s in report.sections:
-        out.append(f'<section id="{e(s.anchor)}"><h2>{e(s.heading)}</h2>')
+    for r in rendered:
+        s = r.section
+        out.append(f'<section id="{e(r.anchor)}"><h2>{e(s.heading)}</h2>')
         out += [f"<p>{e(p)}</p>" for p in s.paragraphs]
-        if s.figures:
+        if r.figures:
             out.append('<div class="figures">')
-            for f in s.figures:
+            for png, caption, file in r.figures:
                 number += 1
-                out.append(_figure_html(f, number, link_pngs))
+                out.append(_figure_html(png, caption, file, number, link_pngs))
             out.append("</div>")
         out += [_table_html(t) for t in s.tables]
         out.append("</section>")
@@ -283,21 +274,23 @@ def render_html(report: Report | Mapping[str, Any], link_pngs: bool = False, dpi
 
 # ---------------------------------------------------------------- JSON and files
 
-def results_json(report: Report, json_data: Any = None, link_pngs: bool = True) -> dict[str, Any]:
-    """What ``results.json`` holds: provenance, the summary, figure files, tables, and ``json_data`` as ``data``."""
-    return {
+def results_json(report: Report, rendered: Sequence[_Rendered], json_data: Any = None,
+                 link_pngs: bool = True) -> dict[str, Any]:
+    """What ``results.json`` holds: the summary, figure files, tables, and ``json_data`` as ``data``."""
+    return stamp("report", {
         "title": report.title,
         "generated_by": f"lora_lens {__version__}",
         "summary": {"bullets": list(report.bullets), "table": {k: to_jsonable(v) for k, v in report.summary_table}},
-        "figures": [{"section": s.heading, "caption": f.caption, "file": f"figures/{f.file}" if link_pngs else None}
-                    for s in report.sections for f in s.figures],
+        "figures": [{"section": r.section.heading, "caption": caption,
+                     "file": f"figures/{file}" if link_pngs else None}
+                    for r in rendered for _, caption, file in r.figures],
         "tables": [{"section": s.heading, "caption": t.caption, "header": list(t.header),
                     "rows": to_jsonable([list(r) for r in t.rows])} for s in report.sections for t in s.tables],
         "data": to_jsonable(json_data),
-    }
+    })
 
 
-def write_report(out_dir: str | os.PathLike, report_spec: Mapping[str, Any] | Report, write_pngs: bool = True,
+def write_report(out_dir: str | os.PathLike, report: Report, write_pngs: bool = True,
                  json_data: Any = None, *, overwrite: bool = False, dpi: float = 110) -> Path:
     """Write ``index.html``, ``figures/*.png`` (when ``write_pngs``) and ``results.json`` into ``out_dir``.
 
@@ -305,16 +298,19 @@ def write_report(out_dir: str | os.PathLike, report_spec: Mapping[str, Any] | Re
     so a reader never sees half a report. An existing non-empty ``out_dir`` is
     refused unless ``overwrite``. Returns the path of ``index.html``.
     """
-    report = report_spec if isinstance(report_spec, Report) else build_report(report_spec, dpi=dpi)
+    if not isinstance(report, Report):
+        raise ConfigError(f"write_report: got {type(report).__name__}; expected a lora_lens.report.Report.")
+    rendered = _render(report, dpi)
     # Serialize everything before touching the disk: a bad json_data leaves no folder behind.
-    page = render_html(report, link_pngs=write_pngs)
-    data = json.dumps(results_json(report, json_data, link_pngs=write_pngs), indent=2, allow_nan=False) + "\n"
+    page = _page(report, rendered, link_pngs=write_pngs)
+    data = json.dumps(results_json(report, rendered, json_data, link_pngs=write_pngs), indent=2,
+                      allow_nan=False) + "\n"
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         if write_pngs:
             (tmp / "figures").mkdir()
-            for s in report.sections:
-                for f in s.figures:
-                    (tmp / "figures" / f.file).write_bytes(f.png)
+            for r in rendered:
+                for png, _, file in r.figures:
+                    (tmp / "figures" / file).write_bytes(png)
         (tmp / "index.html").write_text(page, encoding="utf-8")
         (tmp / "results.json").write_text(data, encoding="utf-8")
     return Path(out_dir) / "index.html"

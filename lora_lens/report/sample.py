@@ -14,6 +14,7 @@ import numpy as np
 
 from .alignment_plots import plot_amplification, plot_intruder_counts, plot_intruder_sweep, plot_projection_norms
 from .figures import new_figure, panel_figure
+from .html import Report, ReportFigure, ReportSection, ReportTable
 from .similarity_plots import plot_adapter_heatmap, plot_condlora_grid, plot_phi_grid, plot_phi_heatmap
 from .spectra_plots import plot_effective_rank, plot_energy_curves, plot_singular_values
 from .training_plots import plot_loss_curves
@@ -87,14 +88,13 @@ def sample_data(seed: int = 0, L: int = 6, r: int = 8, d: int = 128) -> dict[str
     }
 
 
-def _section(heading: str, text: str, *figures: tuple[Any, str, str], tables: list | None = None) -> dict:
+def _section(heading: str, text: str, *figures: tuple[Any, str, str], tables=()) -> ReportSection:
     """One report section; ``figures`` as ``(figure, caption, file stem)``."""
-    return {"heading": heading, "text": text, "tables": tables or [],
-            "figures": [{"figure": f, "caption": c, "name": n} for f, c, n in figures]}
+    return ReportSection(heading, text, [ReportFigure(*f) for f in figures], tables)
 
 
-def sample_report_spec(seed: int = 0, data: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A full report spec (for :func:`lora_lens.report.write_report`) showing every figure type."""
+def sample_report(seed: int = 0, data: dict[str, Any] | None = None) -> Report:
+    """A full :class:`~lora_lens.report.html.Report` showing every figure type."""
     D = sample_data(seed) if data is None else data
     layers, r = D["layers"], D["rank"]
     base = D["random_phi"]
@@ -133,27 +133,26 @@ def sample_report_spec(seed: int = 0, data: dict[str, Any] | None = None) -> dic
     plot_loss_curves(ax, D["runs"], smooth=0.9)
 
     er = D["effective_rank"]
-    return {
-        "title": "lora_lens report — sample (synthetic data)",
-        "subtitle": f"{len(layers)} layers · modules {', '.join(MODULES)} · r = {r} · synthetic, seed {seed}",
-        "summary": {
-            "bullets": [
-                f"Mean effective rank {np.mean(er['q_proj']):.2f} (q_proj) and {np.mean(er['v_proj']):.2f} (v_proj) "
-                f"of nominal r = {r}.",
-                f"Cross-layer φ rises with depth; the random baseline is φ = {base:.3g}.",
-                "These numbers are synthetic: the report only shows what each figure looks like.",
-            ],
-            "table": {"adapter": "sample/adapter", "base": "sample/base", "rank": r, "layers": len(layers),
-                      "random φ baseline": base},
-        },
-        "sections": [
+    return Report(
+        title="lora_lens report — sample (synthetic data)",
+        subtitle=f"{len(layers)} layers · modules {', '.join(MODULES)} · r = {r} · synthetic, seed {seed}",
+        bullets=[
+            f"Mean effective rank {np.mean(er['q_proj']):.2f} (q_proj) and {np.mean(er['v_proj']):.2f} (v_proj) "
+            f"of nominal r = {r}.",
+            f"Cross-layer φ rises with depth; the random baseline is φ = {base:.3g}.",
+            "These numbers are synthetic: the report only shows what each figure looks like.",
+        ],
+        summary_table=[("adapter", "sample/adapter"), ("base", "sample/base"), ("rank", r), ("layers", len(layers)),
+                       ("random φ baseline", base)],
+        sections=[
             _section("Spectra",
                      "Singular values of each layer's update ΔW (computed from the factors, never forming ΔW), the "
                      "energy kept at each rank, and the effective rank (Roy & Vetterli) against the nominal rank.",
                      (fig_s, "Singular values and energy curves, q_proj, coloured by depth.", "spectra-q-proj"),
                      (fig_r, "Effective rank per layer; dashed: the nominal rank.", "effective-rank"),
-                     tables=[{"caption": "Effective rank per layer", "header": ["layer", *MODULES],
-                              "rows": [[l, *(er[m][i] for m in MODULES)] for i, l in enumerate(layers)]}]),
+                     tables=[ReportTable(["layer", *MODULES],
+                                         [[l, *(er[m][i] for m in MODULES)] for i, l in enumerate(layers)],
+                                         "Effective rank per layer")]),
             _section("Similarity across layers",
                      "φ = ‖U_iᵀ U_j‖²_F / r between the top-r left singular vectors of every pair of layers. "
                      "The red line on the colour bar is the random baseline.",
@@ -180,4 +179,4 @@ def sample_report_spec(seed: int = 0, data: dict[str, Any] | None = None) -> dic
                      "Train loss (smoothed, raw underneath), eval loss (dashed) and Chain-of-LoRA knots (dotted).",
                      (fig_t, "Loss curves of three runs.", "loss")),
         ],
-    }
+    )

@@ -37,6 +37,7 @@ import torch
 from .. import __version__
 from ..io import THETA_NAME, InitDescription, atomic_directory, atomic_save_safetensors, atomic_write_json
 from ..io import save_peft_adapter, write_init_description
+from ..jsonable import stamp
 from ..keys import parse_module_path
 from ..types import LoraModule
 from .loop import Run, TrainResult
@@ -116,7 +117,7 @@ def save_run(run: Run, result: TrainResult, out: str | Path, overwrite: bool = F
             save_peft_adapter(tmp, modules, base_model_name_or_path=base_name, metadata=meta, **peft_extra)
         if classify:
             atomic_write_json(tmp / CLASSES_NAME, classes_description(run))
-        atomic_write_json(tmp / LOG_NAME, {**result.to_dict(), "output": str(out), "config": run.config.as_dict(),
-                                           "provenance": run.provenance, "curves": result.curves(),
-                                           "lora_lens_version": __version__})
+        atomic_write_json(tmp / LOG_NAME, stamp("train_run", {
+            **result.to_dict(), "output": str(out), "config": run.config.as_dict(), "provenance": run.provenance,
+            "curves": result.curves()}))
     return Path(out)

@@ -1,28 +1,24 @@
-"""What the init methods share: target layers of a base, its Conv1D layout, a
-stacked least-squares solver, provenance and the result record.
+"""The base weights an init covers: target selection, the rank they can hold, their stored layout.
 
 Every method works in PyTorch's ``(m, n)`` layout: a GPT-2 ``Conv1D`` stores
-its weight as ``(n, m)``, so it is transposed on load (and back on write).
+its weight as ``(n, m)``, so it is transposed on load (:func:`target_layers`
+records the layout) and back on write (:func:`stored_layout`).
 """
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
-from .. import __version__
 from ..errors import ConfigError
 from ..io.base import BaseWeights
-from ..io.initfile import InitDescription
 from ..io.layout import is_conv1d_base, named_conv1d
 from ..keys import resolve_targets
-from ..linalg import lstsq
 from ..types import LayerKey, LoraModule
+
 
 @dataclass(frozen=True)
 class TargetLayer:
@@ -85,58 +81,8 @@ def stored_layout(W: torch.Tensor, layout: str) -> torch.Tensor:
     return W.T.contiguous() if layout == "conv1d" else W.contiguous()
 
 
-def stacked_lstsq(
-    blocks: Iterable[tuple[torch.Tensor, torch.Tensor]], rcond: float | None = None, dtype: torch.dtype = torch.float64
-) -> torch.Tensor:
-    """Least squares over stacked blocks: ``[M_1; …; M_L] X ≈ [Y_1; …; Y_L]``.
-
-    ``M_l (p, q)``, ``Y_l (p, k)`` → ``X (q, k)`` (minimum norm when the stack
-    is rank-deficient). Streams: a running thin QR ``[R; M_l] = Q' R'`` keeps
-    only ``R (≤q, q)`` and ``Qᵀ Y (≤q, k)``, so memory is one block plus
-    ``q²``, never the ``(L·p, q)`` stack; the small final system goes to
-    :func:`~lora_lens.linalg.lstsq`. Since the running ``Q`` has orthonormal
-    columns, ``R X = Qᵀ Y`` has the same least-squares / minimum-norm solution
-    as the stack.
-    """
-    R = QtY = None
-    for M, Y in blocks:
-        M, Y = M.to(dtype), Y.to(dtype)
-        if R is not None:
-            M, Y = torch.cat([R, M]), torch.cat([QtY, Y])  # (≤q + p, q), (≤q + p, k)
-        Q, R = torch.linalg.qr(M)  # (rows, ≤q), (≤q, q)
-        QtY = Q.T @ Y  # (≤q, k)
-    if R is None:
-        raise ConfigError("least squares over no layers: nothing to fit.")
-    X, _ = lstsq(R, QtY, rcond=rcond)
-    return X
-
-
-def provenance(method: str, params: dict, sources: Sequence[str | Path]) -> dict[str, str]:
-    """Safetensors metadata for an init file: method, params, sources, version."""
-    return {
-        "method": method,
-        "params": json.dumps(params, sort_keys=True, default=str),
-        "sources": json.dumps([str(s) for s in sources]),
-        "lora_lens_version": __version__,
-    }
-
-
 def lora_module(layer: TargetLayer, A: torch.Tensor, B: torch.Tensor, alpha: float) -> LoraModule:
     """A LoRA pair for one target: ``A (r, n)``, ``B (m, r)``, ``s = alpha / r``."""
     r = int(A.shape[0])
     return LoraModule(layer.module, layer.key, A.contiguous(), B.contiguous(), alpha=float(alpha),
                       scaling=float(alpha) / r, layout=layer.layout)
-
-
-@dataclass(frozen=True)
-class InitResult:
-    """What an init wrote: the folder, its description, and one record per module (type)."""
-
-    out_dir: Path
-    description: InitDescription
-    records: tuple[dict, ...] = ()
-    summary: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"out_dir": str(self.out_dir), "init": asdict(self.description), "summary": self.summary,
-                "records": list(self.records)}
