@@ -281,7 +281,7 @@ def main() -> None:
     if args.whole_base:
         whole_base(args.layers, 64, args.threads, args.max_memory)
     print("Summary (ratio = loop time / lora_lens time; errors |σ̂_k − σ_k|/σ_1 on float32 with exact σ):")
-    print(f"| group | k | loop s | lora_lens s | ratio | loop err σ_k | lora_lens err σ_k | % GEMM | % shape GEMM |")
+    print("| group | k | loop s | lora_lens s | ratio | loop err σ_k | lora_lens err σ_k | % GEMM | % shape GEMM |")
     print("|---|---|---|---|---|---|---|---|---|")
     for g, k, tl, tf, r, el, ef, pg, ps in SUMMARY:
         print(f"| {g} | {k} | {tl:.2f} | {tf:.2f} | {r:.2f}x | {el:.1e} | {ef:.1e} | {pg:.0f} % | {ps:.0f} % |")

@@ -298,7 +298,10 @@ def _finder_block(W: torch.Tensor, omega: torch.Tensor, probe: torch.Tensor, k: 
 
     # which iterations end orthonormal (checked): adaptive every check_every; fixed: the last three
     # (the change of σ and its rate for the error estimate), all others LU-normalized
-    checked = (lambda it: it % check_every == 0 or it == max_iter) if adaptive else (lambda it: it > n_iter - FIXED_CHECKS)
+    if adaptive:
+        checked = lambda it: it % check_every == 0 or it == max_iter  # noqa: E731
+    else:
+        checked = lambda it: it > n_iter - FIXED_CHECKS  # noqa: E731
     Y = W @ torch.cat([omega, probe], -1)  # (B, m, q + p): the probes ride along with pass 1
     Yp = Y[..., q:]  # (B, m, p) = W P, independent of every Q below
     if checked(0):
@@ -317,7 +320,7 @@ def _finder_block(W: torch.Tensor, omega: torch.Tensor, probe: torch.Tensor, k: 
     floor = 4 * math.sqrt(q) * torch.finfo(dt).eps
     for it in range(1, (max_iter if adaptive else n_iter) + 1):
         Y = W @ Z  # (B, m, q)
-        if subspace_tol is not None and sub_prev is not None and (it - 1) % check_every == 0:
+        if subspace_tol is not None and sub_prev is not None and checked(it - 1):
             # the last check's Ritz vectors are judged by this product, before it moves them
             wedin = torch.where(active, _wedin(Y, sub_prev, k), wedin)
             ok = (wedin <= subspace_tol) & _sv_ok(change, remaining, tol, sv_prev, floor, tiny)

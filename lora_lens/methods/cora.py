@@ -164,7 +164,8 @@ def cora_basis(
     gram: dict[str, torch.Tensor] = {}  # shared: G = Σ_{l,k} W Wᵀ (m, m) per module type
     flat = [(mt, x) for mt, ls in layers.items() for x in ls]
     for (mt, (m, n)), run in chunks(flat, lambda t: (t[0], t[1].shape),
-                                    lambda key: CORA_BYTES_PER_ITEM * M * key[1][0] * key[1][1] * cx.itemsize, cx, lambda key: key[0]):
+                                    lambda key: CORA_BYTES_PER_ITEM * M * key[1][0] * key[1][1] * cx.itemsize, cx,
+                                    lambda key: key[0]):
         chunk = [x for _, x in run]
         S = stacked(chunk)  # (c, m, M·n)
         if share_across_layers:
