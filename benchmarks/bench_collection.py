@@ -12,11 +12,13 @@ Writes N rank-r fp16 PEFT adapters on a Llama-7B-shaped q/v module set
 - (b) the naive route of per-pair tools: for each pair and module, materialize
   both ΔW and take their full SVDs (measured on ``--naive-pairs`` pairs of one
   module, extrapolated to N(N−1)/2 pairs × all modules);
-- peak RSS of the in-process run (a child process per N), against one module's
+- peak memory of the in-process run (a child process per N: resident memory
+  sampled every 2 ms, above its level at the start), against one module's
   stacked factors.
 
     PYTHONPATH=. python benchmarks/bench_collection.py                       # N = 10, 50; 4 blocks
     PYTHONPATH=. python benchmarks/bench_collection.py --n 10,50,200 --layers 32 --workers 2
+    PYTHONPATH=. python benchmarks/bench_collection.py --n 50 --profile 15          # where the time goes
 """
 
 from __future__ import annotations
@@ -113,12 +115,59 @@ def naive_pair_time(paths, pairs: int) -> float:
 
 
 def child(args) -> None:
-    """Run one in-process collection and print its time and peak RSS (a fresh process per N)."""
+    """Run one in-process collection and print its time and peak RSS (a fresh process per N).
+
+    With ``--profile``: cProfile's top functions by own time go to stderr (where the time goes).
+    """
     paths = json.loads(Path(args.child).read_text())
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    _, t = timed(lambda: collection_similarity(paths, CollectionSettings(device=args.device)))
+    sampler = RssSampler()
+    run = lambda: collection_similarity(paths, CollectionSettings(device=args.device))  # noqa: E731
+    if args.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        _, t = timed(lambda: prof.runcall(run))
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(args.profile)
+    else:
+        _, t = timed(run)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"t": t, "rss_before_kb": before, "rss_after_kb": after}))
+    print(json.dumps({"t": t, "rss_before_kb": before, "rss_after_kb": after, "peak_growth": sampler.stop()}))
+
+
+class RssSampler:
+    """Peak resident memory above the level at start, sampled every 2 ms from /proc/self/statm (Linux).
+
+    ``ru_maxrss`` alone cannot say it: the import of torch leaves a peak that a smaller run never passes.
+    Elsewhere: ``None``.
+    """
+
+    def __init__(self):
+        import threading
+
+        self.ok = os.path.exists("/proc/self/statm")
+        self.base = self.peak = self.rss() if self.ok else 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        if self.ok:
+            self.thread.start()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _poll(self):
+        while not self.done.wait(0.002):
+            self.peak = max(self.peak, self.rss())
+
+    def stop(self) -> int | None:
+        if not self.ok:
+            return None
+        self.done.set()
+        self.thread.join()
+        return max(self.peak, self.rss()) - self.base
 
 
 def main() -> None:
@@ -131,6 +180,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="Also run on a local Dask cluster of this many processes.")
     ap.add_argument("--naive-pairs", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--profile", type=int, default=0, metavar="K",
+                    help="Print the K functions with the most own time (cProfile) of each in-process run.")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -151,13 +202,16 @@ def main() -> None:
             lst.write_text(json.dumps(sub))
             floor = min(read_floor(sub) for _ in range(2))
             cmd = [sys.executable, __file__, "--child", str(lst), "--threads", str(args.threads),
-                   "--device", args.device]
-            res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
-                                            env={**os.environ}).stdout.strip().splitlines()[-1])
+                   "--device", args.device, "--profile", str(args.profile)]
+            proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ})
+            if args.profile:
+                print(proc.stderr)
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
             t = res["t"]
             naive = t_pair * N * (N - 1) / 2 * modules
             t_gram, t_loop = kernel_ratio(N, args.dim, args.rank)
-            extra_mb = (res["rss_after_kb"] - res["rss_before_kb"]) / 1024
+            extra_mb = (res["peak_growth"] / 2**20 if res["peak_growth"] is not None
+                        else (res["rss_after_kb"] - res["rss_before_kb"]) / 1024)
             print(f"N={N:4d}: ours {t:7.2f} s | read floor {floor:6.2f} s (ours/floor {t / floor:5.1f}×) | "
                   f"naive (b) ≈ {naive:9.0f} s → {naive / t:8.0f}× | φ kernel one Gram {t_gram * 1e3:7.1f} ms vs "
                   f"pair loop {t_loop * 1e3:8.1f} ms → {t_loop / t_gram:5.1f}× | peak RSS growth {extra_mb:7.0f} MB "

@@ -14,18 +14,26 @@ rank 8) or LoHa (rank 8, effective rank 64). Timed in one process:
   timed on ONE module of each shape and extrapolated to all modules (the
   output says so);
 - accuracy: max relative difference of the top-8 singular values, lora_lens
-  (float32) vs float64 SVD of the materialized ΔW, one module per shape.
+  (float32) vs float64 SVD of the materialized ΔW, one module per shape;
+- memory: the bytes the read factors hold (stored dtype) against the same
+  factors in float64 (what the reader held before), and the process's peak
+  RSS after the read.
+
+``--dtype float16`` writes the file in half precision, as most SDXL files
+are; ``--read-only`` stops after the read and its memory.
 
 Usage::
 
     python benchmarks/bench_lycoris.py --kind lokr --threads 2
     python benchmarks/bench_lycoris.py --kind loha --threads 2
+    python benchmarks/bench_lycoris.py --kind lokr --dtype float16 --read-only
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import resource
 import sys
 import tempfile
 import time
@@ -67,7 +75,7 @@ def near_sqrt(n: int) -> tuple[int, int]:
     return a, n // a
 
 
-def build(kind: str, folder: Path, rank: int = 8, seed: int = 0) -> Path:
+def build(kind: str, folder: Path, rank: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     g = torch.Generator().manual_seed(seed)
     t = {}
     for path, m, n in modules():
@@ -82,6 +90,7 @@ def build(kind: str, folder: Path, rank: int = 8, seed: int = 0) -> Path:
                 t[f"{k}.hada_w{i}_a"] = torch.randn(m, rank, generator=g) / math.sqrt(rank)
                 t[f"{k}.hada_w{i}_b"] = torch.randn(rank, n, generator=g) / math.sqrt(n)
         t[f"{k}.alpha"] = torch.tensor(float(rank))
+    t = {k: v.to(dtype) if v.numel() > 1 else v for k, v in t.items()}
     f = folder / f"sdxl_{kind}.safetensors"
     save_file(t, f)
     return f
@@ -96,13 +105,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kind", choices=["lokr", "loha"], default="lokr")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    ap.add_argument("--read-only", action="store_true", help="Stop after the read and its memory.")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        f = build(args.kind, Path(tmp))
+        f = build(args.kind, Path(tmp), dtype=getattr(torch, args.dtype))
         t0 = time.perf_counter()
         adapter = load_adapter(f)
         t_read = time.perf_counter() - t0
+        held = adapter.num_bytes
+        as_f64 = sum(8 * (m.A.numel() + m.B.numel()) for m in adapter)
+        print(f"read {f.stat().st_size / 2**20:.1f} MiB {args.dtype} file in {t_read:.2f} s: factors hold "
+              f"{held / 2**30:.2f} GiB ({adapter.modules[0].dtype}); the same in float64 {as_f64 / 2**30:.2f} GiB "
+              f"({as_f64 / held:.1f}x); peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+        if args.read_only:
+            return
         t0 = time.perf_counter()
         sp = adapter_spectra(adapter, device="cpu", dtype="float32")
         t_spec = time.perf_counter() - t0

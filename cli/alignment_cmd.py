@@ -5,22 +5,23 @@ from __future__ import annotations
 import click
 
 from .common import echo_json, progress_callback, table
-from .options import compute_options, epsilon_option, format_option, json_option, quiet_option, seed_option
+from .options import (compute_options, epsilon_option, format_option, json_option, quiet_option, renamed_option,
+                      seed_option, top_k_option)
 
 
 @click.command("alignment")
 @click.argument("adapter", type=click.Path(path_type=str))
 @click.option("--base", required=True, type=click.Path(path_type=str),
               help="The base checkpoint the adapter was trained on.")
-@click.option("--intruder-k", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Top singular vectors of W0 + ΔW checked for intruders.")
+@top_k_option("Top singular vectors of W0 + ΔW checked for intruders.", default=10)
+@renamed_option("--intruder-k", "--top-k", "top_k", type=click.IntRange(min=1))
 @epsilon_option(repeatable=True)
 @seed_option
 @json_option
 @quiet_option
 @compute_options
 @format_option
-def alignment_cmd(adapter, base, intruder_k, epsilon, seed, as_json, quiet, compute, fmt) -> None:
+def alignment_cmd(adapter, base, top_k, epsilon, seed, as_json, quiet, compute, fmt) -> None:
     """Projection of W0 on ΔW's directions, amplification, and intruder dimensions.
 
     Per module: ‖ΔW‖_F, ‖W0‖_F, ‖U_rᵀ W0 V_r‖_F for ΔW's top-r singular vectors,
@@ -38,7 +39,7 @@ def alignment_cmd(adapter, base, intruder_k, epsilon, seed, as_json, quiet, comp
     from lora_lens.compare import analyze_alignment
 
     with progress_callback("alignment with W0", quiet) as progress:
-        res = analyze_alignment(load_adapter(adapter, format=fmt), open_base(base), intruder_k=intruder_k,
+        res = analyze_alignment(load_adapter(adapter, format=fmt), open_base(base), intruder_k=top_k,
                                 epsilon=list(epsilon) or 0.5, compute=compute, seed=seed,
                                 progress=progress)
     if as_json:

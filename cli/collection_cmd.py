@@ -9,7 +9,7 @@ import click
 
 from .common import echo_json, progress_callback, table
 from .options import (device_option, dtype_option, json_option, max_memory_option, out_option, overwrite_option,
-                      quiet_option, seed_option)
+                      quiet_option, seed_option, top_k_option)
 
 
 def read_list(path: str) -> list[str]:
@@ -32,7 +32,7 @@ def read_list(path: str) -> list[str]:
 @click.argument("adapters", nargs=-1, type=click.Path(path_type=str))
 @click.option("--list", "list_file", type=click.Path(path_type=str), help="A file with one adapter path per line.")
 @out_option("Folder for collection.json, collection.safetensors and report/.")
-@click.option("--top-k", type=click.IntRange(min=1), help="Directions compared per module (default: its min rank).")
+@top_k_option("Directions compared per module (default: its min rank).")
 @click.option("--weighted", is_flag=True, help="Average modules weighted by ‖ΔW‖ (default: plain mean).")
 @click.option("--clusters", default="auto", show_default=True, metavar="K|auto",
               help="Number of clusters, or auto (best silhouette).")
@@ -71,10 +71,10 @@ def collection_cmd(adapters, list_file, out, top_k, weighted, clusters, distance
       lora-lens collection --list adapters.txt -o coll/ --scheduler tcp://head:8786
     """
     from lora_lens import ConfigError
-    from lora_lens.compare.collection import CollectionSettings, collection_similarity
-    from lora_lens.compare.collection_structure import collection_structure
+    from lora_lens import WorkerDiedError  # lora_lens.dist's; Dask itself is imported only with --scheduler
+    from lora_lens.compare import CollectionSettings, collection_similarity, collection_structure
     from lora_lens.io import check_destination
-    from lora_lens.report.collection import write_collection
+    from lora_lens.report import write_collection
 
     paths = list(adapters) + (read_list(list_file) if list_file else [])
     if not paths:
@@ -84,17 +84,23 @@ def collection_cmd(adapters, list_file, out, top_k, weighted, clusters, distance
     check_destination(Path(out), overwrite)
     if write_basis:
         check_destination(Path(write_basis), overwrite)
+    # In this process --device is resolved here; on Dask each worker resolves it (auto: its own GPU).
     settings = CollectionSettings(top_k=top_k, weighted=weighted, shared_rank=shared_rank,
-                                  keep_basis=bool(write_basis), device=device, dtype=dtype,
-                                  **({} if max_memory is None else {"max_memory": max_memory}),
-                                  seed=seed)
+                                  keep_basis=bool(write_basis), device=None if scheduler else device,
+                                  worker_device=device if scheduler else None, dtype=dtype,
+                                  **({} if max_memory is None else {"max_memory": max_memory}), seed=seed)
     with contextlib.ExitStack() as stack:
         mapper = None
         if scheduler:
-            from lora_lens.dist import dask_mapper
+            from lora_lens import dask_mapper
             mapper = stack.enter_context(dask_mapper(scheduler, workers))
         progress = stack.enter_context(progress_callback("modules", quiet))
-        coll = collection_similarity(paths, settings, allow_partial=allow_partial, mapper=mapper, progress=progress)
+        try:
+            coll = collection_similarity(paths, settings, allow_partial=allow_partial, mapper=mapper,
+                                         progress=progress)
+        except WorkerDiedError as e:  # not bad input (exit 2), not a bug ("internal error"): one line, exit 1
+            click.echo(f"error: {e}", err=True)
+            click.get_current_context().exit(1)
     structure = collection_structure(coll, clusters, distance_threshold, duplicate, seed)
     write_collection(out, coll, structure, overwrite=overwrite)
     if write_basis:

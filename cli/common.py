@@ -1,6 +1,6 @@
 """What every command shares: lazy loading and error handling, JSON output, plain tables, progress bars.
 
-Imports click and ``lora_lens.errors`` only; commands import the library
+Imports click and the library's error classes only; commands import the library
 inside their functions, so ``--help`` never imports torch or matplotlib.
 """
 
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import click
 
-from lora_lens.errors import DiskFullError, LoraLensError
+from lora_lens import DiskFullError, LoraLensError  # lazy names: imports lora_lens.errors alone
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -89,7 +89,7 @@ def _one_line(text: str) -> str:
 
 def echo_json(obj) -> None:
     """Print one JSON object on stdout: strict JSON (NaN/Inf → null) through the library's one converter."""
-    from lora_lens.jsonable import to_jsonable
+    from lora_lens import to_jsonable
 
     click.echo(json.dumps(to_jsonable(obj), indent=2, allow_nan=False))
 
@@ -170,8 +170,9 @@ def progress_callback(label: str, quiet: bool = False, min_items: int = 100):
     Drawn when stderr is a terminal, or when the run is long (``total ≥
     min_items``; a non-terminal then gets the label once, click's behaviour);
     never with ``quiet``. The bar opens at the first call, so errors raised
-    while loading print alone. Never writes to stdout, so ``--json`` output
-    stays one object.
+    while loading print alone, and closes when ``done`` reaches ``total`` (a
+    later call, e.g. the next adapter's, opens a new one). Never writes to
+    stdout, so ``--json`` output stays one object.
     """
     state: dict = {}
     err = click.get_text_stream("stderr")
@@ -188,6 +189,10 @@ def progress_callback(label: str, quiet: bool = False, min_items: int = 100):
         if bar is not None:
             bar.update(done - state["done"], what)
             state["done"] = done
+            if done >= total:  # finished: end the line now, before the command prints its result
+                state.pop("bar").__exit__(None, None, None)
+        elif done >= total:
+            state.pop("bar")  # a later phase (the next adapter) decides again
 
     try:
         yield callback

@@ -8,7 +8,7 @@ import click
 
 from .common import echo_json, echo_warnings
 from .options import device_option, json_option, out_option, overwrite_option, quiet_option
-from .train_cmd import METHODS, TASKS, _csv
+from .train_cmd import METHODS, TASKS, _csv, train_dtype_option
 
 
 @click.command("compare-methods")
@@ -31,8 +31,7 @@ from .train_cmd import METHODS, TASKS, _csv
 @click.option("--eval-every", type=click.IntRange(min=1), help="Evaluate every N steps for the loss curves.")
 @click.option("--margin", type=float, help="'matches' margin: accuracy points as a fraction [default: 0.01] or "
               "nats for lm [default: 0.02].")
-@click.option("--dtype", "train_dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
-              help="Training precision: bfloat16 autocasts forward and loss; weights and optimizer stay float32.")
+@train_dtype_option
 @click.option("--no-analysis", is_flag=True, help="Skip the adapter analyses (φ between seeds, CoRA overlap, "
               "CondLoRA conversion matrices).")
 @device_option
@@ -63,13 +62,14 @@ def compare_methods_cmd(base, data, task, methods, seeds, rank, alpha, targets, 
         c = compare_methods(base, data, out, task=task, methods=methods, seeds=seeds, rank=rank, alpha=alpha,
                             targets=targets, steps=steps, lr=lr, batch_size=batch_size, max_length=max_length,
                             seq_len=seq_len, eval_fraction=eval_fraction, eval_every=eval_every, margin=margin,
-                            dtype=train_dtype, device=device, overwrite=overwrite, analyze=not no_analysis, log=log)
+                            train_dtype=train_dtype, device=device, overwrite=overwrite, analyze=not no_analysis,
+                            log=log)
     echo_warnings(list({str(w.message): w for w in caught}.values()))  # one line per distinct warning
     if as_json:
-        from lora_lens.jsonable import stamp
+        from lora_lens import stamp
 
         echo_json(stamp("comparison_summary", {"out": str(c.out), "summary": c.summaries, "claims": c.claims}))
         return
-    from lora_lens.compare_methods.output import RESULTS_MD
+    from lora_lens.compare_methods import RESULTS_MD
 
     click.echo((c.out / RESULTS_MD).read_text())

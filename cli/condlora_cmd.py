@@ -6,8 +6,8 @@ import click
 
 from .common import echo_json, table
 from .init_render import render_init
-from .options import (compute_options, join_targets, json_option, out_option, overwrite_option, seed_option,
-                      targets_option)
+from .options import (compute_options, join_targets, json_option, out_option, overwrite_option, progress_option,
+                      seed_option, targets_option)
 
 
 @click.group("condlora")
@@ -23,6 +23,7 @@ def condlora_cmd() -> None:
 @click.option("--rcond", type=float, default=None, help="Relative cut-off for small singular values (least squares).")
 @seed_option
 @compute_options
+@progress_option("conversion matrices")
 @json_option
 def analyze_cmd(adapter, base, mode, rcond, seed, compute, as_json) -> None:
     """Conversion matrices of every layer and their cross-layer similarity.
@@ -48,7 +49,7 @@ def analyze_cmd(adapter, base, mode, rcond, seed, compute, as_json) -> None:
         s = g.summary()
         rows.append([g.module_type, g.side, g.equation, len(g.blocks), s["phi_offdiag"], s["phi_offdiag_deep"],
                      s["gaussian_offdiag"], s["structural_offdiag"], s["random_expectation"], s["residual_max"]])
-    click.echo(f"CondLoRA conversion matrices of {result.adapter} (base {result.base}); mean off-diagonal φ:")
+    click.echo(f"CondLoRA conversion matrices of {result.label} (base {result.base}); mean off-diagonal φ:")
     click.echo(table(rows, ["module type", "side", "equation", "L", "φ", "φ deep half", "gaussian", "W0⁻¹G",
                             "r/d", "residual max"]))
     if result.skipped:
@@ -69,6 +70,7 @@ def analyze_cmd(adapter, base, mode, rcond, seed, compute, as_json) -> None:
 @overwrite_option
 @seed_option
 @compute_options
+@progress_option("CondLoRA Θ")
 @json_option
 def init_cmd(base, rank, targets, from_adapter, mode, alpha, out, overwrite, seed, compute, as_json):
     """Write CondLoRA Θ (one pair per module type) and the PEFT adapter it gives.

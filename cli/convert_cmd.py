@@ -28,12 +28,11 @@ def convert_cmd(adapter, target, out, overwrite, as_json, fmt) -> None:
       lora-lens convert ./mlx-adapters -o ./peft-adapter
       lora-lens convert style_lora.safetensors --to peft -o ./style-peft
     """
-    from lora_lens.io import load_adapter
-    from lora_lens.io.convert import convert_to_peft
+    from lora_lens.io import convert_to_peft, load_adapter
 
     written = convert_to_peft(load_adapter(adapter, format=fmt), out, overwrite=overwrite)
     if as_json:
-        from lora_lens.jsonable import stamp
+        from lora_lens import stamp
 
         echo_json(stamp("converted", {"written": [str(p) for p in written], "to": target}))
     else:

@@ -28,8 +28,7 @@ def demo_cmd(out, steps, rank, device, overwrite, as_json, quiet):
       lora-lens demo
       lora-lens demo -o /tmp/demo --steps 60
     """
-    from lora_lens.demo import run_demo
-    from lora_lens.jsonable import stamp
+    from lora_lens import run_demo, stamp
 
     log = (lambda msg: None) if as_json or quiet else (lambda msg: click.echo(msg, err=True))
     res = run_demo(out, steps=steps, rank=rank, device=device, overwrite=overwrite, log=log)

@@ -1,9 +1,12 @@
 """Options shared by the commands, one spelling and one help text each.
 
 ``-o/--out`` wherever something is written, ``--json``, ``--seed``,
-``--overwrite``, ``--quiet``, ``--epsilon``, ``--n-iter``, ``--targets`` and
-``--device/--dtype/--max-memory`` (one ``Compute``). Importing this module imports click only: the help of
-every command is built without torch.
+``--overwrite``, ``--quiet``, ``--epsilon``, ``--n-iter``, ``--top-k`` (how
+many top singular directions), ``--targets`` and
+``--device/--dtype/--max-memory`` (one ``Compute``). Old spellings stay as
+hidden aliases (:func:`renamed_option`) that print a deprecation note.
+Importing this module imports click only: the help of every command is built
+without torch.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import functools
 
 import click
 
-from .common import ByteSize
+from .common import ByteSize, progress_callback
 
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print one JSON object on stdout instead of text (schemas: docs/formats.md).")
@@ -26,6 +29,12 @@ def out_option(what: str, *, default: str | None = None):
     """``-o/--out OUT`` (passed as ``out``): required unless a default is given."""
     return click.option("-o", "--out", "out", required=default is None, default=default, show_default=default is not None,
                         type=click.Path(path_type=str), help=what)
+
+
+def top_k_option(help: str, default: int | None = None):
+    """``--top-k K``: how many top singular directions (passed as ``top_k``), the one spelling on every command."""
+    return click.option("--top-k", "top_k", type=click.IntRange(min=1), default=default,
+                        show_default=default is not None, help=help)
 
 
 def n_iter_option(help: str, default: int | None = None):
@@ -81,7 +90,7 @@ def compute_options(f):
 
     @functools.wraps(f)  # copies __click_params__: the options declared below carry over
     def command(*args, device: str, dtype: str, max_memory: int | None, **kwargs):
-        from lora_lens.compute import Compute  # imported when the command runs, not for --help
+        from lora_lens import Compute  # imported when the command runs, not for --help
 
         compute = Compute(device=device, dtype=dtype) if max_memory is None else \
             Compute(device=device, dtype=dtype, max_memory=max_memory)
@@ -90,13 +99,35 @@ def compute_options(f):
     return device_option(dtype_option(max_memory_option(command)))
 
 
+def progress_option(label: str):
+    """Add ``-q/--quiet``; the command's ``compute`` reports to a progress bar on stderr labelled ``label``.
+
+    Place it right below :func:`compute_options`: it receives the ``Compute``
+    and hands the command one whose ``progress`` draws the bar (never with
+    ``--quiet``; see :func:`~.common.progress_callback`).
+    """
+
+    def decorate(f):
+        @functools.wraps(f)  # copies __click_params__: the options declared below carry over
+        def command(*args, quiet: bool, compute, **kwargs):
+            from dataclasses import replace
+
+            with progress_callback(label, quiet) as progress:
+                return f(*args, compute=replace(compute, progress=progress), **kwargs)
+
+        return quiet_option(command)
+
+    return decorate
+
+
 def renamed_option(old: str, new: str, dest: str, **attrs):
     """Accept the old spelling ``old`` of option ``new`` (parameter ``dest``), hidden from --help.
 
     Using it prints a deprecation note on stderr and fills ``dest``, unless
-    ``new`` was given too. Place it among the command's options.
+    ``new`` was given on the command line too (a default of ``new`` does not
+    count). Place it among the command's options.
     """
-    hidden_dest = f"renamed_{dest}"
+    hidden_dest = "renamed_" + old.lstrip("-").replace("-", "_")
 
     def decorate(f):
         @functools.wraps(f)  # copies __click_params__: the options declared below carry over
@@ -104,7 +135,8 @@ def renamed_option(old: str, new: str, dest: str, **attrs):
             value = kwargs.pop(hidden_dest)
             if value is not None:
                 click.echo(f"warning: {old} is deprecated; use {new}.", err=True)
-                if kwargs.get(dest) is None:
+                source = click.get_current_context().get_parameter_source(dest)
+                if source in (None, click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP):
                     kwargs[dest] = value
             return f(*args, **kwargs)
 

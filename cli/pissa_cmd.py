@@ -6,7 +6,7 @@ import click
 
 from .init_render import render_init
 from .options import (compute_options, join_targets, json_option, n_iter_option, out_option, overwrite_option,
-                      renamed_option, seed_option, targets_option)
+                      progress_option, renamed_option, seed_option, targets_option)
 
 
 @click.command("pissa")
@@ -20,6 +20,7 @@ from .options import (compute_options, join_targets, json_option, n_iter_option,
 @overwrite_option
 @seed_option
 @compute_options
+@progress_option("SVD of the base weights")
 @json_option
 def pissa_cmd(base, rank, targets, alpha, n_iter, out, overwrite, seed, compute, as_json):
     """PiSSA init: B, A from W0's top-r singular triplets, residual base W0 − s·B·A.
@@ -46,6 +47,7 @@ def pissa_cmd(base, rank, targets, alpha, n_iter, out, overwrite, seed, compute,
 @out_option("Folder for the reduced PEFT adapter.")
 @overwrite_option
 @compute_options
+@progress_option("decomposing LoRA modules")
 @json_option
 def reduce_cmd(adapter, rank, energy, out, overwrite, compute, as_json):
     """Reduce an adapter's rank by truncating each module's SVD (best rank-k approximation).

@@ -8,7 +8,7 @@ import click
 
 from .common import echo_json, progress_callback
 from .options import (compute_options, epsilon_option, format_option, json_option, out_option, overwrite_option,
-                      quiet_option, seed_option)
+                      quiet_option, renamed_option, seed_option, top_k_option)
 
 
 @click.command("report")
@@ -18,7 +18,8 @@ from .options import (compute_options, epsilon_option, format_option, json_optio
 @out_option("Folder to write the report to.")
 @click.option("--title", default="lora_lens report", show_default=True)
 @click.option("--energy", type=float, default=0.9, show_default=True, help="Energy fraction for the energy rank.")
-@click.option("--intruder-k", type=int, default=10, show_default=True, help="Top-k merged singular vectors checked.")
+@top_k_option("Top singular vectors of W0 + ΔW checked for intruders (with --base).", default=10)
+@renamed_option("--intruder-k", "--top-k", "top_k", type=click.IntRange(min=1))
 @epsilon_option(repeatable=False)
 @seed_option
 @overwrite_option
@@ -26,7 +27,7 @@ from .options import (compute_options, epsilon_option, format_option, json_optio
 @quiet_option
 @compute_options
 @format_option
-def report_cmd(adapters, base, out, title, energy, intruder_k, epsilon, seed, overwrite, as_json, quiet, compute,
+def report_cmd(adapters, base, out, title, energy, top_k, epsilon, seed, overwrite, as_json, quiet, compute,
                fmt):
     """Analyze one or more adapters and write a self-contained HTML report
     (index.html, figures/*.png, results.json): spectra and effective ranks,
@@ -41,13 +42,10 @@ def report_cmd(adapters, base, out, title, energy, intruder_k, epsilon, seed, ov
       lora-lens report ./seed0 ./seed1 --base ./Llama-2-7b-hf -o report/ --overwrite
       lora-lens report ./coll -o report/
     """
-    from lora_lens import load_adapters, open_base
+    from lora_lens import analyze_adapters, load_adapters, open_base, stamp
     from lora_lens.io import check_destination
-    from lora_lens.analysis import analyze_adapters
-    from lora_lens.jsonable import stamp
-    from lora_lens.report import Report, write_report
-    from lora_lens.report.analysis import write_analysis_report
-    from lora_lens.report.collection import COLLECTION_JSON, collection_section, read_collection
+    from lora_lens.report import (COLLECTION_JSON, Report, collection_section, read_collection, write_analysis_report,
+                                  write_report)
 
     collections = [p for p in adapters if (Path(p) / COLLECTION_JSON).is_file()]
     loaded = [a for path in adapters if path not in collections for a in load_adapters(path, fmt)]
@@ -56,7 +54,7 @@ def report_cmd(adapters, base, out, title, energy, intruder_k, epsilon, seed, ov
     sections = [collection_section(read_collection(p)) for p in collections]
     if loaded:
         with progress_callback("analysing", quiet) as progress:
-            analysis = analyze_adapters(loaded, base_weights, energy=energy, intruder_k=intruder_k,
+            analysis = analyze_adapters(loaded, base_weights, energy=energy, intruder_k=top_k,
                                         epsilon=epsilon, progress=progress, compute=compute, seed=seed)
         index = write_analysis_report(out, analysis, title=title, energy=energy, overwrite=overwrite,
                                       extra_sections=sections)

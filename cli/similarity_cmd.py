@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import click
 
-from .common import echo_json, table
-from .options import compute_options, format_option, json_option, seed_option
+from .common import echo_json, echo_warnings, table
+from .options import (compute_options, format_option, json_option, progress_option, renamed_option, seed_option,
+                      top_k_option)
 
 
 @click.command("similarity")
@@ -13,14 +16,16 @@ from .options import compute_options, format_option, json_option, seed_option
 @click.option("--base", type=click.Path(path_type=str), help="Base checkpoint (needed for --what base).")
 @click.option("--what", type=click.Choice(["delta", "A", "B", "base"]), default="delta", show_default=True,
               help="Subspace compared: ΔW's column space, A's row space, B's column space, W0's top-k column space.")
-@click.option("--k", type=click.IntRange(min=1), help="Top directions kept (default: all r; for base: r).")
+@top_k_option("Top directions kept (default: all r; for base: r); clipped to what a module has.")
+@renamed_option("--k", "--top-k", "top_k", type=click.IntRange(min=1))
 @click.option("--side", type=click.Choice(["left", "right"]),
               help="For delta/base: left = output space (default), right = input space.")
 @seed_option
 @json_option
 @compute_options
+@progress_option("decomposing LoRA modules")
 @format_option
-def similarity_cmd(adapters, base, what, k, side, seed, as_json, compute, fmt) -> None:
+def similarity_cmd(adapters, base, what, top_k, side, seed, as_json, compute, fmt) -> None:
     """Subspace similarity φ (LoRA paper §7) with a random baseline beside every number.
 
     One adapter: per module type, the layers × layers grid of
@@ -31,7 +36,7 @@ def similarity_cmd(adapters, base, what, k, side, seed, as_json, compute, fmt) -
     \b
     Examples:
       lora-lens similarity ./my-adapter
-      lora-lens similarity ./my-adapter --what base --base ./Llama-2-7b-hf --k 16
+      lora-lens similarity ./my-adapter --what base --base ./Llama-2-7b-hf --top-k 16
       lora-lens similarity ./seed0 ./seed1 --what A --json
       lora-lens similarity ./r8 ./r64 --what A
     """
@@ -40,14 +45,19 @@ def similarity_cmd(adapters, base, what, k, side, seed, as_json, compute, fmt) -
 
     loaded = [a for path in adapters for a in load_adapters(path, fmt)]
     b = open_base(base) if base else None
-    kw = dict(what=what, k=k, side=side, compute=compute, seed=seed)
+    kw = dict(what=what, k=top_k, side=side, compute=compute, seed=seed)
+    with warnings.catch_warnings(record=True) as caught:  # k clipped to the rank: one line per adapter
+        warnings.simplefilter("always")
+        if len(loaded) == 1:
+            result = layer_similarity(loaded[0], base=b, **kw)
+        else:
+            pairs = pairwise_similarity(loaded, **kw)
+    echo_warnings(list({str(w.message): w for w in caught}.values()))
     if len(loaded) == 1:
-        result = layer_similarity(loaded[0], base=b, **kw)
         echo_json(result.to_dict()) if as_json else click.echo(render_layers(result))
         return
-    pairs = pairwise_similarity(loaded, **kw)
     if as_json:
-        from lora_lens.jsonable import stamp
+        from lora_lens import stamp
 
         echo_json(stamp("pairwise_similarity", {"adapters": [a.label for a in loaded],
                                                 "pairs": [p.to_dict() for p in pairs]}))
@@ -55,9 +65,11 @@ def similarity_cmd(adapters, base, what, k, side, seed, as_json, compute, fmt) -
         click.echo("\n".join(render_pair(p) for p in pairs))
 
 
-def _head(what: str, side: str, k) -> str:
+def _head(what: str, side: str, ks) -> str:
+    """The title line's end: what was compared and the k actually used (``ks``: every module's)."""
     space = "output space, left singular vectors" if side == "left" else "input space, right singular vectors"
-    return f"φ of {what} ({space}), k = {k if k else 'all'}"
+    lo, hi = min(ks), max(ks)
+    return f"φ of {what} ({space}), k = {lo if lo == hi else f'{lo}–{hi}'}"
 
 
 def _cell(x: float) -> str:
@@ -65,7 +77,7 @@ def _cell(x: float) -> str:
 
 
 def render_layers(res) -> str:
-    out = [f"Adapter {res.adapter}: layers × layers {_head(res.what, res.side, res.k)}",
+    out = [f"Adapter {res.adapter}: layers × layers {_head(res.what, res.side, [k for g in res.grids for k in g.ks])}",
            f"Baseline: Haar-random subspaces of the same dims, mean of {res.draws} draws (seed {res.seed}); "
            "expected max(k_a, k_b)/d."]
     out += [f"note: {n}" for n in res.notes]
@@ -74,12 +86,23 @@ def render_layers(res) -> str:
         ks = sorted(set(g.ks))
         out += ["", f"{g.module_type}  d={g.dim}  k={','.join(map(str, ks))}  ({len(g.blocks)} layers)",
                 _summary_line("mean off-diagonal φ", s, ""), _summary_line("deeper half       ", s, "deep_")]
-        labels = ["-" if b is None else str(b) for b in g.blocks]
-        w = max(4, max(len(x) for x in labels))
-        out.append(" " * (w + 2) + " ".join(x.rjust(4) for x in labels))
-        for lab, row in zip(labels, g.phi.tolist()):
-            out.append(f"  {lab.rjust(w)}" + " ".join(_cell(x) for x in row))
+        rows, cols = block_labels(g.blocks, g.block_names)
+        w = max(4, max(len(x) for x in rows))
+        out.append(" " * (w + 2) + " ".join(x.rjust(4) for x in cols))
+        just = str.rjust if rows == cols else str.ljust  # indices right-aligned, names left-aligned
+        for lab, row in zip(rows, g.phi.tolist()):
+            out.append(f"  {just(lab, w)}" + " ".join(_cell(x) for x in row))
     return "\n".join(out) + "\n"
+
+
+def block_labels(blocks, names) -> tuple[list[str], list[str]]:
+    """Row and column labels of a layers × layers grid: the block index, or where the index is a position
+    code (diffusion UNets) the readable block name per row and the row number per column."""
+    if not any(names):
+        labels = ["-" if b is None else str(b) for b in blocks]
+        return labels, labels
+    cols = [str(i) for i in range(len(blocks))]
+    return [f"{i} {n or ('-' if b is None else b)}" for i, (b, n) in zip(cols, zip(blocks, names))], cols
 
 
 def _summary_line(label: str, s: dict, tag: str) -> str:
@@ -91,7 +114,7 @@ def _summary_line(label: str, s: dict, tag: str) -> str:
 
 def render_pair(p) -> str:
     s = p.summary()
-    out = [f"{p.a} vs {p.b}: {_head(p.what, p.side, p.k)}",
+    out = [f"{p.a} vs {p.b}: {_head(p.what, p.side, [k for m in p.modules for k in (m.k_a, m.k_b)])}",
            f"  {s['modules']} matched modules: mean φ {_f(s['phi'])} (random {_f(s['random_phi'])}, "
            f"expected {_f(s['expected_phi'])}); mean Grassmann {_f(s['grassmann'])} "
            f"(random {_f(s['random_grassmann'])})"]

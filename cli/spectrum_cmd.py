@@ -33,8 +33,7 @@ def spectrum_cmd(adapter: str, as_json: bool, per_layer: bool, compute, energy: 
       lora-lens spectrum ./my-adapter --json --dtype float64 > spectra.json
       lora-lens spectrum ./runs --adapter seed1 --device cuda --max-memory 2GB
     """
-    from lora_lens.io import load_adapter
-    from lora_lens.spectra import adapter_spectra
+    from lora_lens import adapter_spectra, load_adapter
 
     loaded = load_adapter(adapter, adapter_name, format=fmt)
     with progress_callback("decomposing LoRA modules", quiet) as progress:

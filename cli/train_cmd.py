@@ -14,6 +14,15 @@ METHODS = ("lora", "cora-frozen", "cora-init", "condlora", "lora-sp", "chain", "
 TASKS = ("lm", "classify")  # lora_lens.train.TASKS, likewise
 
 
+# The training precision, not the compute dtype that --dtype means on the analysis commands (float32|float64):
+# bfloat16 autocasts the forward pass and loss while the weights (master weights), gradients and AdamW state stay
+# float32. Spelled --dtype as the issue asks; stored as train_dtype. One decorator for train and compare-methods.
+train_dtype_option = click.option(
+    "--dtype", "train_dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
+    help="Training precision (not a compute dtype): bfloat16 = autocast of forward and loss, with float32 master "
+         "weights, gradients and AdamW state. Stored as train_dtype.")
+
+
 def _csv(kind):
     def parse(ctx, param, value):
         if value is None:
@@ -42,7 +51,8 @@ def _csv(kind):
 @click.option("--max-length", type=int, help="classify: tokens per example; longer ones are truncated with a "
               "warning [default: the model's positions].")
 @click.option("--rank", type=int, help="LoRA rank r (default 8, or the init folder's).")
-@click.option("--alpha", type=float, help="LoRA alpha; scaling alpha/r (default 16; cora-*: = rank, s = 1; or the init folder's).")
+@click.option("--alpha", type=float, help="LoRA alpha; scaling alpha/r (default 16; cora-*, condlora: = rank, "
+              "s = 1, as their init folders; or the init folder's).")
 @click.option("--targets", callback=_csv(str), help="Comma-separated module names (default q_proj,v_proj or the "
               "model's attention projections).")
 @click.option("--steps", default=40, show_default=True, type=int)
@@ -54,8 +64,7 @@ def _csv(kind):
 @click.option("--max-grad-norm", default=1.0, show_default=True, type=float, help="Clip; 0 turns it off.")
 @click.option("--eval-fraction", default=0.1, show_default=True, type=float, help="Held-out share of the data.")
 @click.option("--eval-every", type=int, help="Also evaluate every N steps [default: before and after only].")
-@click.option("--dtype", "train_dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
-              help="Training precision: bfloat16 autocasts forward and loss; weights and optimizer stay float32.")
+@train_dtype_option
 @click.option("--knots", callback=_csv(int), help="chain: steps where a new link starts, e.g. 20,40.")
 @click.option("--links", type=int, help="chain: number of links, knots evenly spaced [default: 3].")
 @click.option("--sp-granularity", default="element", show_default=True, help="lora-sp: element|row|column.")
@@ -104,12 +113,13 @@ def train_cmd(base, method, task, init, data, eval_data, max_length, rank, alpha
             max_grad_norm=max_grad_norm or None, eval_fraction=eval_fraction, knots=knots, links=links,
             sp_granularity=sp_granularity, sp_targets=sp_targets, sp_resample=sp_resample,
             condlora_mode=condlora_mode, task=task, eval_data=eval_data, max_length=max_length,
-            eval_every=eval_every, dtype=train_dtype, seed=seed, device=device, overwrite=overwrite, progress=progress,
+            eval_every=eval_every, train_dtype=train_dtype, seed=seed, device=device, overwrite=overwrite,
+            progress=progress,
         )
     echo_warnings(caught)  # after the run, so a refusal stays the one line it is
     d = result.to_dict()
     if as_json:
-        from lora_lens.jsonable import stamp
+        from lora_lens import stamp
 
         echo_json(stamp("train_result", d))
         return

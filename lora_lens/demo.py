@@ -136,7 +136,7 @@ def run_demo(
 
     log("analyzing the four adapters against the base and writing the report…")
     base = open_base(base_dir)
-    # label each adapter by its run's name (a CondLoRA adapter's folder is just "peft")
+    # label each adapter by its run's name
     loaded = [replace(load_adapter(p), adapter_name=name) for name, p in adapters.items()]
     cond = condlora_analysis(loaded[0], base, device=device)
     analysis = analyze_adapters(loaded, base, runs=runs, device=device)

@@ -23,7 +23,8 @@ from .errors import ConfigError
 SCHEMAS: dict[str, int] = {
     "adapter": 1, "adapters": 1, "base": 1,                          # lora-lens inspect
     "spectra": 1,                                                    # lora-lens spectrum
-    "layer_similarity": 1, "adapter_similarity": 1, "pairwise_similarity": 1,  # lora-lens similarity
+    # 2: "k" is the k used (was the k asked for, null for all; that is now "k_requested")
+    "layer_similarity": 2, "adapter_similarity": 2, "pairwise_similarity": 1,  # lora-lens similarity
     "alignment": 1, "intruders": 1, "alignment_analysis": 1,         # lora-lens alignment
     "collection": 1,                                                 # lora-lens collection, collection.json
     "condlora_analysis": 1,                                          # lora-lens condlora analyze

@@ -144,6 +144,8 @@ class SpectrumReport(JsonFields):
     stable_rank: float
     rank_at_energy: int
     rank_at_fro: int
+    #: The block's readable path where ``block`` is a position code (diffusion UNets), else ``None``.
+    block_name: str | None = None
 
     @property
     def top_singular_value(self) -> float:
@@ -244,7 +246,7 @@ def adapter_spectra(
                                                      "rank_at_energy", "rank_at_fro")}
     layers = tuple(
         SpectrumReport(
-            name=m.name, block=m.key.block, module_type=m.key.module, shape=m.shape, base_shape=m.base_shape,
+            name=m.name, block=m.key.block, block_name=m.key.block_name, module_type=m.key.module, shape=m.shape, base_shape=m.base_shape,
             layout=m.layout, rank=m.rank, alpha=m.alpha, scaling=m.scaling,
             singular_values=S[i, :k], energy=met["energy"][i, :k],
             **{name: vals[i] for name, vals in scalars.items()},

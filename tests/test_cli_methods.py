@@ -27,6 +27,21 @@ def test_condlora_init_then_analyze_json(tiny_llama, tmp_path):
     assert r.exit_code == 0 and "W0 C_A = A^T" in r.output
 
 
+def test_condlora_output_is_labelled_by_its_folder_not_peft(tiny_llama, tmp_path):
+    """The PEFT adapter inside a CondLoRA folder (OUT/peft) is OUT's: every output names OUT, never "peft"."""
+    _, base = tiny_llama
+    r = run("condlora", "init", "--base", base, "--rank", 2, "--targets", "q_proj", "-o", tmp_path / "cl-init")
+    assert r.exit_code == 0, r.output
+    for path in (tmp_path / "cl-init", tmp_path / "cl-init" / "peft"):
+        assert load_adapter(path).label == "cl-init"
+        r = run("spectrum", path)
+        assert r.exit_code == 0 and r.stdout.startswith("Spectra of ΔW = s·B·A: cl-init ("), r.output
+        d = json.loads(run("inspect", path, "--json").stdout)
+        assert d["adapter_name"] == "cl-init", d["adapter_name"]
+        r = run("condlora", "analyze", path, "--base", base)
+        assert r.exit_code == 0 and "of cl-init (base" in r.stdout and "peft" not in r.stdout.splitlines()[0], r.output
+
+
 def test_condlora_warm_start_from_cli(tiny_llama, llama_adapter, tmp_path):
     _, base = tiny_llama
     r = run("condlora", "init", "--base", base, "--from", llama_adapter[1], "--targets", "v_proj",

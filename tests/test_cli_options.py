@@ -74,11 +74,16 @@ def test_one_spelling_per_option():
     assert set(by_name["as_json"]) == {path for path, c in commands.items() if not isinstance(c, click.Group)}
     assert {p.type.min for p in by_name["epsilon"].values()} == {0} and len(by_name["epsilon"]) == 2
     assert {tuple(p.opts) for p in by_name["n_iter"].values()} == {("--n-iter",)}
-    # progress bars on the long commands, off with --quiet
+    # progress bars on the long commands, off with --quiet: every command that computes (takes --device) has it
     assert {"lora-lens " + c for c in ("alignment", "report", "spectrum", "cora basis", "cora init", "train",
-                                       "demo")} <= set(by_name["quiet"])
+                                       "demo", "similarity", "reduce", "pissa", "condlora analyze",
+                                       "condlora init")} <= set(by_name["quiet"])
+    assert set(by_name["device"]) <= set(by_name["quiet"])
+    # how many top singular directions: --top-k wherever a command takes such a k
+    assert {tuple(p.opts) for p in by_name["top_k"].values()} == {("--top-k",)}
+    assert {"lora-lens " + c for c in ("similarity", "alignment", "report", "collection")} <= set(by_name["top_k"])
     visible = {o for c in commands.values() for p in c.params if not getattr(p, "hidden", False) for o in p.opts}
-    assert not {"--niter", "--output", "--n_iter"} & visible
+    assert not {"--niter", "--output", "--n_iter", "--k", "--intruder-k"} & visible
 
 
 def test_quiet_turns_the_progress_bar_off(llama_adapter, monkeypatch):
@@ -92,6 +97,20 @@ def test_quiet_turns_the_progress_bar_off(llama_adapter, monkeypatch):
     assert json.loads(loud.stdout) == json.loads(quiet.stdout)
 
 
+@pytest.mark.parametrize("command", ["similarity", "reduce"])
+def test_quiet_on_the_commands_that_lacked_it(llama_adapter, monkeypatch, tmp_path, command):
+    import lora_lens_cli.common
+
+    monkeypatch.setattr(lora_lens_cli.common, "_isatty", lambda stream: True)
+    args = [command, str(llama_adapter[1]), "--json"] + (["--rank", "2", "-o"] if command == "reduce" else [])
+    loud = CliRunner().invoke(main, args + ([str(tmp_path / "loud")] if command == "reduce" else []))
+    quiet = CliRunner().invoke(main, args + ([str(tmp_path / "quiet")] if command == "reduce" else []) + ["-q"])
+    assert loud.exit_code == quiet.exit_code == 0, loud.output + quiet.output
+    assert "decomposing LoRA modules" in loud.stderr and quiet.stderr == ""
+    strip = (lambda d: {k: v for k, v in d.items() if k != "out_dir"})
+    assert strip(json.loads(loud.stdout)) == strip(json.loads(quiet.stdout))
+
+
 def test_renamed_niter_still_works_and_says_so(tiny_llama, tmp_path):
     args = ["pissa", "--base", str(tiny_llama[1]), "--rank", "2", "--targets", "q_proj"]
     old = CliRunner().invoke(main, [*args, "--niter", "3", "-o", str(tmp_path / "old")])
@@ -100,6 +119,39 @@ def test_renamed_niter_still_works_and_says_so(tiny_llama, tmp_path):
     assert "--niter is deprecated; use --n-iter" in old.stderr and "deprecated" not in new.stderr
     recorded = [json.loads((tmp_path / d / "lora_lens_init.json").read_text()) for d in ("old", "new")]
     assert recorded[0] == recorded[1] and "3" in json.dumps(recorded[0])
+
+
+def _public_names() -> dict[str, set[str]]:
+    """What the library exports: ``lora_lens.__all__`` and each sub-package's ``__init__`` ``__all__``."""
+    import importlib
+
+    import lora_lens
+
+    public = {"lora_lens": set(lora_lens.__all__)}
+    for init in sorted((ROOT / "lora_lens").glob("*/__init__.py")):
+        name = f"lora_lens.{init.parent.name}"
+        public[name] = set(importlib.import_module(name).__all__)
+    return public
+
+
+def test_cli_imports_only_the_public_api():
+    """cli/ imports names that lora_lens/__init__.py or a lora_lens/<sub-package>/__init__.py exports, nothing deeper."""
+    import ast
+
+    public = _public_names()
+    bad = []
+    for path in sorted((ROOT / "cli").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                bad += [f"{path.name}:{node.lineno} import {a.name}" for a in node.names
+                        if a.name.split(".")[0] == "lora_lens" and a.name not in public]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "lora_lens":
+                if node.module not in public:
+                    bad.append(f"{path.name}:{node.lineno} from {node.module}")
+                else:
+                    bad += [f"{path.name}:{node.lineno} {node.module}.{a.name}" for a in node.names
+                            if a.name not in public[node.module]]
+    assert not bad, "cli/ reaches past the public API:\n" + "\n".join(bad)
 
 
 def test_train_methods_match_the_library():

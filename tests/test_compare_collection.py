@@ -225,3 +225,59 @@ def test_peft_written_adapters_with_mixed_ranks(llama_adapter, tiny_llama, tmp_p
     assert ks["layers.1.self_attn.q_proj"] == 2 and ks["layers.0.self_attn.q_proj"] == 4
     st = collection_structure(coll)
     assert [(i, j) for i, j, _ in st.duplicates] == [(0, 1)]
+
+
+def test_random_draws_are_seeded_per_item_not_per_run(planted_collection):
+    """Draws are seeded by their item's name (item_seed): alone or in a run, first or last, the same."""
+    from lora_lens.compare.collection import module_task
+    from lora_lens.compute import Compute
+
+    paths, _ = planted_collection
+    st = CollectionSettings(compute=Compute(device="cpu", seed=3), shared_rank=6)
+    tasks = plan_collection(paths, st)[0]
+    whole = collection_similarity(paths, st).modules
+    for task in (tasks[-1], tasks[0]):  # out of order, one at a time
+        alone = module_task(task)
+        got = next(m for m in whole if m.name == task.name)
+        assert alone.random == got.random
+        torch.testing.assert_close(alone.energy_both, got.energy_both, rtol=0, atol=0)
+    # The baseline is an item of its own, (d, k): one for all modules of a shape; the run's seed moves it.
+    same = [m for m in whole if m.shape == whole[0].shape]
+    assert len(same) >= 2 and same[0].random == same[1].random
+    other = module_task(plan_collection(paths, CollectionSettings(compute=Compute(device="cpu", seed=4)))[0][0])
+    assert other.random["left_mean"] != whole[0].random["left_mean"]
+
+
+def test_headers_are_cached_until_the_weights_file_changes(tmp_path):
+    """index_once reuses a header within a process, and rereads it when the weights file is rewritten in place."""
+    import os
+
+    from lora_lens.io.lazy import index_once
+
+    names = ["model.layers.0.self_attn.q_proj"]
+    folder = _adapter(tmp_path / "a", names, r=2)
+    first = index_once(folder)
+    assert index_once(str(folder)) is first  # same file, same stamp: parsed once
+    weights = folder / "adapter_model.safetensors"
+    stamp = os.stat(folder).st_mtime_ns
+    _adapter(tmp_path / "b", names, r=3)
+    weights.write_bytes((tmp_path / "b" / "adapter_model.safetensors").read_bytes())  # in place: same inode
+    os.utime(folder, ns=(stamp, stamp))  # the folder's own stamp unchanged, as an in-place write leaves it
+    os.utime(weights, ns=(stamp + 10**9, stamp + 10**9))
+    assert index_once(folder).refs[names[0]].rank == 3
+
+
+def test_block_triangle_gram_equals_the_full_product():
+    """_gram (upper block triangle, mirrored) vs X.T @ X in float64: every entry, mirrored ones included, an
+    inner product of length d, so within γ_d·|x_i|ᵀ|x_j| of the float32 result (Higham, any summation order)."""
+    from lora_lens.compare.collection_kernel import _GRAM_BLOCK, _gram
+
+    g = torch.Generator().manual_seed(0)
+    d = 96
+    for c in (2 * _GRAM_BLOCK - 1, 2 * _GRAM_BLOCK + 37, 5 * _GRAM_BLOCK):  # one GEMM; ragged blocks; 5 blocks
+        X = torch.randn(d, c, generator=g)
+        G = _gram(X)
+        assert G.shape == (c, c)
+        ref = X.double().T @ X.double()
+        bound = gamma(d) * (X.double().abs().T @ X.double().abs())
+        assert bool(((G.double() - ref).abs() <= bound).all())

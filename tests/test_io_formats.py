@@ -138,7 +138,9 @@ def test_kohya_linear_conv_alpha_and_metadata(tmp_path):
 
 
 def lokr_loha_tensors():
-    return {
+    """Stored as float64, so the readers' products are exact and ΔW matches the float64 reference to 1e-12
+    (a float32 file rounds each product once: see test_lycoris_factors_keep_the_stored_dtype)."""
+    return {k: v.double() for k, v in {
         # LoKr: full w1 (4, 2), factored w2 = w2_a (8, 3) · w2_b (3, 16): ΔW (32, 32), rank ≤ 2·3
         "lora_unet_mid_block_attentions_0_proj_in.lokr_w1": rnd(4, 2, seed=1),
         "lora_unet_mid_block_attentions_0_proj_in.lokr_w2_a": rnd(8, 3, seed=2),
@@ -153,7 +155,7 @@ def lokr_loha_tensors():
         "lora_te_text_model_encoder_layers_1_mlp_fc1.hada_w2_a": rnd(20, 3, seed=8),
         "lora_te_text_model_encoder_layers_1_mlp_fc1.hada_w2_b": rnd(3, 12, seed=9),
         "lora_te_text_model_encoder_layers_1_mlp_fc1.alpha": torch.tensor(6.0),
-    }
+    }.items()}
 
 
 def test_lycoris_lokr_and_loha_factored(tmp_path):
@@ -341,6 +343,7 @@ def test_lokr_conv_with_factored_w2_keeps_its_kernel(tmp_path):
     s = "lora_unet_down_blocks_1_resnets_0_conv1"
     t = {f"{s}.lokr_w1": rnd(2, 2, seed=1), f"{s}.lokr_w2_a": rnd(4, 2, seed=2), f"{s}.lokr_w2_b": rnd(2, 3, 3, 3, seed=3),
          f"{s}.alpha": torch.tensor(2.0)}
+    t = {k: v.double() for k, v in t.items()}  # exact products (see lokr_loha_tensors)
     save_file(t, tmp_path / "conv_lokr.safetensors")
     m = load_adapter(tmp_path / "conv_lokr.safetensors")["unet.down_blocks.1.resnets.0.conv1"]
     assert m.kernel == (3, 3) and m.layout == "conv"
@@ -381,3 +384,42 @@ def test_diffusers_processor_keys_without_prefix_are_the_unet(tmp_path):
     t = {f"{q}.down.weight": rnd(4, 32, seed=1), f"{q}.up.weight": rnd(32, 4, seed=2)}
     save_file(t, tmp_path / "pytorch_lora_weights.safetensors")
     assert load_adapter(tmp_path).names == ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lycoris_factors_keep_the_stored_dtype(tmp_path, dtype):
+    """A half-precision LoKr / LoHa file is held in its own dtype (not float64: 4× the memory of an fp16
+    SDXL LoKr), and ΔW and its singular values match the float64 products of the stored numbers.
+
+    Tolerance, from the arithmetic: every entry of B and A is one product of two stored numbers rounded once
+    to ``dtype``, so ``|B̂ − B| ≤ u|B| + η`` entrywise (u = eps/2; η = half fp16's smallest subnormal, 0 for
+    bf16). Then ``|ΔŴ − ΔW| ≤ s(E_B (|A| + E_A) + |B| E_A)`` entrywise and, by Weyl, every singular value
+    moves by at most the Frobenius norm of that bound (the float64 SVD adds ~1e-15 relative).
+    """
+    t = {k: (v.to(dtype) if v.numel() > 1 else v) for k, v in lokr_loha_tensors().items()}
+    f = tmp_path / "lycoris_half.safetensors"
+    save_file(t, f)
+    a = load_adapter(f)
+    u = torch.finfo(dtype).eps / 2
+    eta = 2.0 ** -25 if dtype == torch.float16 else 0.0
+    d = lambda k: t[k].double()  # noqa: E731
+    p, h = "lora_unet_mid_block_attentions_0_proj_in", "lora_te_text_model_encoder_layers_1_mlp_fc1"
+    w1 = d(f"{p}.lokr_w1")  # full (4, 2): W·I, so B = kron(w1, w2_a), A = kron(I, w2_b)
+    exact = {  # name: (scale, B, A) from the stored numbers, float64 (exact products)
+        "unet.mid_block.attentions.0.proj_in": (1.5 / 3, torch.kron(w1, d(f"{p}.lokr_w2_a")),
+                                                torch.kron(torch.eye(2, dtype=torch.float64), d(f"{p}.lokr_w2_b"))),
+        "text_encoder.text_model.encoder.layers.1.mlp.fc1": (
+            6.0 / 3, (d(f"{h}.hada_w1_a")[:, :, None] * d(f"{h}.hada_w2_a")[:, None, :]).reshape(20, 9),
+            (d(f"{h}.hada_w1_b")[:, None, :] * d(f"{h}.hada_w2_b")[None, :, :]).reshape(9, 12)),
+    }
+    sv = svals(a)
+    for name, (s, B, A) in exact.items():
+        m = a[name]
+        assert m.A.dtype == m.B.dtype == dtype and m.num_bytes == (A.numel() + B.numel()) * 2, name
+        assert torch.allclose(m.B.double(), B, rtol=u, atol=eta) and torch.allclose(m.A.double(), A, rtol=u, atol=eta)
+        EB, EA = u * B.abs() + eta, u * A.abs() + eta
+        bound = s * (EB @ (A.abs() + EA) + B.abs() @ EA)  # (m, n) entrywise bound on |ΔŴ − ΔW|
+        ref = s * B @ A
+        assert ((m.delta() - ref).abs() <= bound + 1e-15 * ref.abs().max()).all(), name
+        want = torch.linalg.svdvals(ref)[: len(sv[name])]
+        assert (sv[name].double() - want).abs().max() <= bound.norm() + 1e-13 * want[0], name

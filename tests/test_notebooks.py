@@ -6,7 +6,7 @@ Each notebook's code cells are executed in order, in one fresh namespace, by
 folder, with the notebook's ``tempfile.mkdtemp()`` outputs under pytest's
 ``tmp_path``. Then a few key results are checked in the namespace, so a
 notebook that silently stopped computing something fails here. Each takes
-about 10 s on one CPU thread (training on the real stories260K / MiniLM).
+about 10 s on one CPU thread (training on the real stories260K / MiniLM; 04: three MiniLM runs on WordNet).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from run_notebook import code_cells, run_notebook  # noqa: E402
 
-EXPECTED = ["01_analyze_an_adapter.ipynb", "02_cora_condlora.ipynb", "03_papers_on_real_weights.ipynb"]
+EXPECTED = ["01_analyze_an_adapter.ipynb", "02_cora_condlora.ipynb", "03_papers_on_real_weights.ipynb",
+            "04_compare_methods.ipynb"]
 VERDICTS = {"holds", "partly", "does not hold"}
 
 
@@ -114,3 +115,21 @@ def test_03_papers_on_real_weights(run, minilm_path):
             "intruders_exist", "intruders_rank"}
     keys |= {f"condlora_{what}_{m}" for what in ("gaussian", "structure", "deep") for m in models}
     assert set(ns["findings"]) == keys and set(ns["findings"].values()) <= VERDICTS
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_04_compare_methods(run, minilm_path, stories_path):
+    if not (stories_path.parents[1] / "data" / "wordnet-nouns-10.jsonl.gz").is_file():
+        pytest.skip("the shared WordNet data is not next to stories260K")
+    ns = run("04_compare_methods.ipynb")
+    results = ns["results"]
+    assert results["task"] == "classify" and results["metric"] == "accuracy"
+    assert [s["method"] for s in results["summary"]] == ns["METHODS"] == ["lora", "condlora", "head-only"]
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [(m, 0) for m in ns["METHODS"]]  # SMALL: 1 seed
+    assert all(0 <= r["eval_accuracy"] <= 1 and r["steps"] == ns["STEPS"] for r in results["runs"])
+    assert [c["key"] for c in ns["claims"]] == ["condlora", "control"]  # only the claims these methods cover
+    assert {c["outcome"] for c in ns["claims"]} <= {"holds", "does not hold", "inconclusive"}
+    assert {p.name for p in ns["RESULTS"].iterdir()} >= {"results.json", "results.md", "metric_vs_parameters.png",
+                                                        "loss_curves.png", "runs"}
+    assert type(ns["fig"]).__name__ == "Figure"

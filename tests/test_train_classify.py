@@ -184,12 +184,31 @@ def test_macro_f1_against_a_hand_count(tiny_bert, id_data):
 
 def test_bfloat16_keeps_float32_master_weights(tiny_bert, id_data):
     r32 = train(tiny_bert[1], "lora", task="classify", data=id_data, **FAST)
-    r16 = train(tiny_bert[1], "lora", task="classify", data=id_data, dtype="bfloat16", **FAST)
+    r16 = train(tiny_bert[1], "lora", task="classify", data=id_data, train_dtype="bfloat16", **FAST)
     assert all(p.dtype == torch.float32 for p in r16.model.parameters())
-    assert r16.dtype == "bfloat16" and all(math.isfinite(x) for x in r16.losses)
+    assert r16.train_dtype == "bfloat16" and all(math.isfinite(x) for x in r16.losses)
     # bf16 keeps 8 mantissa bits: the losses differ from float32's, by about 2⁻⁸ relative per op, not more.
     assert r16.losses != r32.losses
     assert all(abs(a - b) < 0.05 * abs(b) for a, b in zip(r16.losses, r32.losses))
+
+
+def test_bfloat16_autocast_computes_in_bf16_and_updates_float32(tiny_bert, id_data):
+    """--dtype bfloat16 is autocast, not a cast of the model: an adapted layer's forward gives bf16 activations,
+    while the weights the optimizer updates and its moments stay float32; float32 stays float32 throughout."""
+    from lora_lens.train import TrainConfig, fit, prepare
+
+    seen = {}
+    for dt in ("float32", "bfloat16"):
+        run = prepare(tiny_bert[1], TrainConfig(method="lora", task="classify", train_dtype=dt, **FAST), data=id_data)
+        layer = next(iter(run.adapted.layers.values()))
+        outputs = []
+        layer.register_forward_hook(lambda module, args, out: outputs.append(out.dtype))
+        fit(run)
+        seen[dt] = set(outputs)
+        assert {p.dtype for p in run.model.parameters()} == {torch.float32}
+        moments = [v for s in run.optimizer.state.values() for k, v in s.items() if k.startswith("exp_avg")]
+        assert moments and {v.dtype for v in moments} == {torch.float32}
+    assert seen == {"float32": {torch.float32}, "bfloat16": {torch.bfloat16}}
 
 
 @pytest.mark.realmodel
@@ -247,7 +266,7 @@ def test_cli_head_only_on_lm(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no tokenizer", "no head", "one class", "unseen eval label", "mixed labels",
-                                  "no data"])
+                                  "missing label", "no data"])
 def test_cli_bad_input(case, tiny_bert, tiny_vit, id_data, tmp_path):
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "a b", "label": "x"}, {"text": "c", "label": "y"}])
     args = {
@@ -260,6 +279,8 @@ def test_cli_bad_input(case, tiny_bert, tiny_vit, id_data, tmp_path):
             ("'huge'", "never occurs in the training file")),
         "mixed labels": (tiny_bert[1], write_jsonl(tmp_path / "mix.jsonl", [
             {"input_ids": [4], "label": 1}, {"input_ids": [5], "label": "one"}]), [], ("labels mix types",)),
+        "missing label": (tiny_bert[1], write_jsonl(tmp_path / "nolabel.jsonl", [
+            {"input_ids": [4], "label": "a"}, {"input_ids": [5]}]), [], ("nolabel.jsonl", "line 2 has no 'label'")),
         "no data": (tiny_bert[1], None, [], ("needs --data",)),
     }[case]
     base, data, extra, needles = args
@@ -268,3 +289,25 @@ def test_cli_bad_input(case, tiny_bert, tiny_vit, id_data, tmp_path):
             "-o", tmp_path / "out")
     assert_bad_input(r, *needles)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("per_class, fraction, needle", [
+    ([3, 3], "0.1", "the held-out split is empty"),  # round(3 · 0.1) = 0 for both classes
+    ([20, 2], "0.1", "lack 1 of 2 classes (['b'])"),  # round(2 · 0.1) = 0: b is never held out
+    ([3, 3], "0", None),  # no held-out data asked for: nothing to warn about
+])
+def test_cli_thin_eval_split_warns_once(tiny_bert, tmp_path, per_class, fraction, needle):
+    rows = [{"input_ids": [4 + i, 5], "label": c} for c, n in zip("ab", per_class) for i in range(n)]
+    r = cli("--base", tiny_bert[1], "--task", "classify", "--data", write_jsonl(tmp_path / "d.jsonl", rows),
+            "--method", "head-only", "--eval-fraction", fraction, *CLI_FAST, "-o", tmp_path / "o", "--json")
+    assert r.exit_code == 0, r.output
+    warning = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
+    assert [needle in w for w in warning] == ([True] if needle else [])
+    d = json.loads(r.stdout)
+    assert (d["eval_accuracy"] is None) == (needle != "lack 1 of 2 classes (['b'])")
+
+
+def test_cli_eval_fraction_out_of_range_names_itself(tiny_bert, id_data, tmp_path):
+    line = assert_bad_input(cli("--base", tiny_bert[1], "--task", "classify", "--data", id_data, "--method", "lora",
+                                "--eval-fraction", "1.5", *CLI_FAST, "-o", tmp_path / "o"), "eval_fraction=1.5", "< 1")
+    assert "weight_decay" not in line and not (tmp_path / "o").exists()

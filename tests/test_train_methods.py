@@ -70,15 +70,18 @@ def test_cora_basis_from_base_is_top_singular_subspace(stories_path):
         assert torch.count_nonzero(layer.lora_A) == 0
 
 
-@pytest.mark.parametrize("method", ["cora-frozen", "cora-init"])
-def test_cora_from_the_base_scales_as_an_init_folder(stories_path, tmp_path, method):
-    """One default scaling for CoRA, s = α/r = 1 (methods.cora.DEFAULT_SCALING): the trainer's own basis used
-    LoRA's α = 16 at r = 8 (s = 2) while `cora init` folders default to α = r (s = 1)."""
+@pytest.mark.parametrize("method", ["cora-frozen", "cora-init", "condlora"])
+def test_init_methods_from_the_base_scale_as_their_init_folder(stories_path, tmp_path, method):
+    """One default scaling for the methods with an init folder, s = α/r = 1 (methods.cora.DEFAULT_SCALING):
+    the trainer's own start used LoRA's α = 16 at r = 8 (s = 2) while `cora init` / `condlora init` folders
+    default to α = r (s = 1), so `init` + `train --init` trained at half the scale of `train` alone."""
+    from lora_lens.methods.condlora import condlora_init
     from lora_lens.methods.cora import DEFAULT_SCALING, cora_init
 
     run = prepare(stories_path, config(method))
-    res = cora_init(stories_path, 8, "q_proj,v_proj", out_dir=tmp_path / "cora", device="cpu")
-    from_folder = prepare(stories_path, config(method), init=tmp_path / "cora")
+    make = condlora_init if method == "condlora" else cora_init
+    res = make(stories_path, 8, "q_proj,v_proj", out_dir=tmp_path / "init", device="cpu")
+    from_folder = prepare(stories_path, config(method), init=tmp_path / "init")
     assert res.description.alpha / res.description.rank == DEFAULT_SCALING == 1.0
     assert {layer.scaling for layer in run.adapted.layers.values()} == {DEFAULT_SCALING}
     assert {layer.scaling for layer in from_folder.adapted.layers.values()} == {DEFAULT_SCALING}

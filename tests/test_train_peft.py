@@ -76,8 +76,8 @@ def test_output_reads_back_with_load_adapter(trained, method):
     if method == "chain":
         # Three links of rank 8 concatenated along the rank, scaling folded in.
         assert {m.rank for m in adapter} == {24} and {m.scaling for m in adapter} == {1.0}
-    else:  # CoRA's default scaling is 1 (methods.cora.DEFAULT_SCALING), LoRA's trainer default 16/8 = 2
-        scaling = 1.0 if method.startswith("cora") else 2.0
+    else:  # CoRA's and CondLoRA's default scaling is 1, their inits' (train.setup.default_alpha); LoRA's 16/8 = 2
+        scaling = 1.0 if method in ("cora-frozen", "cora-init", "condlora") else 2.0
         assert {m.rank for m in adapter} == {8} and {m.scaling for m in adapter} == {scaling}
     log = json.loads((result.output / "train_log.json").read_text())
     assert log["losses"] == result.losses and log["method"] == method

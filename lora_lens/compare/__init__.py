@@ -9,11 +9,15 @@ Runs after :mod:`lora_lens.decompose` and imports only it, ``io``, ``linalg``,
 - :func:`alignment`: LoRA §7.3 projection norms and amplification.
 - :func:`intruder_dimensions`: Shuttleworth et al. 2024.
 - :func:`analyze_alignment`: both of the last two in one pass over the base.
+- :func:`collection_similarity`, :func:`collection_structure`: many adapters at once (N × N φ, clusters,
+  shared basis).
 """
 
 from .alignment import Alignment, ModuleAlignment, alignment
 from .analysis import AlignmentAnalysis, analyze_alignment
 from .baselines import PairBaseline, expected_phi_grid, layer_baseline, pair_baseline
+from .collection import CollectionSettings, CollectionSimilarity, collection_similarity
+from .collection_structure import collection_structure
 from .intruders import Intruders, ModuleIntruders, intruder_dimensions, max_cosines
 from .pairing import pair_with_base
 from .similarity import (
@@ -23,8 +27,9 @@ from .similarity import (
 from .subspaces import Subspace, adapter_subspaces
 
 __all__ = [
-    "AdapterSimilarity", "Alignment", "AlignmentAnalysis", "Intruders", "LayerGrid", "LayerSimilarity",
+    "AdapterSimilarity", "Alignment", "AlignmentAnalysis", "CollectionSettings", "CollectionSimilarity", "Intruders", "LayerGrid", "LayerSimilarity",
     "ModuleAlignment", "ModuleIntruders", "ModulePairSimilarity", "PairBaseline", "Subspace", "adapter_similarity",
-    "adapter_subspaces", "alignment", "analyze_alignment", "expected_phi_grid", "intruder_dimensions",
+    "adapter_subspaces", "alignment", "analyze_alignment", "collection_similarity", "collection_structure",
+    "expected_phi_grid", "intruder_dimensions",
     "layer_baseline", "layer_similarity", "max_cosines", "pair_baseline", "pair_with_base", "pairwise_similarity",
 ]

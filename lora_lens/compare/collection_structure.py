@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError
-from .collection import CollectionSimilarity
+from .collection_aggregate import CollectionSimilarity
 from .serialize import num
 
 #: Robust z-score above which an adapter's norm or effective rank is an outlier (Iglewicz & Hoaglin 1993).

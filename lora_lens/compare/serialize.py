@@ -19,8 +19,9 @@ def as_list(t: torch.Tensor) -> list | float | None:
 
 
 def key_fields(key) -> dict:
-    """A module's place: block index (``None`` outside the blocks) and module type."""
-    return {"block": key.block, "module_type": key.module}
+    """A module's place: block index (``None`` outside the blocks), its readable name where the index is a
+    position code (diffusion UNets: ``unet.up_blocks.1.attentions.0``; else ``None``) and module type."""
+    return {"block": key.block, "block_name": key.block_name, "module_type": key.module}
 
 
 def in_layer_order(items) -> tuple:

@@ -53,6 +53,8 @@ class LayerGrid:
     phi: torch.Tensor
     random_phi: torch.Tensor
     expected_phi: torch.Tensor
+    #: Readable block paths where ``blocks`` are position codes (diffusion UNets), else ``None`` each.
+    block_names: tuple[str | None, ...] = ()
 
     def summary(self) -> dict[str, float | None]:
         """Mean off-diagonal φ over all layers and over the deeper half (:data:`.baselines.DEEPER_HALF`)."""
@@ -70,7 +72,8 @@ class LayerGrid:
     def to_dict(self) -> dict:
         # reshaped: ks as "k", the summary added
         return {
-            "module_type": self.module_type, "blocks": list(self.blocks), "names": list(self.names),
+            "module_type": self.module_type, "blocks": list(self.blocks), "block_names": list(self.block_names),
+            "names": list(self.names),
             "dim": self.dim, "k": list(self.ks), "phi": as_list(self.phi), "random_phi": as_list(self.random_phi),
             "expected_phi": as_list(self.expected_phi), "summary": self.summary(),
         }
@@ -84,19 +87,23 @@ class LayerSimilarity:
     path: str
     what: str
     side: str
-    k: int | None
+    #: The largest k used (a module with fewer directions uses all it has: see each grid's ``ks``).
+    k: int
     grids: tuple[LayerGrid, ...]
     draws: int
     seed: int
     notes: tuple[str, ...] = ()
     #: ``{"methods": {method: count}, "max_error": estimated 1 − φ}`` of the compared subspaces.
     accuracy: dict | None = None
+    #: The k asked for (None: every direction); larger than ``k`` when it was clipped to the rank.
+    k_requested: int | None = None
 
     def to_dict(self) -> dict:
         # reshaped: draws and seed grouped under "baseline"
         return stamp("layer_similarity", {
             "adapter": self.adapter, "path": self.path, "what": self.what,
-            "side": self.side, "k": self.k, "baseline": {"draws": self.draws, "seed": self.seed},
+            "side": self.side, "k": self.k, "k_requested": self.k_requested,
+            "baseline": {"draws": self.draws, "seed": self.seed},
             "subspaces": self.accuracy,
             "notes": list(self.notes), "grids": [g.to_dict() for g in self.grids],
         })
@@ -136,10 +143,12 @@ def layer_similarity(
         grids.append(LayerGrid(
             module_type=module_type, blocks=tuple(s.key.block for s in members), names=tuple(s.name for s in members),
             dim=d, ks=tuple(ks), phi=grid.cpu().double(), random_phi=rand, expected_phi=expected,
+            block_names=tuple(s.key.block_name for s in members),
         ))
-    return LayerSimilarity(adapter.label, str(adapter.path), what, side, k, tuple(grids), draws, seed,
+    return LayerSimilarity(adapter.label, str(adapter.path), what, side, max(s.k for s in subs.values()),
+                           tuple(grids), draws, seed,
                            tuple(adapter.flags) + zero_note(subs, what, adapter.label)
-                           + accuracy_note(subs, adapter.label), subspace_accuracy(subs))
+                           + accuracy_note(subs, adapter.label), subspace_accuracy(subs), k_requested=k)
 
 
 @dataclass(frozen=True, eq=False)
@@ -203,13 +212,16 @@ class AdapterSimilarity:
     path_b: str
     what: str
     side: str
-    k: int | None
+    #: The largest k used on either side (each module's ``k_a``, ``k_b`` say what it used).
+    k: int
     modules: tuple[ModulePairSimilarity, ...]
     unmatched_a: tuple[str, ...]
     unmatched_b: tuple[str, ...]
     draws: int
     seed: int
     notes: tuple[str, ...] = ()
+    #: The k asked for (None: every direction); larger than ``k`` when it was clipped to the rank.
+    k_requested: int | None = None
 
     def by_module_type(self) -> "OrderedDict[str, dict[str, float | None]]":
         """Mean φ (and its baselines) per module type, in first-seen order."""
@@ -225,7 +237,8 @@ class AdapterSimilarity:
         # reshaped: summaries per module type added, module grids optional
         return stamp("adapter_similarity", {
             "a": self.a, "b": self.b, "path_a": self.path_a, "path_b": self.path_b,
-            "what": self.what, "side": self.side, "k": self.k, "baseline": {"draws": self.draws, "seed": self.seed},
+            "what": self.what, "side": self.side, "k": self.k, "k_requested": self.k_requested,
+            "baseline": {"draws": self.draws, "seed": self.seed},
             "summary": self.summary(), "by_module_type": dict(self.by_module_type()),
             "modules": [m.to_dict(grids) for m in self.modules],
             "unmatched_a": list(self.unmatched_a), "unmatched_b": list(self.unmatched_b), "notes": list(self.notes),
@@ -329,7 +342,8 @@ def _compare(a: Adapter, b: Adapter, sa: dict[str, Subspace], sb: dict[str, Subs
             )
     modules = in_layer_order(results.values())
     return AdapterSimilarity(
-        a=a.label, b=b.label, path_a=str(a.path), path_b=str(b.path), what=what, side=side, k=k, modules=modules,
+        a=a.label, b=b.label, path_a=str(a.path), path_b=str(b.path), what=what, side=side,
+        k=max(max(m.k_a, m.k_b) for m in modules), modules=modules,
         unmatched_a=tuple(unmatched_a), unmatched_b=tuple(sorted(by_norm.values())), draws=draws, seed=seed,
-        notes=zero_note(sa, what, a.label) + zero_note(sb, what, b.label),
+        notes=zero_note(sa, what, a.label) + zero_note(sb, what, b.label), k_requested=k,
     )

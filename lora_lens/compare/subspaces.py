@@ -24,6 +24,7 @@ below ``SUBSPACE_TOL``; each :class:`Subspace` records the method and that estim
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -93,7 +94,9 @@ def adapter_subspaces(
     """One :class:`Subspace` per module, in the adapter's (layer) order.
 
     ``k=None`` keeps every direction (``r`` for delta/A/B); for ``base`` it
-    defaults to the module's rank. ``k`` larger than what exists is clipped.
+    defaults to the module's rank. ``k`` larger than what a module has is
+    clipped to it, with one ``UserWarning`` per adapter naming it and the ranks
+    (``Subspace.k`` is the k used).
     Every SVD is one batched call per shape group (see :mod:`lora_lens.decompose`).
     """
     side = resolve_side(what, side)
@@ -119,13 +122,20 @@ def adapter_subspaces(
         by_weight = decompose_base(base, [weights[m.name] for m in modules], k=kb, n_iter="auto",
                                    layouts={weights[m.name]: m.layout for m in modules}, **kw)
         spectra = {m.name: by_weight[weights[m.name]] for m in modules}
-    out = {}
+    out, clipped = {}, {}
     for m in modules:
         sp = spectra[m.name]
         basis = sp.U if side == "left" else sp.Vh.transpose(-1, -2)  # (d, k)
         kk = (m.rank if what == "base" else basis.shape[1]) if k is None else k
+        if kk > basis.shape[1]:
+            clipped[m.name] = int(basis.shape[1])
         out[m.name] = Subspace(m.name, m.key, basis[:, :kk].contiguous(), zero=bool(sp.S.max() <= 0),
                                method=sp.method, error=sp.error or 0.0)
+    if clipped:  # one warning per adapter, not per module: the result's k says what was used
+        ranks = sorted(set(clipped.values()))
+        limit = "min(m, n) of the base weight" if what == "base" else "the module rank"
+        warnings.warn(f"{adapter.label}: k={k} is more than {len(clipped)} of its {len(out)} modules have; "
+                      f"clipped to {limit} ({', '.join(map(str, ranks))}).", stacklevel=2)
     return out
 
 

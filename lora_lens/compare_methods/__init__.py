@@ -4,6 +4,7 @@ claims from the numbers. An orchestration above :mod:`lora_lens.train` and :mod:
 the adapters, :mod:`.output` writes results.json, results.md and the plots."""
 
 from .claims import CLAIMS, Verdict, evaluate_claims
+from .output import RESULTS_MD
 from .run import Comparison, MethodSummary, compare_methods
 
-__all__ = ["CLAIMS", "Comparison", "MethodSummary", "Verdict", "compare_methods", "evaluate_claims"]
+__all__ = ["CLAIMS", "RESULTS_MD", "Comparison", "MethodSummary", "Verdict", "compare_methods", "evaluate_claims"]

@@ -30,6 +30,10 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
+def _precision(train_dtype: str) -> str:
+    return "bfloat16 autocast (float32 master weights)" if train_dtype == "bfloat16" else train_dtype
+
+
 def markdown(c: Comparison) -> str:
     pct = c.metric == "accuracy"
     s = c.settings
@@ -42,7 +46,7 @@ def markdown(c: Comparison) -> str:
     lines = [
         f"# Method comparison: {Path(s['base']).name} on {Path(s['data']).name} ({c.task})", "",
         f"rank {s['rank']}, alpha {s['alpha']}, {s['steps']} steps (linear warm-up {s['warmup_steps']}, then linear "
-        f"decay), lr {s['lr']}, batch {s['batch_size']}, seeds {s['seeds']}, {s['dtype']}{chain}. "
+        f"decay), lr {s['lr']}, batch {s['batch_size']}, seeds {s['seeds']}, {_precision(s['train_dtype'])}{chain}. "
         f"Wall time {c.wall_time_s / 60:.1f} min.", "",
         "| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1),
     ]

@@ -100,7 +100,7 @@ def compare_methods(
     eval_fraction: float = 0.1,
     eval_every: int | None = None,
     margin: float | None = None,
-    dtype: str = "float32",
+    train_dtype: str = "float32",
     device: str = "auto",
     overwrite: bool = False,
     analyze: bool = True,
@@ -130,10 +130,11 @@ def compare_methods(
                     alpha=alpha, targets=list(targets) if targets else None, steps=steps, lr=lr,
                     batch_size=batch_size, max_length=max_length if task == "classify" else None,
                     seq_len=seq_len if task == "lm" else None, eval_fraction=eval_fraction, eval_every=eval_every,
-                    margin=margin, dtype=dtype, device=device, warmup_steps=round(0.1 * steps), schedule="linear")
+                    margin=margin, train_dtype=train_dtype, device=device, warmup_steps=round(0.1 * steps),
+                    schedule="linear")
     common = dict(rank=rank, alpha=alpha, targets=targets, steps=steps, lr=lr, batch_size=batch_size,
-                  eval_fraction=eval_fraction, eval_every=eval_every, dtype=dtype, device=device, task=task,
-                  seq_len=seq_len, **({"max_length": max_length} if task == "classify" else {}))
+                  eval_fraction=eval_fraction, eval_every=eval_every, train_dtype=train_dtype, device=device,
+                  task=task, seq_len=seq_len, **({"max_length": max_length} if task == "classify" else {}))
     runs, curves = [], {}
     with atomic_directory(out, overwrite=overwrite) as tmp:  # nothing appears at OUT unless everything worked
         for method in methods:

@@ -3,6 +3,7 @@
 
 from .atomic import atomic_directory, atomic_save_safetensors, atomic_write_json, atomic_write_text, check_destination
 from .base import BaseWeights, WeightGroup, open_base
+from .convert import convert_to_peft
 from .formats import FORMATS, detect, load_adapter, load_adapters
 from .peft import (
     find_adapters,
@@ -15,7 +16,7 @@ from .tensors import TensorStore, check_tensor, open_tensor_file
 
 __all__ = [
     "FORMATS", "detect", "BaseWeights", "TensorStore", "WeightGroup", "atomic_directory", "atomic_save_safetensors",
-    "atomic_write_json", "atomic_write_text", "check_destination", "check_tensor", "find_adapters", "load_adapter",
+    "atomic_write_json", "atomic_write_text", "check_destination", "check_tensor", "convert_to_peft", "find_adapters", "load_adapter",
     "load_adapters", "lora_scaling", "open_base", "open_tensor_file", "rank_and_alpha",
     "read_settings", "save_peft_adapter",
 ]

@@ -17,6 +17,7 @@ header and hand out one module's factors on demand.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,19 @@ def index_adapter(path: str | Path) -> AdapterIndex:
 def cached_index(path: str, mtime_ns: int) -> AdapterIndex:
     """:func:`index_adapter` kept per process (workers reuse headers across module tasks); keyed by mtime."""
     return index_adapter(path)
+
+
+def index_once(path: str | Path) -> AdapterIndex:
+    """:func:`cached_index` of ``path``, keyed by its absolute path and the newest mtime of it and,
+    for a folder, of its PEFT files (a weights file rewritten in place does not touch the folder's)."""
+    if not os.path.exists(path):
+        return index_adapter(path)  # its own error, naming the path as given
+    path = os.path.abspath(path)
+    stamps = [os.stat(path).st_mtime_ns]
+    for f in (CONFIG_NAME, "adapter_model.safetensors"):
+        if os.path.isfile(os.path.join(path, f)):
+            stamps.append(os.stat(os.path.join(path, f)).st_mtime_ns)
+    return cached_index(path, max(stamps))
 
 
 def _eager(adapter: Adapter) -> AdapterIndex:

@@ -86,9 +86,12 @@ def find_adapters(path: str | Path) -> list[tuple[str | None, Path]]:
             return [(None, path.parent)]
         raise CheckpointError(f"{path}: is a file; expected a PEFT adapter folder (with {CONFIG_NAME} and adapter_model.safetensors).")
     found: list[tuple[str | None, Path]] = []
-    if (path / CONFIG_NAME).is_file():
-        found.append((None, path))
-    found += [(p.name, p) for p in sorted(path.iterdir()) if p.is_dir() and (p / CONFIG_NAME).is_file()]
+    if (path / CONFIG_NAME).is_file():  # CondLoRA's OUT/peft read directly is OUT's adapter too
+        own = _init_adapter_folder(path.resolve().parent) == path.resolve().name
+        found.append((path.resolve().parent.name if own else None, path))
+    inner = _init_adapter_folder(path)
+    found += [(path.resolve().name if p.name == inner else p.name, p) for p in sorted(path.iterdir())
+              if p.is_dir() and (p / CONFIG_NAME).is_file()]
     if not found:
         listing = sorted(p.name for p in path.iterdir())[:8]
         what = "is empty" if not listing else f"has no {CONFIG_NAME} (found {listing})"
@@ -97,6 +100,20 @@ def find_adapters(path: str | Path) -> list[tuple[str | None, Path]]:
             f"({CONFIG_NAME} + adapter_model.safetensors)."
         )
     return found
+
+
+def _init_adapter_folder(path: Path) -> str | None:
+    """The sub-folder holding an init or run folder's own PEFT adapter (CondLoRA's ``peft/``), or None.
+
+    That adapter is the folder's, so it is named after the folder (``cl-init``), not
+    after the sub-folder: every CondLoRA adapter would otherwise be called "peft".
+    """
+    from .initfile import INIT_NAME
+
+    if not (path / INIT_NAME).is_file():
+        return None
+    inner = read_json(path / INIT_NAME, "an init description written by lora-lens").get("peft_adapter")
+    return inner if isinstance(inner, str) and inner not in (".", "") else None
 
 
 def load_adapters(path: str | Path) -> list[Adapter]:
@@ -117,8 +134,8 @@ def load_adapter(path: str | Path, adapter_name: str | None = None) -> Adapter:
             names = [n or "(root)" for n, _ in found]
             raise CheckpointError(f"{path}: no adapter named '{adapter_name}'; it holds {names}.")
         return _load_folder(match[0], adapter_name)
-    if found[0][0] is None:
-        return _load_folder(found[0][1], None)
+    if found[0][0] is None or found[0][1] == Path(path):  # the root's own adapter
+        return _load_folder(found[0][1], found[0][0])
     if len(found) == 1:
         return _load_folder(found[0][1], found[0][0])
     raise CheckpointError(

@@ -53,6 +53,8 @@ class ConversionGrid:
     gaussian: torch.Tensor
     structural: torch.Tensor
     residual: torch.Tensor
+    #: Readable block paths where ``blocks`` are position codes (diffusion UNets), else ``None`` each.
+    block_names: tuple[str | None, ...] = ()
 
     def summary(self) -> dict:
         """Mean off-diagonal φ (all layers, and among the deeper half, ``compare.baselines.DEEPER_HALF``)
@@ -72,7 +74,8 @@ class ConversionGrid:
         # reshaped: the baselines get their documented names, and the summary is added
         return {
             "module_type": self.module_type, "side": self.side, "equation": self.equation,
-            "blocks": list(self.blocks), "modules": list(self.modules), "ranks": list(self.ranks), "dim": self.dim,
+            "blocks": list(self.blocks), "block_names": list(self.block_names), "modules": list(self.modules),
+            "ranks": list(self.ranks), "dim": self.dim,
             "phi": to_jsonable(self.phi), "gaussian_baseline": to_jsonable(self.gaussian),
             "structure_baseline": to_jsonable(self.structural), "residual": to_jsonable(self.residual),
             "summary": self.summary(),
@@ -90,6 +93,8 @@ class CondLoraAnalysis(JsonFields):
     base: str
     seed: int
     skipped: tuple[str, ...] = ()
+    #: The adapter's short name (:attr:`Adapter.label`) for tables; ``adapter`` is its path.
+    label: str = ""
 
     def grid(self, module_type: str, side: str) -> ConversionGrid:
         for g in self.grids:
@@ -131,7 +136,7 @@ def condlora_analysis(
     for mt in dict.fromkeys(m.key.module for m in usable):
         mods = sorted((m for m in usable if m.key.module == mt), key=lambda m: m.key.sort_key())
         grids += _analyse_type(mt, mods, weights, base, mode, rcond, cx)
-    return CondLoraAnalysis(tuple(grids), str(adapter.path), str(base.path), cx.seed, skipped)
+    return CondLoraAnalysis(tuple(grids), str(adapter.path), str(base.path), cx.seed, skipped, label=adapter.label)
 
 
 def _analyse_type(mt, mods, weights, base, mode, rcond, cx: Compute) -> list[ConversionGrid]:
@@ -187,6 +192,7 @@ def _analyse_type(mt, mods, weights, base, mode, rcond, cx: Compute) -> list[Con
     for s in SIDES:
         out.append(ConversionGrid(
             module_type=mt, side=s, equation=EQUATIONS[(eq, s)], blocks=tuple(m.key.block for m in mods),
+            block_names=tuple(m.key.block_name for m in mods),
             modules=tuple(m.name for m in mods), ranks=tuple(m.rank for m in mods), dim=int(U[s]["gauss"][0].shape[0]),
             phi=_layer_phi(U[s]["conv"]), gaussian=_layer_phi(U[s]["gauss"]), structural=_layer_phi(U[s]["struct"]),
             residual=resid[s],

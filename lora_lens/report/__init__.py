@@ -9,6 +9,8 @@ with :func:`new_figure` (``Figure`` + Agg canvas, no pyplot) and rendered with
 ``results.json``. Nothing here computes an analysis: :mod:`lora_lens.analysis` does.
 """
 
+from .analysis import write_analysis_report
+from .collection import COLLECTION_JSON, collection_section, read_collection, write_collection
 from .alignment_plots import plot_amplification, plot_intruder_counts, plot_intruder_sweep, plot_projection_norms
 from .figures import figure_to_png_bytes, new_figure, panel_figure, show_figures_in_notebook
 from .html import Report, ReportFigure, ReportSection, ReportTable, render_html, write_report
@@ -18,7 +20,9 @@ from .spectra_plots import plot_effective_rank, plot_energy_curves, plot_singula
 from .training_plots import plot_loss_curves
 
 __all__ = [
-    "Report", "ReportFigure", "ReportSection", "ReportTable", "figure_to_png_bytes", "new_figure", "panel_figure", "plot_adapter_heatmap",
+    "COLLECTION_JSON", "collection_section", "read_collection", "write_analysis_report", "write_collection",
+    "Report", "ReportFigure", "ReportSection", "ReportTable", "figure_to_png_bytes", "new_figure", "panel_figure",
+    "plot_adapter_heatmap",
     "plot_amplification", "plot_condlora_grid", "plot_effective_rank", "plot_energy_curves",
     "plot_intruder_counts", "plot_intruder_sweep", "plot_loss_curves", "plot_metric_vs_parameters",
     "plot_phi_grid", "plot_phi_heatmap",

@@ -132,7 +132,7 @@ def train(
     eval_data: str | Path | None = None,
     max_length: int | None = None,
     eval_every: int | None = None,
-    dtype: str = "float32",
+    train_dtype: str = "float32",
     seed: int = 0,
     device: str = "auto",
     overwrite: bool = False,
@@ -159,7 +159,7 @@ def train(
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, eval_fraction=eval_fraction, seed=seed,
         knots=tuple(knots) if knots is not None else None, links=links,
         sparse=SparseSettings(sp_granularity, sp_targets, sp_resample), condlora_mode=condlora_mode, device=device,
-        task=task, max_length=max_length, eval_every=eval_every, dtype=dtype,
+        task=task, max_length=max_length, eval_every=eval_every, train_dtype=train_dtype,
     )
     for p in (base, init, data, eval_data):
         if isinstance(p, (str, Path)) and Path(p).exists():

@@ -20,15 +20,17 @@ class TrainConfig:
     """Options of one run; checked on creation.
 
     ``rank`` / ``alpha`` / ``targets`` left as None take the init folder's
-    values, else 8 / 16 (CoRA: ``α = r``, ``s = 1``, as ``cora init``) / the
+    values, else 8 / ``setup.default_alpha`` (16; CoRA, CondLoRA: ``α = r``, as their inits) / the
     model's attention projections. ``warmup_steps``
     None is 10 % of ``steps``. Chain of LoRA: ``knots`` (step indices where a
     new link starts) or ``links`` (evenly spaced; 3 when neither is given).
     ``task``: ``lm`` (next token) or ``classify`` (:mod:`.tasks`);
     ``max_length``: classify's token limit (None: the model's positions);
     ``eval_every``: also evaluate every so many steps (None: before and after
-    only); ``dtype``: ``bfloat16`` runs forward and loss under autocast while
-    the weights, gradients and AdamW state stay float32.
+    only); ``train_dtype``: the *training* precision, not a compute dtype:
+    ``bfloat16`` runs forward and loss under ``torch.autocast`` while the
+    weights, gradients and AdamW state stay float32 (master weights); the CLI
+    spells it ``--dtype``.
     """
 
     method: str = "lora"
@@ -52,15 +54,16 @@ class TrainConfig:
     task: str = "lm"
     max_length: int | None = None
     eval_every: int | None = None
-    dtype: str = "float32"
+    train_dtype: str = "float32"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; expected one of {list(METHODS)}.")
         if self.task not in TASKS:
             raise ConfigError(f"unknown task {self.task!r}; expected one of {list(TASKS)}.")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r} is not supported; expected one of {list(DTYPES)}.")
+        if self.train_dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.train_dtype!r} (training precision) is not supported; expected one of "
+                              f"{list(DTYPES)}.")
         positive = {"steps": self.steps, "batch_size": self.batch_size, "seq_len": self.seq_len,
                     "rank": self.rank if self.rank is not None else 1, "lr": self.lr,
                     "alpha": self.alpha if self.alpha is not None else 1,
@@ -69,11 +72,11 @@ class TrainConfig:
         bad = [f"{k}={v}" for k, v in positive.items() if not v > 0]
         if bad:
             raise ConfigError(f"{', '.join(bad)}: expected positive values.")
-        if self.weight_decay < 0 or not 0 <= self.eval_fraction < 1:
-            raise ConfigError(
-                f"weight_decay={self.weight_decay}, eval_fraction={self.eval_fraction}: expected weight_decay ≥ 0 "
-                "and 0 ≤ eval_fraction < 1."
-            )
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay}: expected a value ≥ 0.")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction={self.eval_fraction}: expected the held-out share, "
+                              "0 ≤ eval_fraction < 1 (e.g. 0.1).")
         if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
             raise ConfigError(f"warmup_steps={self.warmup_steps}: expected 0 … steps ({self.steps}).")
         if self.targets is not None and not self.targets:

@@ -150,7 +150,8 @@ def load_labelled(
     data: str | Path, *, tokenizer, max_length: int, vocab_size: int, eval_fraction: float, seed: int,
     eval_data: str | Path | None = None,
 ) -> LabelledData:
-    """Read, check, split (or read the eval file) and tokenize; warn once when texts were truncated."""
+    """Read, check, split (or read the eval file) and tokenize; warn once when texts were truncated, and once
+    when the held-out examples are none or miss classes (:func:`warn_thin_eval`)."""
     inputs, raw = read_labelled(data)
     if eval_data is None:
         classes = class_list(raw, data)
@@ -182,8 +183,26 @@ def load_labelled(
         warnings.warn(f"{data}: {cut} of {len(tr_ids) + len(ev_ids)} examples are longer than {max_length} tokens "
                       "and were truncated (raise --max-length up to the model's positions to keep more).",
                       stacklevel=2)
+    if eval_data is not None or eval_fraction > 0:
+        warn_thin_eval(ev_labels, classes, eval_data or data, eval_data is None)
     source = str(data) if eval_data is None else f"{data} (eval: {eval_data})"
     return LabelledData(Examples(tr_ids, tr_labels), Examples(ev_ids, ev_labels), classes, source, cut)
+
+
+def warn_thin_eval(labels: torch.Tensor, classes: list, path, split: bool) -> None:
+    """One warning when the held-out examples are none, or miss classes (their F1 then counts 0 in macro-F1)."""
+    fix = ("raise --eval-fraction or add examples (a class needs 2 or more to be held out), or give --eval-data"
+           if split else "add examples of them")
+    if len(labels) == 0:
+        warnings.warn(f"{path}: the held-out split is empty (round(n_c · eval_fraction) is 0 for every class c, and "
+                      f"each class keeps one training example); no eval loss or accuracy will be reported; {fix}.",
+                      stacklevel=3)
+        return
+    missing = [classes[k] for k in range(len(classes)) if k not in set(labels.tolist())]
+    if missing:
+        warnings.warn(f"{path}: the held-out examples lack {len(missing)} of {len(classes)} classes "
+                      f"({missing[:5]}{' …' if len(missing) > 5 else ''}); accuracy covers the others and macro-F1 "
+                      f"counts the missing ones as 0; {fix}.", stacklevel=3)
 
 
 def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,7 +54,7 @@ class Run:
 
     def autocast(self):
         """Forward and loss in bfloat16 when asked; the weights (and so the optimizer) stay float32."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.dtype == "bfloat16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.train_dtype == "bfloat16")
 
     def head_parameters(self) -> int:
         """Entries of the task's head (trained in full; part of the trainable count)."""
@@ -97,7 +97,7 @@ class TrainResult:
     train_time_s: float = 0.0
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
-    dtype: str = "float32"
+    train_dtype: str = "float32"  # float32, or bfloat16 = autocast with float32 master weights
     head_parameters: int = 0
 
     @property
@@ -251,7 +251,7 @@ def fit(run: Run, log: Log | None = None, progress: Progress | None = None) -> T
         wall_time_s=time.perf_counter() - t_start, tokens_per_s=tokens / max(train_time, 1e-9),
         steps=cfg.steps, tokens=tokens, knots=run.knots, model=model, task=task.name, eval_curve=eval_curve,
         eval_metrics=after, train_time_s=train_time, peak_memory_bytes=memory.peak,
-        peak_memory_kind=memory.kind, dtype=cfg.dtype, head_parameters=run.head_parameters(),
+        peak_memory_kind=memory.kind, train_dtype=cfg.train_dtype, head_parameters=run.head_parameters(),
     )
     log({"event": "end", **result.to_dict()})
     return result

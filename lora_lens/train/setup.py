@@ -33,6 +33,7 @@ from ..methods.condlora import condlora_modes, condlora_theta_default, summary_m
 from ..methods.cora import cora_default_alpha
 from .config import DEFAULT_ALPHA, DEFAULT_RANK, TrainConfig
 from .inits import (
+    INIT_METHOD,
     CondLoraInit,
     CoraInit,
     cora_basis_from_base,
@@ -55,6 +56,17 @@ class Adapted:
     modes: dict[str, str] | None = None  # CondLoRA: module type → official | general (methods.condlora_modes)
 
 
+def default_alpha(method: str, rank: int) -> float:
+    """``α`` when neither ``--alpha`` nor an init folder gives one.
+
+    Methods that take an init folder (``cora-*``, ``condlora``): ``α = r`` (``s = 1``,
+    ``methods.cora.DEFAULT_SCALING``), what ``cora init`` and ``condlora init`` write, so a run
+    started from the base and one started from a default init folder train at the same scale.
+    The others: LoRA's ``α = 16`` (``s = 2`` at ``r = 8``).
+    """
+    return cora_default_alpha(rank) if method in INIT_METHOD else DEFAULT_ALPHA
+
+
 def _pick(option, from_init, what: str, folder):
     if option is not None and from_init is not None and option != from_init:
         raise ConfigError(f"--{what} {option} disagrees with the init folder {folder} ({from_init}); drop --{what}.")
@@ -72,9 +84,7 @@ def adapt(model: nn.Module, cfg: TrainConfig, init: str | Path | None, generator
         model.requires_grad_(False)  # the task unfreezes its head
         return Adapted({}, {}, 0, 0.0, None, None)
     rank = _pick(cfg.rank, loaded.rank if loaded else None, "rank", init) or DEFAULT_RANK
-    # CoRA's default scale is CoRA's (s = 1, as `cora init` writes), not LoRA's α = 16 at r = 8 (s = 2)
-    default_alpha = cora_default_alpha(rank) if method.startswith("cora") else DEFAULT_ALPHA
-    alpha = _pick(cfg.alpha, loaded.alpha if loaded else None, "alpha", init) or default_alpha
+    alpha = _pick(cfg.alpha, loaded.alpha if loaded else None, "alpha", init) or default_alpha(method, rank)
 
     if method == "condlora":
         return _adapt_condlora(model, cfg, loaded, rank, alpha, generator)

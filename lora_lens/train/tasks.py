@@ -99,11 +99,10 @@ class ClassifyTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device, batch_size: int, autocast) -> dict | None:
         """``{"loss", "accuracy", "macro_f1"}`` over the held-out examples, or None without any."""
-        from sklearn.metrics import f1_score
-
         held = self.data.eval
         if len(held) == 0:
             return None
+        from sklearn.metrics import f1_score  # ~1 s to import: only when there is something to score
         # Sorted by length so each batch pads little; the metrics do not depend on the order.
         order = sorted(range(len(held)), key=lambda i: len(held.ids[i]))
         total, preds, labels = 0.0, [], []

@@ -1,0 +1,238 @@
+"""The per-module kernel of a collection: one module across its adapters → a small :class:`ModuleResult`.
+
+For every module present in at least two adapters, and for each of its ``N``
+(those that have it) updates ``ΔW_i = s_i B_i A_i = U_i diag(S_i) V_iᵀ``
+(factored SVD, :func:`~lora_lens.linalg.factored_svd`; ΔW never formed):
+
+- **similarity** ``φ_ij = ½ (‖U_iᵏᵀ U_jᵏ‖_F² + ‖V_iᵏᵀ V_jᵏ‖_F²) / k`` — LoRA
+  §7's φ over the top-``k`` output (left) and input (right) directions,
+  averaged (``k`` = the module's smallest rank unless ``top_k`` says less).
+  Random baseline: ``½ (k/m + k/n)`` expected, and the mean and spread of φ
+  between Haar-random ``k``-dim subspaces (:mod:`.baselines`).
+- **shared basis**: the top-``R`` left singular vectors of the stacked
+  factors ``F = [U_1 S_1 | … | U_N S_N] (m, N·r)`` — the column space of
+  ``[ΔW_1 | … | ΔW_N]``, CoRA's common subspace of several sources
+  (:func:`~lora_lens.linalg.top_left_subspace`) — and the same on the right
+  with ``V_i S_i``. Per adapter: the fraction of ``‖ΔW_i‖²`` captured by the
+  left basis, ``‖U_Rᵀ ΔW_i‖²``, by the right basis, and by both,
+  ``‖U_Rᵀ ΔW_i V_R‖²`` (ΔW_i stored as ``R × R`` coefficients), for every
+  ``R`` up to the curve's end.
+
+Cost, per module and side (``d`` = m or n, ``r`` the rank, ``X = [U_1 | … |
+U_N] (d, N·r)``):
+
+- naive: N²/2 pairs, each ``U_iᵀ U_j`` a separate ``(r, d)·(d, r)`` call —
+  ``d·r²·N²`` flops in N²/2 tiny GEMMs that run far below peak (and the usual
+  tools first form each ``ΔW (m, n)`` and take its full SVD, ``O(m·n·min(m,n))``
+  per adapter *per pair*).
+- here: one QR per adapter's factors (``O((m+n)·r²)``, batched), then one
+  Gram ``G = Xᵀ X (N·r, N·r)``: the same ``d·(N·r)²`` flops in a few large
+  GEMMs near peak — and only its upper block triangle is computed (about
+  half the flops, :func:`_gram`); φ is the sum of squares of each ``(k, k)`` block of
+  ``G``'s top-left corners. The shared basis reuses ``G``: ``Fᵀ F = D G D``
+  (``D = diag(S)``), whose top eigenvectors ``W`` give ``U_R = F W / σ``.
+  When ``N·r > d`` the smaller ``F Fᵀ (d, d)`` is used instead and ``G`` is
+  formed in row blocks. Memory: the stacked factors plus ``min(N·r, d)²``
+  (at most one base weight's size), whatever ``N``.
+
+This runs on a worker (in this process, or on Dask, :mod:`lora_lens.dist`):
+:func:`module_task` takes a picklable :class:`~.collection_plan.ModuleTask`,
+reads the files itself (header + two tensors per file, :mod:`lora_lens.io.lazy`)
+and returns float64 CPU tensors of size ``O(p² + p·R)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ..compute import resolve_device
+from ..io.lazy import index_once
+from ..linalg import factored_svd, phi, top_left_subspace
+from ..spectra import spectrum_metrics
+from .baselines import sampled_phi_grid
+from .collection_plan import CollectionSettings, ModuleTask
+
+
+@dataclass(frozen=True, eq=False)
+class ModuleResult:
+    """One module's small result (float64, on the CPU); rows in ``members`` order.
+
+    ``phi_left``/``phi_right`` ``(p, p)``; ``norms``, ``effective_rank`` ``(p,)``;
+    ``random`` baseline numbers per side; ``sv_left``/``sv_right`` ``(R_c,)``
+    the stacked factors' singular values; ``energy_left``/``_right``/``_both``
+    ``(p, R_c)`` the captured fraction of each ‖ΔW_i‖² for ``R = 1..R_c``;
+    ``basis_left (m, R)``/``basis_right (n, R)`` only with ``keep_basis``.
+    """
+
+    name: str
+    module_type: str
+    shape: tuple[int, int]
+    members: tuple[int, ...]
+    k: int
+    shared_rank: int
+    phi_left: torch.Tensor
+    phi_right: torch.Tensor
+    norms: torch.Tensor
+    effective_rank: torch.Tensor
+    random: dict
+    sv_left: torch.Tensor
+    sv_right: torch.Tensor
+    energy_left: torch.Tensor
+    energy_right: torch.Tensor
+    energy_both: torch.Tensor
+    basis_left: torch.Tensor | None = None
+    basis_right: torch.Tensor | None = None
+    #: The module's path in the first adapter that has it (what PEFT wraps), and its base layout.
+    module_path: str = ""
+    layout: str = "linear"
+
+    @property
+    def phi(self) -> torch.Tensor:
+        """``(p, p)``: left and right φ averaged."""
+        return 0.5 * (self.phi_left + self.phi_right)
+
+
+def module_task(task: ModuleTask) -> ModuleResult:
+    """Compute one module across its adapters (see the module docstring); reads the files itself."""
+    st = task.settings
+    cp = st.compute
+    dev, dt = (resolve_device(st.worker_device) if st.worker_device else cp.device), cp.dtype
+    m, n = task.shape
+    p, rmax = len(task.paths), max(task.ranks)
+    U = torch.zeros(p, m, rmax, device=dev, dtype=dt)  # zero columns past each rank add nothing to any product
+    V = torch.zeros(p, n, rmax, device=dev, dtype=dt)
+    S = torch.zeros(p, rmax, device=dev, dtype=dt)
+    by_rank: OrderedDict[int, list[int]] = OrderedDict()
+    for i, r in enumerate(task.ranks):
+        by_rank.setdefault(r, []).append(i)
+    for r, idx in by_rank.items():
+        mods = [_read(task.paths[i], task.names[i]) for i in idx]
+        B = torch.stack([x.B for x in mods]).to(dev)  # (g, m, r)
+        A = torch.stack([x.A for x in mods]).to(dev)  # (g, r, n)
+        s = torch.tensor([x.scaling for x in mods], dtype=dt, device=dev)
+        u, sv, vh = factored_svd(B, A, s, dtype=dt)  # (g, m, c), (g, c), (g, c, n), c = min(r, m, n)
+        c = sv.shape[-1]
+        ix = torch.tensor(idx, device=dev)
+        U[ix, :, :c], S[ix, :c], V[ix, :, :c] = u, sv, vh.transpose(-1, -2)
+        del mods, B, A
+    k = min(min(task.ranks), m, n) if st.top_k is None else min(st.top_k, min(task.ranks), m, n)
+    rc = min(m, n, int(sum(min(r, m, n) for r in task.ranks)),
+             st.curve_rank or 4 * task.shared_rank)
+    R = min(task.shared_rank, rc)
+    # Every draw seeded by its item's name (Compute.seed_for): the same numbers whatever the order of the
+    # modules or the worker that runs this one.
+    left = _side(U, S, k, rc, st, cp.seed_for(f"{task.name}:shared-left"))
+    right = _side(V, S, k, rc, st, cp.seed_for(f"{task.name}:shared-right"))
+    total = (S.double() ** 2).sum(-1)  # (p,) ‖ΔW_i‖²
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    # ‖U_Rᵀ ΔW_i V_R‖² for every R at once: M_i = (U_Rᵀ U_i) S_i (V_iᵀ V_R) (rc, rc),
+    # then the 2-D prefix sums of M_i².
+    M = (left.coef * S[:, None, :]) @ right.coef.transpose(-1, -2)  # (p, rc, rc)
+    both = torch.diagonal((M.double() ** 2).cumsum(-1).cumsum(-2), dim1=-2, dim2=-1)  # (p, rc)
+    met = spectrum_metrics(S.cpu())
+    rnd = {}
+    for side, d in (("left", m), ("right", n)):
+        # The baseline belongs to (d, k), not to the module: one draw per shape, seeded by its own name, cached.
+        mean, std = _random_phi(d, k, st.draws, cp.seed_for(f"random-phi:{d}x{k}"))
+        rnd.update({f"{side}_mean": mean, f"{side}_std": std, f"{side}_expected": k / d})
+    return ModuleResult(
+        name=task.name, module_type=task.module_type, shape=task.shape, members=task.members, k=k, shared_rank=R,
+        phi_left=left.phi.cpu(), phi_right=right.phi.cpu(), norms=total.sqrt().cpu(),
+        effective_rank=met["effective_rank"], random=rnd, sv_left=left.sv.cpu(), sv_right=right.sv.cpu(),
+        energy_left=(left.energy / safe[:, None]).cpu(), energy_right=(right.energy / safe[:, None]).cpu(),
+        energy_both=(both / safe[:, None]).cpu(),
+        basis_left=left.basis[:, :R].float().cpu() if st.keep_basis else None,
+        basis_right=right.basis[:, :R].float().cpu() if st.keep_basis else None,
+        module_path=task.names[0], layout=task.layout,
+    )
+
+
+@dataclass
+class _SideStats:
+    phi: torch.Tensor  # (p, p) float64
+    sv: torch.Tensor  # (rc,) float64
+    basis: torch.Tensor  # (d, rc) orthonormal
+    coef: torch.Tensor  # (p, rc, r): basisᵀ U_i
+    energy: torch.Tensor  # (p, rc) float64, unnormalized: Σ_{j≤R} ‖basis_jᵀ U_i S_i‖²
+
+
+def _side(U: torch.Tensor, S: torch.Tensor, k: int, rc: int, st: CollectionSettings, seed: int) -> _SideStats:
+    """φ and the shared basis of one side; ``U (p, d, r)`` orthonormal columns (zero-padded), ``S (p, r)``."""
+    p, d, r = U.shape
+    X = U.transpose(0, 1).reshape(d, p * r)  # (d, p·r), adapter-major columns
+    Fs = S.reshape(p * r)  # (p·r,) column scales of F = X diag(Fs)
+    itemsize = torch.finfo(U.dtype).bits // 8
+    if p * r <= d:
+        G = _gram(X)  # (p·r, p·r): one (half) GEMM
+        phi_ = _block_phi(G.reshape(p, r, p, r), k)
+        FtF = Fs[:, None] * G * Fs[None, :]  # (p·r, p·r) = D G D
+        W, lam = top_left_subspace(FtF, rc, n_iter=st.n_iter, seed=seed)  # eigenpairs of a PSD matrix
+        sv = lam.clamp_min(0).sqrt()
+        # σ² below eps·σ_1² is round-off of the Gram: those columns carry no energy and are dropped (the QR
+        # below completes the basis with directions orthogonal to the kept ones).
+        keep = sv > sv[:1] * 10 * torch.finfo(sv.dtype).eps ** 0.5
+        basis = (X * Fs) @ (W / torch.where(keep, sv, torch.ones_like(sv)))  # (d, rc)
+        basis = basis * keep
+    else:
+        Xk = U[:, :, :k].transpose(0, 1).reshape(d, p * k)  # (d, p·k)
+        rows = max(1, (st.compute.max_memory or 1 << 62) // max(1, k * p * k * itemsize))  # adapters per row block
+        phi_ = torch.cat([_block_phi((Xk[:, lo * k: (lo + rows) * k].T @ Xk).reshape(-1, k, p, k), k)
+                          for lo in range(0, p, rows)])
+        F = X * Fs
+        basis, sv = top_left_subspace(_gram(F.T), rc, n_iter=st.n_iter, seed=seed)  # F Fᵀ: (d, rc), σ²
+        sv = sv.clamp_min(0).sqrt()
+    # Orthonormalize (QR keeps every prefix span) so energies stay ≤ 1 when tiny σ lost digits to the Gram.
+    Q, Rr = torch.linalg.qr(basis)
+    basis = (Q * torch.where(torch.diagonal(Rr) < 0, -1.0, 1.0).to(Q.dtype)).to(U.dtype)
+    coef = (basis.T @ X).reshape(rc, p, r).transpose(0, 1)  # (p, rc, r)
+    energy = ((coef * S[:, None, :]).double() ** 2).sum(-1).cumsum(-1)  # (p, rc)
+    return _SideStats(phi_, sv.double(), basis, coef, energy)
+
+
+#: Column blocks of :func:`_gram` (at least this wide, so each GEMM still runs near peak).
+_GRAM_BLOCK = 128
+
+
+def _gram(X: torch.Tensor, blocks: int = 8) -> torch.Tensor:
+    """``Xᵀ X (c, c)`` of ``X (d, c)`` from its upper block triangle, mirrored.
+
+    Row block ``b`` times the columns from ``b`` on: ``(blocks + 1) / (2·blocks)``
+    of the flops of ``X.T @ X`` (56 % at 8 blocks) in a few large GEMMs; the
+    blocks below the diagonal are copies of those above. Below ``2·_GRAM_BLOCK`` columns: one GEMM.
+    """
+    c = X.shape[1]
+    if c < 2 * _GRAM_BLOCK:
+        return X.T @ X
+    width = max(_GRAM_BLOCK, -(-c // blocks))
+    G = torch.empty(c, c, dtype=X.dtype, device=X.device)
+    for lo in range(0, c, width):
+        hi = min(c, lo + width)
+        G[lo:hi, lo:] = X[:, lo:hi].T @ X[:, lo:]
+        G[hi:, lo:hi] = G[lo:hi, hi:].T
+    return G
+
+
+def _block_phi(G4: torch.Tensor, k: int) -> torch.Tensor:
+    """``(b, r, p, r)`` Gram blocks → φ ``(b, p)`` over each block's top-left ``(k, k)`` corner.
+
+    Squares in the compute dtype (one rounding each: relative error ≤ u), summed in float64 (the k²
+    terms add no error of their size): φ within u·φ of the squares of the computed Gram, without a
+    float64 copy of the whole Gram.
+    """
+    return (G4[:, :k, :, :k] ** 2).sum(dim=(1, 3), dtype=torch.float64) / k
+
+
+@functools.lru_cache(maxsize=256)
+def _random_phi(d: int, k: int, draws: int, seed: int) -> tuple[float, float]:
+    """Mean and standard deviation of φ between independent Haar-random ``k``-dim subspaces of ``R^d``."""
+    _, Ua, Ub = sampled_phi_grid(d, k, k, draws, seed, dtype=torch.float64)
+    x = phi(Ua, Ub)  # (draws,)
+    return float(x.mean()), float(x.std()) if draws > 1 else 0.0
+
+
+def _read(path: str, name: str):
+    return index_once(path).read(name)
