@@ -181,8 +181,20 @@ def lu_basis(X: torch.Tensor) -> torch.Tensor:
     on the host (``q`` swaps per item) and ``L``'s rows scattered to their
     places: no dense ``(m, m)`` ``P``.
     """
-    LU, piv, _ = torch.linalg.lu_factor_ex(X)  # (B, m, q), (B, q); info > 0 (a zero pivot) still leaves L valid
     B, m, q = X.shape
+    if X.device.type == "cpu":
+        # one thread: MKL's threaded getrf on a skinny block spent 10× longer than a single thread did with 2
+        # threads on a loaded machine (spin-waits), and a batched CPU LU with several threads is the
+        # configuration of pytorch/pytorch#142815 (see linalg._solve); this also makes the LU, hence every
+        # number, independent of the thread count
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            LU, piv, _ = torch.linalg.lu_factor_ex(X)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        LU, piv, _ = torch.linalg.lu_factor_ex(X)  # (B, m, q), (B, q); info > 0 (a zero pivot) leaves L valid
     L = LU.tril_(-1)
     L.diagonal(dim1=-2, dim2=-1).fill_(1)
     swaps = piv.cpu().numpy().astype(np.int64) - 1  # LAPACK: row i was swapped with row piv[i] − 1, in order
