@@ -123,9 +123,9 @@ def progress_option(label: str):
 def renamed_option(old: str, new: str, dest: str, **attrs):
     """Accept the old spelling ``old`` of option ``new`` (parameter ``dest``), hidden from --help.
 
-    Using it prints a deprecation note on stderr and fills ``dest``, unless
-    ``new`` was given on the command line too (a default of ``new`` does not
-    count). Place it among the command's options.
+    Using it prints a deprecation note on stderr and fills ``dest`` (over a
+    default of ``new``). Giving both spellings is a usage error (exit 2): which
+    of the two values was meant cannot be known. Place it among the command's options.
     """
     hidden_dest = "renamed_" + old.lstrip("-").replace("-", "_")
 
@@ -134,10 +134,11 @@ def renamed_option(old: str, new: str, dest: str, **attrs):
         def command(*args, **kwargs):
             value = kwargs.pop(hidden_dest)
             if value is not None:
-                click.echo(f"warning: {old} is deprecated; use {new}.", err=True)
                 source = click.get_current_context().get_parameter_source(dest)
-                if source in (None, click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP):
-                    kwargs[dest] = value
+                if source not in (None, click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP):
+                    raise click.UsageError(f"{old} and {new} are one option given twice; give {new} alone.")
+                click.echo(f"warning: {old} is deprecated; use {new}.", err=True)
+                kwargs[dest] = value
             return f(*args, **kwargs)
 
         return click.option(old, hidden_dest, hidden=True, default=None, **attrs)(command)

@@ -43,8 +43,8 @@ def _csv(kind):
               "prediction; classify: labels from --data, a head trained in full.")
 @click.option("--init", "init", type=click.Path(path_type=str), help="Init folder (cora-*, condlora) from "
               "'lora-lens cora|condlora init'; without it the init is computed from the base.")
-@click.option("--data", type=click.Path(path_type=str), help="lm: text or JSONL ('text' or 'input_ids') file "
-              "[default: the built-in synthetic counting task]; classify: JSONL (.gz) with 'text' (or 'input_ids') "
+@click.option("--data", type=click.Path(path_type=str), help="lm: text or JSONL ('text' or 'input_ids') file, "
+              "gzipped or not [default: the built-in synthetic counting task]; classify: JSONL (.gz) with 'text' (or 'input_ids') "
               "and 'label'.")
 @click.option("--eval-data", type=click.Path(path_type=str), help="classify: held-out JSONL instead of a "
               "stratified --eval-fraction split.")

@@ -10,12 +10,14 @@ This module computes only; it never imports matplotlib.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .compare import AlignmentAnalysis, LayerSimilarity, analyze_alignment, layer_similarity, pairwise_similarity
 from .compare.similarity import AdapterSimilarity
 from .compute import Compute, Progress, as_compute
-from .io.base import BaseWeights
+from .io.base import BaseWeights, open_base
+from .io.formats import load_adapter
 from .jsonable import stamp
 from .spectra import AdapterSpectra, adapter_spectra
 from .types import Adapter
@@ -65,8 +67,8 @@ class Analysis:
 
 
 def analyze_adapters(
-    adapters: Sequence[Adapter],
-    base: BaseWeights | None = None,
+    adapters: Sequence[Adapter | str | Path],
+    base: BaseWeights | str | Path | None = None,
     runs: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     energy: float = 0.9,
@@ -81,9 +83,11 @@ def analyze_adapters(
     ``progress(done, total, what)`` is called after each stage (spectra,
     layer similarity, alignment of each adapter; the adapter pairs).
     ``compute`` (or its fields as keywords) is resolved once and shared by every analysis.
+    Adapters and the base may be given as paths, as :func:`~lora_lens.spectra.adapter_spectra` takes them.
     """
     cx = as_compute(compute, **options)
-    adapters = unique_labels(adapters)
+    adapters = unique_labels([load_adapter(a) if isinstance(a, (str, Path)) else a for a in adapters])
+    base = open_base(base) if isinstance(base, (str, Path)) else base
     eps = sorted(set(EPS_SWEEP) | {epsilon})
     total = len(adapters) * (2 if base is None else 3) + (len(adapters) > 1)
     done = 0

@@ -57,8 +57,8 @@ def to_jsonable(obj: Any, where: str = "json_data") -> Any:
         return obj
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
-    if hasattr(obj, "detach"):  # torch tensor
-        obj = obj.detach().cpu().numpy()
+    if hasattr(obj, "detach"):  # torch tensor: its own tolist, since numpy has no bfloat16
+        return to_jsonable(obj.detach().cpu().tolist(), where)
     if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy array or scalar
         return to_jsonable(obj.tolist(), where)
     if isinstance(obj, Mapping):

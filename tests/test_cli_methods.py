@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lora_lens import load_adapter
+from lora_lens import load_adapter, load_adapters
 from lora_lens.io import read_init_description
 
 from .cli_utils import assert_bad_input, run
@@ -109,3 +109,28 @@ def test_help_has_examples():
                 ["reduce"]):
         r = run(*cmd, "--help")
         assert r.exit_code == 0 and "Examples:" in r.output, cmd
+
+
+def test_condlora_adapter_still_selected_by_its_folder_name(tiny_llama, tmp_path):
+    """``--adapter peft`` (the sub-folder's name, what selected it before it was named after OUT) and the
+    weights file itself still reach OUT's adapter, labelled OUT."""
+    _, base = tiny_llama
+    r = run("condlora", "init", "--base", base, "--rank", 2, "--targets", "q_proj", "-o", tmp_path / "cl-init")
+    assert r.exit_code == 0, r.output
+    r = run("spectrum", tmp_path / "cl-init", "--adapter", "peft")
+    assert r.exit_code == 0 and r.stdout.startswith("Spectra of ΔW = s·B·A: cl-init ("), r.output
+    assert load_adapter(tmp_path / "cl-init", "peft").label == "cl-init"
+    assert load_adapter(tmp_path / "cl-init" / "peft" / "adapter_model.safetensors").label == "cl-init"
+
+
+def test_a_folder_of_adapters_includes_a_condlora_folder(tiny_llama, llama_adapter, tmp_path):
+    """A folder of runs (the demo's adapters/: lora-seed0/, …, condlora/peft) lists the CondLoRA folder's
+    adapter too, named after its folder: reading the folder skipped it."""
+    import shutil
+
+    _, base = tiny_llama
+    shutil.copytree(llama_adapter[1], tmp_path / "runs" / "lora")
+    r = run("condlora", "init", "--base", base, "--rank", 2, "--targets", "q_proj", "-o", tmp_path / "runs" / "cl")
+    assert r.exit_code == 0, r.output
+    assert [a.label for a in load_adapters(tmp_path / "runs")] == ["cl", "lora"]
+    assert load_adapter(tmp_path / "runs", "cl").label == "cl"

@@ -14,6 +14,8 @@ from click.testing import CliRunner
 
 from lora_lens_cli.main import main
 
+from .cli_utils import assert_bad_input
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -208,3 +210,20 @@ def test_json_output_is_strict_json(capsys):
     echo_json({"nan": float("nan"), "t": torch.tensor([1.0, float("inf")]), "n": torch.tensor(3)})
     assert json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(c)) == {
         "nan": None, "t": [1.0, None], "n": 3}
+
+
+def test_old_and_new_spelling_together_is_refused(tiny_llama, tmp_path):
+    """``--niter 3 --n-iter 5`` names one setting twice with two values: one line, exit 2, nothing written
+    (silently keeping one of them hid a typo in a script)."""
+    args = ["pissa", "--base", str(tiny_llama[1]), "--rank", "2", "--targets", "q_proj", "-o", str(tmp_path / "o")]
+    line = assert_bad_input(CliRunner().invoke(main, [*args, "--niter", "3", "--n-iter", "5"]), "--niter", "--n-iter")
+    assert "deprecated" not in line and not (tmp_path / "o").exists()
+
+
+def test_init_summaries_print_floats_like_the_tables(llama_adapter, tmp_path):
+    """reduce's summary line: energy_kept_min to 4 significant digits, not Python's 17-digit repr."""
+    r = CliRunner().invoke(main, ["reduce", str(llama_adapter[1]), "--rank", "1", "-o", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    summary = r.stdout.splitlines()[1]
+    value = summary.split("energy_kept_min ")[1].split(",")[0]
+    assert len(value.replace("0.", "", 1)) <= 4 and 0 < float(value) <= 1, summary

@@ -96,7 +96,7 @@ def test_similarity_reports_the_k_it_used_and_warns_once_when_clipped(llama_adap
     head = r.stdout.splitlines()[0]
     assert "k = 2–4" in head and "100" not in head, head
     warn = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
-    assert len(warn) == 1 and "k=100" in warn[0] and "module rank (2, 4)" in warn[0], r.stderr
+    assert len(warn) == 1 and "k=100" in warn[0] and "exceeds the module rank in" in warn[0] and warn[0].endswith("clipped to it (2, 4)."), r.stderr
     assert llama_adapter[1].name in warn[0]
     d = json.loads(run("similarity", llama_adapter[1], "--top-k", "100", "--json").stdout)
     assert d["k"] == 4 and d["k_requested"] == 100
@@ -139,3 +139,9 @@ def test_tables_name_unet_blocks_json_keeps_both(tmp_path):
     assert grid["blocks"] == [0, 1000000, 2010200] and grid["block_names"] == list(stems.values())
     layers = json.loads(run("spectrum", tmp_path / "unet_lora.safetensors", "--json").stdout)["layers"]
     assert {(x["block"], x["block_name"]) for x in layers} == set(zip(grid["blocks"], grid["block_names"]))
+
+
+def test_k_and_top_k_together_is_refused(llama_adapter):
+    """Both spellings of one setting: refused in one line (which value was meant is unknowable)."""
+    line = assert_bad_input(run("similarity", llama_adapter[1], "--k", "2", "--top-k", "3"), "--k", "--top-k")
+    assert "deprecated" not in line

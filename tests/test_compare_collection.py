@@ -281,3 +281,24 @@ def test_block_triangle_gram_equals_the_full_product():
         ref = X.double().T @ X.double()
         bound = gamma(d) * (X.double().abs().T @ X.double().abs())
         assert bool(((G.double() - ref).abs() <= bound).all())
+
+
+def test_norm_outliers_read_sensibly_when_the_others_agree_exactly():
+    """Four adapters of equal norm (MAD 0), one with ΔW = 0 and one 10× larger (found by review: the
+    robust z divided by a MAD of 0 and printed 'robust z = +1004770432978.8'): the zero update is named
+    as such, the large one by its value against the median, and no z is invented."""
+    from types import SimpleNamespace
+
+    N = 6
+    g = np.random.default_rng(0)
+    phi = np.clip(0.5 + 0.1 * g.standard_normal((N, N)), 0, 1)
+    phi = 0.5 * (phi + phi.T)
+    np.fill_diagonal(phi, 1.0)
+    coll = SimpleNamespace(size=N, phi=torch.from_numpy(phi), random_phi=torch.zeros(N, N),
+                           random_std=torch.zeros(N, N),
+                           norms=torch.tensor([2.0, 2.0, 2.0, 2.0, 0.0, 20.0], dtype=torch.float64),
+                           effective_rank=torch.tensor([4.0, 4.0, 4.0, 4.0, 0.0, 4.0], dtype=torch.float64))
+    st = collection_structure(coll, clusters=2)
+    assert sorted(st.outliers) == [4, 5]
+    assert st.outliers[4] == ["zero update: ‖ΔW‖ = 0 (an untrained or init-only adapter?)"]
+    assert st.outliers[5] == ["norm 20 against the collection's median 2 (MAD 0: the others agree exactly)"]

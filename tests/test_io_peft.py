@@ -156,3 +156,12 @@ def test_a_linear_whose_path_says_embedding_is_not_an_embedding(tmp_path):
               str(tmp_path / "adapter_model.safetensors"))
     m = load_adapter(tmp_path)["time_embedding.linear_1"]
     assert m.layout == "linear" and m.base_shape == (6, 8)
+
+
+def test_a_foreign_lora_lens_init_json_beside_an_adapter_is_ignored(llama_adapter, tmp_path):
+    """The reader looks for a CondLoRA folder's own adapter in the parent's lora_lens_init.json; one holding
+    something else (a list) is not an init description, so the adapter reads as usual (it crashed)."""
+    shutil.copytree(llama_adapter[1], tmp_path / "ad")
+    (tmp_path / "lora_lens_init.json").write_text("[1, 2]")
+    assert load_adapter(tmp_path / "ad").label == "ad"
+    assert load_adapter(tmp_path / "ad" / "adapter_model.safetensors").label == "ad"

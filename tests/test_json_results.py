@@ -75,3 +75,16 @@ def test_collection_and_its_report(planted_collection, tmp_path):
     _file(out / "report" / "results.json", "report")
     _json(run("report", out, "-o", tmp_path / "rep", "--json"), "report_written")
     _file(tmp_path / "rep" / "results.json", "report")
+
+
+def test_to_jsonable_takes_every_tensor_dtype():
+    """numpy has no bfloat16: a bf16 tensor (a half-precision adapter's factors) in json_data must not crash
+    the one converter. Values chosen exactly representable in bf16, so the comparison is exact."""
+    import torch
+
+    from lora_lens.jsonable import to_jsonable
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        t = torch.tensor([[1.5, float("nan")], [-0.25, float("inf")]], dtype=dtype)
+        assert to_jsonable({"t": t}) == {"t": [[1.5, None], [-0.25, None]]}, dtype
+    assert to_jsonable(torch.tensor(3, dtype=torch.int64)) == 3 and to_jsonable(torch.tensor(True)) is True

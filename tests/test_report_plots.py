@@ -309,3 +309,49 @@ def test_sample_report_uses_every_plot_without_pyplot():
     report = sample_report(seed=1)
     figures = [f.figure for s in report.sections for f in s.figures]
     assert len(figures) == 9 and all(isinstance(f, Figure) for f in figures)
+
+
+def _tick_texts(fig: Figure) -> set[str]:
+    """Every tick label drawn on the figure's axes, colour bars included."""
+    return {t.get_text() for ax in fig.axes for axis in (ax.xaxis, ax.yaxis) for t in axis.get_ticklabels()}
+
+
+def test_report_figures_name_unet_blocks_as_the_tables_do(tmp_path):
+    """A UNet block's index is a position code (2010200): the report's figures label it by its block name
+    (shortened to fit a tick), as the CLI's tables and the JSON's block_name do (spectra, effective rank,
+    layer φ, adapter pair)."""
+    from safetensors.torch import save_file
+
+    from lora_lens import analyze_adapters, load_adapter
+    from lora_lens.report.analysis import analysis_report
+
+    stems = {"down_blocks_0_attentions_0": "unet.down_blocks.0.attentions.0.transformer_blocks.0",
+             "mid_block_attentions_0": "unet.mid_block.attentions.0.transformer_blocks.0",
+             "up_blocks_1_attentions_2": "unet.up_blocks.1.attentions.2.transformer_blocks.0"}
+    adapters = []
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed)
+        t = {}
+        for s in stems:
+            stem = f"lora_unet_{s}_transformer_blocks_0_attn1_to_q"
+            t[f"{stem}.lora_down.weight"] = torch.randn(4, 32, generator=g)
+            t[f"{stem}.lora_up.weight"] = torch.randn(32, 4, generator=g)
+        save_file(t, tmp_path / f"unet{seed}.safetensors")
+        adapters.append(load_adapter(tmp_path / f"unet{seed}.safetensors"))
+    report = analysis_report(analyze_adapters(adapters))
+    figures = {f.name: f.figure for sec in report.sections for f in sec.figures}
+    for name in ("spectra-unet0.safetensors-attn1.to_q", "effrank-unet0.safetensors",
+                 "phi-layers-unet0.safetensors", "pair-unet0.safetensors-unet1.safetensors"):
+        ticks = _tick_texts(figures[name])
+        assert {"down.0.attn.0.tb.0", "mid.attn.0.tb.0", "up.1.attn.2.tb.0"} <= ticks, (name, ticks)
+        assert not ticks & {"1000000", "2010200"}, (name, ticks)
+
+
+def test_analyze_adapters_takes_paths_as_adapter_spectra_does(llama_adapter, tiny_llama):
+    """``analyze_adapters(["./my-adapter"], base="./model")`` (what users type after adapter_spectra("./x")) runs the
+    same analyses as with loaded objects; before, a path failed with AttributeError: 'str' object has no 'label'."""
+    from lora_lens import analyze_adapters, load_adapter, open_base
+
+    by_path = analyze_adapters([str(llama_adapter[1])], base=str(tiny_llama[1])).to_dict()
+    by_object = analyze_adapters([load_adapter(llama_adapter[1])], base=open_base(tiny_llama[1])).to_dict()
+    assert by_path == by_object and by_path["adapters"][0]["alignment"] is not None

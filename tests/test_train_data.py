@@ -57,6 +57,21 @@ def test_jsonl_input_ids_and_errors(tmp_path):
         file_blocks(tmp_path / "none.txt", 4, 20)
 
 
+def test_gzipped_data_files_are_read_like_plain_ones(tmp_path):
+    """--data for --task lm takes .jsonl.gz / .txt.gz as classify does (the shared Austen corpus is gzipped)."""
+    import gzip
+
+    plain = tmp_path / "d.jsonl"
+    plain.write_text('{"input_ids": [1, 2, 3, 4, 5]}\n{"input_ids": [6, 7, 8, 9, 10, 11]}\n')
+    packed = tmp_path / "d.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert torch.equal(file_blocks(packed, 4, 20), file_blocks(plain, 4, 20))
+    bad = tmp_path / "bad.txt.gz"
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(CheckpointError, match="bad.txt.gz: cannot be read"):
+        file_blocks(bad, 4, 20)
+
+
 def test_learning_rate_schedule():
     cfg = TrainConfig(steps=10, lr=1.0, warmup_steps=2)
     lrs = [learning_rate(t, cfg) for t in range(10)]

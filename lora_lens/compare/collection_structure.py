@@ -16,7 +16,8 @@ diagonal; a pair with no module in common counts as distance 1):
   ``log ‖ΔW‖`` or the effective rank (Iglewicz & Hoaglin's robust z-score)
   *and* a departure that matters: a norm off the median by more than 2×, an
   effective rank by more than 25 % (a collection of near-equal adapters has a
-  tiny MAD, and its noise must not count).
+  tiny MAD, and its noise must not count; with MAD 0 the departure alone
+  decides); *zero update* — ``‖ΔW‖ = 0``, left out of the norm statistics.
 """
 
 from __future__ import annotations
@@ -108,10 +109,17 @@ def collection_structure(
             outliers.setdefault(i, []).append(
                 f"isolated: nearest neighbour φ {nn_phi[i]:.3f} is at random-baseline level "
                 f"(≤ {level[i, nearest[i]]:.3f} = random mean + {RANDOM_SIGMAS:g}σ)")
-    for what, x, big in (("norm", np.log(np.maximum(coll.norms.numpy(), 1e-300)), lambda d, med: d > np.log(2)),
-                         ("effective rank", coll.effective_rank.numpy(), lambda d, med: d > 0.25 * abs(med))):
-        for i, z in _robust_z(x, big):
-            outliers.setdefault(i, []).append(f"{what}: robust z = {z:+.1f} against the collection's median")
+    norms = coll.norms.numpy()
+    for i in np.flatnonzero(norms == 0):
+        outliers.setdefault(int(i), []).append("zero update: ‖ΔW‖ = 0 (an untrained or init-only adapter?)")
+    live = np.flatnonzero(norms > 0)  # a zero update is reported above, not measured against the others
+    for what, x, show, big in (
+            ("norm", np.log(norms[live]) if len(live) else norms[live], np.exp, lambda d, med: d > np.log(2)),
+            ("effective rank", coll.effective_rank.numpy()[live], lambda v: v, lambda d, med: d > 0.25 * abs(med))):
+        for j, z, med in _robust_z(x, big):
+            spread = f"robust z = {z:+.1f}" if z is not None else "MAD 0: the others agree exactly"
+            outliers.setdefault(int(live[j]), []).append(
+                f"{what} {show(x[j]):.3g} against the collection's median {show(med):.3g} ({spread})")
     return CollectionStructure(
         labels=labels, n_clusters=len(set(labels)), method=method, silhouette=sil, order=order, linkage=Z,
         coords=coords, duplicates=dups, outliers=dict(sorted(outliers.items())),
@@ -119,16 +127,17 @@ def collection_structure(
     )
 
 
-def _robust_z(x: np.ndarray, big) -> list[tuple[int, float]]:
-    """``(i, z)`` for entries with ``|z| > ROBUST_Z`` (``z = (x − median) / (1.4826 · MAD)``)
-    and ``big(|x − median|, median)``."""
+def _robust_z(x: np.ndarray, big) -> list[tuple[int, float | None, float]]:
+    """``(i, z, median)`` for entries with ``|z| > ROBUST_Z`` (``z = (x − median) / (1.4826 · MAD)``)
+    and ``big(|x − median|, median)``; ``z`` is None when MAD = 0 (any departure that ``big`` accepts counts)."""
     if len(x) < 3:
         return []
     med = float(np.median(x))
     mad = 1.4826 * float(np.median(np.abs(x - med)))
-    scale = mad if mad > 0 else 1e-12 * max(abs(med), 1.0)
-    z = (x - med) / scale
-    return [(i, float(v)) for i, v in enumerate(z) if abs(v) > ROBUST_Z and big(abs(x[i] - med), med)]
+    if mad == 0:
+        return [(i, None, med) for i in range(len(x)) if big(abs(x[i] - med), med)]
+    z = (x - med) / mad
+    return [(i, float(v), med) for i, v in enumerate(z) if abs(v) > ROBUST_Z and big(abs(x[i] - med), med)]
 
 
 def _renumber(labels: np.ndarray) -> tuple[int, ...]:

@@ -134,8 +134,8 @@ def adapter_subspaces(
     if clipped:  # one warning per adapter, not per module: the result's k says what was used
         ranks = sorted(set(clipped.values()))
         limit = "min(m, n) of the base weight" if what == "base" else "the module rank"
-        warnings.warn(f"{adapter.label}: k={k} is more than {len(clipped)} of its {len(out)} modules have; "
-                      f"clipped to {limit} ({', '.join(map(str, ranks))}).", stacklevel=2)
+        warnings.warn(f"{adapter.label}: k={k} exceeds {limit} in {len(clipped)} of its {len(out)} modules; "
+                      f"clipped to it ({', '.join(map(str, ranks))}).", stacklevel=2)
     return out
 
 

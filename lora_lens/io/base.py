@@ -130,6 +130,11 @@ class BaseWeights:
         return sum(i.nbytes for i in self.infos())
 
 
+# --base and cora's --source take full checkpoints; the hint must fit both (cora basis has no ADAPTER).
+_WHERE_ADAPTERS_GO = ("Pass an adapter where a command takes ADAPTER; --base (and cora's --source) take full model "
+                      "checkpoints, such as the model the adapter was trained on.")
+
+
 def open_base(path: str | Path) -> BaseWeights:
     """Open a base checkpoint lazily; see the module docstring for what is accepted.
 
@@ -152,7 +157,7 @@ def open_base(path: str | Path) -> BaseWeights:
         raise CheckpointError(
             f"{path}: holds a {what} (its tensor names are adapter factors such as "
             f"'{next(n for n in store.names() if adapter_key_scheme([n]) is not None or 'lora' in n.lower())}'), "
-            "not a base model. Pass it as ADAPTER and the model it was trained on as --base."
+            f"not a base model. {_WHERE_ADAPTERS_GO}"
         )
     return BaseWeights(path, store)
 
@@ -161,8 +166,7 @@ def _open_folder(folder: Path) -> TensorStore:
     for marker in ("adapter_config.json", "adapters.safetensors", "adapters.npz"):
         if (folder / marker).exists():
             raise CheckpointError(
-                f"{folder}: is an adapter folder ({marker}); expected a base model. "
-                "Pass the adapter as ADAPTER and the model it was trained on as --base."
+                f"{folder}: is an adapter folder ({marker}); expected a base model. {_WHERE_ADAPTERS_GO}"
             )
     for name in _FOLDER_CANDIDATES:
         p = folder / name

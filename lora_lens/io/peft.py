@@ -83,15 +83,19 @@ def find_adapters(path: str | Path) -> list[tuple[str | None, Path]]:
     register_input(path)
     if not path.is_dir():
         if path.name in WEIGHT_NAMES or path.name == CONFIG_NAME:
-            return [(None, path.parent)]
+            return [(_own_name(path.parent), path.parent)]
         raise CheckpointError(f"{path}: is a file; expected a PEFT adapter folder (with {CONFIG_NAME} and adapter_model.safetensors).")
     found: list[tuple[str | None, Path]] = []
-    if (path / CONFIG_NAME).is_file():  # CondLoRA's OUT/peft read directly is OUT's adapter too
-        own = _init_adapter_folder(path.resolve().parent) == path.resolve().name
-        found.append((path.resolve().parent.name if own else None, path))
+    if (path / CONFIG_NAME).is_file():
+        found.append((_own_name(path), path))
     inner = _init_adapter_folder(path)
-    found += [(path.resolve().name if p.name == inner else p.name, p) for p in sorted(path.iterdir())
-              if p.is_dir() and (p / CONFIG_NAME).is_file()]
+    for p in sorted(path.iterdir()):
+        if not p.is_dir():
+            continue
+        if (p / CONFIG_NAME).is_file():
+            found.append((path.resolve().name if p.name == inner else p.name, p))
+        elif (own := _init_adapter_folder(p)) and (p / own / CONFIG_NAME).is_file():
+            found.append((p.name, p / own))  # a CondLoRA folder among named adapters (the demo's adapters/)
     if not found:
         listing = sorted(p.name for p in path.iterdir())[:8]
         what = "is empty" if not listing else f"has no {CONFIG_NAME} (found {listing})"
@@ -100,6 +104,13 @@ def find_adapters(path: str | Path) -> list[tuple[str | None, Path]]:
             f"({CONFIG_NAME} + adapter_model.safetensors)."
         )
     return found
+
+
+def _own_name(folder: Path) -> str | None:
+    """The name of the adapter at ``folder``'s root: None, or OUT when ``folder`` is OUT's own adapter
+    (CondLoRA's ``OUT/peft`` read directly, folder or weights file)."""
+    folder = folder.resolve()
+    return folder.parent.name if _init_adapter_folder(folder.parent) == folder.name else None
 
 
 def _init_adapter_folder(path: Path) -> str | None:
@@ -112,7 +123,8 @@ def _init_adapter_folder(path: Path) -> str | None:
 
     if not (path / INIT_NAME).is_file():
         return None
-    inner = read_json(path / INIT_NAME, "an init description written by lora-lens").get("peft_adapter")
+    d = read_json(path / INIT_NAME, "an init description written by lora-lens")
+    inner = d.get("peft_adapter") if isinstance(d, dict) else None  # not an init description: no own adapter
     return inner if isinstance(inner, str) and inner not in (".", "") else None
 
 
@@ -129,11 +141,13 @@ def load_adapter(path: str | Path, adapter_name: str | None = None) -> Adapter:
     """
     found = find_adapters(path)
     if adapter_name is not None:
-        match = [f for n, f in found if n == adapter_name]
+        match = [(n, f) for n, f in found if n == adapter_name]
+        if not match:  # CondLoRA's OUT/peft is named OUT; its folder's name (what selected it before) still does
+            match = [(n, f) for n, f in found if n is not None and f.name == adapter_name]
         if not match:
             names = [n or "(root)" for n, _ in found]
             raise CheckpointError(f"{path}: no adapter named '{adapter_name}'; it holds {names}.")
-        return _load_folder(match[0], adapter_name)
+        return _load_folder(match[0][1], match[0][0])
     if found[0][0] is None or found[0][1] == Path(path):  # the root's own adapter
         return _load_folder(found[0][1], found[0][0])
     if len(found) == 1:

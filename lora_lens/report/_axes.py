@@ -89,12 +89,46 @@ def layer_labels(layers: Sequence | None, L: int, name: str = "layers") -> list:
     return labels
 
 
+#: Short forms of diffusers path parts for tick labels (a full block path is ~50 characters).
+_SHORT_PARTS = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up", "attentions": "attn",
+                "resnets": "res", "transformer_blocks": "tb", "single_transformer_blocks": "single",
+                "downsamplers": "downsample", "upsamplers": "upsample"}
+
+
+def block_labels(blocks: Sequence, names: Sequence[str | None] | None = None) -> list:
+    """Layer labels for plots: a block's name where it has one, else its index.
+
+    A diffusion UNet/DiT block's index is a position code (2010200, see
+    :func:`lora_lens.keys.parse_diffusion_path`), so it is labelled by its
+    name, shortened to fit a tick: ``unet.up_blocks.1.attentions.2.transformer_blocks.0``
+    → ``up.1.attn.2.tb.0`` (the model prefix dropped, :data:`_SHORT_PARTS`).
+    """
+    names = list(names or ())
+    names += [None] * (len(blocks) - len(names))
+    return [short_block_name(n) if n else b for b, n in zip(blocks, names)]
+
+
+def short_block_name(name: str) -> str:
+    """``unet.up_blocks.1.attentions.2.transformer_blocks.0`` → ``up.1.attn.2.tb.0`` (see :func:`block_labels`)."""
+    parts = name.split(".")
+    start = next((i for i, p in enumerate(parts) if p in _SHORT_PARTS), 0)
+    return ".".join(_SHORT_PARTS.get(p, p) for p in parts[start:])
+
+
 def set_layer_ticks(ax: Axes, axis: str, labels: Sequence, max_ticks: int = 16) -> None:
-    """Ticks at positions ``0 … L-1`` labelled with the layer numbers; thinned when there are many."""
+    """Ticks at positions ``0 … L-1`` labelled with the layers' labels; thinned when there are many.
+
+    Long labels (block names) on the x axis are slanted so neighbours do not overlap.
+    """
     step = max(1, math.ceil(len(labels) / max_ticks))
     pos = list(range(0, len(labels), step))
-    setter = ax.set_xticks if axis == "x" else ax.set_yticks
-    setter(pos, [str(labels[p]) for p in pos])
+    text = [str(labels[p]) for p in pos]
+    if axis == "x":
+        slant = max(map(len, text), default=0) > 8
+        ax.set_xticks(pos, text, **(dict(rotation=35, ha="right", rotation_mode="anchor", fontsize="small")
+                                    if slant else {}))
+    else:
+        ax.set_yticks(pos, text)
 
 
 def depth_colours(L: int, cmap: str = "viridis") -> tuple[list, ListedColormap, BoundaryNorm]:

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from ..analysis import AdapterAnalysis, Analysis
 from ..compare.baselines import DEEPER_HALF
 from ..compare.similarity import AdapterSimilarity, LayerGrid
+from ._axes import block_labels
 from .alignment_plots import plot_amplification, plot_intruder_counts, plot_intruder_sweep, plot_projection_norms
 from .figures import new_figure, panel_figure
 from .html import Report, ReportFigure, ReportSection, ReportTable, write_report
@@ -30,7 +31,8 @@ def _spectra_section(a: AdapterAnalysis, energy: float) -> ReportSection:
     figs = []
     for t in types:
         reps = [r for r in sp.layers if r.module_type == t]
-        blocks = [r.block if r.block is not None else i for i, r in enumerate(reps)]
+        blocks = block_labels([r.block if r.block is not None else i for i, r in enumerate(reps)],
+                              [r.block_name for r in reps])
         S = [r.singular_values.numpy() for r in reps]
         fig, (ax1, ax2) = new_figure(1, 2, size=(11, 3.8))
         if any(s.max() > 0 for s in S):
@@ -41,7 +43,8 @@ def _spectra_section(a: AdapterAnalysis, energy: float) -> ReportSection:
         figs.append(ReportFigure(fig, f"{a.adapter.label} · {t}: singular values and energy, coloured by depth.",
                                  f"spectra-{a.adapter.label}-{t}"))
     eff = {t: np.array([r.effective_rank for r in sp.layers if r.module_type == t]) for t in types}
-    blocks = [r.block for r in sp.layers if r.module_type == types[0]]
+    first = [r for r in sp.layers if r.module_type == types[0]]
+    blocks = block_labels([r.block for r in first], [r.block_name for r in first])
     if all(len(v) == len(blocks) for v in eff.values()):
         fig, ax = new_figure(size=(8, 3.6))
         plot_effective_rank(ax, eff, blocks, nominal_rank={t: max(sp.summary[t].ranks) for t in types},
@@ -83,8 +86,8 @@ def layer_similarity_figure(grids: Sequence[LayerGrid]) -> Figure:
     """One φ(layer, layer) panel per module type, each with *its own* layers and random baseline
     (the mean off-diagonal ``max(k_a, k_b)/d`` of that grid: GQA k/v have another d than q)."""
     items = {f"{g.module_type}: φ between layers (top-{max(g.ks)})": g for g in grids}
-    per_item = {k: {"layers": list(g.blocks), "baseline": g.summary()["expected_mean_offdiag"]}
-                for k, g in items.items()}
+    per_item = {k: {"layers": block_labels(g.blocks, g.block_names),
+                    "baseline": g.summary()["expected_mean_offdiag"]} for k, g in items.items()}
     return panel_figure({k: g.phi.numpy() for k, g in items.items()}, plot_phi_heatmap, ncols=min(3, len(items)),
                         panel_size=(5.2, 4.5), per_item=per_item)
 
@@ -103,7 +106,9 @@ def pair_similarity_figures(p: AdapterSimilarity) -> list[ReportFigure]:
             if m.key.block is not None:
                 vals[types.index(m.key.module), blocks.index(m.key.block)] = m.phi
         fig, ax = new_figure(size=(max(6, 0.5 * len(blocks) + 3), 1.0 + 0.6 * len(types) + 1.6))
-        plot_adapter_heatmap(ax, vals, types, blocks, baseline=baselines, labels=(p.a, p.b))
+        names = {m.key.block: m.key.block_name for m in p.modules}
+        plot_adapter_heatmap(ax, vals, types, block_labels(blocks, [names[b] for b in blocks]),
+                             baseline=baselines, labels=(p.a, p.b))
         figs.append(ReportFigure(fig, f"φ({p.a}, {p.b}) per layer and module type.", f"pair-{p.a}-{p.b}"))
     mid = p.modules[len(p.modules) // 2]
     fig, ax = new_figure(size=(8, 3.4))
@@ -129,7 +134,7 @@ def _alignment_section(a: AdapterAnalysis, epsilon: float, k: int) -> ReportSect
     al, intr = a.alignment.alignment, a.alignment.intruders
     types = list(dict.fromkeys(m.key.module for m in al.modules))
     first = [m for m in al.modules if m.key.module == types[0]]
-    blocks = [m.key.block for m in first]
+    blocks = block_labels([m.key.block for m in first], [m.key.block_name for m in first])
     figs = []
     # one projection-norm panel per module type, then the amplification factors of all of them
     n = len(types) + 1
@@ -143,7 +148,9 @@ def _alignment_section(a: AdapterAnalysis, epsilon: float, k: int) -> ReportSect
     for ax, t in zip(axes, types):
         mods = [m for m in al.modules if m.key.module == t]
         plot_projection_norms(ax, [m.proj_delta for m in mods], [m.proj_w0 for m in mods],
-                              [m.proj_random for m in mods], [m.key.block for m in mods], rank=mods[0].rank,
+                              [m.proj_random for m in mods],
+                              block_labels([m.key.block for m in mods], [m.key.block_name for m in mods]),
+                              rank=mods[0].rank,
                               delta_norm=[m.delta_norm for m in mods], title=f"{t}: W0 on three direction sets")
     amp = {t: np.array([m.amplification for m in al.modules if m.key.module == t]) for t in types}
     if all(len(v) == len(blocks) for v in amp.values()):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..compare.baselines import DEEPER_HALF
 from ..methods.condlora_analysis import CondLoraAnalysis
+from ._axes import block_labels
 from .figures import new_figure
 from .html import ReportFigure, ReportSection, ReportTable
 from .similarity_plots import plot_condlora_grid
@@ -16,7 +17,8 @@ def condlora_section(analysis: CondLoraAnalysis) -> ReportSection:
         s = g.summary()
         if len(g.blocks) > 1:
             fig, ax = new_figure(size=(6, 5))
-            plot_condlora_grid(ax, g.phi.numpy(), list(g.blocks), gaussian_baseline=s["gaussian_offdiag"],
+            plot_condlora_grid(ax, g.phi.numpy(), block_labels(g.blocks, g.block_names),
+                               gaussian_baseline=s["gaussian_offdiag"],
                                structure_baseline=g.structural.numpy(), factor=f"C_{g.side}", module=g.module_type,
                                scale="sqrt")
             figures.append(ReportFigure(fig, f"{g.module_type}, C_{g.side}: φ between layers ({g.equation}).",

@@ -5,7 +5,8 @@ a model sees ``ids[:, :-1]`` and is scored on predicting ``ids[:, 1:]``.
 
 **Files.** ``.jsonl``: one object per line with ``"input_ids"`` (a list of
 ints) or ``"text"``; any other file is plain text (one document per line,
-blank lines skipped). Text needs the model folder's tokenizer (loaded with
+blank lines skipped). Either may be gzipped (``.jsonl.gz``, ``.txt.gz``), as
+the shared data sets are. Text needs the model folder's tokenizer (loaded with
 ``AutoTokenizer``, local files only). The token streams of all documents are
 concatenated (with the tokenizer's EOS between documents when it has one) and
 cut into blocks of ``T + 1`` tokens; the incomplete tail is dropped.
@@ -30,6 +31,7 @@ least one when there are two or more blocks).
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,15 +80,25 @@ def jsonl_objects(text: str, path: Path):
             raise ConfigError(f"{path}: line {i} is not JSON ({e.msg}); expected one object per line.") from None
 
 
+def read_text(path: Path, expected: str) -> str:
+    """The UTF-8 text of a data file, gunzipped when its name ends in ``.gz``."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file; expected --data to name {expected}.")
+    try:
+        raw = path.read_bytes()
+        if path.suffix.lower() == ".gz":
+            raw = gzip.decompress(raw)
+        return raw.decode("utf-8")
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise CheckpointError(f"{path}: cannot be read ({e}); expected {expected}.") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not UTF-8 text; expected {expected}.") from None
+
+
 def read_documents(path: Path) -> list[str | list[int]]:
     """Documents from a text or JSONL file: strings, or lists of token ids."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file; expected --data to name a .txt or .jsonl file.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{path}: not UTF-8 text; expected a .txt or .jsonl file.") from None
-    if path.suffix.lower() != ".jsonl":
+    text = read_text(path, "a .txt or .jsonl file (or either gzipped)")
+    if not path.name.lower().removesuffix(".gz").endswith(".jsonl"):
         return [line for line in text.splitlines() if line.strip()]
     docs: list[str | list[int]] = []
     for i, obj in jsonl_objects(text, path):

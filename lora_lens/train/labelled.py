@@ -20,7 +20,6 @@ sequence-classification heads read the last non-pad token of each row.
 
 from __future__ import annotations
 
-import gzip
 import json
 import warnings
 from dataclasses import dataclass
@@ -28,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
-from .data import index_batches, jsonl_objects
+from ..errors import ConfigError
+from .data import index_batches, jsonl_objects, read_text
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,20 +56,6 @@ class LabelledData:
     truncated: int = 0
 
 
-def _open_text(path: Path) -> str:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file; expected --data to name a .jsonl (or .jsonl.gz) file.")
-    try:
-        raw = path.read_bytes()
-        if path.suffix == ".gz":
-            raw = gzip.decompress(raw)
-        return raw.decode("utf-8")
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise CheckpointError(f"{path}: cannot be read ({e}); expected a gzipped or plain JSONL file.") from None
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{path}: not UTF-8 text; expected JSONL with 'text' and 'label'.") from None
-
-
 def read_labelled(path: str | Path) -> tuple[list[str | list[int]], list]:
     """``(inputs, labels)``: texts or token-id lists, and raw labels, one per non-empty line."""
     path = Path(path)
@@ -78,7 +63,7 @@ def read_labelled(path: str | Path) -> tuple[list[str | list[int]], list]:
         raise ConfigError(f"{path}: --task classify reads JSONL ({{'text', 'label'}} per line); "
                           "name the file *.jsonl or *.jsonl.gz.")
     inputs, labels = [], []
-    for i, obj in jsonl_objects(_open_text(path), path):
+    for i, obj in jsonl_objects(read_text(path, "a .jsonl (or .jsonl.gz) file with 'text' and 'label'"), path):
         if not isinstance(obj, dict) or "label" not in obj:
             raise ConfigError(f"{path}: line {i} has no 'label'; expected {{\"text\": ..., \"label\": ...}} "
                               "on every line.")

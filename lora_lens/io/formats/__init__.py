@@ -16,7 +16,7 @@ from ...errors import CheckpointError
 from ...types import Adapter
 from .. import peft
 from ..atomic import register_input
-from .detect import FORMATS, Found, detect
+from .detect import FORMATS, WEIGHT_SUFFIXES, Found, detect
 
 
 def load_adapters(path: str | Path, format: str | None = None) -> list[Adapter]:
@@ -45,12 +45,20 @@ def _found(path: str | Path, format: str | None) -> Found:
     register_input(Path(path))
     found = detect(path, format)
     if found is None:
-        raise CheckpointError(
-            f"{path}: holds no adapter (no LoRA/LoKr/LoHa factor names found: it looks like a base checkpoint); "
-            "expected an adapter folder or file. Pass --format NAME to read it as one of "
-            f"{list(FORMATS)}, or pass it as --base."
-        )
+        raise CheckpointError(_no_adapter(Path(path)))
     return found
+
+
+def _no_adapter(path: Path) -> str:
+    """Why nothing at ``path`` reads as an adapter: only a file of tensors is called a base checkpoint
+    (a train_log.json or an empty folder passed by mistake is not one)."""
+    expected = "expected an adapter folder (adapter_config.json + weights) or an adapter weights file"
+    if path.is_file() and path.suffix not in WEIGHT_SUFFIXES:
+        return f"{path}: is not a weights file ('{path.suffix}'); {expected} ({', '.join(WEIGHT_SUFFIXES)})."
+    if path.is_dir() and not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir() if p.is_file()):
+        return f"{path}: holds no adapter and no weights file; {expected}."
+    return (f"{path}: holds no adapter (no LoRA/LoKr/LoHa factor names found: it looks like a base checkpoint); "
+            f"{expected}. Pass --format NAME to read it as one of {list(FORMATS)}, or pass it as --base.")
 
 
 def _read(found: Found) -> Adapter:

@@ -21,14 +21,14 @@ factors, so they are rewritten exactly as one pair without forming ΔW:
 Costs: ``O((m + n) r₁r₂)`` memory instead of ``m·n``; every later stage (the
 factored SVD, φ, alignment) works on them unchanged.
 
-Dtype: ``B`` and ``A`` keep the stored dtype (the wider of the two factors'),
-like every other reader; later stages upcast one chunk at a time. Each of
-their entries is one product of two stored numbers, which PyTorch forms in
-float32 (exact: 2·11 significand bits for fp16, 2·8 for bf16) and rounds
-once, so an entry is within one unit round-off ``u`` of the exact product
-(fp16: ``u = 2⁻¹¹``; bf16: ``2⁻⁸``), plus fp16's subnormal floor ``2⁻²⁵`` in
-absolute terms. Holding them in float64 instead cost 4× the memory of an
-fp16 file (≈6 GB of RSS for an SDXL-sized LoKr) for digits the file never had.
+Dtype: ``B`` and ``A`` are float32 for half-precision files (the stored dtype,
+the wider of the two factors', for float32/float64 files). Each of their entries
+is one product of two stored numbers, and float32 holds such a product exactly
+(2·11 significand bits for fp16, 2·8 for bf16; fp16 subnormals are normal
+numbers in float32), so the rewrite stays exact at 2× the memory of an fp16
+file. Rounding the products back to fp16/bf16 would lose up to one unit
+round-off per entry; float64 would cost 4× (≈6 GB of RSS for an SDXL-sized
+LoKr) for digits float32 already holds.
 """
 
 from __future__ import annotations
@@ -45,16 +45,16 @@ def full_as_product(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _common(*ts: torch.Tensor) -> list[torch.Tensor]:
-    """The tensors in their widest dtype (a file may store the two factors differently)."""
-    dtype = ts[0].dtype
-    for t in ts[1:]:
+    """The tensors in their widest dtype, at least float32 (products of half-precision numbers are exact there)."""
+    dtype = torch.float32
+    for t in ts:
         dtype = torch.promote_types(dtype, t.dtype)
     return [t.to(dtype) for t in ts]
 
 
 def kron_factors(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``kron(B₁A₁, B₂A₂) = kron(B₁, B₂) · kron(A₁, A₂)``: ``B (a₁a₂, r₁r₂)``, ``A (r₁r₂, b₁b₂)``, stored dtype."""
+    """``kron(B₁A₁, B₂A₂) = kron(B₁, B₂) · kron(A₁, A₂)``: ``B (a₁a₂, r₁r₂)``, ``A (r₁r₂, b₁b₂)``, exact (see the module docstring)."""
     return torch.kron(*_common(B1, B2)), torch.kron(*_common(A1, A2))
 
 
