@@ -1,60 +1,64 @@
-"""Base-weight top-k: lora_lens's range finder vs the loop a user would write, at equal accuracy, in one run.
+"""Base-weight top-k: lora_lens's range finder vs the loop a user would write, in one run (ratios).
 
 The reference is a plain Python loop of ``torch.svd_lowrank(W.float(),
 q=k+16, niter=4)`` over bf16 weights. lora_lens runs
 ``linalg.randomized_svd(W, k)`` on the whole bf16 stack: the same maths (4
-power iterations, q = k + 16; methods.md §1) with CholeskyQR2 between passes
-and no ``Qᵀ W`` pass or ``(q, n)`` SVD at the end (lora_lens/randomized.py).
+power iterations, q = k + 16; 10 passes over W) with LU-normalized passes,
+CholeskyQR2 where an orthonormal iterate is needed, batched products and no
+``Qᵀ W`` pass or ``(q, n)`` SVD at the end (lora_lens/randomized.py).
 
 Weights: ``σ_i = i^{-1/2}`` (LLM-like, slowly decaying) with DCT singular
-vectors (``bench_randomized.test_matrix``), stored in bf16. bf16 rounding moves
-σ_k by ~1e-3, so accuracy is measured against a float64 reference of the bf16
-matrices themselves: the same finder in float64 with q = 256 + 128 and 20
-power iterations (error < 3e-4 on σ_256, < 1e-9 on σ_≤128 for this spectrum),
-on the first ``--check`` matrices of each group.
+vectors, each matrix its own row/column permutation of one such matrix,
+stored in bf16 for the timings. Accuracy: both methods on the float32
+matrix (before bf16 rounding), whose σ are known exactly; printed as
+``max_i≤k |σ̂_i − σ_i| / σ_1`` and ``|σ̂_k − σ_k| / σ_1``.
 
-Printed per group and k: best-of-``--repeats`` times (the CPU is shared, so
-single timings are noisy; ``--clock cpu`` times this process's CPU instead of
-the wall, steadier with ``--threads 1`` when other jobs share the cores), the ratio, the errors of both (max relative error
-of σ_1..σ_{k/2} and of σ_k, ``φ`` of the top-k left subspace against the
-reference: 1 = same), and the finder's achieved GEMM rate (flops of its passes
-over its whole time) against this machine's measured rates: a square 2048³
-product and a product of the finder's own shape ``(m, n) × (n, q)``.
-
-First, the orthonormalization between passes, on the 2048² group at k = 64:
-Householder QR (``torch.linalg.qr``), CholeskyQR2 (the default), and
-LU-normalized passes (Halko–Martinsson–Tropp; fbpca's choice) with
-Householder QR only for the last two passes.
+Printed: the machine's float32 GEMM rate (a square product) and, per group and
+k, best-of-``--repeats`` times of both (interleaved, so both see the same load
+on a shared machine), the ratio, the errors, and the finder's achieved rate
+(flops of its products over its whole time) as a % of the square GEMM and of
+a lone product of its own shape ``(m, n) × (n, q)`` (skinny products are
+bandwidth-bound: that is the rate the passes can reach). Then variants of the
+finder at k = 64 on the 2048² group (orthonormalization, batching, the
+``Wᵀ Q`` orientation), and optionally (``--whole-base``) a synthetic
+Llama-7B-shaped base written to a temp dir: ``decompose_base`` top-64 vs the
+read floor and the loop, each in a fresh process (peak RSS), with and without
+prefetch. A summary table comes last.
 
 Usage::
 
-    python benchmarks/bench_finder.py --threads 2 --repeats 3
+    python benchmarks/bench_finder.py --threads 2                  # default run (a few minutes on 2 cores)
+    python benchmarks/bench_finder.py --threads 2 --llama-count 32 --whole-base --layers 32   # the full 7B
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import multiprocessing as mp
+import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from scipy.fft import idct  # noqa: E402
 
-from bench_randomized import test_matrix  # noqa: E402
-from lora_lens.linalg import phi, randomized_svd  # noqa: E402
-from lora_lens.randomized import range_svd, sketches  # noqa: E402
+import lora_lens.randomized as R  # noqa: E402
+from lora_lens.linalg import randomized_svd  # noqa: E402
 
-KS = (16, 64, 256)
 CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = time.perf_counter
+SUMMARY: list[tuple] = []
 
 
 def best_of(fn, repeats: int) -> tuple[float, object]:
-    """Smallest wall time of ``repeats`` calls, and the last result."""
+    """Smallest time of ``repeats`` calls, and the last result."""
     best, out = float("inf"), None
     for _ in range(repeats):
         t = clock()
@@ -63,7 +67,7 @@ def best_of(fn, repeats: int) -> tuple[float, object]:
     return best, out
 
 
-def gemm_rate(m: int, n: int, q: int, repeats: int) -> float:
+def gemm_rate(m: int, n: int, q: int, repeats: int = 3) -> float:
     """GFLOP/s of a float32 ``(m, n) × (n, q)`` product on this machine, best of ``repeats``."""
     A, B = torch.randn(m, n), torch.randn(n, q)
     A @ B
@@ -71,145 +75,216 @@ def gemm_rate(m: int, n: int, q: int, repeats: int) -> float:
     return 2 * m * n * q / t / 1e9
 
 
-def stack(m: int, n: int, count: int) -> torch.Tensor:
-    """``(count, m, n)`` bf16 weights with σ_i = i^{-1/2}, each with its own singular vectors."""
-    return torch.stack([test_matrix(m, n, seed=s)[0].bfloat16() for s in range(count)])
+def decaying(m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W (m, n)`` float32 with σ_i = i^{-1/2} and DCT singular vectors, and σ (float64)."""
+    rng = np.random.default_rng(0)
+    k = min(m, n)
+    sig = 1.0 / np.sqrt(np.arange(1, k + 1))
+    X = np.zeros((m, n))
+    X[rng.permutation(m)[:k], rng.permutation(n)[:k]] = sig
+    W = idct(idct(X, axis=0, norm="ortho"), axis=1, norm="ortho")
+    return torch.from_numpy(W.astype(np.float32)), torch.from_numpy(sig)
 
 
-def reference(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float64 top-256 ``(U, S)`` of bf16 matrices ``(c, m, n)``, far more accurate than what is compared."""
-    res = randomized_svd(W.double(), max(KS), oversample=128, n_iter=20, seed=123, probes=0)
-    return res.U, res.S
+def permuted(W: torch.Tensor, count: int, dtype=torch.bfloat16) -> torch.Tensor:
+    """``(count, m, n)``: row/column permutations of ``W`` (same σ, other singular vectors), in ``dtype``."""
+    g = torch.Generator().manual_seed(1)
+    out = torch.empty(count, *W.shape, dtype=dtype)
+    for i in range(count):
+        out[i] = W[torch.randperm(W.shape[0], generator=g)][:, torch.randperm(W.shape[1], generator=g)]
+    return out
 
 
-def errors(U: torch.Tensor, S: torch.Tensor, Uref: torch.Tensor, Sref: torch.Tensor, k: int) -> tuple[float, ...]:
-    """(max rel err σ_≤k/2, rel err σ_k, φ of the top-k left subspace), worst over the checked matrices."""
-    rel = ((S[:, :k].double() - Sref[:, :k]) / Sref[:, :k]).abs()
-    ph = phi(U[:, :, :k].double(), Uref[:, :, :k])
-    return rel[:, : k // 2].max().item(), rel[:, k - 1].max().item(), ph.min().item()
+def sv_errors(S: torch.Tensor, sig: torch.Tensor, k: int) -> tuple[float, float]:
+    """(max_i≤k |σ̂_i − σ_i| / σ_1, |σ̂_k − σ_k| / σ_1)."""
+    e = (S[:k].double() - sig[:k]).abs() / sig[0]
+    return e.max().item(), e[k - 1].item()
 
 
-def lu_normalized(W: torch.Tensor, k: int, oversample: int = 16, n_iter: int = 4, seed: int = 0):
-    """Top-k by LU-normalized power passes (P L of a pivoted LU), Householder QR for the last two; one matrix."""
-    m, n = W.shape
-    q = k + oversample
-    omega = sketches(1, n, q, 0, seed, W.dtype)[0][0]
-
-    def pl(X):  # X = P L U  →  P L, an (m, q) basis of span X without orthogonality
-        LU, piv = torch.linalg.lu_factor(X)
-        L = LU.tril(-1) + torch.eye(*LU.shape, dtype=LU.dtype)
-        perm = list(range(X.shape[0]))
-        for i, p in enumerate(piv.tolist()):  # LAPACK row swaps, applied in order
-            perm[i], perm[p - 1] = perm[p - 1], perm[i]
-        out = torch.empty_like(L)
-        out[perm] = L
-        return out
-
-    Q = pl(W @ omega)
-    for it in range(n_iter):
-        Z = pl(W.T @ Q)
-        Q = torch.linalg.qr(W @ Z)[0] if it == n_iter - 1 else pl(W @ Z)
-    Z, R = torch.linalg.qr(W.T @ Q)
-    Ur, S, Vrh = torch.linalg.svd(R.T)
-    return Q @ Ur[:, :k], S[:k], Vrh[:k] @ Z.T
+def loop(W: torch.Tensor, k: int):
+    torch.manual_seed(0)
+    return [torch.svd_lowrank(w.float(), q=k + 16, niter=4) for w in W]
 
 
-def ortho_variants(W: torch.Tensor, Uref, Sref, repeats: int) -> None:
-    k, c = 64, Uref.shape[0]
-    print(f"Orthonormalization between passes: {W.shape[0]} bf16 {W.shape[1]}x{W.shape[2]}, k={k}, q={k + 16}, "
-          f"4 power iterations (10 passes)")
-    print(f"  {'variant':<34}{'time s':>8}{'err σ≤k/2':>11}{'err σ_k':>10}{'φ_U(k)':>9}")
-    variants = {
-        "Householder QR every pass": lambda: randomized_svd(W, k, householder=True),
-        "CholeskyQR2 + fallback (default)": lambda: randomized_svd(W, k),
-        "LU passes, Householder last two": lambda: [lu_normalized(w.float(), k) for w in W],
-    }
-    for name, fn in variants.items():
-        t, out = best_of(fn, repeats)
-        if isinstance(out, list):  # one (U, S, Vh) per matrix
-            out = tuple(torch.stack(t) for t in zip(*out))
-        U, S = out[0], out[1]
-        e = errors(U[:c], S[:c], Uref, Sref, k)
-        print(f"  {name:<34}{t:>8.2f}{e[0]:>11.1e}{e[1]:>10.1e}{e[2]:>9.5f}")
-    print()
+def finder_flops(m: int, n: int, q: int, passes: torch.Tensor, probes: int = 4) -> float:
+    return float((passes.double() * 2 * min(m, n) * max(m, n) * q).sum() + passes.numel() * 2 * m * n * probes)
 
 
-def compare(W: torch.Tensor, Uref, Sref, repeats: int, square_rate: float, adaptive: float | None) -> list[float]:
+def compare(name: str, W: torch.Tensor, W32: torch.Tensor, sig: torch.Tensor, ks, repeats: int, square: float):
     L, m, n = W.shape
-    c = Uref.shape[0]
-    print(f"{L} bf16 {m}x{n} (accuracy on {c}):")
-    print(f"  {'k':>4} {'method':<30}{'time s':>8}{'ratio':>7}{'err σ≤k/2':>11}{'err σ_k':>10}{'φ_U(k)':>9}"
-          f"{'passes':>8}{'GF/s':>7}{'% square':>9}{'% shape':>9}")
-    ratios = []
-    for k in KS:
+    print(f"{name}: {L} bf16 {m}x{n}")
+    print(f"  {'k':>4} {'method':<26}{'time s':>8}{'ratio':>7}{'max err/σ1':>12}{'err σ_k/σ1':>12}{'passes':>7}"
+          f"{'GF/s':>7}{'% square':>9}{'% shape':>9}")
+    for k in ks:
         q = k + 16
-
-        def loop():
-            torch.manual_seed(0)
-            return [torch.svd_lowrank(w.float(), q=q, niter=4) for w in W]
-
-        t_loop, t_fin = float("inf"), float("inf")
-        for _ in range(repeats):  # interleaved, so both see the same load on a shared machine
-            t, out_loop = best_of(loop, 1)
-            t_loop = min(t_loop, t)
-            t, out_fin = best_of(lambda: randomized_svd(W, k), 1)
+        t_loop = t_fin = float("inf")
+        for _ in range(repeats):  # interleaved: both see the same load
+            t_loop = min(t_loop, best_of(lambda: loop(W, k), 1)[0])
+            t, res = best_of(lambda: randomized_svd(W, k), 1)
             t_fin = min(t_fin, t)
-        Ul = torch.stack([o[0] for o in out_loop[:c]])
-        Sl = torch.stack([o[1] for o in out_loop[:c]])
-        shape_rate = gemm_rate(m, n, q, 3)
-        el = errors(Ul, Sl, Uref, Sref, k)
-        ef = errors(out_fin.U[:c], out_fin.S[:c], Uref, Sref, k)
-        passes = out_fin.passes.double()
-        rate = float((passes * 2 * m * n * q).sum() + L * 2 * m * n * 4) / t_fin / 1e9  # + the 4 probe columns
-        ratios.append(t_loop / t_fin)
-        print(f"  {k:>4} {'svd_lowrank loop, niter=4':<30}{t_loop:>8.2f}{1:>6.2f}x{el[0]:>11.1e}{el[1]:>10.1e}"
-              f"{el[2]:>9.5f}{10:>8d}")
-        print(f"  {k:>4} {'lora_lens n_iter=4':<30}{t_fin:>8.2f}{t_loop / t_fin:>6.2f}x{ef[0]:>11.1e}{ef[1]:>10.1e}"
-              f"{ef[2]:>9.5f}{passes.mean().item():>8.0f}{rate:>7.0f}{100 * rate / square_rate:>8.0f}%"
-              f"{100 * rate / shape_rate:>8.0f}%")
-        if adaptive is not None:
-            t_ad, out_ad = best_of(lambda: randomized_svd(W, k, tol=adaptive), repeats)
-            ea = errors(out_ad.U[:c], out_ad.S[:c], Uref, Sref, k)
-            print(f"  {k:>4} {f'lora_lens tol={adaptive:g}':<30}{t_ad:>8.2f}{t_loop / t_ad:>6.2f}x{ea[0]:>11.1e}"
-                  f"{ea[1]:>10.1e}{ea[2]:>9.5f}{out_ad.passes.double().mean().item():>8.1f}"
-                  f"   est. err ≤ {out_ad.error.max().item():.1e}")
-        print(f"       (product ({m}, {n}) x ({n}, {q}) alone: {shape_rate:.0f} GF/s)")
+        el = sv_errors(loop(W32[None], k)[0][1], sig, k)
+        ef = sv_errors(randomized_svd(W32, k).S, sig, k)
+        rate = finder_flops(m, n, q, res.passes) / t_fin / 1e9
+        shape = gemm_rate(max(m, n), min(m, n), q)
+        print(f"  {k:>4} {'svd_lowrank loop niter=4':<26}{t_loop:>8.2f}{1:>6.2f}x{el[0]:>12.1e}{el[1]:>12.1e}{10:>7d}")
+        print(f"  {k:>4} {'lora_lens n_iter=4':<26}{t_fin:>8.2f}{t_loop / t_fin:>6.2f}x{ef[0]:>12.1e}{ef[1]:>12.1e}"
+              f"{res.passes.double().mean().item():>7.0f}{rate:>7.0f}{100 * rate / square:>8.0f}%"
+              f"{100 * rate / shape:>8.0f}%   (lone ({max(m, n)},{min(m, n)})x({min(m, n)},{q}): {shape:.0f} GF/s)")
+        SUMMARY.append((f"{L}x {m}x{n}", k, t_loop, t_fin, t_loop / t_fin, el[1], ef[1],
+                        100 * rate / square, 100 * rate / shape))
     print()
-    return ratios
+
+
+def variants(W: torch.Tensor, repeats: int, k: int = 64) -> None:
+    """The finder's choices at k, one process: each row's time relative to the default."""
+    plain_wt = R._wt
+    rows = {
+        "default (LU passes, batched)": lambda: randomized_svd(W, k),
+        "CholeskyQR2 every pass": lambda: randomized_svd(W, k, ortho="cholesky"),
+        "Householder QR every pass": lambda: randomized_svd(W, k, ortho="householder"),
+        "one matrix per product (block=1)": lambda: randomized_svd(W, k, block=1),
+        "Wᵀ Q as W.mT @ Q": lambda: _with_wt(lambda A, Q: A.mT @ Q, lambda: randomized_svd(W, k)),
+        "adaptive tol=1e-2": lambda: randomized_svd(W, k, tol=1e-2),
+    }
+    times = {name: float("inf") for name in rows}
+    for _ in range(repeats):  # interleaved
+        for name, fn in rows.items():
+            times[name] = min(times[name], best_of(fn, 1)[0])
+    R._wt = plain_wt
+    base = times["default (LU passes, batched)"]
+    print(f"Variants: {W.shape[0]} bf16 {W.shape[1]}x{W.shape[2]}, k={k} (time relative to the default; >1 = slower)")
+    for name, t in times.items():
+        print(f"  {name:<36}{t:>8.2f} s{t / base:>7.2f}")
+    print()
+
+
+def _with_wt(wt, fn):
+    old, R._wt = R._wt, wt
+    try:
+        return fn()
+    finally:
+        R._wt = old
+
+
+# ------------------------------------------------------------------ whole base (fresh process per measurement)
+LLAMA = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096),
+         "self_attn.o_proj": (4096, 4096), "mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096),
+         "mlp.down_proj": (4096, 11008)}
+
+
+def write_base(folder: Path, layers: int) -> list[str]:
+    """Llama-7B-shaped bf16 safetensors, one file per layer (σ_i = i^{-1/2} permuted); returns the weight names."""
+    from safetensors.torch import save_file
+
+    proto = {shape: decaying(*shape)[0] for shape in set(LLAMA.values())}
+    names = []
+    for layer in range(layers):
+        tensors = {}
+        for j, (mod, shape) in enumerate(LLAMA.items()):
+            g = torch.Generator().manual_seed(layer * 10 + j)
+            P = proto[shape]
+            W = P[torch.randperm(shape[0], generator=g)][:, torch.randperm(shape[1], generator=g)]
+            tensors[f"model.layers.{layer}.{mod}.weight"] = W.bfloat16().contiguous()
+        names += list(tensors)
+        save_file(tensors, str(folder / f"model-{layer:05d}.safetensors"))
+    return names
+
+
+def _child(kind: str, folder: str, names: list[str], k: int, threads: int, max_memory: int, out) -> None:
+    torch.set_num_threads(threads)
+    from lora_lens import open_base
+    from lora_lens.decompose import decompose_base
+
+    base = open_base(folder)
+    t = time.perf_counter()
+    if kind == "read":
+        for w in names:
+            base.get(w).float()
+    elif kind == "loop":
+        for w in names:
+            torch.manual_seed(0)
+            torch.svd_lowrank(base.get(w).float(), q=k + 16, niter=4)
+    else:
+        decompose_base(base, names, k=k, randomized=True, prefetch=kind == "lora_lens", device="cpu",
+                       max_memory=max_memory)
+    out.put((time.perf_counter() - t, peak_rss_mib()))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss it is not inherited across the spawn's exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def whole_base(layers: int, k: int, threads: int, max_memory: int) -> None:
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        names = write_base(Path(tmp), layers)
+        size = sum(f.stat().st_size for f in Path(tmp).iterdir()) / 2 ** 30
+        print(f"Whole base: {layers} Llama-7B-shaped layers, {len(names)} bf16 weights, {size:.1f} GiB "
+              f"(written in {time.perf_counter() - t:.0f} s), top-{k}, max_memory {max_memory / 2 ** 20:.0f} MiB")
+        res = {}
+        for kind in ("read", "loop", "lora_lens", "lora_lens no prefetch"):
+            q = ctx.Queue()
+            p = ctx.Process(target=_child, args=(kind, tmp, names, k, threads, max_memory, q))
+            p.start()
+            res[kind] = q.get()
+            p.join()
+            print(f"  {kind:<24}{res[kind][0]:>8.1f} s   peak RSS {res[kind][1]:>7.0f} MiB", flush=True)
+        t_read, t_loop, t_ll = res["read"][0], res["loop"][0], res["lora_lens"][0]
+        print(f"  lora_lens: {t_ll / t_read:.1f}x the read floor, {t_loop / t_ll:.2f}x faster than the loop; "
+              f"prefetch {res['lora_lens no prefetch'][0] / t_ll:.2f}x\n")
+        SUMMARY.append((f"whole base {layers} layers", k, t_loop, t_ll, t_loop / t_ll, math.nan, math.nan,
+                        math.nan, math.nan))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3, help="best-of repeats (interleaved with the reference)")
+    ap.add_argument("--repeats", type=int, default=2, help="best-of repeats (interleaved with the reference)")
     ap.add_argument("--count", type=int, default=32, help="2048x2048 weights")
-    ap.add_argument("--llama-count", type=int, default=2, help="weights of each Llama-7B shape (4096², 11008x4096)")
-    ap.add_argument("--check", type=int, default=2, help="matrices per group checked against float64")
-    ap.add_argument("--tol", type=float, default=1e-2, help="adaptive row on the 2048² group (0: skip)")
+    ap.add_argument("--llama-count", type=int, default=4, help="weights of each Llama-7B shape (4096², 11008x4096)")
+    ap.add_argument("--ks", default="16,64,256")
     ap.add_argument("--groups", default="2048,llama", help="which groups: 2048 and/or llama")
+    ap.add_argument("--no-variants", action="store_true", help="skip the k=64 variants on the 2048² group")
+    ap.add_argument("--variant-count", type=int, default=8, help="2048² weights the variants run on")
+    ap.add_argument("--whole-base", action="store_true", help="also a synthetic Llama-7B-shaped base from files")
+    ap.add_argument("--layers", type=int, default=2, help="layers of the whole base (32: Llama-7B, 13 GB)")
+    ap.add_argument("--max-memory", type=int, default=1 << 30, help="decompose_base's budget for the whole base")
     ap.add_argument("--clock", choices=CLOCK, default="wall",
                     help="wall time, or this process's CPU time (steadier with 1 thread on a loaded, shared machine)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     global clock
     clock = CLOCK[args.clock]
+    ks = [int(x) for x in args.ks.split(",")]
     t0 = time.perf_counter()
     square = gemm_rate(2048, 2048, 2048, 5)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.clock} clock; float32 GEMM 2048³: "
-          f"{square:.0f} GF/s\n")
-    groups = ([((2048, 2048), args.count)] if "2048" in args.groups else []) + \
-        ([((4096, 4096), args.llama_count), ((11008, 4096), args.llama_count)] if "llama" in args.groups else [])
-    ratios = []
-    for (m, n), count in groups:
-        W = stack(m, n, count)
-        c = min(args.check, count)
-        Uref, Sref = reference(W[:c])
-        if (m, n) == (2048, 2048):
-            ortho_variants(W, Uref, Sref, args.repeats)
-        adaptive = args.tol if (m, n) == (2048, 2048) and args.tol else None
-        ratios += compare(W, Uref, Sref, args.repeats, square, adaptive)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.clock} clock; measured float32 GEMM "
+          f"(2048³): {square:.0f} GF/s\n")
+    if "2048" in args.groups:
+        W32, sig = decaying(2048, 2048)
+        W = permuted(W32, args.count)
+        if not args.no_variants:
+            variants(W[: args.variant_count], args.repeats)
+        compare("(a)", W, W32, sig, ks, args.repeats, square)
         del W
-    print(f"speed-up over the loop at n_iter=4 (same passes, same q): min {min(ratios):.2f}x, max {max(ratios):.2f}x")
+    if "llama" in args.groups:
+        for shape in ((4096, 4096), (11008, 4096)):
+            W32, sig = decaying(*shape)
+            W = permuted(W32, args.llama_count)
+            compare("(b)", W, W32, sig, ks, args.repeats, square)
+            del W
+    if args.whole_base:
+        whole_base(args.layers, 64, args.threads, args.max_memory)
+    print("Summary (ratio = loop time / lora_lens time; errors |σ̂_k − σ_k|/σ_1 on float32 with exact σ):")
+    print("| group | k | loop s | lora_lens s | ratio | loop err σ_k | lora_lens err σ_k | % GEMM | % shape GEMM |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for g, k, tl, tf, r, el, ef, pg, ps in SUMMARY:
+        print(f"| {g} | {k} | {tl:.2f} | {tf:.2f} | {r:.2f}x | {el:.1e} | {ef:.1e} | {pg:.0f} % | {ps:.0f} % |")
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 

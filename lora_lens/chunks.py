@@ -20,6 +20,8 @@ are; everything is returned in PyTorch's ``(m, n)`` layout.
 from __future__ import annotations
 
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Callable, Hashable, Iterator, Sequence, TypeVar
 
 import torch
@@ -83,6 +85,60 @@ def stack(compute: Compute, items: Sequence[T], load: Callable[[T], torch.Tensor
     for i in range(1, len(items)):
         out[i].copy_(load(items[i]))
     return out
+
+
+def stacked_chunks(
+    items: Sequence[T],
+    shape: Callable[[T], K],
+    bytes_per_item: Callable[[K], int],
+    compute: Compute,
+    load: Callable[[T], torch.Tensor],
+    label: Callable[[K], str] = str,
+    prefetch: bool = True,
+) -> Iterator[tuple[K, list[T], torch.Tensor]]:
+    """:func:`chunks` with each run stacked (:func:`stack`): yield ``(shape key, run, (L, …) tensor)``.
+
+    With ``prefetch`` the next run is read and stacked on a background thread
+    while the caller works on this one (reading safetensors slices and the
+    bf16 → float32 copy overlap the linear algebra). Two runs' inputs then
+    exist at once: ``bytes_per_item`` must count one extra input per item,
+    and does so whether or not ``prefetch`` is on, so the runs — hence every
+    number — are the same both ways. The caller should drop its reference to
+    the tensor before asking for the next run. Progress is reported when the
+    caller asks for the next run, as :func:`chunks` does.
+    """
+    runs = list(chunks(items, shape, bytes_per_item, replace(compute, progress=None), label))  # names only: cheap
+    done, total = 0, len(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora_lens-read") if prefetch else _NoPool() as pool:
+        pending = pool.submit(stack, compute, runs[0][1], load) if runs else None
+        for i, (key, run) in enumerate(runs):
+            W = pending.result()  # re-raises a read error here, in the caller's thread
+            pending = pool.submit(stack, compute, runs[i + 1][1], load) if i + 1 < len(runs) else None
+            yield key, run, W
+            del W
+            done += len(run)
+            compute.report(done, total, label(key))
+
+
+class _NoPool:
+    """``prefetch=False``: ``submit`` defers the call to ``result()``, in this thread (one run at a time)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args):
+        return _Deferred(fn, args)
+
+
+class _Deferred:
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def result(self):
+        return self.fn(*self.args)
 
 
 def load_w0(base: BaseWeights, weight: str, layout: str = "linear",

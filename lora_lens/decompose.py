@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from .chunks import TRANSPOSED, chunk_size, chunks, load_w0, stack
+from .chunks import TRANSPOSED, chunk_size, chunks, load_w0, stack, stacked_chunks
 from .compute import DTYPES, Compute, Progress, as_compute, resolve_device, resolve_dtype
 from .errors import NonFiniteError
 from .io.base import BaseWeights
@@ -230,12 +230,16 @@ def decompose_base(
     randomized: bool | None = None,
     oversample: int = 16,
     n_iter: int | str = 4,
+    prefetch: bool = True,
     compute: Compute | None = None,
     **options,
 ) -> dict[str, Spectrum]:
     """Top-k (or full) SVD of base weights, read lazily one shape group (chunk) at a time.
 
-    Peak memory is one chunk of one shape group, never the checkpoint.
+    Peak memory is one chunk of one shape group (plus, with ``prefetch``, the
+    next chunk's input, read on a background thread while this one is
+    decomposed; the budget counts it either way, so ``prefetch`` changes no
+    number), never the checkpoint.
     ``layouts``: ``{weight name: layout}`` for weights not stored ``(m, n)``
     (``conv1d``, ``embedding``: stored ``(n, m)``; see
     :func:`~lora_lens.chunks.load_w0`); they are decomposed in PyTorch's
@@ -257,21 +261,25 @@ def decompose_base(
             shapes[w] = stored
     keys = {w: base.layer_key(w) for w in weight_names}
     return _decompose_named(list(weight_names), shapes.__getitem__, lambda w: load_w0(base, w, layouts.get(w, "linear")),
-                            keys, "base", TopK(k, randomized, oversample, n_iter), as_compute(compute, **options))
+                            keys, "base", TopK(k, randomized, oversample, n_iter), as_compute(compute, **options),
+                            prefetch)
 
 
 def _decompose_named(names: list[str], shape: Callable[[str], tuple[int, int]], load: Callable[[str], torch.Tensor],
-                     keys: dict[str, LayerKey], kind: str, top: TopK, cx: Compute) -> dict[str, Spectrum]:
-    """SVD of named ``(m, n)`` matrices, one chunk of one shape at a time; results on the CPU."""
+                     keys: dict[str, LayerKey], kind: str, top: TopK, cx: Compute,
+                     prefetch: bool = False) -> dict[str, Spectrum]:
+    """SVD of named ``(m, n)`` matrices, one chunk of one shape at a time; results on the CPU.
+
+    ``prefetch``: stack the next chunk on a background thread (:func:`~lora_lens.chunks.stacked_chunks`).
+    """
     out: dict[str, Spectrum] = {}
 
-    def per_item(mn: tuple[int, int]) -> int:  # input, workspace, factors
+    def per_item(mn: tuple[int, int]) -> int:  # input, the next chunk's input, workspace, factors
         m, n = mn
-        return (3 * m * n + (m + n) * min(m, n)) * cx.itemsize
+        return (4 * m * n + (m + n) * min(m, n)) * cx.itemsize
 
-    for (m, n), chunk in chunks(names, shape, per_item, cx, lambda mn: f"{mn[0]}x{mn[1]}"):
+    for (m, n), chunk, W in stacked_chunks(names, shape, per_item, cx, load, lambda mn: f"{mn[0]}x{mn[1]}", prefetch):
         kk, how = top.for_shape(m, n)
-        W = stack(cx, chunk, load)  # (L, m, n)
         seeds = cx.seeds_for(chunk)  # one sketch per matrix: its numbers do not depend on the chunk
         passes, sv_error = torch.zeros(len(chunk), dtype=torch.long), torch.zeros(len(chunk))
         if how == "auto":

@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .errors import ConfigError
-from .randomized import LowRankSVD, range_svd, sketches
+from .randomized import LowRankSVD, range_svd
 
 
 def upcast(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -133,15 +133,16 @@ def randomized_svd(
     """Top-``k`` SVD of ``W (..., m, n)`` by a randomized range finder (Halko et al. 2011).
 
     ``q = k + oversample`` Gaussian columns, ``n_iter`` power iterations
-    re-orthonormalized after every product (without it float32 loses the
-    tail: docs/maths.md §10) by CholeskyQR2 with a Householder fallback; see
-    :mod:`lora_lens.randomized`, whose keyword options (``tol``,
-    ``max_iter``, ``phi_tol``, ``probes``, ``householder``, ``block``)
+    normalized after every product (without it float32 loses the tail:
+    docs/maths.md §10) — LU-normalized, and by CholeskyQR2 with a Householder
+    fallback where an orthonormal iterate is needed; see
+    :mod:`lora_lens.randomized`, whose keyword options (``tol``, ``max_iter``,
+    ``phi_tol``, ``subspace_tol``, ``probes``, ``ortho``, ``block``)
     ``finder`` passes on — ``tol`` replaces the fixed ``n_iter`` by an
     accuracy target. Returns a :class:`~lora_lens.randomized.LowRankSVD`
     that unpacks as ``U (..., m, k), S (..., k), Vh (..., k, n)``, signs
     fixed, plus passes, last change and a residual bound per matrix. Input
-    in bf16/fp16 is upcast one matrix at a time on the CPU. Falls back to the
+    in bf16/fp16 is upcast once, one block at a time. Falls back to the
     exact SVD when ``q`` reaches ``min(m, n)``. Deterministic for a given
     ``seed``; a sequence of seeds (one per matrix of a ``(L, m, n)`` stack)
     makes each matrix's result independent of the stack it is in.
@@ -152,21 +153,10 @@ def randomized_svd(
         batch = W.shape[:-2]
         zero = torch.zeros(batch, dtype=torch.long, device=S.device)
         exact = torch.zeros(batch, dtype=S.dtype, device=S.device)  # no change, no error, no residual
-        return LowRankSVD(U[..., :k], S[..., :k], Vh[..., :k, :], zero, exact, exact, exact, zero)
+        return LowRankSVD(U[..., :k], S[..., :k], Vh[..., :k, :], zero, exact, exact, exact, zero, exact)
     res = range_svd(W, k, oversample=oversample, n_iter=n_iter, seed=seed, dtype=dtype, **finder)
     U, Vh = sign_fix(res.U, res.Vh)
     return replace(res, U=U, Vh=Vh)
-
-
-def gaussian_sketch(batch: tuple[int, ...], n: int, q: int, seed: int | Sequence[int],
-                    dtype: torch.dtype) -> torch.Tensor:
-    """Gaussian ``(*batch, n, q)`` on the CPU: the range finder's own draws (:func:`lora_lens.randomized.sketches`,
-    no probes), one generator for an int ``seed``, one per matrix of an ``(L, m, n)`` batch for a sequence."""
-    if not isinstance(seed, int) and len(batch) != 1:
-        raise ValueError(f"{len(list(seed))} seeds for a batch of shape {tuple(batch)}; expected one seed per matrix "
-                         "of (L, m, n).")
-    omega, _ = sketches(math.prod(batch), n, q, 0, seed, dtype)  # (L, n, q): one stream, so reshaping is exact
-    return omega.reshape(*batch, n, q)
 
 
 def top_left_subspace(S: torch.Tensor, rank: int, oversample: int = 16, n_iter: int = 16,
@@ -194,10 +184,6 @@ def top_left_subspace(S: torch.Tensor, rank: int, oversample: int = 16, n_iter: 
 EXACT_SVD_MAX_DIM = 512
 #: Target for the estimated ``1 − φ`` between the computed and the exact top-k subspace.
 SUBSPACE_TOL = 1e-4
-#: Iterations between two error checks (a check costs ~ one iteration).
-_CHECK_EVERY = 4
-
-
 @dataclass(frozen=True)
 class SubspaceAccuracy:
     """How :func:`top_subspace_svd` got its subspaces.
@@ -231,77 +217,50 @@ def top_subspace_svd(
     against the exact subspace. Here:
 
     - ``min(m, n) ≤ EXACT_SVD_MAX_DIM`` (or ``k + oversample`` reaches it): full SVD.
-    - Else subspace iteration with ``q = k + oversample`` columns, QR after each
-      product. Every few iterations a Rayleigh–Ritz step ``Qᵀ W = Ub S Vh``,
-      ``U = Q Ub`` gives ``Wᵀ U_k = V_k S_k`` exactly and the residual
-      ``R = W V_k − U_k S_k (m, k)``; Wedin's theorem bounds
-      ``‖sin Θ‖_F ≤ ‖R‖_F / δ`` with the gap ``δ = σ_k − σ_{k+1}``, estimated by
-      the Ritz values, so ``1 − φ = ‖sin Θ‖_F² / k ≤ (‖R‖_F / δ)² / k``. Each
-      matrix keeps the result of the first check at which that is ``≤ tol``.
+    - Else :func:`~lora_lens.randomized.range_svd` with ``q = k + oversample``
+      columns and its subspace criterion: after every iteration the Ritz triplets
+      ``Qᵀ W = Ub S Vh``, ``U = Q Ub`` satisfy ``Wᵀ U_k = V_k S_k`` exactly, and
+      the residual ``R = W V_k − U_k S_k (m, k)`` comes from the product the next
+      pass computes anyway; Wedin's theorem bounds ``‖sin Θ‖_F ≤ ‖R‖_F / δ`` with
+      the gap ``δ = σ_k − σ_{k+1}``, estimated by the Ritz values, so
+      ``1 − φ = ‖sin Θ‖_F² / k ≤ (‖R‖_F / δ)² / k``. Each matrix stops at the
+      first check at which that is ``≤ tol`` and keeps that iterate.
     - A matrix not converged after ``max_iter`` (default: about the flop count of
       one full SVD, ``3·min(m, n)/q`` iterations, from ``(4mn² + 8n³) / (4mnq)``)
       gets a full SVD.
 
     Every matrix's numbers depend only on that matrix and its seed (a sequence
-    gives one per matrix of an ``(L, m, n)`` batch; see :func:`gaussian_sketch`),
+    gives one per matrix of an ``(L, m, n)`` batch; see :func:`~lora_lens.randomized.sketches`),
     never on the others in the batch: the stopping rule is per matrix.
     Returns ``U (..., m, k)``, ``S (..., k)``, ``Vh (..., k, n)`` (signs fixed)
     and a :class:`SubspaceAccuracy`.
     """
-    W = upcast(W, dtype)
     m, n = W.shape[-2:]
     k = min(k, m, n)
     q = min(k + max(oversample, 1), m, n)  # one extra column at least: the gap needs σ_{k+1}
     batch = W.shape[:-2]
 
     def full(X: torch.Tensor):
-        U, S, Vh = svd(X)
+        U, S, Vh = svd(X, dtype)
         return U[..., :k], S[..., :k], Vh[..., :k, :]
 
     if min(m, n) <= EXACT_SVD_MAX_DIM or q >= min(m, n):
         return (*full(W), SubspaceAccuracy("svd", 0, torch.zeros(batch, dtype=torch.float64),
                                            torch.ones(batch, dtype=torch.bool)))
     if max_iter is None:
-        max_iter = max(_CHECK_EVERY, math.ceil(3 * min(m, n) / q))
-    omega = gaussian_sketch(batch, n, q, seed, W.dtype).to(W.device)  # (..., n, q)
-    Wf = W.reshape(-1, m, n)  # (B, m, n): the per-matrix bookkeeping below is on one batch dimension
-    B = Wf.shape[0]
-    U_out = Wf.new_zeros(B, m, k)
-    S_out = Wf.new_zeros(B, k)
-    Vh_out = Wf.new_zeros(B, k, n)
-    err_out = torch.zeros(B, dtype=torch.float64)
-    done = torch.zeros(B, dtype=torch.bool)
-    ran = 0
-    Wt = Wf.transpose(-1, -2)
-    Q, _ = torch.linalg.qr(Wf @ omega.reshape(-1, n, q))  # (B, m, q)
-    for it in range(1, max_iter + 1):
-        Z, _ = torch.linalg.qr(Wt @ Q)  # (B, n, q)
-        Q, _ = torch.linalg.qr(Wf @ Z)  # (B, m, q)
-        ran = it
-        if it % _CHECK_EVERY and it != max_iter:
-            continue
-        Ub, S, Vh = torch.linalg.svd(Q.transpose(-1, -2) @ Wf, full_matrices=False)  # (B, q, q), (B, q), (B, q, n)
-        U = Q @ Ub[..., :k]  # (B, m, k)
-        R = Wf @ Vh[..., :k, :].transpose(-1, -2) - U * S[..., None, :k]  # (B, m, k)
-        gap = (S[..., k - 1] - S[..., k]).double()  # Ritz estimate of σ_k − σ_{k+1}
-        bound = torch.linalg.matrix_norm(R).double() / gap.clamp_min(torch.finfo(torch.float64).tiny)
-        err = (bound ** 2 / k).clamp(max=1.0).cpu()
-        new = (err <= tol) & ~done  # converged at this check: keep this result, whatever the others do
-        if bool(new.any()):
-            ix = new.nonzero().flatten().to(Wf.device)  # the masks live on the CPU, the factors maybe not
-            Uf, Vf = sign_fix(U[ix], Vh[ix][..., :k, :])
-            U_out[ix], S_out[ix], Vh_out[ix] = Uf, S[ix][..., :k], Vf
-            err_out[new] = err[new]
-            done |= new
-        if bool(done.all()):
-            break
-    exact = ~done
+        max_iter = max(4, math.ceil(3 * min(m, n) / q))
+    res = range_svd(W, k, oversample=q - k, subspace_tol=tol, max_iter=max_iter, seed=seed, dtype=dtype, probes=0)
+    U, Vh = sign_fix(res.U, res.Vh)
+    S = res.S
+    exact = ~(res.subspace_error <= tol).cpu()  # NaN (never judged) counts as not converged
     if bool(exact.any()):  # not converged within max_iter: a full SVD for those matrices only
-        ix = exact.nonzero().flatten().to(Wf.device)
-        U_out[ix], S_out[ix], Vh_out[ix] = full(Wf[ix])
+        Uf, Sf, Vf = (t.reshape(-1, *t.shape[len(batch):]) for t in (U, S, Vh))
+        ix = exact.reshape(-1).nonzero().flatten().to(Uf.device)
+        Uf[ix], Sf[ix], Vf[ix] = full(W.reshape(-1, m, n)[ix])
     method = "svd" if bool(exact.all()) else "iterated"
-    acc = SubspaceAccuracy(method, ran, err_out.reshape(batch), exact.reshape(batch))
-    return U_out.reshape(*batch, m, k), S_out.reshape(*batch, k), Vh_out.reshape(*batch, k, n), acc
+    err = torch.where(exact, 0.0, res.subspace_error.double().cpu())
+    acc = SubspaceAccuracy(method, int(res.passes.max()) // 2 - 1 if res.passes.numel() else 0, err, exact)
+    return U, S, Vh, acc
 
 
 def orthonormal_basis(X: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,30 @@ def test_decompose_base_same_numbers_for_every_max_memory(flat_base, budget):
                               atol=tol * scale * _gap(flat_base.get(w), K))
 
 
+@pytest.mark.parametrize("n_iter", [1, "auto"])
+def test_prefetch_and_threads_change_no_number(tmp_path, n_iter):
+    """Reading the next chunk on a thread overlaps I/O only: bit-identical results, several chunks and two shapes."""
+    weights = {**_flat_weights(), **{k.replace("q_proj", "o_proj"): v[:64] for k, v in _flat_weights(seed=1).items()}}
+    weights = {k: v.bfloat16() for k, v in weights.items()}
+    save_file(weights, tmp_path / "model.safetensors")
+    base, names = open_base(tmp_path), list(weights)
+    cx = Compute("cpu", max_memory=2 * (4 * M * N + (M + N) * N) * 4, seed=5)  # 2 weights a chunk: 3 + 3 chunks
+    on = decompose_base(base, names, k=K, randomized=True, n_iter=n_iter, compute=cx)
+    off = decompose_base(base, names, k=K, randomized=True, n_iter=n_iter, prefetch=False, compute=cx)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2 if threads == 1 else 1)
+        other = decompose_base(base, names, k=K, randomized=True, n_iter=n_iter, compute=cx)
+    finally:
+        torch.set_num_threads(threads)
+    for w in names:
+        assert torch.equal(on[w].S, off[w].S) and torch.equal(on[w].U, off[w].U) and torch.equal(on[w].Vh, off[w].Vh)
+        # another thread count may block the products differently: float32 round-off, as _roundoff derives it
+        # (n_iter=1: 5 products/QRs deep; "auto" at this size: one full SVD, counted the same)
+        tol = 10 * (2 * 1 + 3) * M * torch.finfo(torch.float32).eps * float(on[w].S[0])
+        assert torch.allclose(other[w].S, on[w].S, rtol=0, atol=tol)
+
+
 def test_randomized_svd_seed_per_matrix_matches_single_calls():
     W = torch.stack(list(_flat_weights().values())).double()  # (L, m, n)
     seeds = [item_seed(0, f"w{i}") for i in range(len(W))]
@@ -165,6 +189,20 @@ def test_cora_basis_same_numbers_for_every_max_memory(tmp_path, shared):
         P, Q = whole.bases[key], single.bases[key]  # (m, r) orthonormal
         W = torch.cat([base.get(n) for n in base.names()], 1) if shared else base.get(f"{key}.weight")
         assert torch.allclose(P @ P.T, Q @ Q.T, rtol=0, atol=tol * _gap(W, 4))
+
+
+def test_trainer_cora_basis_from_base_is_the_cora_init_basis(tmp_path):
+    """train's CoRA-from-base basis (in-memory weights) is methods.cora's basis for the same file, bit for bit."""
+    from lora_lens.train.inits import cora_basis_from_base
+
+    base = _stacked_layers(tmp_path, m=96, n=80)  # r + 16 < min(m, n)/2: the randomized kernel, not a full SVD
+    ref = cora_basis(base, 4, "up_proj", device="cpu")
+    weights = {f"model.layers.{i}.mlp.up_proj": base.get(f"model.layers.{i}.mlp.up_proj.weight") for i in range(4)}
+    for budget in (None, 1):  # one chunk, or one layer per chunk
+        got = cora_basis_from_base(weights, 4, compute=Compute("cpu", max_memory=budget))
+        assert got.keys() == ref.bases.keys()
+        for p in got:
+            assert torch.equal(got[p], ref.bases[p])
 
 
 def test_chunks_group_by_shape_budget_and_progress():

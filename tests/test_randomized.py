@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lora_lens.linalg import phi, random_orthonormal, randomized_svd
-from lora_lens.randomized import cholesky_qr2, range_svd, sketches
+from lora_lens.randomized import cholesky_qr2, lu_basis, range_svd, sketches
 
 U32 = torch.finfo(torch.float32).eps / 2  # unit round-off
 U64 = torch.finfo(torch.float64).eps / 2
@@ -89,18 +89,39 @@ def test_cholesky_qr2_falls_back_to_householder_exactly_when_the_gram_is_too_ill
         assert torch.equal(Rx, Rx.triu())
 
 
+@pytest.mark.parametrize("ortho", ["lu", "cholesky"])
 @pytest.mark.parametrize("spectrum,falls_back", [("1/sqrt(i)", False), ("10^(-i/3)", True)])
-def test_cholesky_path_equals_householder_path(spectrum, falls_back):
+def test_lu_and_cholesky_paths_equal_householder_path(spectrum, falls_back, ortho):
     i = torch.arange(1, 61, dtype=torch.float64)
     sig = i ** -0.5 if falls_back is False else 10 ** (-(i - 1) / 3)  # the steep one: κ(X) ≈ 1e8 over q = 26
     W = _matrix(120, 100, sig, dtype=torch.float32)
     k = 10
-    chol, house = range_svd(W, k), range_svd(W, k, householder=True)
-    assert (int(chol.fallbacks) > 0) is falls_back
+    fast, house = range_svd(W, k, ortho=ortho), range_svd(W, k, householder=True)
+    if ortho == "cholesky":  # every pass by CholeskyQR2: the steep spectrum must hand some to Householder
+        assert (int(fast.fallbacks) > 0) is falls_back
     assert int(house.fallbacks) == int(house.passes)  # the reference path is Householder on every pass
-    tol = _bound(int(chol.passes), 120, k + 16, U32, float(sig[0]))
-    assert (chol.S - house.S).abs().max() <= tol
-    assert _projector_gap(chol.U, house.U) <= tol / float(sig[k - 1] - sig[k])
+    tol = _bound(int(fast.passes), 120, k + 16, U32, float(sig[0]))
+    assert (fast.S - house.S).abs().max() <= tol
+    assert _projector_gap(fast.U, house.U) <= tol / float(sig[k - 1] - sig[k])
+
+
+def test_lu_basis_is_p_l_of_the_pivoted_lu():
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(3, 50, 7, generator=g, dtype=torch.float64)
+    X[1, :, 3] = X[1, :, 0]  # rank-deficient: a zero pivot still leaves L (and its span ⊇ span X) valid
+    P, L, _ = torch.linalg.lu(X)
+    assert torch.equal(lu_basis(X), P @ L)  # a permutation of L's rows: no arithmetic, so exactly equal
+
+
+def test_wide_matrices_run_transposed_with_the_same_numbers():
+    i = torch.arange(1, 41, dtype=torch.float64)
+    Wt = _matrix(90, 60, i ** -0.5, dtype=torch.float32)  # tall
+    wide, tall = range_svd(Wt.T, 6, seed=3), range_svd(Wt, 6, seed=3)
+    # the same finder on the same (90, 60) operand, one through a transposed view: rounding of the products only
+    tol = _bound(int(tall.passes), 90, 22, U32, 1.0)
+    assert wide.U.shape == (60, 6) and wide.Vh.shape == (6, 90)
+    assert (wide.S - tall.S).abs().max() <= tol
+    assert _projector_gap(wide.U, tall.Vh.T) <= tol / float(i[5] ** -0.5 - i[6] ** -0.5)
 
 
 @pytest.mark.parametrize("spectrum,tol", [("flat i^-1/4", 1e-3), ("Marchenko-Pastur", 1e-3), ("steep 1/i", 1e-5),

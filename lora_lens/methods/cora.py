@@ -104,6 +104,11 @@ class CoraBasis:
                                     "params": self.params, "sources": list(self.sources), "bases": entries})
 
 
+#: CoRA's defaults for the range finder (16 iterations: see the module docstring) and the device bytes one
+#: stacked ``(m, n)`` layer costs per source (input, the finder's workspace, factors), in compute-dtype elements.
+CORA_OVERSAMPLE, CORA_N_ITER, CORA_BYTES_PER_ITEM = 16, 16, 3
+
+
 def cora_basis(
     base: BaseWeights | str | Path,
     rank: int,
@@ -113,8 +118,8 @@ def cora_basis(
     share_across_layers: bool = False,
     source_kind: str = "weights",
     scale: str = "orthonormal",
-    oversample: int = 16,
-    n_iter: int = 16,
+    oversample: int = CORA_OVERSAMPLE,
+    n_iter: int = CORA_N_ITER,
     compute: Compute | None = None,
     **options,
 ) -> CoraBasis:
@@ -159,7 +164,8 @@ def cora_basis(
     gram: dict[str, torch.Tensor] = {}  # shared: G = Σ_{l,k} W Wᵀ (m, m) per module type
     flat = [(mt, x) for mt, ls in layers.items() for x in ls]
     for (mt, (m, n)), run in chunks(flat, lambda t: (t[0], t[1].shape),
-                                    lambda key: 3 * M * key[1][0] * key[1][1] * cx.itemsize, cx, lambda key: key[0]):
+                                    lambda key: CORA_BYTES_PER_ITEM * M * key[1][0] * key[1][1] * cx.itemsize, cx,
+                                    lambda key: key[0]):
         chunk = [x for _, x in run]
         S = stacked(chunk)  # (c, m, M·n)
         if share_across_layers:

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-from ..compute import item_seed
+from ..chunks import chunks, stack
+from ..compute import Compute, as_compute
 from ..errors import ConfigError, ShapeError
 from ..io import INIT_NAME, THETA_NAME, load_adapter, open_tensor_file, read_init_description
 from ..keys import match_modules_to_weights
 from ..methods.condlora import REQUESTS
-from ..methods.cora import top_left_subspace
+from ..methods.cora import CORA_BYTES_PER_ITEM, CORA_N_ITER, CORA_OVERSAMPLE, top_left_subspace
 
 #: The trainer's method → the init-folder method it accepts.
 INIT_METHOD = {"cora-frozen": "cora", "cora-init": "cora", "condlora": "condlora"}
@@ -101,24 +102,27 @@ def read_init(folder: str | Path, method: str, module_paths: list[str]) -> CoraI
 # trainer-computed init equals what `lora-lens cora init` / `condlora init` write.
 
 
-def cora_basis_from_base(weights: dict[str, torch.Tensor], rank: int, device: str | torch.device = "cpu"
-                         ) -> dict[str, torch.Tensor]:
+def cora_basis_from_base(weights: dict[str, torch.Tensor], rank: int, device: str | torch.device = "cpu",
+                         compute: Compute | None = None) -> dict[str, torch.Tensor]:
     """CoRA's common basis from the one base alone (docs/maths.md §6, M = 1 source).
 
     For each layer's ``W0 (m, n)``: ``B = U_r``, its top-r left singular
-    vectors ``(m, r)`` (orthonormal, signs fixed), by
-    :func:`lora_lens.methods.cora.top_left_subspace`, batched by shape, each
-    layer's sketch seeded from its module path as ``cora_basis`` does (seed 0).
+    vectors ``(m, r)`` (orthonormal, signs fixed), computed as
+    :func:`lora_lens.methods.cora.cora_basis` does for a base file: the same
+    chunk iterator and memory budget (:func:`lora_lens.chunks.chunks`), the
+    same kernel (:func:`lora_lens.methods.cora.top_left_subspace`, CoRA's
+    oversampling and iterations) and each layer's sketch seeded from its
+    module path (``compute.seed``, 0 by default) — so the trainer's basis is
+    the one ``lora-lens cora init`` writes for the same weights.
     """
     small = [f"{p} {tuple(W.shape)}" for p, W in weights.items() if min(W.shape) < rank]
     if small:
         raise ConfigError(f"rank {rank} exceeds min(m, n) of {small[:3]}; lower --rank.")
-    groups: dict[tuple, list[str]] = {}
-    for p, W in weights.items():
-        groups.setdefault(tuple(W.shape), []).append(p)
+    cx = as_compute(compute, device=device)
     out = {}
-    for names in groups.values():
-        S = torch.stack([weights[p].detach().float() for p in names]).to(device)  # (L, m, n)
-        U, _ = top_left_subspace(S, rank, seed=[item_seed(0, p) for p in names])  # (L, m, r), sketched per module
+    for (m, n), names in chunks(list(weights), lambda p: tuple(weights[p].shape),
+                                lambda mn: CORA_BYTES_PER_ITEM * mn[0] * mn[1] * cx.itemsize, cx):
+        S = stack(cx, names, lambda p: weights[p].detach())  # (c, m, n) in the compute dtype
+        U, _ = top_left_subspace(S, rank, CORA_OVERSAMPLE, CORA_N_ITER, seed=cx.seeds_for(names))
         out.update({p: U[i].cpu().contiguous() for i, p in enumerate(names)})
     return {p: out[p] for p in weights}
