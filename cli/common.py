@@ -88,10 +88,18 @@ def _one_line(text: str) -> str:
 
 
 def echo_json(obj) -> None:
-    """Print one JSON object on stdout: strict JSON (NaN/Inf → null) through the library's one converter."""
+    """Print one JSON object on stdout: strict JSON (NaN/Inf → null) through the library's one converter.
+
+    Indented for a terminal; compact when piped or redirected, where it is read by a program: ``indent``
+    makes ``json`` fall back from its C encoder to the pure-Python one (0.04 s of a 0.06 s overhead on a
+    224-module spectrum, benchmarks/bench_cli.py).
+    """
+    import sys
+
     from lora_lens import to_jsonable
 
-    click.echo(json.dumps(to_jsonable(obj), indent=2, allow_nan=False))
+    indent = 2 if sys.stdout.isatty() else None
+    click.echo(json.dumps(to_jsonable(obj), indent=indent, allow_nan=False))
 
 
 def table(rows: list[list], header: list[str]) -> str:
