@@ -267,6 +267,30 @@ def test_headers_are_cached_until_the_weights_file_changes(tmp_path):
     assert index_once(folder).refs[names[0]].rank == 3
 
 
+def test_headers_are_reread_when_a_file_is_replaced_keeping_the_newest_mtime(tmp_path):
+    """A weights file replaced by another with an older (or the same) mtime, as ``rsync -a`` / ``cp -p`` or a
+    rewrite within the timestamp granularity leave it: the newest stamp of the folder is unchanged, so a key of
+    mtimes alone served the stale header; its size and inode say it changed."""
+    import os
+    import shutil
+
+    from lora_lens.io.lazy import index_once
+
+    names = ["model.layers.0.self_attn.q_proj"]
+    folder = _adapter(tmp_path / "a", names, r=2)
+    weights = folder / "adapter_model.safetensors"
+    old = os.stat(weights).st_mtime_ns
+    assert index_once(folder).refs[names[0]].rank == 2
+    _adapter(tmp_path / "b", names, r=3)
+    shutil.copy2(tmp_path / "b" / "adapter_model.safetensors", tmp_path / "new.safetensors")
+    os.utime(tmp_path / "new.safetensors", ns=(old, old))  # the copy keeps an mtime no newer than the old file's
+    stamps = {p: os.stat(p).st_mtime_ns for p in (folder, folder / "adapter_config.json")}
+    os.replace(tmp_path / "new.safetensors", weights)
+    for p, t in stamps.items():
+        os.utime(p, ns=(t, t))
+    assert index_once(folder).refs[names[0]].rank == 3
+
+
 def test_block_triangle_gram_equals_the_full_product():
     """_gram (upper block triangle, mirrored) vs X.T @ X in float64: every entry, mirrored ones included, an
     inner product of length d, so within γ_d·|x_i|ᵀ|x_j| of the float32 result (Higham, any summation order)."""

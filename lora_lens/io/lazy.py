@@ -70,22 +70,31 @@ def index_adapter(path: str | Path) -> AdapterIndex:
 
 
 @functools.lru_cache(maxsize=1024)
-def cached_index(path: str, mtime_ns: int) -> AdapterIndex:
-    """:func:`index_adapter` kept per process (workers reuse headers across module tasks); keyed by mtime."""
+def cached_index(path: str, stamp: tuple) -> AdapterIndex:
+    """:func:`index_adapter` kept per process (workers reuse headers across module tasks); keyed by
+    ``stamp`` (:func:`index_once`), so a changed file is a new key."""
     return index_adapter(path)
 
 
 def index_once(path: str | Path) -> AdapterIndex:
-    """:func:`cached_index` of ``path``, keyed by its absolute path and the newest mtime of it and,
-    for a folder, of its PEFT files (a weights file rewritten in place does not touch the folder's)."""
+    """:func:`cached_index` of ``path``, keyed by its absolute path and ``(name, mtime_ns, size, inode)`` of
+    it and, for a folder, of every file directly in it (a weights file rewritten in place does not touch the
+    folder's stamp; any of its files may be the one a format reads). Every stamp, not the newest one: a file
+    replaced by an older copy (``rsync -a``, ``cp -p``) keeps the newest mtime unchanged, and a rewrite within
+    the filesystem's timestamp granularity keeps its own, but not its size or inode."""
     if not os.path.exists(path):
         return index_adapter(path)  # its own error, naming the path as given
     path = os.path.abspath(path)
-    stamps = [os.stat(path).st_mtime_ns]
-    for f in (CONFIG_NAME, "adapter_model.safetensors"):
-        if os.path.isfile(os.path.join(path, f)):
-            stamps.append(os.stat(os.path.join(path, f)).st_mtime_ns)
-    return cached_index(path, max(stamps))
+
+    def stamp(e: os.DirEntry | str) -> tuple:
+        st = os.stat(e)
+        return os.path.basename(e), st.st_mtime_ns, st.st_size, st.st_ino
+
+    stamps = [stamp(path)]
+    if os.path.isdir(path):
+        with os.scandir(path) as it:
+            stamps += sorted(stamp(e) for e in it if e.is_file())
+    return cached_index(path, tuple(stamps))
 
 
 def _eager(adapter: Adapter) -> AdapterIndex:
