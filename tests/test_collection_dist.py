@@ -59,42 +59,73 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: Seconds for an interpreter start (a scheduler, a worker, or a worker its nanny restarts) on a loaded 2-core machine.
+START_TIMEOUT = 60
+
+
 @pytest.fixture(scope="module")
-def scheduler():
+def _cluster():
     """``tcp://127.0.0.1:PORT`` of a running scheduler with one single-threaded worker (under a nanny,
-    which restarts it when it dies); both stopped afterwards."""
-    addr = f"tcp://127.0.0.1:{_free_port()}"
+    which restarts it when it dies); both stopped afterwards, whatever happened."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
            "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": str(ALLOWED_FAILURES)}
     dask = [sys.executable, "-m", "dask"]
     quiet = {"env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "start_new_session": True}
-    procs = [subprocess.Popen(dask + ["scheduler", "--host", "127.0.0.1", "--port", addr.rsplit(":", 1)[1],
-                                      "--no-dashboard"], **quiet)]
+    procs: list[subprocess.Popen] = []
     try:
-        procs.append(subprocess.Popen(dask + ["worker", addr, "--host", "127.0.0.1", "--nworkers", "1",
-                                              "--nthreads", "1", "--no-dashboard", "--death-timeout", "60"], **quiet))
-        deadline = time.monotonic() + 60  # two interpreter starts on a loaded 2-core machine
-        while True:
-            try:
-                with distributed.Client(addr, timeout="5s") as c:
-                    c.wait_for_workers(1, timeout=max(1, deadline - time.monotonic()))
+        for attempt in range(3):  # the port is free when asked, not necessarily when the scheduler binds it
+            addr = f"tcp://127.0.0.1:{_free_port()}"
+            procs.append(subprocess.Popen(dask + ["scheduler", "--host", "127.0.0.1", "--port",
+                                                  addr.rsplit(":", 1)[1], "--no-dashboard"], **quiet))
+            procs.append(subprocess.Popen(dask + ["worker", addr, "--host", "127.0.0.1", "--nworkers", "1",
+                                                  "--nthreads", "1", "--no-dashboard", "--death-timeout",
+                                                  str(START_TIMEOUT)], **quiet))
+            if _wait_for_worker(addr, procs[-2:]):
                 break
-            except (OSError, TimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+            _stop(procs)
+            procs.clear()
+        else:
+            pytest.fail("a dask scheduler on 127.0.0.1 exited at start three times (port taken?)")
         yield addr
     finally:
-        # Each was started in its own session: its group is the nanny and the worker process it spawned.
-        for p in reversed(procs):
-            _signal_group(p, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                _signal_group(p, signal.SIGKILL)
-                p.wait()
+        _stop(procs)
+
+
+@pytest.fixture
+def scheduler(_cluster):
+    """The module's cluster, with its worker up: a test that killed it leaves the nanny restarting it."""
+    if not _wait_for_worker(_cluster, []):
+        pytest.fail(f"the dask worker of {_cluster} did not come back within {START_TIMEOUT} s")
+    return _cluster
+
+
+def _wait_for_worker(addr: str, procs: list[subprocess.Popen]) -> bool:
+    """Whether ``addr`` has a worker within :data:`START_TIMEOUT` s; False at once if one of ``procs`` exited."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            return False
+        try:
+            with distributed.Client(addr, timeout="5s") as c:
+                c.wait_for_workers(1, timeout=max(1, deadline - time.monotonic()))
+            return True
+        except (OSError, TimeoutError):
+            time.sleep(0.5)
+    return False
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each process group (a nanny and the worker it spawned), then SIGKILL what is left of it."""
+    for p in reversed(procs):
+        _signal_group(p, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(p, signal.SIGKILL)  # also a worker child that outlived its nanny
+        p.wait()
 
 
 def _signal_group(p: subprocess.Popen, sig: int) -> None:
