@@ -14,8 +14,9 @@ accept the fields as keywords (``device="cpu", max_memory=2 << 30``), which
 
 Random draws are seeded **per item** (:func:`item_seed`): a stable hash of the
 item's name (a module or weight name) mixed with ``Compute.seed``. So the same
-inputs give the same numbers whatever ``max_memory`` (how items are chunked),
-the thread count or the order in which items reach the device.
+inputs give the same draws, and on one thread count the same numbers, whatever ``max_memory`` (how
+items are chunked) or the order in which items reach the device; another thread count changes only
+the products' rounding (BLAS splits them differently), never a draw.
 """
 
 from __future__ import annotations

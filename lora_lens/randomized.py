@@ -187,8 +187,8 @@ def lu_basis(X: torch.Tensor) -> torch.Tensor:
     if X.device.type == "cpu":
         # one thread: MKL's threaded getrf on a skinny block spent 10× longer than a single thread did with 2
         # threads on a loaded machine (spin-waits), and a batched CPU LU with several threads is the
-        # configuration of pytorch/pytorch#142815 (see linalg._solve); this also makes the LU, hence every
-        # number, independent of the thread count
+        # configuration of pytorch/pytorch#142815 (see linalg._solve); this also makes the LU independent of the
+        # thread count (the GEMMs' rounding still depends on it)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
