@@ -205,6 +205,28 @@ def test_trainer_cora_basis_from_base_is_the_cora_init_basis(tmp_path):
             assert torch.equal(got[p], ref.bases[p])
 
 
+def test_trainer_cora_basis_runs_on_the_compute_device(monkeypatch):
+    """An explicit ``compute``'s device is used (the ``device`` argument's old default "cpu" overrode it)."""
+    from lora_lens.train import inits
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(cx, names, load):
+        seen.append(cx.device)
+        raise Stop  # before any work on a device this machine may not have
+
+    monkeypatch.setattr(inits, "stack", record)
+    weights = {"model.layers.0.mlp.up_proj": torch.zeros(8, 6)}
+    for kw, want in (({"compute": Compute(torch.device("cuda"))}, "cuda"), ({}, "cpu"),
+                     ({"compute": Compute(torch.device("cuda")), "device": "cpu"}, "cpu")):
+        with pytest.raises(Stop):
+            inits.cora_basis_from_base(weights, 2, **kw)
+        assert seen.pop().type == want, kw
+
+
 def test_chunks_group_by_shape_budget_and_progress():
     items = [("a", (2, 3)), ("b", (4, 4)), ("c", (2, 3)), ("d", (2, 3))]
     calls = []

@@ -102,7 +102,7 @@ def read_init(folder: str | Path, method: str, module_paths: list[str]) -> CoraI
 # trainer-computed init equals what `lora-lens cora init` / `condlora init` write.
 
 
-def cora_basis_from_base(weights: dict[str, torch.Tensor], rank: int, device: str | torch.device = "cpu",
+def cora_basis_from_base(weights: dict[str, torch.Tensor], rank: int, device: str | torch.device | None = None,
                          compute: Compute | None = None) -> dict[str, torch.Tensor]:
     """CoRA's common basis from the one base alone (docs/maths.md §6, M = 1 source).
 
@@ -113,12 +113,14 @@ def cora_basis_from_base(weights: dict[str, torch.Tensor], rank: int, device: st
     same kernel (:func:`lora_lens.methods.cora.top_left_subspace`, CoRA's
     oversampling and iterations) and each layer's sketch seeded from its
     module path (``compute.seed``, 0 by default) — so the trainer's basis is
-    the one ``lora-lens cora init`` writes for the same weights.
+    the one ``lora-lens cora init`` writes for the same weights. ``device``
+    (given) overrides ``compute``'s; neither given: the CPU.
     """
     small = [f"{p} {tuple(W.shape)}" for p, W in weights.items() if min(W.shape) < rank]
     if small:
         raise ConfigError(f"rank {rank} exceeds min(m, n) of {small[:3]}; lower --rank.")
-    cx = as_compute(compute, device=device)
+    # a default device would override an explicit compute's: None keeps it
+    cx = as_compute(compute, device=device if compute is not None or device is not None else "cpu")
     out = {}
     for (m, n), names in chunks(list(weights), lambda p: tuple(weights[p].shape),
                                 lambda mn: CORA_BYTES_PER_ITEM * mn[0] * mn[1] * cx.itemsize, cx):
