@@ -326,3 +326,18 @@ def test_norm_outliers_read_sensibly_when_the_others_agree_exactly():
     assert sorted(st.outliers) == [4, 5]
     assert st.outliers[4] == ["zero update: ‖ΔW‖ = 0 (an untrained or init-only adapter?)"]
     assert st.outliers[5] == ["norm 20 against the collection's median 2 (MAD 0: the others agree exactly)"]
+
+
+def test_bases_collected_a_few_adapters_at_a_time_change_nothing(planted_collection, monkeypatch):
+    """The factored SVDs run SVD_GROUP adapters at a time (to bound their transient memory): groups of 3
+    give the numbers of one group of all 14 (each item's QR/SVD is its own; only batching differs)."""
+    from lora_lens.compare import collection_kernel
+
+    paths, _ = planted_collection
+    monkeypatch.setattr(collection_kernel, "SVD_GROUP", len(paths))
+    whole = collection_similarity(paths, F64)
+    monkeypatch.setattr(collection_kernel, "SVD_GROUP", 3)
+    parts = collection_similarity(paths, F64)
+    torch.testing.assert_close(parts.phi, whole.phi, rtol=0, atol=1e-12)
+    a, b = whole.shared_energy("both")[0], parts.shared_energy("both")[0]
+    torch.testing.assert_close(torch.as_tensor(b), torch.as_tensor(a), rtol=0, atol=1e-12)

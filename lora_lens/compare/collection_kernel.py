@@ -103,22 +103,27 @@ def module_task(task: ModuleTask) -> ModuleResult:
     dev, dt = (resolve_device(st.worker_device) if st.worker_device else cp.device), cp.dtype
     m, n = task.shape
     p, rmax = len(task.paths), max(task.ranks)
-    U = torch.zeros(p, m, rmax, device=dev, dtype=dt)  # zero columns past each rank add nothing to any product
-    V = torch.zeros(p, n, rmax, device=dev, dtype=dt)
+    # Dimension-major (d, p, r): ``reshape(d, p·r)`` is then the adapter-major stack X of every product
+    # below as a view, not a second copy. Zero columns past each rank add nothing to any product.
+    U = torch.zeros(m, p, rmax, device=dev, dtype=dt)
+    V = torch.zeros(n, p, rmax, device=dev, dtype=dt)
     S = torch.zeros(p, rmax, device=dev, dtype=dt)
     by_rank: OrderedDict[int, list[int]] = OrderedDict()
     for i, r in enumerate(task.ranks):
         by_rank.setdefault(r, []).append(i)
-    for r, idx in by_rank.items():
-        mods = [_read(task.paths[i], task.names[i]) for i in idx]
-        B = torch.stack([x.B for x in mods]).to(dev)  # (g, m, r)
-        A = torch.stack([x.A for x in mods]).to(dev)  # (g, r, n)
-        s = torch.tensor([x.scaling for x in mods], dtype=dt, device=dev)
-        u, sv, vh = factored_svd(B, A, s, dtype=dt)  # (g, m, c), (g, c), (g, c, n), c = min(r, m, n)
-        c = sv.shape[-1]
-        ix = torch.tensor(idx, device=dev)
-        U[ix, :, :c], S[ix, :c], V[ix, :, :c] = u, sv, vh.transpose(-1, -2)
-        del mods, B, A
+    for r, idx_r in by_rank.items():
+        # A few adapters at a time: the upcast factors and the QR outputs stay a small fraction of U and V.
+        for lo in range(0, len(idx_r), SVD_GROUP):
+            idx = idx_r[lo: lo + SVD_GROUP]
+            mods = [_read(task.paths[i], task.names[i]) for i in idx]
+            B = torch.stack([x.B for x in mods]).to(dev)  # (g, m, r)
+            A = torch.stack([x.A for x in mods]).to(dev)  # (g, r, n)
+            s = torch.tensor([x.scaling for x in mods], dtype=dt, device=dev)
+            u, sv, vh = factored_svd(B, A, s, dtype=dt)  # (g, m, c), (g, c), (g, c, n), c = min(r, m, n)
+            c = sv.shape[-1]
+            ix = torch.tensor(idx, device=dev)
+            U[:, ix, :c], S[ix, :c], V[:, ix, :c] = u.permute(1, 0, 2), sv, vh.permute(2, 0, 1)
+            del mods, B, A, u, vh
     k = min(min(task.ranks), m, n) if st.top_k is None else min(st.top_k, min(task.ranks), m, n)
     rc = min(m, n, int(sum(min(r, m, n) for r in task.ranks)),
              st.curve_rank or 4 * task.shared_rank)
@@ -161,9 +166,10 @@ class _SideStats:
 
 
 def _side(U: torch.Tensor, S: torch.Tensor, k: int, rc: int, st: CollectionSettings, seed: int) -> _SideStats:
-    """φ and the shared basis of one side; ``U (p, d, r)`` orthonormal columns (zero-padded), ``S (p, r)``."""
-    p, d, r = U.shape
-    X = U.transpose(0, 1).reshape(d, p * r)  # (d, p·r), adapter-major columns
+    """φ and the shared basis of one side; ``U (d, p, r)``: adapter i's orthonormal columns ``U[:, i]``
+    (zero-padded), ``S (p, r)``."""
+    d, p, r = U.shape
+    X = U.reshape(d, p * r)  # (d, p·r), adapter-major columns: a view
     Fs = S.reshape(p * r)  # (p·r,) column scales of F = X diag(Fs)
     itemsize = torch.finfo(U.dtype).bits // 8
     if p * r <= d:
@@ -175,10 +181,10 @@ def _side(U: torch.Tensor, S: torch.Tensor, k: int, rc: int, st: CollectionSetti
         # σ² below eps·σ_1² is round-off of the Gram: those columns carry no energy and are dropped (the QR
         # below completes the basis with directions orthogonal to the kept ones).
         keep = sv > sv[:1] * 10 * torch.finfo(sv.dtype).eps ** 0.5
-        basis = (X * Fs) @ (W / torch.where(keep, sv, torch.ones_like(sv)))  # (d, rc)
+        basis = X @ (Fs[:, None] * W / torch.where(keep, sv, torch.ones_like(sv)))  # (d, rc) = F W Σ⁻¹
         basis = basis * keep
     else:
-        Xk = U[:, :, :k].transpose(0, 1).reshape(d, p * k)  # (d, p·k)
+        Xk = U[:, :, :k].reshape(d, p * k)  # (d, p·k)
         rows = max(1, (st.compute.max_memory or 1 << 62) // max(1, k * p * k * itemsize))  # adapters per row block
         phi_ = torch.cat([_block_phi((Xk[:, lo * k: (lo + rows) * k].T @ Xk).reshape(-1, k, p, k), k)
                           for lo in range(0, p, rows)])
@@ -192,6 +198,9 @@ def _side(U: torch.Tensor, S: torch.Tensor, k: int, rc: int, st: CollectionSetti
     energy = ((coef * S[:, None, :]).double() ** 2).sum(-1).cumsum(-1)  # (p, rc)
     return _SideStats(phi_, sv.double(), basis, coef, energy)
 
+
+#: Adapters per factored SVD while the bases are collected: bounds the transient upcast factors and QRs.
+SVD_GROUP = 16
 
 #: Column blocks of :func:`_gram` (at least this wide, so each GEMM still runs near peak).
 _GRAM_BLOCK = 128
