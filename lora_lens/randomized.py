@@ -265,9 +265,13 @@ def range_svd(
         W3 = W3.mT
     omega, probe = sketches(L, W3.shape[-1], q, probes, seed, dt)
     step = block or (1 if W.device.type == "cpu" else L)  # measured: see the module docstring
-    parts = []
+    parts, buf = [], None
     for lo in range(0, L, step):
-        Wb = W3[lo: lo + step].to(dt)  # upcast one block (no copy when already in dt)
+        Wb = W3[lo: lo + step]
+        if Wb.dtype != dt:  # upcast one block into one reused buffer (same strides as the block's view):
+            # a fresh buffer per block costs its first-touch page faults, 4× the copy itself (4096², CPU)
+            buf = torch.empty_like(Wb, dtype=dt) if buf is None else buf
+            Wb = buf[: Wb.shape[0]].copy_(Wb)
         parts.append(_finder_block(Wb, omega[lo: lo + step].to(W.device), probe[lo: lo + step].to(W.device), k,
                                    n_iter, tol, max_iter, phi_tol, subspace_tol, check_every, ortho))
         del Wb
