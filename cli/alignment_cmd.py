@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .common import echo_json, progress_callback, table
-from .options import (compute_options, epsilon_option, format_option, json_option, quiet_option, renamed_option,
+from .options import (compute_options, epsilon_option, format_option, json_option, quiet_option,
                       seed_option, top_k_option)
 
 
@@ -13,8 +13,7 @@ from .options import (compute_options, epsilon_option, format_option, json_optio
 @click.argument("adapter", type=click.Path(path_type=str))
 @click.option("--base", required=True, type=click.Path(path_type=str),
               help="The base checkpoint the adapter was trained on.")
-@top_k_option("Top singular vectors of W0 + ΔW checked for intruders.", default=10)
-@renamed_option("--intruder-k", "--top-k", "top_k", type=click.IntRange(min=1))
+@top_k_option("Top singular vectors of W0 + ΔW checked for intruders.", default=10, old="--intruder-k")
 @epsilon_option(repeatable=True)
 @seed_option
 @json_option

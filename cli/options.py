@@ -31,10 +31,18 @@ def out_option(what: str, *, default: str | None = None):
                         type=click.Path(path_type=str), help=what)
 
 
-def top_k_option(help: str, default: int | None = None):
-    """``--top-k K``: how many top singular directions (passed as ``top_k``), the one spelling on every command."""
-    return click.option("--top-k", "top_k", type=click.IntRange(min=1), default=default,
-                        show_default=default is not None, help=help)
+def top_k_option(help: str, default: int | None = None, *, old: str | None = None):
+    """``--top-k K``: how many top singular directions (passed as ``top_k``), the one spelling on every command.
+
+    ``old``: the command's former spelling (``--k``, ``--intruder-k``), still accepted through
+    :func:`renamed_option`.
+    """
+    option = click.option("--top-k", "top_k", type=click.IntRange(min=1), default=default,
+                          show_default=default is not None, help=help)
+    if old is None:
+        return option
+    alias = renamed_option(old, "--top-k", "top_k", type=click.IntRange(min=1))
+    return lambda f: option(alias(f))
 
 
 def n_iter_option(help: str, default: int | None = None):

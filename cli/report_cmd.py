@@ -8,7 +8,7 @@ import click
 
 from .common import echo_json, progress_callback
 from .options import (compute_options, epsilon_option, format_option, json_option, out_option, overwrite_option,
-                      quiet_option, renamed_option, seed_option, top_k_option)
+                      quiet_option, seed_option, top_k_option)
 
 
 @click.command("report")
@@ -18,8 +18,7 @@ from .options import (compute_options, epsilon_option, format_option, json_optio
 @out_option("Folder to write the report to.")
 @click.option("--title", default="lora_lens report", show_default=True)
 @click.option("--energy", type=float, default=0.9, show_default=True, help="Energy fraction for the energy rank.")
-@top_k_option("Top singular vectors of W0 + ΔW checked for intruders (with --base).", default=10)
-@renamed_option("--intruder-k", "--top-k", "top_k", type=click.IntRange(min=1))
+@top_k_option("Top singular vectors of W0 + ΔW checked for intruders (with --base).", default=10, old="--intruder-k")
 @epsilon_option(repeatable=False)
 @seed_option
 @overwrite_option

@@ -7,7 +7,7 @@ import warnings
 import click
 
 from .common import echo_json, echo_warnings, table
-from .options import (compute_options, format_option, json_option, progress_option, renamed_option, seed_option,
+from .options import (compute_options, format_option, json_option, progress_option, seed_option,
                       top_k_option)
 
 
@@ -16,8 +16,7 @@ from .options import (compute_options, format_option, json_option, progress_opti
 @click.option("--base", type=click.Path(path_type=str), help="Base checkpoint (needed for --what base).")
 @click.option("--what", type=click.Choice(["delta", "A", "B", "base"]), default="delta", show_default=True,
               help="Subspace compared: ΔW's column space, A's row space, B's column space, W0's top-k column space.")
-@top_k_option("Top directions kept (default: all r; for base: r); clipped to what a module has.")
-@renamed_option("--k", "--top-k", "top_k", type=click.IntRange(min=1))
+@top_k_option("Top directions kept (default: all r; for base: r); clipped to what a module has.", old="--k")
 @click.option("--side", type=click.Choice(["left", "right"]),
               help="For delta/base: left = output space (default), right = input space.")
 @seed_option
