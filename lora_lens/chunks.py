@@ -72,18 +72,27 @@ def chunks(
             compute.report(done, total, label(key))
 
 
-def stack(compute: Compute, items: Sequence[T], load: Callable[[T], torch.Tensor]) -> torch.Tensor:
+def stack(compute: Compute, items: Sequence[T], load: Callable[[T], torch.Tensor],
+          keep: tuple[torch.dtype, ...] = ()) -> torch.Tensor:
     """``(L, …)`` on ``compute.device`` in ``compute.dtype``: ``load(item)`` of each item, copied in one at a time.
 
     Only one item's tensor in its stored dtype exists at a time besides the
     device buffer (a bf16 checkpoint is never stacked in bf16 and then copied).
+    ``keep``: stored dtypes stacked as they are when every item has the same one
+    (the range finder's half passes read bf16 weights as stored); the stack is
+    upcast to ``compute.dtype`` as soon as an item of another dtype comes.
     """
     first = load(items[0])
-    out = torch.empty(len(items), *first.shape, device=compute.device, dtype=compute.dtype)
+    dtype = first.dtype if first.dtype in keep else compute.dtype
+    out = torch.empty(len(items), *first.shape, device=compute.device, dtype=dtype)
     out[0].copy_(first)
     del first
     for i in range(1, len(items)):
-        out[i].copy_(load(items[i]))
+        W = load(items[i])
+        if W.dtype != out.dtype and out.dtype != compute.dtype:  # mixed stored dtypes: no rounding of this one
+            out = out.to(compute.dtype)
+        out[i].copy_(W)
+        del W
     return out
 
 
@@ -95,6 +104,7 @@ def stacked_chunks(
     load: Callable[[T], torch.Tensor],
     label: Callable[[K], str] = str,
     prefetch: bool = True,
+    keep: Callable[[K], tuple[torch.dtype, ...]] = lambda key: (),
 ) -> Iterator[tuple[K, list[T], torch.Tensor]]:
     """:func:`chunks` with each run stacked (:func:`stack`): yield ``(shape key, run, (L, …) tensor)``.
 
@@ -105,15 +115,19 @@ def stacked_chunks(
     and does so whether or not ``prefetch`` is on, so the runs — hence every
     number — are the same both ways. The caller should drop its reference to
     the tensor before asking for the next run. Progress is reported when the
-    caller asks for the next run, as :func:`chunks` does.
+    caller asks for the next run, as :func:`chunks` does. ``keep(key)``: the
+    stored dtypes a run of that key is stacked in as they are (see :func:`stack`).
     """
     runs = list(chunks(items, shape, bytes_per_item, replace(compute, progress=None), label))  # names only: cheap
     done, total = 0, len(items)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora_lens-read") if prefetch else _NoPool() as pool:
-        pending = pool.submit(stack, compute, runs[0][1], load) if runs else None
+        def submit(i):
+            return pool.submit(stack, compute, runs[i][1], load, keep(runs[i][0])) if i < len(runs) else None
+
+        pending = submit(0)
         for i, (key, run) in enumerate(runs):
             W = pending.result()  # re-raises a read error here, in the caller's thread
-            pending = pool.submit(stack, compute, runs[i + 1][1], load) if i + 1 < len(runs) else None
+            pending = submit(i + 1)
             yield key, run, W
             del W
             done += len(run)

@@ -75,7 +75,10 @@ class Compute:
     ``torch.device``; ``dtype``: ``float32`` (default) or ``float64``;
     ``max_memory``: bytes one chunk may use on the device (``None``: one whole
     shape group per call); ``seed``: the root of every random draw (per item,
-    see :func:`item_seed`); ``progress``: ``progress(done, total, what)``.
+    see :func:`item_seed`); ``progress``: ``progress(done, total, what)``;
+    ``half_passes``: whether the range finder runs the passes no check reads
+    on bf16 weights as stored (``None``: where that is fast, see
+    :func:`lora_lens.randomized.half_passes_apply`; never with float64).
     """
 
     device: torch.device | str = "auto"
@@ -83,6 +86,7 @@ class Compute:
     max_memory: int | None = DEFAULT_MAX_MEMORY
     seed: int = 0
     progress: Progress | None = None
+    half_passes: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", resolve_device(self.device))

@@ -23,6 +23,7 @@ from .compute import DTYPES, Compute, Progress, as_compute, resolve_device, reso
 from .errors import NonFiniteError
 from .io.base import BaseWeights
 from .linalg import factored_svd, factored_svdvals, randomized_svd, svd, top_subspace_svd
+from .randomized import HALF_PASS_DTYPES, half_passes_apply
 from .types import Adapter, LayerKey, LoraModule
 
 #: Re-exported for callers that import them from here.
@@ -278,14 +279,21 @@ def _decompose_named(names: list[str], shape: Callable[[str], tuple[int, int]], 
         m, n = mn
         return (4 * m * n + (m + n) * min(m, n)) * cx.itemsize
 
-    for (m, n), chunk, W in stacked_chunks(names, shape, per_item, cx, load, lambda mn: f"{mn[0]}x{mn[1]}", prefetch):
+    def keep(mn: tuple[int, int]) -> tuple[torch.dtype, ...]:  # bf16 stacked as stored where half passes read it
+        if top.for_shape(*mn)[1] != "randomized" or cx.half_passes is False or cx.dtype != torch.float32:
+            return ()
+        return HALF_PASS_DTYPES if cx.half_passes or half_passes_apply(torch.bfloat16, cx.dtype, cx.device) else ()
+
+    for (m, n), chunk, W in stacked_chunks(names, shape, per_item, cx, load, lambda mn: f"{mn[0]}x{mn[1]}", prefetch,
+                                           keep):
         kk, how = top.for_shape(m, n)
         seeds = cx.seeds_for(chunk)  # one sketch per matrix: its numbers do not depend on the chunk
         passes, sv_error = torch.zeros(len(chunk), dtype=torch.long), torch.zeros(len(chunk))
         if how == "auto":
             U, S, Vh, acc = top_subspace_svd(W, kk, oversample=top.oversample, seed=seeds)
         elif how == "randomized":
-            res = randomized_svd(W, kk, oversample=top.oversample, n_iter=top.n_iter, seed=seeds)
+            res = randomized_svd(W, kk, oversample=top.oversample, n_iter=top.n_iter, seed=seeds, dtype=cx.dtype,
+                                 half_passes=cx.half_passes if W.dtype in HALF_PASS_DTYPES else False)
             (U, S, Vh), passes, sv_error = res, res.passes, res.error
         else:
             U, S, Vh = svd(W)

@@ -88,7 +88,9 @@ class LowRankSVD:
     Frobenius tail on flat spectra, so loose there; NaN without probes);
     ``fallbacks (...)``: orthonormalizations redone by Householder QR;
     ``subspace_error (...)``: Wedin's bound on ``1 − φ`` of ``U`` against the
-    exact top-k left subspace (only with ``subspace_tol``, else NaN).
+    exact top-k left subspace (only with ``subspace_tol``, else NaN);
+    ``half_passes (...)``: how many of ``passes`` ran on the stored bf16
+    weights (see :func:`range_svd`; 0 without).
     Behaves as the tuple ``(U, S, Vh)`` (unpacking, indexing, ``len``), as
     ``randomized_svd`` always returned.
     """
@@ -102,6 +104,11 @@ class LowRankSVD:
     residual: torch.Tensor
     fallbacks: torch.Tensor
     subspace_error: torch.Tensor
+    half_passes: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.half_passes is None:
+            object.__setattr__(self, "half_passes", torch.zeros_like(self.passes))
 
     def __iter__(self):
         return iter((self.U, self.S, self.Vh))
@@ -209,6 +216,30 @@ def lu_basis(X: torch.Tensor) -> torch.Tensor:
     return out.scatter_(-2, torch.from_numpy(perm).to(X.device)[..., None].expand(B, m, q), L)
 
 
+#: Stored dtypes whose passes may run as they are (:func:`half_passes_apply`).
+HALF_PASS_DTYPES = (torch.bfloat16,)
+
+#: ``σ̂_k / σ̂_1`` below which a half-pass item is redone in the compute dtype: 4 u_bf16 (u = 2⁻⁸), so the
+#: rounding of a bf16 pass stays a quarter of ``σ_k`` (measured: equal accuracy down to ``σ_k/σ_1`` = 1e-2).
+HALF_PASS_MIN_RATIO = 2.0 ** -6
+
+
+def half_passes_apply(stored: torch.dtype, compute: torch.dtype, device: torch.device) -> bool:
+    """Whether the passes no check reads run on the stored bf16 weights (the default of ``half_passes``).
+
+    Yes for bf16 weights with a float32 compute dtype on CUDA, or on a CPU with native bf16
+    products (AMX or AVX512-BF16; elsewhere oneDNN emulates them, slower than float32).
+    """
+    if stored not in HALF_PASS_DTYPES or compute != torch.float32:
+        return False
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    return any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
 #: Orthonormalizations: ``lu`` (LU-normalized passes, CholeskyQR2 where an orthonormal iterate is
 #: needed), ``cholesky`` (CholeskyQR2 after every pass), ``householder`` (Householder QR every pass).
 ORTHO = ("lu", "cholesky", "householder")
@@ -231,6 +262,7 @@ def range_svd(
     ortho: str = "lu",
     householder: bool = False,
     block: int | None = None,
+    half_passes: bool | None = None,
 ) -> LowRankSVD:
     """Top-``k`` SVD of ``W (..., m, n)`` by the range finder above; signs *not* fixed.
 
@@ -265,21 +297,45 @@ def range_svd(
         W3 = W3.mT
     omega, probe = sketches(L, W3.shape[-1], q, probes, seed, dt)
     step = block or (1 if W.device.type == "cpu" else L)  # measured: see the module docstring
+    half = half_passes_apply(W.dtype, dt, W.device) if half_passes is None else bool(half_passes)
+    if half and W.dtype not in HALF_PASS_DTYPES:
+        raise ValueError(f"half_passes needs weights stored in {[str(d) for d in HALF_PASS_DTYPES]}, not {W.dtype}.")
     parts, buf = [], None
     for lo in range(0, L, step):
-        Wb = W3[lo: lo + step]
+        Wh = Wb = W3[lo: lo + step]
         if Wb.dtype != dt:  # upcast one block into one reused buffer (same strides as the block's view):
             # a fresh buffer per block costs its first-touch page faults, 4× the copy itself (4096², CPU)
             buf = torch.empty_like(Wb, dtype=dt) if buf is None else buf
             Wb = buf[: Wb.shape[0]].copy_(Wb)
-        parts.append(_finder_block(Wb, omega[lo: lo + step].to(W.device), probe[lo: lo + step].to(W.device), k,
-                                   n_iter, tol, max_iter, phi_tol, subspace_tol, check_every, ortho))
-        del Wb
-    U, S, Vh, passes, change, error, residual, fallbacks, wedin = (torch.cat(p) for p in zip(*parts))
+        om, pr = omega[lo: lo + step].to(W.device), probe[lo: lo + step].to(W.device)
+        run = lambda Wb, Wh, i: _finder_block(Wb, Wh, om[i], pr[i], k, n_iter, tol, max_iter,  # noqa: E731
+                                              phi_tol, subspace_tol, check_every, ortho)
+        part = run(Wb, Wh if half else None, slice(None))
+        parts.append(_redo_steep(part, k, lambda i: run(Wb[i], None, i)) if half else part)
+        del Wb, Wh
+    U, S, Vh, passes, change, error, residual, fallbacks, wedin, halves = (torch.cat(p) for p in zip(*parts))
     if wide:
         U, Vh = Vh.mT, U.mT
     return LowRankSVD(U.reshape(*shape, m, k), S.reshape(*shape, k), Vh.reshape(*shape, k, n),
-                      *(t.reshape(shape) for t in (passes, change, error, residual, fallbacks, wedin)))
+                      *(t.reshape(shape) for t in (passes, change, error, residual, fallbacks, wedin, halves)))
+
+
+def _redo_steep(part: list, k: int, redo) -> list:
+    """Items of a half-pass block whose ``σ̂_k < HALF_PASS_MIN_RATIO σ̂_1``, redone in the compute dtype.
+
+    A bf16 product rounds ``W Z`` to ``u = 2⁻⁸`` of its entries, a white perturbation of ``u σ_1``
+    size: harmless while ``σ_k ≫ u σ_1`` (the passes after it damp it), not on spectra that fall
+    by more than that inside the top k (docs/maths.md §10). ``σ̂_k`` of the Ritz values is a lower
+    bound of ``σ_k``, so the test errs toward redoing.
+    """
+    S, halves = part[1], part[-1]
+    steep = (S[:, k - 1] < HALF_PASS_MIN_RATIO * S[:, 0]) & (halves > 0)
+    if not bool(steep.any()):
+        return part
+    idx = steep.nonzero().squeeze(-1)
+    for t, r in zip(part, redo(idx)):
+        t[idx] = r
+    return part
 
 
 def _empty(batch: tuple[int, ...], m: int, n: int, k: int, dt: torch.dtype, device) -> LowRankSVD:
@@ -289,15 +345,20 @@ def _empty(batch: tuple[int, ...], m: int, n: int, k: int, dt: torch.dtype, devi
                       torch.empty(batch, **f))
 
 
-def _finder_block(W: torch.Tensor, omega: torch.Tensor, probe: torch.Tensor, k: int, n_iter: int,
+def _finder_block(W: torch.Tensor, Wh: torch.Tensor | None, omega: torch.Tensor, probe: torch.Tensor, k: int,
+                  n_iter: int,
                   tol: float | None, max_iter: int, phi_tol: float | None, subspace_tol: float | None,
                   check_every: int, ortho: str):
-    """One block ``W (B, m, n)`` in the compute dtype; see :func:`range_svd`."""
+    """One block ``W (B, m, n)`` in the compute dtype; see :func:`range_svd`.
+
+    ``Wh``: the same block as stored (bf16) for the passes no check reads (``None``: every pass on ``W``).
+    """
     B, q, p = W.shape[0], omega.shape[-1], probe.shape[-1]
     dev, dt = W.device, W.dtype
     tiny = torch.finfo(dt).tiny
     adaptive = tol is not None or subspace_tol is not None
     fallbacks = torch.zeros(B, dtype=torch.long, device=dev)
+    halves = torch.zeros(B, dtype=torch.long, device=dev)
 
     def orth(X):
         Qx, Rx, bad = cholesky_qr2(X, ortho == "householder")
@@ -306,6 +367,25 @@ def _finder_block(W: torch.Tensor, omega: torch.Tensor, probe: torch.Tensor, k: 
 
     def normalize(X):  # a pass no check looks at: any well-conditioned basis of its span will do
         return lu_basis(X) if ortho == "lu" else orth(X)[0]
+
+    Yp = None  # (B, m, p) = W P, independent of every Q below: rides along with the first exact product
+
+    def mul(Z, exact, active=None):  # W Z (B, m, q)
+        nonlocal Yp
+        if Wh is None or exact:
+            if Yp is None and p:
+                Y = W @ torch.cat([Z, probe], -1)
+                Yp = Y[..., Z.shape[-1]:]
+                return Y[..., : Z.shape[-1]]
+            return W @ Z
+        halves.add_(1 if active is None else active.long())
+        return _half_mm(Wh, Z, dt)
+
+    def mult(Q, exact, active=None):  # Wᵀ Q (B, n, q)
+        if Wh is None or exact:
+            return _wt(W, Q)
+        halves.add_(1 if active is None else active.long())
+        return _half_mm(Wh.mT, Q, dt)
 
     def ritz(Q, R):
         """Top-k σ of ``Qᵀ W = Rᵀ Zᵀ``, and (for φ or Wedin) the small factors ``(Ur, Σ, Vr)`` of ``Rᵀ``."""
@@ -320,14 +400,15 @@ def _finder_block(W: torch.Tensor, omega: torch.Tensor, probe: torch.Tensor, k: 
         checked = lambda it: it % check_every == 0 or it == max_iter  # noqa: E731
     else:
         checked = lambda it: it > n_iter - FIXED_CHECKS  # noqa: E731
-    Y = W @ torch.cat([omega, probe], -1)  # (B, m, q + p): the probes ride along with pass 1
-    Yp = Y[..., q:]  # (B, m, p) = W P, independent of every Q below
+    # iterations whose Q may become the result's U: a check may stop there (adaptive), or the last one (fixed)
+    final = checked if adaptive else (lambda it: it == n_iter)  # noqa: E731
+    Y = mul(omega, final(0))  # (B, m, q)
     if checked(0):
-        Q, _ = orth(Y[..., :q])  # (B, m, q)
-        Z, R = orth(_wt(W, Q))  # (B, n, q); Qᵀ W = Rᵀ Zᵀ
+        Q, _ = orth(Y)  # (B, m, q)
+        Z, R = orth(mult(Q, True))  # (B, n, q); Qᵀ W = Rᵀ Zᵀ
     else:
-        Q = normalize(Y[..., :q])
-        Z, R = normalize(_wt(W, Q)), None
+        Q = normalize(Y)
+        Z, R = normalize(mult(Q, False)), None
     del Y
     active = torch.ones(B, dtype=torch.bool, device=dev)
     iters = torch.zeros(B, dtype=torch.long, device=dev)
@@ -337,7 +418,8 @@ def _finder_block(W: torch.Tensor, omega: torch.Tensor, probe: torch.Tensor, k: 
     # rounding floor of a relative change of σ_k: σ estimates carry absolute errors ~ √q u σ_1 per pass
     floor = 4 * math.sqrt(q) * torch.finfo(dt).eps
     for it in range(1, (max_iter if adaptive else n_iter) + 1):
-        Y = W @ Z  # (B, m, q)
+        # (B, m, q): in the compute dtype where its Q may be the result's, or Wedin reads it after a check
+        Y = mul(Z, final(it) or (subspace_tol is not None and checked(it - 1)), active)
         if subspace_tol is not None and sub_prev is not None and checked(it - 1):
             # the last check's Ritz vectors are judged by this product, before it moves them
             wedin = torch.where(active, _wedin(Y, sub_prev, k), wedin)
@@ -347,10 +429,10 @@ def _finder_block(W: torch.Tensor, omega: torch.Tensor, probe: torch.Tensor, k: 
                 break
         if checked(it):
             Qn, _ = orth(Y)  # (B, m, q)
-            Zn, Rn = orth(_wt(W, Qn))  # (B, n, q)
+            Zn, Rn = orth(mult(Qn, True))  # (B, n, q): R gives the Ritz values a check reads
         else:
             Qn = normalize(Y)
-            Zn, Rn = normalize(_wt(W, Qn)), R
+            Zn, Rn = normalize(mult(Qn, False, active)), R
         del Y
         Q, Z = _keep(active, Qn, Q), _keep(active, Zn, Z)
         R = Rn if R is None else _keep(active, Rn, R)
@@ -383,18 +465,44 @@ def _finder_block(W: torch.Tensor, omega: torch.Tensor, probe: torch.Tensor, k: 
     Vh = Vrh[..., :k, :] @ Z.mT  # (B, k, n)
     S = S[..., :k]
     if p:
+        Yp = W @ probe if Yp is None else Yp
         E = Yp - Q @ (Q.mT @ Yp)  # (B, m, p) = (I − QQᵀ) W P
         bound = PROBE_ALPHA * math.sqrt(2 / math.pi) * torch.linalg.vector_norm(E, dim=-2).amax(-1)
         residual = torch.where(S[..., 0] > 0, bound / S[..., 0].clamp_min(tiny), 0.0)
     else:
         residual = torch.full((B,), math.nan, dtype=dt, device=dev)
-    return U, S, Vh, 2 + 2 * iters, change, remaining, residual, fallbacks, wedin
+    return U, S, Vh, 2 + 2 * iters, change, remaining, residual, fallbacks, wedin, halves
 
 
 def _wt(W: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """``Wᵀ Q (B, n, q)`` computed as ``(Qᵀ W)ᵀ``: a view of the product in the orientation BLAS runs
     fastest here (1.3–1.5× the rate of ``W.mT @ Q`` for q ≤ 80 with MKL, bench_finder.py)."""
     return (Q.mT @ W).mT
+
+
+def _half_mm(A: torch.Tensor, X: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """``A @ X`` for a half-precision ``A (B, a, b)`` (row-major or a transposed view) and ``X (B, b, q)``
+    rounded to ``A``'s dtype; accumulated in fp32, returned as ``dt``.
+
+    oneDNN's bf16 product with a transposed left operand ran at a third to half the rate on the CPU
+    (4096² × 32: 2.76 vs 0.76 ms; a wide 4096×11008 weight's whole run took 2.2× longer), so a
+    transposed ``A`` is taken as ``(Xᵀ Aᵀ)ᵀ`` with ``Xᵀ`` made contiguous: both operands row-major.
+    CUDA returns the fp32 accumulator itself (``out_dtype``); oneDNN on the CPU has no such product,
+    so its output is rounded to bf16 first — the perturbation :func:`_redo_steep` bounds.
+    """
+    Xh = X.to(A.dtype)
+    if A.stride(-1) != 1:  # a transposed view: (Xᵀ Aᵀ)ᵀ, Aᵀ row-major
+        return _mm_to(Xh.mT.contiguous(), A.mT, dt).mT
+    return _mm_to(A, Xh, dt)
+
+
+def _mm_to(A: torch.Tensor, B: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    if A.device.type == "cuda":
+        try:
+            return torch.bmm(A, B, out_dtype=dt)
+        except (TypeError, RuntimeError):  # a torch without the fp32-output product
+            pass
+    return (A @ B).to(dt)
 
 
 def _sv_ok(change: torch.Tensor, remaining: torch.Tensor, tol: float | None, sv: torch.Tensor, floor: float,

@@ -66,8 +66,70 @@ def test_batched_equals_looped_with_per_item_seeds_fixed_and_adaptive():
 
 def test_bf16_is_upcast_per_matrix_to_the_same_numbers():
     W = _matrix(64, 48, torch.linspace(1, 0.1, 30, dtype=torch.float64), dtype=torch.bfloat16).expand(2, 64, 48)
-    a, b = range_svd(W, 4), range_svd(W.float(), 4)
+    a, b = range_svd(W, 4, half_passes=False), range_svd(W.float(), 4)
     assert a.U.dtype == torch.float32 and torch.equal(a.S, b.S) and torch.equal(a.U, b.U)
+    assert int(a.half_passes.sum()) == 0
+
+
+def _bf16_case(sig: torch.Tensor, m: int = 300, n: int = 200, seed: int = 0):
+    """A bf16 matrix and its exact SVD (float64, of the bf16 numbers themselves)."""
+    W = _matrix(m, n, sig, seed=seed, dtype=torch.bfloat16)
+    return W, torch.linalg.svd(W.double(), full_matrices=False)
+
+
+@pytest.mark.parametrize("decay", [0.5, 1.0])
+@pytest.mark.parametrize("k", [8, 24])
+def test_half_passes_are_as_accurate_as_float32_passes(decay, k):
+    """The unchecked passes on the stored bf16 weights: σ and subspace as close to the float64 SVD as all-float32."""
+    i = torch.arange(1, 201, dtype=torch.float64)
+    W, (U, S, _) = _bf16_case(i ** -decay)
+    errs = {}
+    for half in (False, True):
+        res = range_svd(W, k, half_passes=half, seed=3)
+        # n_iter 4: W Z of iterations 0-3 and Wᵀ Q of the two unchecked ones
+        assert int(res.passes) == 10 and int(res.half_passes) == (6 if half else 0)
+        errs[half] = ((res.S.double() - S[:k]).abs().max().item() / S[0].item(),
+                      1 - phi(res.U.double(), U[:, :k]).item())
+    floor = 16 * U32  # float32 rounding of either run (a bf16-rounded final product misses it: 2.5e-6 on 1 - φ)
+    assert errs[True][0] <= 2 * errs[False][0] + floor
+    assert errs[True][1] <= 2 * errs[False][1] + floor
+
+
+def test_half_passes_are_redone_in_float32_on_a_spectrum_steeper_than_bf16_rounding():
+    """σ_k/σ_1 below 2⁻⁶: a bf16 pass's rounding (u σ_1) would swamp σ_k, so the item is redone, same numbers as
+    the float32 path; a flat item in the same stack keeps its half passes."""
+    i = torch.arange(1, 201, dtype=torch.float64)
+    steep, flat = _bf16_case(i ** -2.0)[0], _bf16_case(i ** -0.5, seed=5)[0]
+    W = torch.stack([steep, flat])
+    res = range_svd(W, 16, half_passes=True, seed=[1, 2], block=2)
+    assert res.half_passes.tolist() == [0, 6]
+    ref = range_svd(steep, 16, half_passes=False, seed=[1])
+    assert torch.equal(res.S[0], ref.S) and torch.equal(res.U[0], ref.U) and int(res.passes[0]) == int(ref.passes)
+
+
+def test_half_passes_only_where_no_check_reads_the_product():
+    """Adaptive runs check every iteration: nothing runs in bf16; ``half_passes`` refuses weights not stored in bf16."""
+    i = torch.arange(1, 201, dtype=torch.float64)
+    W = _bf16_case(i ** -0.5)[0]
+    assert int(range_svd(W, 8, half_passes=True, tol=1e-3).half_passes) == 0
+    assert int(range_svd(W, 8, half_passes=True, subspace_tol=1e-3).half_passes) == 0
+    assert int(range_svd(W, 8, half_passes=True, n_iter=8).half_passes) == 14  # W Z of its 0-7, Wᵀ Q of 0-5
+    with pytest.raises(ValueError, match="bfloat16"):
+        range_svd(W.float(), 8, half_passes=True)
+
+
+def test_half_passes_default(monkeypatch):
+    """On by default for bf16 weights and float32 compute, on CUDA or a CPU with native bf16 products only."""
+    import lora_lens.randomized as R
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert R.half_passes_apply(torch.bfloat16, torch.float32, cuda)
+    assert not R.half_passes_apply(torch.float16, torch.float32, cuda)
+    assert not R.half_passes_apply(torch.bfloat16, torch.float64, cuda)
+    for amx, avx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda avx=avx: avx, raising=False)
+        assert R.half_passes_apply(torch.bfloat16, torch.float32, cpu) is (amx or avx)
 
 
 def test_cholesky_qr2_falls_back_to_householder_exactly_when_the_gram_is_too_ill_conditioned():
@@ -191,9 +253,15 @@ def test_decompose_base_runs_the_finder_on_bf16_weights_and_records_its_passes(t
     out = decompose_base(open_base(tmp_path / "model.safetensors"), names, k=4, randomized=True, device="cpu")
     from lora_lens.compute import item_seed
 
-    # the seeds decompose_base derives per weight name (seed 0), the same upcast
-    ref = randomized_svd(torch.stack([weights[w] for w in names]).float(), 4, seed=[item_seed(0, w) for w in names])
+    # the seeds decompose_base derives per weight name (seed 0), the bf16 stack as stored (half passes where fast)
+    seeds = [item_seed(0, w) for w in names]
+    ref = randomized_svd(torch.stack([weights[w] for w in names]), 4, seed=seeds)
     for j, w in enumerate(names):
         sp = out[w]
         assert sp.S.dtype == torch.float32 and sp.method == "randomized" and sp.passes == 10
         assert torch.equal(sp.S, ref.S[j]) and 0 < sp.sv_error < 1
+    # half_passes=False: the float32 path, equal to the upcast stack's numbers
+    out32 = decompose_base(open_base(tmp_path / "model.safetensors"), names, k=4, randomized=True, device="cpu",
+                           half_passes=False)
+    ref32 = randomized_svd(torch.stack([weights[w] for w in names]).float(), 4, seed=seeds)
+    assert all(torch.equal(out32[w].S, ref32.S[j]) for j, w in enumerate(names))

@@ -1,0 +1,113 @@
+"""The CUDA path against the CPU path and float64 references (skipped without a GPU).
+
+CI has no GPU; these run where one is lent (``benchmarks/gpu_check.sh``). Each
+test compares what the GPU computes with an independent reference: a float64
+SVD on the CPU, or the same public call on the CPU.
+"""
+
+import math
+
+import pytest
+import torch
+
+from lora_lens.compute import Compute
+from lora_lens.linalg import factored_svd, phi, random_orthonormal, randomized_svd
+from lora_lens.randomized import range_svd
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+CUDA = torch.device("cuda")
+U32 = torch.finfo(torch.float32).eps / 2
+
+
+def _matrix(m: int, n: int, sig: torch.Tensor, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    U = random_orthonormal(m, sig.numel(), seed=seed, dtype=torch.float64)
+    V = random_orthonormal(n, sig.numel(), seed=seed + 1, dtype=torch.float64)
+    return ((U * sig) @ V.T).to(dtype)
+
+
+def test_batched_factored_svd_on_cuda_matches_float64():
+    """ΔW = s·B A by QR of the factors + small SVD, batched on the GPU: σ and the top subspace of a float64 SVD."""
+    g = torch.Generator().manual_seed(0)
+    B, A = torch.randn(6, 512, 16, generator=g), torch.randn(6, 16, 384, generator=g) / 20
+    U, S, Vh = factored_svd(B.to(CUDA), A.to(CUDA), 2.0)
+    assert U.device.type == "cuda"
+    U64, S64, _ = torch.linalg.svd(2.0 * B.double() @ A.double(), full_matrices=False)
+    assert ((S.cpu().double() - S64[:, :16]).abs() / S64[:, :1]).max() <= 64 * U32
+    for i in range(6):
+        assert phi(U[i].cpu().double(), U64[i, :, :8]) >= 1 - 1e-5
+
+
+@pytest.mark.parametrize("decay", [0.5, 1.0, 2.0])
+def test_range_finder_on_cuda_with_half_passes_matches_float64(decay):
+    """bf16 weights on CUDA (half passes on by default there): as accurate as the float32 passes on the GPU and the
+    CPU; a steep spectrum is redone in float32."""
+    i = torch.arange(1, 401, dtype=torch.float64)
+    W = _matrix(600, 400, i ** -decay, dtype=torch.bfloat16)
+    U, S, _ = torch.linalg.svd(W.double(), full_matrices=False)
+    k = 24
+    errs = {}
+    for name, w, half in (("gpu half", W.to(CUDA), None), ("gpu fp32", W.to(CUDA), False), ("cpu fp32", W, False)):
+        res = range_svd(w, k, half_passes=half, seed=3)
+        errs[name] = ((res.S.cpu().double() - S[:k]).abs().max().item() / S[0].item(),
+                      1 - phi(res.U.cpu().double(), U[:, :k]).item())
+        if name == "gpu half":
+            steep = S[k - 1] / S[0] < 2 ** -6
+            assert int(res.half_passes) == (0 if steep else 6)
+    floor = 16 * U32
+    for j in range(2):
+        assert errs["gpu half"][j] <= 2 * errs["cpu fp32"][j] + floor, errs
+        assert abs(errs["gpu fp32"][j] - errs["cpu fp32"][j]) <= floor + 0.1 * errs["cpu fp32"][j], errs
+
+
+def test_decompose_base_on_cuda_matches_cpu(tmp_path):
+    """decompose_base on the GPU (bf16 stack, half passes) vs the CPU (float32 passes): σ and subspaces agree."""
+    from safetensors.torch import save_file
+
+    from lora_lens import open_base
+    from lora_lens.decompose import decompose_base
+
+    i = torch.arange(1, 257, dtype=torch.float64)
+    weights = {f"model.layers.{j}.mlp.up_proj.weight": _matrix(384, 256, i ** -0.5, seed=j, dtype=torch.bfloat16)
+               for j in range(4)}
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    base = open_base(tmp_path / "model.safetensors")
+    names = list(weights)
+    gpu = decompose_base(base, names, k=16, randomized=True, compute=Compute(device="cuda"), n_iter=8)
+    cpu = decompose_base(base, names, k=16, randomized=True, compute=Compute(device="cpu", half_passes=False),
+                         n_iter=8)
+    for w in names:
+        assert gpu[w].S.device.type == "cpu"  # results come back to the CPU
+        assert ((gpu[w].S - cpu[w].S).abs() / cpu[w].S[0]).max() <= 1e-4
+        assert phi(gpu[w].U.double(), cpu[w].U.double()) >= 1 - 1e-4
+
+
+def test_randomized_svd_sign_fix_and_fallback_on_cuda():
+    """The exact-SVD fallback (q ≥ min(m, n)) and the sign convention hold on CUDA as on the CPU."""
+    W = _matrix(40, 30, torch.linspace(1, 0.1, 30, dtype=torch.float64), dtype=torch.float32)
+    g, c = randomized_svd(W.to(CUDA), 4), randomized_svd(W, 4)
+    assert torch.allclose(g.S.cpu(), c.S, atol=1e-5) and torch.allclose(g.U.cpu(), c.U, atol=1e-4)
+
+
+def test_collection_on_cuda_matches_cpu(tmp_path):
+    """The collection kernel (stacked bases, one Gram per module) gives the CPU's φ on the GPU."""
+    from lora_lens.compare.collection import CollectionSettings, collection_similarity
+
+    from .adapter_utils import write_planted_collection
+
+    paths, _ = write_planted_collection(tmp_path)
+    gpu = collection_similarity(paths, CollectionSettings(device="cuda"))
+    cpu = collection_similarity(paths, CollectionSettings(device="cpu"))
+    assert (gpu.phi - cpu.phi).abs().max() <= 1e-5
+    assert (gpu.random_phi - cpu.random_phi).abs().max() <= 1e-5
+
+
+def test_training_steps_on_cuda(tmp_path, stories_path):
+    """A few LoRA steps of the real stories260K on the GPU: the loss falls and the adapter is written, on the CPU."""
+    from lora_lens.train import train
+
+    res = train(stories_path, "lora", out=tmp_path / "out", steps=12, lr=5e-3, seq_len=32,
+                batch_size=4, device="cuda", seed=0)
+    losses = [x for x in res.losses if not math.isnan(x)]
+    assert losses[-1] < losses[0]
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
