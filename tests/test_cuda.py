@@ -111,3 +111,17 @@ def test_training_steps_on_cuda(tmp_path, stories_path):
     losses = [x for x in res.losses if not math.isnan(x)]
     assert losses[-1] < losses[0]
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_small_svd_on_cuda_keeps_relative_accuracy_on_graded_matrices():
+    """The Ritz step's batched gesvda (through the Gram, in float64): σ from 1 to 1e-4 to float32 accuracy."""
+    from lora_lens.randomized import small_svd
+
+    sig = torch.logspace(0, -4, 80, dtype=torch.float64)
+    R = torch.stack([_matrix(80, 80, sig, seed=s) for s in range(8)]).float()
+    S64 = torch.linalg.svdvals(R.double())
+    U, S, Vh = small_svd(R.to(CUDA))
+    assert ((S.cpu().double() - S64).abs() / S64).max() <= 1e-5
+    assert (S.cpu() - small_svd(R.to(CUDA), values_only=True).cpu()).abs().max() <= 1e-6
+    recon = (U * S[..., None, :]) @ Vh
+    assert ((recon.cpu().double() - R.double()).abs().max()) <= 64 * U32
