@@ -240,6 +240,7 @@ def _child(kind: str, folder: str, names: list[str], k: int, threads: int, max_m
     from lora_lens import open_base
     from lora_lens.decompose import decompose_base
 
+    anon = AnonPeak()
     base = open_base(folder)
     dev = torch.device(device)
     done = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -258,7 +259,35 @@ def _child(kind: str, folder: str, names: list[str], k: int, threads: int, max_m
                        max_memory=max_memory, half_passes=False if "float32" in kind else None)
     done()
     peak_dev = torch.cuda.max_memory_allocated(dev) / 2 ** 20 if dev.type == "cuda" else math.nan
-    out.put((time.perf_counter() - t, peak_rss_mib(), peak_dev))
+    out.put((time.perf_counter() - t, peak_rss_mib(), peak_dev, anon.stop()))
+
+
+class AnonPeak:
+    """Peak anonymous RSS (MiB) of this process, sampled every 10 ms on a thread: the memory the process
+    allocated, without the safetensors pages it maps (those count in VmHWM and are page cache)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak, self._done = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def now() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+        return math.nan
+
+    def _run(self) -> None:
+        while not self._done.wait(0.01):
+            self.peak = max(self.peak, self.now())
+
+    def stop(self) -> float:
+        self._done.set()
+        self._thread.join()
+        return max(self.peak, self.now())
 
 
 def peak_rss_mib() -> float:
@@ -294,7 +323,8 @@ def whole_base(layers: int, k: int, threads: int, max_memory: int, folder: str |
                 raise SystemExit(f"the {kind!r} run failed (exit {p.exitcode}); its traceback is above")
             res[kind] = q.get()
             gpu = f"   peak GPU {res[kind][2]:>7.0f} MiB" if DEVICE.type == "cuda" else ""
-            print(f"  {kind:<26}{res[kind][0]:>8.1f} s   peak RSS {res[kind][1]:>7.0f} MiB{gpu}", flush=True)
+            print(f"  {kind:<26}{res[kind][0]:>8.1f} s   peak RSS {res[kind][1]:>7.0f} MiB (mapped file pages "
+                  f"included), anonymous {res[kind][3]:>7.0f} MiB{gpu}", flush=True)
         t_read, t_loop, t_ll = res["read"][0], res["loop"][0], res["lora_lens"][0]
         print(f"  lora_lens: {t_ll / t_read:.1f}x the read floor, {t_loop / t_ll:.2f}x faster than the loop; "
               f"prefetch {res['lora_lens no prefetch'][0] / t_ll:.2f}x, half passes "

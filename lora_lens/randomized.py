@@ -42,6 +42,14 @@ on ``1 − φ`` against the exact top-k subspace is met (:func:`_wedin`, from th
 product of the next pass, so nearly free); :func:`lora_lens.linalg.top_subspace_svd`
 is this finder with that criterion.
 
+Half passes: where bf16 products are native (AMX/AVX512-BF16 CPUs, CUDA) and the
+weights are stored in bf16, the products no check and no output reads run on the
+weights as stored (:func:`half_passes_apply`, ``half_passes``); ``Wᵀ Q`` at checks,
+the last ``W Z`` and the probes stay in the compute dtype, and an item whose
+``σ̂_k/σ̂_1`` is below bf16's reach is redone without them (:func:`_redo_steep`).
+On CUDA the ``q × q`` Ritz SVDs are one batched float64 ``gesvda`` (:func:`small_svd`)
+and the unchecked passes use CholeskyQR2. docs/maths.md §10 has the error analysis.
+
 Batching: items are processed ``block`` at a time (default: one at a time on
 the CPU, where it measured 1.1–1.25× faster than one batched product over the
 stack on a quiet 2-core machine, and upcasts one matrix at a time; the whole
@@ -78,7 +86,8 @@ class LowRankSVD:
     """Top-k SVD ``W ≈ U diag(S) Vh`` of a stack, and how it was found.
 
     ``U (..., m, k)``, ``S (..., k)`` descending, ``Vh (..., k, n)``;
-    ``passes (...)``: products with ``W`` or ``Wᵀ`` (``2 + 2·iterations``);
+    ``passes (...)``: products with ``W`` or ``Wᵀ`` (``2 + 2·iterations``, one more
+    with ``subspace_tol``: the product the last Wedin check reads);
     ``change (...)``: max relative change of ``σ_1..σ_k`` over the last
     iteration (NaN with no iteration); ``error (...)``: the relative error of
     ``σ_1..σ_k`` still to come, extrapolated from the last changes
@@ -297,6 +306,13 @@ def range_svd(
     k = min(k, q)
     dt = compute_dtype(W.dtype, dtype)
     shape = tuple(batch)
+    if k <= 0:  # nothing asked: empty factors, no pass run
+        if k < 0:
+            raise ValueError(f"k={k}; expected the number of singular triplets, k >= 0.")
+        f, zero = dict(dtype=dt, device=W.device), torch.zeros(shape, dtype=torch.long, device=W.device)
+        nan = torch.full(shape, math.nan, **f)
+        return LowRankSVD(torch.zeros(*shape, m, 0, **f), torch.zeros(*shape, 0, **f), torch.zeros(*shape, 0, n, **f),
+                          zero, nan, nan, nan, zero, nan)
     W3 = W.reshape(-1, m, n)  # a view for a contiguous stack
     L = W3.shape[0]
     if L == 0:
@@ -310,6 +326,7 @@ def range_svd(
     if half and W.dtype not in HALF_PASS_DTYPES:
         raise ValueError(f"half_passes needs weights stored in {[str(d) for d in HALF_PASS_DTYPES]}, not {W.dtype}.")
     parts, buf = [], None
+    stop = (n_iter, tol, max_iter, phi_tol, subspace_tol, check_every, ortho)
     for lo in range(0, L, step):
         Wh = Wb = W3[lo: lo + step]
         if Wb.dtype != dt:  # upcast one block into one reused buffer (same strides as the block's view):
@@ -317,10 +334,8 @@ def range_svd(
             buf = torch.empty_like(Wb, dtype=dt) if buf is None else buf
             Wb = buf[: Wb.shape[0]].copy_(Wb)
         om, pr = omega[lo: lo + step].to(W.device), probe[lo: lo + step].to(W.device)
-        run = lambda Wb, Wh, i: _finder_block(Wb, Wh, om[i], pr[i], k, n_iter, tol, max_iter,  # noqa: E731
-                                              phi_tol, subspace_tol, check_every, ortho)
-        part = run(Wb, Wh if half else None, slice(None))
-        parts.append(_redo_steep(part, k, lambda i: run(Wb[i], None, i)) if half else part)
+        part = _finder_block(Wb, Wh if half else None, om, pr, k, *stop)
+        parts.append(_redo_steep(part, k, Wb, om, pr, stop) if half else part)
         del Wb, Wh
     U, S, Vh, passes, change, error, residual, fallbacks, wedin, halves = (torch.cat(p) for p in zip(*parts))
     if wide:
@@ -329,7 +344,8 @@ def range_svd(
                       *(t.reshape(shape) for t in (passes, change, error, residual, fallbacks, wedin, halves)))
 
 
-def _redo_steep(part: list, k: int, redo) -> list:
+def _redo_steep(part: tuple, k: int, W: torch.Tensor, omega: torch.Tensor, probe: torch.Tensor,
+                stop: tuple) -> tuple:
     """Items of a half-pass block whose ``σ̂_k < HALF_PASS_MIN_RATIO σ̂_1``, redone in the compute dtype.
 
     A bf16 product rounds ``W Z`` to ``u = 2⁻⁸`` of its entries, a white perturbation of ``u σ_1``
@@ -342,7 +358,7 @@ def _redo_steep(part: list, k: int, redo) -> list:
     if not bool(steep.any()):
         return part
     idx = steep.nonzero().squeeze(-1)
-    for t, r in zip(part, redo(idx)):
+    for t, r in zip(part, _finder_block(W[idx], None, omega[idx], probe[idx], k, *stop)):
         t[idx] = r
     return part
 
@@ -480,7 +496,9 @@ def _finder_block(W: torch.Tensor, Wh: torch.Tensor | None, omega: torch.Tensor,
         residual = torch.where(S[..., 0] > 0, bound / S[..., 0].clamp_min(tiny), 0.0)
     else:
         residual = torch.full((B,), math.nan, dtype=dt, device=dev)
-    return U, S, Vh, 2 + 2 * iters, change, remaining, residual, fallbacks, wedin, halves
+    # with subspace_tol, the product the last Wedin check read (in the loop or at the cap) is one more pass
+    passes = 2 + 2 * iters + (subspace_tol is not None)
+    return U, S, Vh, passes, change, remaining, residual, fallbacks, wedin, halves
 
 
 def _wt(W: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:

@@ -228,6 +228,35 @@ def test_residual_bound_brackets_the_projection_error():
     assert float(res.residual) <= 8 * math.sqrt(100 * 10) * U64 * 4 and int(res.fallbacks) > 0
 
 
+def test_k_zero_gives_empty_factors_and_negative_k_is_refused():
+    W = torch.randn(2, 30, 20)
+    res = range_svd(W, 0)
+    assert res.U.shape == (2, 30, 0) and res.S.shape == (2, 0) and res.Vh.shape == (2, 0, 20)
+    assert res.passes.tolist() == [0, 0] and int(res.half_passes.sum()) == 0
+    with pytest.raises(ValueError, match="k >= 0"):
+        range_svd(W, -1)
+
+
+def test_passes_count_the_product_the_last_wedin_check_reads():
+    """Adaptive subspace runs: 2 + 2·iterations + 1 (the check of the kept iterate reads one more W Z)."""
+    i = torch.arange(1, 61, dtype=torch.float64)
+    W = _matrix(90, 70, i ** -1.0, dtype=torch.float32)
+    counted = []
+    orig = torch.Tensor.__matmul__
+
+    def counting(a, b):  # products with the (90, 70) matrix or its transpose, whichever side
+        if a.shape[-2:] in ((90, 70), (70, 90)) or b.shape[-2:] in ((90, 70), (70, 90)):
+            counted.append(1)
+        return orig(a, b)
+
+    torch.Tensor.__matmul__ = counting
+    try:
+        res = range_svd(W, 4, subspace_tol=1e-6, probes=0)
+    finally:
+        torch.Tensor.__matmul__ = orig
+    assert int(res.passes) == len(counted) and int(res.passes) % 2 == 1
+
+
 def test_empty_stack_and_shapes():
     res = range_svd(torch.empty(0, 30, 20), 3)
     assert res.U.shape == (0, 30, 3) and res.S.shape == (0, 3) and res.Vh.shape == (0, 3, 20)
