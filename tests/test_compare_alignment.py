@@ -143,3 +143,13 @@ def test_zero_update_is_flagged_in_alignment(tiny_llama, tmp_path):
     res = analyze_alignment(load_adapter(tmp_path / "zero"), open_base(folder), device="cpu")
     assert any("ΔW = 0" in n for n in res.alignment.notes)
     assert not any("ΔW = 0" in n for n in analyze_alignment(ad, open_base(folder), device="cpu").alignment.notes)
+
+
+def test_alignment_runs_with_half_passes_asked(tiny_llama, llama_adapter):
+    """``Compute(half_passes=True)`` is for bf16 stacks; W0 here is stacked in the compute dtype, so the range finder
+    runs its float32 passes (it refused the float32 W0 with a ValueError) and the numbers are those of ``False``."""
+    adapter, base = load_adapter(llama_adapter[1]), open_base(tiny_llama[1])
+    on = alignment(adapter, base, compute=Compute("cpu", half_passes=True))
+    off = alignment(adapter, base, compute=Compute("cpu", half_passes=False))
+    assert not on.w0_exact
+    assert [m.proj_w0 for m in on.modules] == [m.proj_w0 for m in off.modules]

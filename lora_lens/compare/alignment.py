@@ -119,8 +119,9 @@ def align_chunk(chunk: Chunk, compute: Compute, w0_sigma: torch.Tensor | None = 
     r = chunk.A.shape[-2]
     U, S, Vh = factored_svd(chunk.B, chunk.A, chunk.scaling)  # (L, m, r), (L, r), (L, r, n)
     if w0_sigma is None:
-        w0_sigma = randomized_svd(W0, r, seed=compute.seeds_for(chunk.weights),
-                                  half_passes=compute.half_passes)[1]  # (L, r)
+        # W0 is stacked in the compute dtype (pairing.base_chunks), so no half passes: asking for them
+        # (compute.half_passes=True) on a float32 stack is refused by the finder
+        w0_sigma = randomized_svd(W0, r, seed=compute.seeds_for(chunk.weights))[1]  # (L, r)
     cols = {
         "delta_norm": torch.linalg.vector_norm(S, dim=-1),
         "w0_norm": torch.linalg.matrix_norm(W0),
