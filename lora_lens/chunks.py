@@ -77,7 +77,8 @@ def stack(compute: Compute, items: Sequence[T], load: Callable[[T], torch.Tensor
     """``(L, …)`` on ``compute.device`` in ``compute.dtype``: ``load(item)`` of each item, copied in one at a time.
 
     Only one item's tensor in its stored dtype exists at a time besides the
-    device buffer (a bf16 checkpoint is never stacked in bf16 and then copied).
+    device buffer (without ``keep``, a bf16 checkpoint is never stacked in bf16
+    and then copied).
     ``keep``: stored dtypes stacked as they are when every item has the same one
     (the range finder's half passes read bf16 weights as stored); the stack is
     upcast to ``compute.dtype`` as soon as an item of another dtype comes.

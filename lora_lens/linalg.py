@@ -137,7 +137,7 @@ def randomized_svd(
     docs/maths.md §10) — LU-normalized, and by CholeskyQR2 with a Householder
     fallback where an orthonormal iterate is needed; see
     :mod:`lora_lens.randomized`, whose keyword options (``tol``, ``max_iter``,
-    ``phi_tol``, ``subspace_tol``, ``probes``, ``ortho``, ``block``)
+    ``phi_tol``, ``subspace_tol``, ``probes``, ``ortho``, ``block``, ``half_passes``)
     ``finder`` passes on — ``tol`` replaces the fixed ``n_iter`` by an
     accuracy target. Returns a :class:`~lora_lens.randomized.LowRankSVD`
     that unpacks as ``U (..., m, k), S (..., k), Vh (..., k, n)``, signs

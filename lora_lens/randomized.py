@@ -293,6 +293,9 @@ def range_svd(
     the CPU, ``cholesky`` elsewhere: on CUDA the LU's row swaps go through the host, and CholeskyQR2
     was 1.05–1.3× faster there on the benchmark's groups).
     ``block``: items per batched product (default: 1 on the CPU, all of them elsewhere).
+    ``half_passes``: run the products no check and no output reads on ``W`` as stored (bf16 only,
+    else ``ValueError``); ``None``: :func:`half_passes_apply`. Items with ``σ̂_k/σ̂_1`` below
+    :data:`HALF_PASS_MIN_RATIO` are redone without them (:func:`_redo_steep`).
     Wide matrices (``m < n``) are run transposed (a view), so ``Ω`` is on the smaller side.
     """
     if householder:

@@ -238,6 +238,17 @@ def test_chunks_group_by_shape_budget_and_progress():
     assert X.shape == (2, 2, 3) and X.dtype == torch.float32
 
 
+def test_stack_keeps_one_stored_dtype_and_upcasts_a_mixed_run_exactly():
+    """``keep``: a run all in a kept dtype stays as stored; one item of another dtype, anywhere, makes the whole
+    stack the compute dtype, each item exactly its stored values (bf16, fp16 ⊂ float32: no rounding)."""
+    cx, g = Compute("cpu"), torch.Generator().manual_seed(0)
+    bf, f16, f32 = (torch.randn(3, 4, generator=g).to(d) for d in (torch.bfloat16, torch.float16, torch.float32))
+    for items, dtype in (([bf, bf], torch.bfloat16), ([bf, f16], torch.float32), ([bf, bf, f32], torch.float32),
+                         ([f32, bf], torch.float32), ([f16, f16], torch.float32)):
+        X = stack(cx, items, lambda t: t, keep=(torch.bfloat16,))
+        assert X.dtype == dtype and all(torch.equal(X[i].float(), t.float()) for i, t in enumerate(items))
+
+
 def test_compute_resolved_once_and_keywords_folded():
     cx = Compute("cpu", "float64")
     assert cx.device == torch.device("cpu") and cx.dtype is torch.float64 and cx.max_memory == DEFAULT_MAX_MEMORY
