@@ -219,7 +219,8 @@ def decompose_matrices(
     so its result does not depend on ``max_memory`` or on the other matrices.
     """
     return _decompose_named(list(matrices), lambda n: tuple(matrices[n].shape), lambda n: matrices[n], keys or {},
-                            kind, TopK(k, randomized, oversample, n_iter), as_compute(compute, **options))
+                            kind, TopK(k, randomized, oversample, n_iter), as_compute(compute, **options),
+                            stored=lambda n: str(matrices[n].dtype).removeprefix("torch."))
 
 
 def decompose_base(
@@ -263,24 +264,31 @@ def decompose_base(
     keys = {w: base.layer_key(w) for w in weight_names}
     return _decompose_named(list(weight_names), shapes.__getitem__, lambda w: load_w0(base, w, layouts.get(w, "linear")),
                             keys, "base", TopK(k, randomized, oversample, n_iter), as_compute(compute, **options),
-                            prefetch)
+                            prefetch, lambda w: base.info(w).dtype)
 
 
 def _decompose_named(names: list[str], shape: Callable[[str], tuple[int, int]], load: Callable[[str], torch.Tensor],
                      keys: dict[str, LayerKey], kind: str, top: TopK, cx: Compute,
-                     prefetch: bool = False) -> dict[str, Spectrum]:
+                     prefetch: bool = False, stored: Callable[[str], str] | None = None) -> dict[str, Spectrum]:
     """SVD of named ``(m, n)`` matrices, one chunk of one shape at a time; results on the CPU.
 
     ``prefetch``: stack the next chunk on a background thread (:func:`~lora_lens.chunks.stacked_chunks`).
+    ``stored``: each name's stored dtype (``"bfloat16"``, …): a shape group stored entirely in bf16 is
+    stacked as stored for the range finder's half passes. A whole group or none, so the budget never
+    decides which weights get them (a chunk mixing dtypes would be upcast).
     """
     out: dict[str, Spectrum] = {}
+    all_bf16: dict[tuple[int, int], bool] = {}
+    for name in names if stored is not None else ():
+        all_bf16[shape(name)] = all_bf16.get(shape(name), True) and stored(name) == "bfloat16"
 
     def per_item(mn: tuple[int, int]) -> int:  # input, the next chunk's input, workspace, factors
         m, n = mn
         return (4 * m * n + (m + n) * min(m, n)) * cx.itemsize
 
     def keep(mn: tuple[int, int]) -> tuple[torch.dtype, ...]:  # bf16 stacked as stored where half passes read it
-        if top.for_shape(*mn)[1] != "randomized" or cx.half_passes is False or cx.dtype != torch.float32:
+        if not all_bf16.get(mn) or top.for_shape(*mn)[1] != "randomized" or cx.half_passes is False \
+                or cx.dtype != torch.float32:
             return ()
         return HALF_PASS_DTYPES if cx.half_passes or half_passes_apply(torch.bfloat16, cx.dtype, cx.device) else ()
 

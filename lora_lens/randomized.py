@@ -309,6 +309,9 @@ def range_svd(
     k = min(k, q)
     dt = compute_dtype(W.dtype, dtype)
     shape = tuple(batch)
+    half = half_passes_apply(W.dtype, dt, W.device) if half_passes is None else bool(half_passes)
+    if half and W.dtype not in HALF_PASS_DTYPES:
+        raise ValueError(f"half_passes needs weights stored in {[str(d) for d in HALF_PASS_DTYPES]}, not {W.dtype}.")
     if k <= 0:  # nothing asked: empty factors, no pass run
         if k < 0:
             raise ValueError(f"k={k}; expected the number of singular triplets, k >= 0.")
@@ -325,9 +328,6 @@ def range_svd(
         W3 = W3.mT
     omega, probe = sketches(L, W3.shape[-1], q, probes, seed, dt)
     step = block or (1 if W.device.type == "cpu" else L)  # measured: see the module docstring
-    half = half_passes_apply(W.dtype, dt, W.device) if half_passes is None else bool(half_passes)
-    if half and W.dtype not in HALF_PASS_DTYPES:
-        raise ValueError(f"half_passes needs weights stored in {[str(d) for d in HALF_PASS_DTYPES]}, not {W.dtype}.")
     parts, buf = [], None
     stop = (n_iter, tol, max_iter, phi_tol, subspace_tol, check_every, ortho)
     for lo in range(0, L, step):
@@ -530,8 +530,11 @@ def _mm_to(A: torch.Tensor, B: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     if A.device.type == "cuda":
         try:
             return torch.bmm(A, B, out_dtype=dt)
-        except (TypeError, RuntimeError):  # a torch without the fp32-output product
+        except TypeError:  # a torch without out_dtype
             pass
+        except RuntimeError as e:  # or one without this dtype pair; out of memory is not that
+            if "out of memory" in str(e):
+                raise
     return (A @ B).to(dt)
 
 

@@ -290,3 +290,24 @@ def test_decompose_base_float32_exact_against_float64_reference(flat_base, budge
         assert torch.allclose(_lowrank_part(sp).double(), W, rtol=0, atol=tol * s1)
         eye = torch.eye(sp.k, dtype=torch.float64)
         assert torch.allclose(sp.U.double().T @ sp.U.double(), eye, rtol=0, atol=tol)
+
+
+def test_a_shape_group_mixing_bf16_and_fp32_gives_the_same_numbers_for_every_budget(tmp_path):
+    """Half passes are decided per shape group: with a float32 weight among bf16 ones of the same shape, every
+    budget (one weight per chunk, or all) runs the group in float32 (before: 5e-4 on σ between budgets)."""
+    from safetensors.torch import save_file
+
+    from lora_lens import open_base
+
+    g = torch.Generator().manual_seed(0)
+    i = torch.arange(1, 97, dtype=torch.float32)
+    mats = [(torch.linalg.qr(torch.randn(160, 96, generator=g))[0] * i ** -0.5) @ torch.linalg.qr(
+        torch.randn(96, 96, generator=g))[0].T for _ in range(3)]
+    dtypes = (torch.bfloat16, torch.float32, torch.bfloat16)
+    weights = {f"model.layers.{j}.mlp.up_proj.weight": w.to(d).contiguous() for j, (w, d) in enumerate(zip(mats, dtypes))}
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    base, names = open_base(tmp_path / "model.safetensors"), list(weights)
+    runs = [decompose_base(base, names, k=8, randomized=True, compute=Compute("cpu", max_memory=b, half_passes=True))
+            for b in (1, None)]
+    for w in names:
+        assert torch.equal(runs[0][w].S, runs[1][w].S) and torch.equal(runs[0][w].U, runs[1][w].U)
