@@ -90,7 +90,7 @@ def test_half_passes_are_as_accurate_as_float32_passes(decay, k):
         assert int(res.passes) == 10 and int(res.half_passes) == (6 if half else 0)
         errs[half] = ((res.S.double() - S[:k]).abs().max().item() / S[0].item(),
                       1 - phi(res.U.double(), U[:, :k]).item())
-    floor = 16 * U32  # float32 rounding of either run (a bf16-rounded final product misses it: 2.5e-6 on 1 - φ)
+    floor = 16 * U32  # float32 rounding of either run; a bf16-rounded last W Z exceeds it (2.5e-6 on 1 − φ)
     assert errs[True][0] <= 2 * errs[False][0] + floor
     assert errs[True][1] <= 2 * errs[False][1] + floor
 
