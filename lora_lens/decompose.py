@@ -300,8 +300,9 @@ def _decompose_named(names: list[str], shape: Callable[[str], tuple[int, int]], 
         if how == "auto":
             U, S, Vh, acc = top_subspace_svd(W, kk, oversample=top.oversample, seed=seeds)
         elif how == "randomized":
+            # keep() decided: the stack is bf16 exactly where half passes are to run
             res = randomized_svd(W, kk, oversample=top.oversample, n_iter=top.n_iter, seed=seeds, dtype=cx.dtype,
-                                 half_passes=cx.half_passes if W.dtype in HALF_PASS_DTYPES else False)
+                                 half_passes=W.dtype in HALF_PASS_DTYPES)
             (U, S, Vh), passes, sv_error = res, res.passes, res.error
         else:
             U, S, Vh = svd(W)

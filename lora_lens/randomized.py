@@ -66,12 +66,10 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 
-#: ``‖Q₁ᵀQ₁ − I‖_F`` above which CholeskyQR2 hands the block to Householder: at ≤ 1/2,
-#: ``κ(Q₁)² ≤ (1 + 1/2)/(1 − 1/2) = 3``, so the second pass is orthonormal to working precision.
-GRAM_DEVIATION_MAX = 0.5
+from .randomized_kernels import (  # noqa: F401  (re-exported: the finder's public kernels)
+    GRAM_DEVIATION_MAX, HALF_PASS_DTYPES, cholesky_qr2, half_passes_apply, half_product, lu_basis, small_svd)
 
 #: HMT (4.3): ``‖E‖₂ ≤ α √(2/π) maxᵢ ‖E ωᵢ‖`` with probability ``≥ 1 − α^{-p}`` for ``p`` Gaussian probes.
 PROBE_ALPHA = 10.0
@@ -129,35 +127,6 @@ class LowRankSVD:
         return 3
 
 
-def cholesky_qr2(X: torch.Tensor, householder: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin QR ``X (B, m, q) = Q R`` by CholeskyQR2; returns ``Q (B, m, q)``, ``R (B, q, q)``, ``fell_back (B,)``.
-
-    Pass 1: ``XᵀX = R₁ᵀR₁``, ``Q₁ = X R₁⁻¹``; pass 2 the same on ``Q₁``;
-    ``R = R₂ R₁``. Pass 1 alone loses orthogonality as ``u κ(X)²``; pass 2
-    restores it to ``O(u)`` when ``Q₁`` is well conditioned, which the Gram
-    of pass 2 measures for free: ``‖Q₁ᵀQ₁ − I‖_F ≤`` :data:`GRAM_DEVIATION_MAX`.
-    Items where a Cholesky fails (``κ(X)² u ≳ 1``) or that test fails are
-    redone by Householder QR (``fell_back`` marks them). ``householder=True``
-    takes Householder for every item (the reference path).
-    """
-    if householder:
-        Q, R = torch.linalg.qr(X)
-        return Q, R, torch.ones(X.shape[0], dtype=torch.bool, device=X.device)
-    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
-    R1, info1 = torch.linalg.cholesky_ex(X.mT @ X, upper=True)  # (B, q, q)
-    Q1 = torch.linalg.solve_triangular(R1, X, upper=True, left=False)  # (B, m, q)
-    G2 = Q1.mT @ Q1  # (B, q, q)
-    deviation = torch.linalg.matrix_norm(G2 - eye)  # (B,), NaN when pass 1 broke down
-    R2, info2 = torch.linalg.cholesky_ex(G2, upper=True)
-    Q = torch.linalg.solve_triangular(R2, Q1, upper=True, left=False)
-    R = R2 @ R1
-    bad = (info1 != 0) | (info2 != 0) | ~(deviation <= GRAM_DEVIATION_MAX)
-    if bool(bad.any()):
-        Qh, Rh = torch.linalg.qr(X[bad])
-        Q[bad], R[bad] = Qh, Rh
-    return Q, R, bad
-
-
 def sketches(L: int, n: int, q: int, probes: int, seed: int | Sequence[int],
              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Gaussian ``Ω (L, n, q)`` and probes ``P (L, n, probes)`` on the CPU.
@@ -188,70 +157,9 @@ def compute_dtype(dtype: torch.dtype, asked: torch.dtype | None = None) -> torch
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point else dtype
 
 
-def lu_basis(X: torch.Tensor) -> torch.Tensor:
-    """``P L (B, m, q)`` of a partially pivoted ``X = P L U``: a basis of ``span X`` that is not orthonormal.
-
-    HMT §4.5 (and fbpca) normalize power passes this way: ``L`` is unit lower
-    triangular with ``|Lᵢⱼ| ≤ 1``, so its columns stay independent however
-    steep the spectrum (what orthonormalization guards against in float32),
-    at the cost of one LU of the skinny block (``m q²`` flops, no second
-    pass as CholeskyQR2 needs). The row swaps LAPACK returns are applied
-    on the host (``q`` swaps per item) and ``L``'s rows copied to their
-    places: no dense ``(m, m)`` ``P``.
-    """
-    B, m, q = X.shape
-    if X.device.type == "cpu":
-        # one thread: MKL's threaded getrf on a skinny block spent 10× longer than a single thread did with 2
-        # threads on a loaded machine (spin-waits), and a batched CPU LU with several threads is the
-        # configuration of pytorch/pytorch#142815 (see linalg._solve); this also makes the LU independent of the
-        # thread count (the GEMMs' rounding still depends on it)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            LU, piv, _ = torch.linalg.lu_factor_ex(X)
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        LU, piv, _ = torch.linalg.lu_factor_ex(X)  # (B, m, q), (B, q); info > 0 (a zero pivot) leaves L valid
-    top = LU[..., :q, :]  # only the top (q, q) block holds U: make it L's unit lower triangle, in place
-    top.tril_(-1).diagonal(dim1=-2, dim2=-1).fill_(1)
-    # LAPACK: row i was swapped with row piv[i] − 1, in order; q scalar swaps per item on the host (a
-    # vectorized swap over the batch cost 6× more for one item, the CPU's case)
-    perm = np.tile(np.arange(m), (B, 1))
-    for b, swaps in enumerate((piv.cpu().numpy() - 1).tolist()):
-        p = perm[b]
-        for i, j in enumerate(swaps):
-            if i != j:
-                p[i], p[j] = p[j], p[i]
-    rows = torch.from_numpy(perm).to(X.device)
-    out = torch.empty_like(LU)
-    for b in range(B):  # row i of L goes to row perm[i]: P L
-        out[b].index_copy_(0, rows[b], LU[b])
-    return out
-
-
-#: Stored dtypes whose passes may run as they are (:func:`half_passes_apply`).
-HALF_PASS_DTYPES = (torch.bfloat16,)
-
 #: ``σ̂_k / σ̂_1`` below which a half-pass item is redone in the compute dtype: 4 u_bf16 (u = 2⁻⁸), so the
 #: rounding of a bf16 pass stays a quarter of ``σ_k`` (measured: equal accuracy down to ``σ_k/σ_1`` = 1e-2).
 HALF_PASS_MIN_RATIO = 2.0 ** -6
-
-
-def half_passes_apply(stored: torch.dtype, compute: torch.dtype, device: torch.device) -> bool:
-    """Whether the passes no check reads run on the stored bf16 weights (the default of ``half_passes``).
-
-    Yes for bf16 weights with a float32 compute dtype on CUDA, or on a CPU with native bf16
-    products (AMX or AVX512-BF16; elsewhere oneDNN emulates them, slower than float32).
-    """
-    if stored not in HALF_PASS_DTYPES or compute != torch.float32:
-        return False
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    cpu = getattr(torch, "cpu", None)
-    return any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 #: Orthonormalizations: ``lu`` (LU-normalized passes, CholeskyQR2 where an orthonormal iterate is
@@ -312,17 +220,12 @@ def range_svd(
     half = half_passes_apply(W.dtype, dt, W.device) if half_passes is None else bool(half_passes)
     if half and W.dtype not in HALF_PASS_DTYPES:
         raise ValueError(f"half_passes needs weights stored in {[str(d) for d in HALF_PASS_DTYPES]}, not {W.dtype}.")
-    if k <= 0:  # nothing asked: empty factors, no pass run
-        if k < 0:
-            raise ValueError(f"k={k}; expected the number of singular triplets, k >= 0.")
-        f, zero = dict(dtype=dt, device=W.device), torch.zeros(shape, dtype=torch.long, device=W.device)
-        nan = torch.full(shape, math.nan, **f)
-        return LowRankSVD(torch.zeros(*shape, m, 0, **f), torch.zeros(*shape, 0, **f), torch.zeros(*shape, 0, n, **f),
-                          zero, nan, nan, nan, zero, nan)
+    if k < 0:
+        raise ValueError(f"k={k}; expected the number of singular triplets, k >= 0.")
     W3 = W.reshape(-1, m, n)  # a view for a contiguous stack
     L = W3.shape[0]
-    if L == 0:
-        return _empty(shape, m, n, k, dt, W.device)
+    if L == 0 or k == 0:  # nothing to find: no pass run
+        return _nothing(shape, m, n, k, dt, W.device)
     wide = m < n
     if wide:  # Wᵀ = V Σ Uᵀ: the same finder on the (n, m) view, factors swapped at the end
         W3 = W3.mT
@@ -366,11 +269,12 @@ def _redo_steep(part: tuple, k: int, W: torch.Tensor, omega: torch.Tensor, probe
     return part
 
 
-def _empty(batch: tuple[int, ...], m: int, n: int, k: int, dt: torch.dtype, device) -> LowRankSVD:
-    f, i = dict(dtype=dt, device=device), dict(dtype=torch.long, device=device)
-    return LowRankSVD(torch.empty(*batch, m, k, **f), torch.empty(*batch, k, **f), torch.empty(*batch, k, n, **f),
-                      torch.empty(batch, **i), *(torch.empty(batch, **f) for _ in range(3)), torch.empty(batch, **i),
-                      torch.empty(batch, **f))
+def _nothing(batch: tuple[int, ...], m: int, n: int, k: int, dt: torch.dtype, device) -> LowRankSVD:
+    """The result of a run with no pass: zero factors (empty when ``k`` or the batch is 0), no passes, NaN estimates."""
+    f, zero = dict(dtype=dt, device=device), torch.zeros(batch, dtype=torch.long, device=device)
+    nan = torch.full(batch, math.nan, **f)
+    return LowRankSVD(torch.zeros(*batch, m, k, **f), torch.zeros(*batch, k, **f), torch.zeros(*batch, k, n, **f),
+                      zero, nan, nan, nan, zero, nan)
 
 
 def _finder_block(W: torch.Tensor, Wh: torch.Tensor | None, omega: torch.Tensor, probe: torch.Tensor, k: int,
@@ -407,13 +311,13 @@ def _finder_block(W: torch.Tensor, Wh: torch.Tensor | None, omega: torch.Tensor,
                 return Y[..., : Z.shape[-1]]
             return W @ Z
         halves.add_(1 if active is None else active.long())
-        return _half_mm(Wh, Z, dt)
+        return half_product(Wh, Z, dt)
 
     def mult(Q, exact, active=None):  # Wᵀ Q (B, n, q)
         if Wh is None or exact:
             return _wt(W, Q)
         halves.add_(1 if active is None else active.long())
-        return _half_mm(Wh.mT, Q, dt)
+        return half_product(Wh.mT, Q, dt)
 
     def ritz(Q, R):
         """Top-k σ of ``Qᵀ W = Rᵀ Zᵀ``, and (for φ or Wedin) the small factors ``(Ur, Σ, Vr)`` of ``Rᵀ``."""
@@ -510,34 +414,6 @@ def _wt(W: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     return (Q.mT @ W).mT
 
 
-def _half_mm(A: torch.Tensor, X: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-    """``A @ X`` for a half-precision ``A (B, a, b)`` (row-major or a transposed view) and ``X (B, b, q)``
-    rounded to ``A``'s dtype; accumulated in fp32, returned as ``dt``.
-
-    oneDNN's bf16 product with a transposed left operand ran at a third to half the rate on the CPU
-    (4096² × 32: 2.76 vs 0.76 ms; a wide 4096×11008 weight's whole run took 2.2× longer), so a
-    transposed ``A`` is taken as ``(Xᵀ Aᵀ)ᵀ`` with ``Xᵀ`` made contiguous: both operands row-major.
-    CUDA returns the fp32 accumulator itself (``out_dtype``); oneDNN on the CPU has no such product,
-    so its output is rounded to bf16 first — the perturbation :func:`_redo_steep` bounds.
-    """
-    Xh = X.to(A.dtype)
-    if A.stride(-1) != 1:  # a transposed view: (Xᵀ Aᵀ)ᵀ, Aᵀ row-major
-        return _mm_to(Xh.mT.contiguous(), A.mT, dt).mT
-    return _mm_to(A, Xh, dt)
-
-
-def _mm_to(A: torch.Tensor, B: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-    if A.device.type == "cuda":
-        try:
-            return torch.bmm(A, B, out_dtype=dt)
-        except TypeError:  # a torch without out_dtype
-            pass
-        except RuntimeError as e:  # or one without this dtype pair; out of memory is not that
-            if "out of memory" in str(e):
-                raise
-    return (A @ B).to(dt)
-
-
 def _sv_ok(change: torch.Tensor, remaining: torch.Tensor, tol: float | None, sv: torch.Tensor, floor: float,
            tiny: float) -> torch.Tensor:
     """Items whose ``σ_1..σ_k`` have settled to ``tol`` (all of them without ``tol``)."""
@@ -547,23 +423,6 @@ def _sv_ok(change: torch.Tensor, remaining: torch.Tensor, tol: float | None, sv:
     # ×2 margin: on slowly decaying spectra the rate still creeps up when the changes first fall
     # below tol, and the plain extrapolation fell short by up to 1.6× (i^-1/4 and Marchenko-Pastur tests)
     return (change <= tol / 2) & ((remaining <= tol / 2) | at_floor)
-
-
-def small_svd(R: torch.Tensor, values_only: bool = False):
-    """SVD (or singular values) of a stack of small square ``R (B, q, q)`` — the finder's Ritz step.
-
-    On the CPU, LAPACK as it is. On CUDA, cuSOLVER's batched ``gesvda`` in float64: the default
-    driver loops over the batch for q > 32, and these SVDs took 85–90 % of the GPU's time (32 ×
-    2048², k = 64 and 256, torch.profiler on an H200); ``gesvda`` works through the Gram ``RᵀR``,
-    so relative accuracy ``u (σ₁/σᵢ)²``, hence float64: ``1e-16 (σ₁/σᵢ)²``, far below float32's
-    ``u`` for every ``σᵢ/σ₁ ≥ 1e-4``. Results in ``R``'s dtype.
-    """
-    if R.device.type != "cuda":
-        return torch.linalg.svdvals(R) if values_only else torch.linalg.svd(R)
-    R64 = R.double()
-    if values_only:
-        return torch.linalg.svdvals(R64, driver="gesvda").to(R.dtype)
-    return tuple(x.to(R.dtype) for x in torch.linalg.svd(R64, full_matrices=False, driver="gesvda"))
 
 
 def _wedin(Y: torch.Tensor, sub: tuple, k: int) -> torch.Tensor:

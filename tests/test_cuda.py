@@ -11,19 +11,15 @@ import pytest
 import torch
 
 from lora_lens.compute import Compute
-from lora_lens.linalg import factored_svd, phi, random_orthonormal, randomized_svd
+from lora_lens.linalg import factored_svd, phi, randomized_svd
 from lora_lens.randomized import range_svd
+
+from .matrix_utils import planted
+from .tolerances import U32
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 CUDA = torch.device("cuda")
-U32 = torch.finfo(torch.float32).eps / 2
-
-
-def _matrix(m: int, n: int, sig: torch.Tensor, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
-    U = random_orthonormal(m, sig.numel(), seed=seed, dtype=torch.float64)
-    V = random_orthonormal(n, sig.numel(), seed=seed + 1, dtype=torch.float64)
-    return ((U * sig) @ V.T).to(dtype)
 
 
 def test_batched_factored_svd_on_cuda_matches_float64():
@@ -43,7 +39,7 @@ def test_range_finder_on_cuda_with_half_passes_matches_float64(decay):
     """bf16 weights on CUDA (half passes on by default there): as accurate as the float32 passes on the GPU and the
     CPU; a steep spectrum is redone in float32."""
     i = torch.arange(1, 401, dtype=torch.float64)
-    W = _matrix(600, 400, i ** -decay, dtype=torch.bfloat16)
+    W = planted(600, 400, i ** -decay, dtype=torch.bfloat16)
     U, S, _ = torch.linalg.svd(W.double(), full_matrices=False)
     k = 24
     errs = {}
@@ -68,7 +64,7 @@ def test_decompose_base_on_cuda_matches_cpu(tmp_path):
     from lora_lens.decompose import decompose_base
 
     i = torch.arange(1, 257, dtype=torch.float64)
-    weights = {f"model.layers.{j}.mlp.up_proj.weight": _matrix(384, 256, i ** -0.5, seed=j, dtype=torch.bfloat16)
+    weights = {f"model.layers.{j}.mlp.up_proj.weight": planted(384, 256, i ** -0.5, seed=j, dtype=torch.bfloat16)
                for j in range(4)}
     save_file(weights, str(tmp_path / "model.safetensors"))
     base = open_base(tmp_path / "model.safetensors")
@@ -84,7 +80,7 @@ def test_decompose_base_on_cuda_matches_cpu(tmp_path):
 
 def test_randomized_svd_sign_fix_and_fallback_on_cuda():
     """The exact-SVD fallback (q ≥ min(m, n)) and the sign convention hold on CUDA as on the CPU."""
-    W = _matrix(40, 30, torch.linspace(1, 0.1, 30, dtype=torch.float64), dtype=torch.float32)
+    W = planted(40, 30, torch.linspace(1, 0.1, 30, dtype=torch.float64), dtype=torch.float32)
     g, c = randomized_svd(W.to(CUDA), 4), randomized_svd(W, 4)
     assert torch.allclose(g.S.cpu(), c.S, atol=1e-5) and torch.allclose(g.U.cpu(), c.U, atol=1e-4)
 
@@ -118,7 +114,7 @@ def test_small_svd_on_cuda_keeps_relative_accuracy_on_graded_matrices():
     from lora_lens.randomized import small_svd
 
     sig = torch.logspace(0, -4, 80, dtype=torch.float64)
-    R = torch.stack([_matrix(80, 80, sig, seed=s) for s in range(8)]).float()
+    R = torch.stack([planted(80, 80, sig, seed=s) for s in range(8)]).float()
     S64 = torch.linalg.svdvals(R.double())
     U, S, Vh = small_svd(R.to(CUDA))
     assert ((S.cpu().double() - S64).abs() / S64).max() <= 1e-5

@@ -8,16 +8,8 @@ import torch
 from lora_lens.linalg import phi, random_orthonormal, randomized_svd
 from lora_lens.randomized import cholesky_qr2, lu_basis, range_svd, sketches
 
-U32 = torch.finfo(torch.float32).eps / 2  # unit round-off
-U64 = torch.finfo(torch.float64).eps / 2
-
-
-def _matrix(m: int, n: int, sig: torch.Tensor, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
-    """``U diag(sig) Vᵀ`` with Haar-random singular vectors, built in float64."""
-    k = sig.numel()
-    U = random_orthonormal(m, k, seed=seed, dtype=torch.float64)
-    V = random_orthonormal(n, k, seed=seed + 1, dtype=torch.float64)
-    return ((U * sig) @ V.T).to(dtype)
+from .matrix_utils import planted
+from .tolerances import U32, U64
 
 
 def _bound(passes: int, m: int, q: int, u: float, norm: float) -> float:
@@ -33,7 +25,7 @@ def test_fixed_iterations_are_halko_martinsson_tropp_in_float64():
     """Same Ω, same maths as HMT Alg. 4.4 + 5.1 (Householder QR, B = QᵀW, SVD of B): equal to float64 rounding."""
     m, n, k, p = 90, 70, 6, 10
     i = torch.arange(1, n + 1, dtype=torch.float64)
-    W = _matrix(m, n, i ** -0.5)
+    W = planted(m, n, i ** -0.5)
     for n_iter in (0, 1, 3):
         res = range_svd(W, k, oversample=p, n_iter=n_iter, seed=4)
         omega = sketches(1, n, k + p, 4, 4, torch.float64)[0][0]
@@ -49,7 +41,7 @@ def test_fixed_iterations_are_halko_martinsson_tropp_in_float64():
 
 def test_batched_equals_looped_with_per_item_seeds_fixed_and_adaptive():
     i = torch.arange(1, 41, dtype=torch.float64)
-    W = torch.stack([_matrix(60, 50, i ** -e, seed=s, dtype=torch.float32) for s, e in ((0, 0.5), (2, 1.0), (4, 0.3))])
+    W = torch.stack([planted(60, 50, i ** -e, seed=s, dtype=torch.float32) for s, e in ((0, 0.5), (2, 1.0), (4, 0.3))])
     seeds = [11, 12, 13]
     for kw in ({}, {"tol": 1e-3}):
         batched = range_svd(W, 5, seed=seeds, block=3, **kw)
@@ -65,7 +57,7 @@ def test_batched_equals_looped_with_per_item_seeds_fixed_and_adaptive():
 
 
 def test_bf16_is_upcast_per_matrix_to_the_same_numbers():
-    W = _matrix(64, 48, torch.linspace(1, 0.1, 30, dtype=torch.float64), dtype=torch.bfloat16).expand(2, 64, 48)
+    W = planted(64, 48, torch.linspace(1, 0.1, 30, dtype=torch.float64), dtype=torch.bfloat16).expand(2, 64, 48)
     a, b = range_svd(W, 4, half_passes=False), range_svd(W.float(), 4)
     assert a.U.dtype == torch.float32 and torch.equal(a.S, b.S) and torch.equal(a.U, b.U)
     assert int(a.half_passes.sum()) == 0
@@ -73,7 +65,7 @@ def test_bf16_is_upcast_per_matrix_to_the_same_numbers():
 
 def _bf16_case(sig: torch.Tensor, m: int = 300, n: int = 200, seed: int = 0):
     """A bf16 matrix and its exact SVD (float64, of the bf16 numbers themselves)."""
-    W = _matrix(m, n, sig, seed=seed, dtype=torch.bfloat16)
+    W = planted(m, n, sig, seed=seed, dtype=torch.bfloat16)
     return W, torch.linalg.svd(W.double(), full_matrices=False)
 
 
@@ -156,7 +148,7 @@ def test_cholesky_qr2_falls_back_to_householder_exactly_when_the_gram_is_too_ill
 def test_lu_and_cholesky_paths_equal_householder_path(spectrum, falls_back, ortho):
     i = torch.arange(1, 61, dtype=torch.float64)
     sig = i ** -0.5 if falls_back is False else 10 ** (-(i - 1) / 3)  # the steep one: κ(X) ≈ 1e8 over q = 26
-    W = _matrix(120, 100, sig, dtype=torch.float32)
+    W = planted(120, 100, sig, dtype=torch.float32)
     k = 10
     fast, house = range_svd(W, k, ortho=ortho), range_svd(W, k, householder=True)
     if ortho == "cholesky":  # every pass by CholeskyQR2: the steep spectrum must hand some to Householder
@@ -177,7 +169,7 @@ def test_lu_basis_is_p_l_of_the_pivoted_lu():
 
 def test_wide_matrices_run_transposed_with_the_same_numbers():
     i = torch.arange(1, 41, dtype=torch.float64)
-    Wt = _matrix(90, 60, i ** -0.5, dtype=torch.float32)  # tall
+    Wt = planted(90, 60, i ** -0.5, dtype=torch.float32)  # tall
     wide, tall = range_svd(Wt.T, 6, seed=3), range_svd(Wt, 6, seed=3)
     # the same finder on the same (90, 60) operand, one through a transposed view: rounding of the products only
     tol = _bound(int(tall.passes), 90, 22, U32, 1.0)
@@ -196,7 +188,7 @@ def test_adaptive_stop_reaches_the_requested_accuracy(spectrum, tol):
         W = torch.randn(m, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     else:
         sig = {"flat i^-1/4": i ** -0.25, "steep 1/i": 1 / i, "steep 0.8^i": 0.8 ** i}[spectrum]
-        W = _matrix(m, n, sig)
+        W = planted(m, n, sig)
     S64 = torch.linalg.svdvals(W)[:k]  # float64 truth
     res = randomized_svd(W.float(), k, tol=tol, max_iter=64)
     err = ((res.S.double() - S64) / S64).abs().max().item()
@@ -208,7 +200,7 @@ def test_adaptive_stop_reaches_the_requested_accuracy(spectrum, tol):
 
 def test_phi_tol_settles_the_subspace_too():
     i = torch.arange(1, 101, dtype=torch.float64)
-    W = _matrix(150, 100, 1 / i)
+    W = planted(150, 100, 1 / i)
     U64_, _, _ = torch.linalg.svd(W)
     plain = randomized_svd(W.float(), 8, tol=1e-2)
     both = randomized_svd(W.float(), 8, tol=1e-2, phi_tol=1e-5)
@@ -218,11 +210,11 @@ def test_phi_tol_settles_the_subspace_too():
 
 def test_residual_bound_brackets_the_projection_error():
     i = torch.arange(1, 81, dtype=torch.float64)
-    W = _matrix(100, 80, 1 / i)
+    W = planted(100, 80, 1 / i)
     res = range_svd(W, 5, oversample=5)  # q = 10
     # any rank-q projection leaves σ_{q+1}; HMT (4.3) bounds ‖(I − QQᵀ)W‖₂ from above (probability 1 − 1e-4)
     assert float(res.residual) >= (1 / 11) / 1.0
-    low_rank = _matrix(100, 80, torch.ones(4, dtype=torch.float64))
+    low_rank = planted(100, 80, torch.ones(4, dtype=torch.float64))
     res = range_svd(low_rank, 2, oversample=8)  # rank 4 < q = 10: span found exactly, Gram singular → Householder
     # left over: rounding of W P − Q Qᵀ W P, √(m q) u ‖W ω‖ (‖W ω‖ ≈ 2 here), times the bound's 10 √(2/π) < 8
     assert float(res.residual) <= 8 * math.sqrt(100 * 10) * U64 * 4 and int(res.fallbacks) > 0
@@ -240,7 +232,7 @@ def test_k_zero_gives_empty_factors_and_negative_k_is_refused():
 def test_passes_count_the_product_the_last_wedin_check_reads():
     """Adaptive subspace runs: 2 + 2·iterations + 1 (the check of the kept iterate reads one more W Z)."""
     i = torch.arange(1, 61, dtype=torch.float64)
-    W = _matrix(90, 70, i ** -1.0, dtype=torch.float32)
+    W = planted(90, 70, i ** -1.0, dtype=torch.float32)
     counted = []
     orig = torch.Tensor.__matmul__
 
@@ -275,7 +267,7 @@ def test_decompose_base_runs_the_finder_on_bf16_weights_and_records_its_passes(t
     from lora_lens.decompose import decompose_base
 
     i = torch.arange(1, 81, dtype=torch.float64)
-    weights = {f"model.layers.{j}.mlp.up_proj.weight": _matrix(96, 80, i ** -0.5, seed=j, dtype=torch.bfloat16)
+    weights = {f"model.layers.{j}.mlp.up_proj.weight": planted(96, 80, i ** -0.5, seed=j, dtype=torch.bfloat16)
                for j in range(3)}
     save_file(weights, str(tmp_path / "model.safetensors"))
     names = list(weights)
