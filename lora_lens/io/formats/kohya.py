@@ -6,7 +6,8 @@ dots written as underscores — followed by
 
 - ``.lora_down.weight`` A (r, in) or conv (r, in, kh, kw), ``.lora_up.weight``
   B (out, r) or conv (out, r, 1, 1), ``.alpha``: ``ΔW = (alpha / r) · B A``,
-  alpha = r when absent (sd-scripts' ``LoRAModule``);
+  alpha = r when absent or 0 (sd-scripts' ``LoRAModule``: ``alpha = dim if
+  alpha is None or alpha == 0``; LyCORIS modules do the same);
 - LyCORIS ``.hada_w1_a/b``, ``.hada_w2_a/b`` (LoHa) or ``.lokr_w1[_a/_b]``,
   ``.lokr_w2[_a/_b]`` (LoKr), scale ``alpha / dim``; a LoKr whose two factors
   are both full uses scale 1 (LyCORIS ``LokrModule``);
@@ -76,7 +77,7 @@ def _module(store: TensorStore, file: Path, stem: str, g: dict[str, str], orphan
             return None
         A, B = get("lora_down"), get("lora_up")
         r = int(A.shape[0])
-        alpha = scalar(alpha_t, g["alpha"], file) if alpha_t is not None else float(r)
+        alpha = _alpha(alpha_t, g, file, r)
         return lora_module(name, A, B, scaling=alpha / r, alpha=alpha, file=file,
                            keys=(g["lora_down"], g["lora_up"]), stored_as=stem)
     kernel = ()
@@ -99,7 +100,14 @@ def _module(store: TensorStore, file: Path, stem: str, g: dict[str, str], orphan
     else:  # only an alpha or a dora_scale: not a module
         orphans.append(f"'{stem}' has only {sorted(g)}")
         return None
-    alpha = scalar(alpha_t, g["alpha"], file) if alpha_t is not None else float(dim or 1)
+    alpha = _alpha(alpha_t, g, file, dim or 1)
     return lora_module(name, A, B, scaling=scale_of(alpha), alpha=alpha, file=file,
                        keys=(f"{stem}.{kind} A", f"{stem}.{kind} B"), kind=kind, stored_as=stem, kernel=kernel,
                        layout="conv" if kernel else None, checked=True)
+
+
+def _alpha(alpha_t, g: dict[str, str], file: Path, dim: int) -> float:
+    """The module's alpha: its ``.alpha`` tensor, with an absent or zero alpha meaning ``dim``
+    (sd-scripts' ``LoRAModule`` and every LyCORIS module: ``alpha = dim if alpha is None or alpha == 0``)."""
+    alpha = scalar(alpha_t, g["alpha"], file) if alpha_t is not None else 0.0
+    return alpha if alpha != 0 else float(dim)
