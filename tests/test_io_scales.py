@@ -190,3 +190,23 @@ def test_lycoris_alpha_zero_means_alpha_equals_dim(tmp_path):
     assert (loha.alpha, loha.scaling, lokr.alpha, lokr.scaling) == (3.0, 1.0, 2.0, 1.0)
     assert_delta(loha, (w1a @ w1b) * (w2a @ w2b))
     assert_delta(lokr, torch.kron(k1, k2a @ k2b))
+
+
+def test_model_level_save_of_a_transformer_reads_its_unprefixed_metadata(tmp_path):
+    """A DiT's ``save_lora_adapter`` (keys ``transformer_blocks.…``, no component prefix), written as diffusers
+    writes it: ``LoraConfig.to_dict()`` as JSON with sorted keys, sets as lists."""
+    cfg = peft.LoraConfig(r=4, lora_alpha=6, use_rslora=True, target_modules=["to_q"],
+                          alpha_pattern={"transformer_blocks.1.attn.to_q": 12}).to_dict()
+    cfg = {k: sorted(v) if isinstance(v, set) else v for k, v in cfg.items()}
+    g = torch.Generator().manual_seed(4)
+    t = {f"transformer_blocks.{i}.attn.to_q.lora_{x}.weight": torch.randn(*s, generator=g, dtype=torch.float64)
+         for i in (0, 1) for x, s in (("A", (4, 8)), ("B", (8, 4)))}
+    save_file(t, tmp_path / "pytorch_lora_weights.safetensors",
+              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(cfg, indent=2, sort_keys=True)})
+    a = load_adapter(tmp_path)
+    assert a.format == "diffusers" and not any(SCALE_UNKNOWN in f for f in a.flags)
+    for i, alpha in ((0, 6.0), (1, 12.0)):
+        m = a[f"transformer_blocks.{i}.attn.to_q"]
+        assert m.scaling == pytest.approx(alpha / 2.0, rel=1e-15)  # α / √r
+        stem = f"transformer_blocks.{i}.attn.to_q"
+        assert_delta(m, alpha / 2.0 * t[f"{stem}.lora_B.weight"] @ t[f"{stem}.lora_A.weight"])
