@@ -163,7 +163,8 @@ def test_diffusers_file_as_save_lora_weights_writes_it(tmp_path):
 
     g = torch.Generator().manual_seed(3)
     stem = "down_blocks.0.attentions.0.proj_in"
-    layers = {f"{stem}.lora_A.weight": torch.randn(2, 8, generator=g), f"{stem}.lora_B.weight": torch.randn(8, 2, generator=g)}
+    layers = {f"{stem}.lora_A.weight": torch.randn(2, 8, generator=g),
+              f"{stem}.lora_B.weight": torch.randn(8, 2, generator=g)}
     cfg = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["proj_in"])
     StableDiffusionLoraLoaderMixin.save_lora_weights(tmp_path, unet_lora_layers=layers,
                                                      unet_lora_adapter_metadata=cfg.to_dict())
