@@ -20,8 +20,9 @@ from .train_cmd import METHODS, TASKS, _csv, train_dtype_option
 @click.option("--alpha", type=float, help="LoRA alpha [default: 2 × rank].")
 @click.option("--targets", callback=_csv(str), help="Module names [default: the attention query/value projections].")
 @click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=1e-3, show_default=True, type=float, help="Peak learning rate, the same for all.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", type=float, help="Peak learning rate, the same for all [default: train's for the task, "
+              "2e-3 for classify].")
+@click.option("--batch-size", type=click.IntRange(min=1), help="[default: train's for the task, 16 for classify].")
 @click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=2), help="classify: tokens "
               "per example (longer ones truncated, with a warning).")
 @click.option("--seq-len", default=64, show_default=True, type=click.IntRange(min=1), help="lm: block length.")

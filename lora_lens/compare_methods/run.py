@@ -93,8 +93,8 @@ def compare_methods(
     alpha: float | None = None,
     targets: Sequence[str] | None = None,
     steps: int = 200,
-    lr: float = 1e-3,
-    batch_size: int = 16,
+    lr: float | None = None,
+    batch_size: int | None = None,
     max_length: int | None = 128,
     seq_len: int = 64,
     eval_fraction: float = 0.1,
@@ -129,6 +129,12 @@ def compare_methods(
         if Path(p).exists():
             register_input(p)
     check_destination(out, overwrite)  # refuse before hours of training, not after
+    from ..train.config import TASK_DEFAULTS
+
+    if task not in TASK_DEFAULTS:
+        raise ConfigError(f"unknown task {task!r}; expected one of {list(TASK_DEFAULTS)}.")
+    lr = TASK_DEFAULTS[task]["lr"] if lr is None else lr  # the trainer's defaults, written into the settings
+    batch_size = TASK_DEFAULTS[task]["batch_size"] if batch_size is None else batch_size
     metric = "accuracy" if task == "classify" else "eval_loss"
     margin = DEFAULT_MARGIN.get(task, 0.01) if margin is None else margin
     alpha = 2.0 * rank if alpha is None else alpha
