@@ -8,7 +8,7 @@ import torch
 
 from lora_lens import CheckpointError, ConfigError
 from lora_lens.train import train
-from lora_lens.train.data import batches, file_blocks, load_data, split, synthetic_blocks
+from lora_lens.train.data import batches, file_blocks, index_batches, load_data, split, synthetic_blocks
 from lora_lens.train.loop import learning_rate
 from lora_lens.train.config import TrainConfig
 
@@ -131,3 +131,23 @@ def test_a_run_whose_eval_loss_did_not_move_warns():
         warnings.simplefilter("error")
         warn_if_not_learned(SimpleNamespace(eval_loss_before=0.692, eval_loss=0.60), cfg)  # learned: silent
         warn_if_not_learned(SimpleNamespace(eval_loss_before=None, eval_loss=None), cfg)  # nothing held out
+
+
+def test_length_buckets_cover_each_example_once_an_epoch_and_pad_less():
+    from lora_lens.train.labelled import bucketed_batches
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(4, 200, (1000,), generator=g).tolist()
+    draw = bucketed_batches(lengths, 16, seed=3, pool=8)
+    first = [next(draw) for _ in range(1000 // 16 + 1)]
+    epoch0 = torch.cat([idx for e, idx in first if e == 0])
+    assert len(epoch0) == len(set(epoch0.tolist())) >= 1000 - 8 * 16  # no repeats; only each pool's rest dropped
+    assert {e for e, _ in first} == {0, 1} and all(len(idx) == 16 for _, idx in first)
+    size = torch.tensor(lengths)
+    padded = sum(int(size[idx].max()) * 16 for e, idx in first if e == 0)
+    n0 = sum(1 for e, _ in first if e == 0)
+    uniform = [idx for _, (_, idx) in zip(range(n0), index_batches(1000, 16, 3))]
+    padded_uniform = sum(int(size[idx].max()) * 16 for idx in uniform)
+    assert padded < 0.7 * padded_uniform  # tokens computed, real + padding
+    again = bucketed_batches(lengths, 16, seed=3, pool=8)
+    assert all(torch.equal(next(again)[1], idx) for _, idx in first)  # seeded: the same batches

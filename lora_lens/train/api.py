@@ -91,7 +91,7 @@ def load_task(base, config: TrainConfig, data, tokenizer, eval_data) -> tuple[nn
         limit = positions
     labelled = load_labelled(data, tokenizer=tokenizer, max_length=limit, vocab_size=vocab_size(model),
                              eval_fraction=config.eval_fraction, seed=config.seed, eval_data=eval_data)
-    return model, ClassifyTask(labelled, head), base_name
+    return model, ClassifyTask(labelled, head, bucket=config.length_bucketing), base_name
 
 
 def unfreeze_head(model: nn.Module, head: Head, adapted: Adapted) -> None:
@@ -148,6 +148,7 @@ def train(
     max_length: int | None = None,
     eval_every: int | None = None,
     train_dtype: str = "float32",
+    length_bucketing: bool = True,
     seed: int = 0,
     device: str = "auto",
     overwrite: bool = False,
@@ -175,6 +176,7 @@ def train(
         knots=tuple(knots) if knots is not None else None, links=links,
         sparse=SparseSettings(sp_granularity, sp_targets, sp_resample), condlora_mode=condlora_mode, device=device,
         task=task, max_length=max_length, eval_every=eval_every, train_dtype=train_dtype,
+        length_bucketing=length_bucketing,
     )
     for p in (base, init, data, eval_data):
         if isinstance(p, (str, Path)) and Path(p).exists():

@@ -65,6 +65,7 @@ class TrainConfig:
     max_length: int | None = None
     eval_every: int | None = None
     train_dtype: str = "float32"
+    length_bucketing: bool = True  # classify: batches of similar lengths (less padding); False: uniform draws
 
     def __post_init__(self):
         if self.method not in METHODS:
