@@ -12,6 +12,13 @@ from .options import device_option, json_option, out_option, overwrite_option, q
 # lora_lens.train.METHODS, spelled out so that --help does not import torch (a test keeps them equal)
 METHODS = ("lora", "cora-frozen", "cora-init", "condlora", "lora-sp", "chain", "head-only")
 TASKS = ("lm", "classify")  # lora_lens.train.TASKS, likewise
+# lora_lens.train.config.TASK_DEFAULTS, likewise (for --help)
+TASK_DEFAULTS = {"lm": {"steps": 40, "lr": 5e-3, "batch_size": 8},
+                 "classify": {"steps": 200, "lr": 2e-3, "batch_size": 16}}
+
+
+def _per_task(name: str) -> str:
+    return "[default: " + ", ".join(f"{d[name]:g} for {t}" for t, d in TASK_DEFAULTS.items()) + "]"
 
 
 # The training precision, not the compute dtype that --dtype means on the analysis commands (float32|float64):
@@ -55,9 +62,9 @@ def _csv(kind):
               "s = 1, as their init folders; or the init folder's).")
 @click.option("--targets", callback=_csv(str), help="Comma-separated module names (default q_proj,v_proj or the "
               "model's attention projections).")
-@click.option("--steps", default=40, show_default=True, type=int)
-@click.option("--lr", default=5e-3, show_default=True, type=float, help="Peak learning rate (AdamW).")
-@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--steps", type=int, help=f"Optimizer steps {_per_task('steps')}.")
+@click.option("--lr", type=float, help=f"Peak learning rate (AdamW) {_per_task('lr')}.")
+@click.option("--batch-size", type=int, help=f"Examples (lm: blocks) per step {_per_task('batch_size')}.")
 @click.option("--seq-len", default=64, show_default=True, type=int)
 @click.option("--warmup-steps", type=int, help="Linear warm-up steps [default: 10% of --steps].")
 @click.option("--weight-decay", default=0.0, show_default=True, type=float)

@@ -163,6 +163,13 @@ def test_train_methods_match_the_library():
     assert CLI_METHODS == METHODS
 
 
+def test_train_task_defaults_match_the_library():
+    from lora_lens.train.config import TASK_DEFAULTS, TASKS
+    from lora_lens_cli.train_cmd import TASK_DEFAULTS as CLI_DEFAULTS, TASKS as CLI_TASKS
+
+    assert CLI_DEFAULTS == TASK_DEFAULTS and CLI_TASKS == TASKS
+
+
 def test_wheel_installs_lora_lens_cli_and_no_cli_package(tmp_path):
     """The built wheel: lora_lens (every sub-package), lora_lens_cli, the console script, nothing named cli."""
     import shutil
