@@ -436,3 +436,52 @@ def test_an_adapter_given_as_cora_source_is_refused_with_a_hint_that_fits(tiny_l
     r = run("cora", "basis", "--base", tiny_llama[1], "--source", llama_adapter[1], "--rank", 2,
             "--targets", "q_proj", "-o", tmp_path / "b")
     assert_bad_input(r, "is an adapter folder", "--source")
+
+
+def lycoris_conv_tensors():
+    """A LoKr with a factored w2 and a LoHa on Conv2d modules (out 8, in 6, 3×3), with the shapes LyCORIS writes
+    (``LokrModule`` / ``LohaModule``, no Tucker): every factor 2-D, the kernel flattened into the columns;
+    LoKr ``w1`` (2, 2) full, ``w2_a`` (4, r), ``w2_b`` (r, 3·3·3); LoHa ``hada_w*_b`` (r, 6·3·3)."""
+    k, h = "lora_unet_down_blocks_1_resnets_0_conv1", "lora_unet_down_blocks_1_downsamplers_0_conv"
+    return {n: v.double() for n, v in {
+        f"{k}.lokr_w1": rnd(2, 2, seed=1), f"{k}.lokr_w2_a": rnd(4, 2, seed=2), f"{k}.lokr_w2_b": rnd(2, 3 * 9, seed=3),
+        f"{k}.alpha": torch.tensor(1.0),
+        f"{h}.hada_w1_a": rnd(8, 2, seed=4), f"{h}.hada_w1_b": rnd(2, 6 * 9, seed=5),
+        f"{h}.hada_w2_a": rnd(8, 2, seed=6), f"{h}.hada_w2_b": rnd(2, 6 * 9, seed=7), f"{h}.alpha": torch.tensor(4.0),
+    }.items()}
+
+
+def test_lycoris_conv_loha_and_factored_lokr_are_labelled_conv(tmp_path):
+    """Issue 20 #8: the 2-D factors LyCORIS writes for a conv LoKr (factored w2) and a conv LoHa read as
+    ``layout: conv`` (the diffusers module path says conv; the kernel is not in the file: flagged), and with the
+    base, the kernel comes from the base weight (8, 6, 3, 3). ΔW against the 4-D kernel LyCORIS rebuilds."""
+    from lora_lens.io import open_base
+    from lora_lens.io.layout import with_base_layouts
+
+    t = lycoris_conv_tensors()
+    save_file(t, tmp_path / "conv.safetensors")
+    a = load_adapter(tmp_path / "conv.safetensors")
+    k, h = "lora_unet_down_blocks_1_resnets_0_conv1", "lora_unet_down_blocks_1_downsamplers_0_conv"
+    # LyCORIS: kron(w1, w2a·w2b).view(out, in, kh, kw); here kron of w1 as (2, 2, 1, 1) with w2 as (4, 3, 3, 3)
+    w2 = (t[f"{k}.lokr_w2_a"] @ t[f"{k}.lokr_w2_b"]).reshape(4, 3, 3, 3)
+    lokr = (1.0 / 2) * torch.kron(t[f"{k}.lokr_w1"][:, :, None, None], w2)
+    loha = (4.0 / 2) * ((t[f"{h}.hada_w1_a"] @ t[f"{h}.hada_w1_b"]) * (t[f"{h}.hada_w2_a"] @ t[f"{h}.hada_w2_b"]))
+    refs = {"unet.down_blocks.1.resnets.0.conv1": lokr.reshape(8, -1),
+            "unet.down_blocks.1.downsamplers.0.conv": loha.reshape(8, 6, 3, 3).reshape(8, -1)}
+    check_reference(a, refs)
+    assert {(m.name, m.kind, m.layout, m.kernel) for m in a} == {
+        ("unet.down_blocks.1.resnets.0.conv1", "lokr", "conv", ()),
+        ("unet.down_blocks.1.downsamplers.0.conv", "loha", "conv", ())}
+    assert sum(f.startswith("kernel-unknown: 2 conv module(s)") for f in a.flags) == 1
+    r = run("inspect", tmp_path / "conv.safetensors", "--json")
+    assert r.exit_code == 0, r.output
+    assert {(m["layout"], tuple(m["kernel"])) for m in json.loads(r.stdout)["modules"]} == {("conv", ())}
+
+    base = {"unet.down_blocks.1.resnets.0.conv1.weight": rnd(8, 6, 3, 3, seed=8),
+            "unet.down_blocks.1.downsamplers.0.conv.weight": rnd(8, 6, 3, 3, seed=9),
+            "unet.down_blocks.1.resnets.0.conv2.weight": rnd(8, 8, 3, 3, seed=10)}
+    save_file(base, tmp_path / "base.safetensors")
+    placed = with_base_layouts(a, open_base(tmp_path / "base.safetensors"))
+    assert {(m.layout, m.kernel) for m in placed} == {("conv", (3, 3))}
+    assert not any(f.startswith("kernel-unknown") for f in placed.flags)
+    check_reference(placed, refs)  # the numbers do not move
