@@ -84,6 +84,14 @@ class PeftKey:
 
 
 _ROLES = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "emb_A", "lora_embedding_B": "emb_B"}
+#: Path components of PEFT's ``ModulesToSaveWrapper`` copies of a layer: factors under them are copies, never a module.
+PEFT_COPY_PARTS = ("modules_to_save", "original_module")
+
+
+def peft_copy(path: str) -> bool:
+    """True for a key or module path inside a ``modules_to_save`` wrapper's copies (``X.modules_to_save.…``,
+    ``X.original_module.…``): older PEFT saved a LoRA on such a layer three times (see docs/formats.md)."""
+    return any(part in PEFT_COPY_PARTS for part in path.split("."))
 
 
 def strip_peft_prefix(key: str) -> str:
@@ -96,9 +104,12 @@ def parse_peft_key(key: str) -> PeftKey:
     Accepts saved files (``base_model.model.X.lora_A.weight``), the same
     without the prefix, in-memory state dicts that still carry the adapter name
     (``X.lora_A.default.weight``) and embedding factors
-    (``X.lora_embedding_A``).
+    (``X.lora_embedding_A``). Factors inside a ``modules_to_save`` wrapper's copies
+    (:func:`peft_copy`) are ``other``: listed apart, never paired.
     """
     short = strip_peft_prefix(key)
+    if peft_copy(short):
+        return PeftKey(key, short, "other")
     parts = short.split(".")
     for i in range(len(parts) - 1, 0, -1):
         role = _ROLES.get(parts[i])

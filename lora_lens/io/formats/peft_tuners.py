@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import ConfigError
-from ...keys import strip_peft_prefix
+from ...keys import peft_copy, strip_peft_prefix
 from ...types import Adapter
 from ..jsonfile import read_json
 from ..peft import pattern_key
@@ -42,7 +42,7 @@ def read(path: Path, file: Path, config: Path) -> Adapter:
     others = []
     for info in store.infos():
         stem, _, leaf = strip_peft_prefix(info.name).rpartition(".")
-        if leaf in roles:
+        if leaf in roles and not peft_copy(stem):  # factors inside a modules_to_save wrapper's copies: listed apart
             groups.setdefault(stem, {})[leaf] = info.name
         else:
             others.append(info)
