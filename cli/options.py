@@ -157,7 +157,7 @@ def renamed_option(old: str, new: str, dest: str, **attrs):
 
 
 #: Reader names for ``--format`` (kept here, not imported from the library, so ``--help`` stays light).
-ADAPTER_FORMATS = ("peft", "mlx", "kohya", "lycoris", "diffusers", "state_dict")
+ADAPTER_FORMATS = ("peft", "mlx", "kohya", "lycoris", "diffusers", "lora_diffusion", "state_dict")
 
 
 def format_option(f):

@@ -485,3 +485,80 @@ def test_lycoris_conv_loha_and_factored_lokr_are_labelled_conv(tmp_path):
     assert {(m.layout, m.kernel) for m in placed} == {("conv", (3, 3))}
     assert not any(f.startswith("kernel-unknown") for f in placed.flags)
     check_reference(placed, refs)  # the numbers do not move
+
+
+# --- cloneofsimo/lora (lora_diffusion) ----------------------------------------------------------
+
+def lora_diffusion_file(path, *, rank_meta=None):
+    """A file written the way lora_diffusion's ``save_safeloras_with_embeds`` writes it: per component, metadata
+    ``<comp>`` = json.dumps(list(target_replace_module)), then for each injected layer i ``<comp>:<i>:rank`` =
+    str(r) with tensors ``<comp>:<i>:up`` (lora_up.weight · scale, fp16) and ``<comp>:<i>:down`` (fp16); then each
+    token: metadata ``<token>`` = "<embed>", tensor ``<token>``. One ``safetensors.torch.save_file`` call.
+    Eleven UNet layers (the last a Conv2d: up (8, 2, 1, 1), down (2, 4, 3, 3)), two text-encoder layers."""
+    weights, metadata = {}, {}
+    for comp, targets, n in (("unet", ["CrossAttention", "Attention", "GEGLU"], 11),
+                             ("text_encoder", ["CLIPAttention"], 2)):
+        metadata[comp] = json.dumps(targets)
+        for i in range(n):
+            conv = comp == "unet" and i == n - 1
+            down = rnd(2, 4, 3, 3, seed=100 + i) if conv else rnd(2, 6, seed=100 + i)
+            up = rnd(8, 2, 1, 1, seed=200 + i) if conv else rnd(8, 2, seed=200 + i)
+            metadata[f"{comp}:{i}:rank"] = str(down.shape[0] if rank_meta is None else rank_meta)
+            weights[f"{comp}:{i}:up"] = up.to(torch.float16)
+            weights[f"{comp}:{i}:down"] = down.to(torch.float16)
+    metadata["<s1>"] = "<embed>"
+    weights["<s1>"] = rnd(6, seed=7)
+    save_file(weights, path, metadata)
+    return weights
+
+
+def test_lora_diffusion_file_is_read_under_its_index_names(tmp_path):
+    """Issue 20 #5: read as an adapter (it was called a base checkpoint): modules '<comp>:<i>', s = 1 (up already
+    holds the training scale, the loader's scale is 1), ordered by index, the conv kept, the embedding apart."""
+    f = tmp_path / "lora_weight.safetensors"
+    w = lora_diffusion_file(f)
+    header = json.loads(f.read_bytes()[8:8 + int.from_bytes(f.read_bytes()[:8], "little")])
+    assert header["__metadata__"]["unet:3:rank"] == "2" and header["__metadata__"]["<s1>"] == "<embed>"
+    assert "format" not in header["__metadata__"]  # save_file adds nothing: the header is what the code wrote
+    a = load_adapter(f)
+    assert a.format == "lora_diffusion"
+    assert a.names == [f"text_encoder:{i}" for i in range(2)] + [f"unet:{i}" for i in range(11)]
+    refs = {f"{c}:{i}": w[f"{c}:{i}:up"].double().reshape(8, 2) @ w[f"{c}:{i}:down"].double().reshape(2, -1)
+            for c, n in (("unet", 11), ("text_encoder", 2)) for i in range(n)}
+    check_reference(a, refs)
+    assert {m.scaling for m in a} == {1.0} and not any(f.startswith("scale-unknown") for f in a.flags)
+    assert (a["unet:10"].layout, a["unet:10"].kernel) == ("conv", (3, 3))
+    assert [t.name for t in a.other_tensors] == ["<s1>"]
+    assert a.metadata == {"text_encoder": '["CLIPAttention"]', "unet": '["CrossAttention", "Attention", "GEGLU"]'}
+    r = run("inspect", f, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["kind"] == "adapter" and out["totals"]["modules"] == 13
+    assert_bad_input(run("convert", f, "-o", tmp_path / "out"), "injection index")  # no module paths to target
+
+
+def test_lora_diffusion_file_is_refused_as_a_base_and_its_rank_metadata_checked(tmp_path):
+    from lora_lens.errors import CheckpointError
+    from lora_lens.io import open_base
+
+    lora_diffusion_file(tmp_path / "a.safetensors")
+    with pytest.raises(CheckpointError, match="lora_diffusion LoRA adapter"):
+        open_base(tmp_path / "a.safetensors")
+    lora_diffusion_file(tmp_path / "b.safetensors", rank_meta=4)
+    assert_bad_input(run("spectrum", tmp_path / "b.safetensors"), "b.safetensors", "'unet:0:rank' = '4'")
+
+
+@pytest.mark.parametrize("names", [("m:down", "m:up"), ("blk.0.down", "blk.0.up"), ("enc.0.A", "enc.0.B")])
+def test_tensors_that_pair_as_low_rank_factors_are_never_a_base(tmp_path, names):
+    """The general rule: tensors whose names differ by a factor token and whose shapes share a small rank are
+    refused by name (exit 2), never described as a base checkpoint; --format state_dict reads them."""
+    save_file({names[0]: rnd(2, 6, seed=1), names[1]: rnd(8, 2, seed=2), "other.weight": rnd(8, 8, seed=3)},
+              tmp_path / "x.safetensors")
+    assert_bad_input(run("inspect", tmp_path / "x.safetensors"), "x.safetensors", names[0], "pair up as low-rank")
+    r = run("inspect", tmp_path / "x.safetensors", "--format", "state_dict", "--json")
+    assert r.exit_code == 0, r.output
+    assert [m["rank"] for m in json.loads(r.stdout)["modules"]] == [2]
+    # the same names with full-rank shapes (a base's own weights) stay a base
+    save_file({names[0]: rnd(8, 8, seed=1), names[1]: rnd(8, 8, seed=2)}, tmp_path / "y.safetensors")
+    r = run("inspect", tmp_path / "y.safetensors", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["kind"] == "base", r.output
