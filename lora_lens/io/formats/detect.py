@@ -3,8 +3,10 @@
 ``detect(path)`` returns a :class:`Found` (format, weights file, config) for
 an adapter, or None for something that is not one (a base checkpoint). It
 refuses, in one line naming the files, what must not be guessed: a folder
-with several unrelated weight files and no index, and tuners that are not a
-low-rank update (IA3, OFT/BOFT, VeRA, prompt tuning …).
+with several unrelated weight files and no index, tuners that are not a
+low-rank update (IA3, OFT/BOFT, VeRA, prompt tuning …), and a file whose
+tensors pair up as low-rank factors under a naming no reader detects
+(:func:`low_rank_pairs`): such a file is never called a base checkpoint.
 """
 
 from __future__ import annotations
