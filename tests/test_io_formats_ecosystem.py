@@ -238,3 +238,21 @@ def test_peft_conv_loha_lokr_take_their_kernel_from_the_base(tmp_path, config):
     assert (placed["conv"].layout, placed["conv"].kernel) == ("conv", (3, 3))
     assert pair_with_base(placed, open_base(tmp_path / "model.safetensors")) == {"conv": "conv.weight"}
     check_against(placed, peft_refs(pm, ["conv"]))
+
+
+def test_peft_loha_factors_inside_modules_to_save_copies_are_not_modules(tmp_path):
+    """The copy rule of docs/formats.md for PEFT's other tuners: LoHa factors under '<m>.modules_to_save.' or
+    '<m>.original_module.' are listed as other tensors, never grouped into a module."""
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(Tiny(), peft.LoHaConfig(r=2, alpha=4, target_modules=["q"], init_weights=False))
+    pm.double().save_pretrained(tmp_path)
+    f = tmp_path / "adapter_model.safetensors"
+    t = load_file(f)
+    for k in list(t):  # the same factors again, as copies of a wrapped layer would be saved
+        for copy in ("modules_to_save", "original_module"):
+            t[k.replace(".q.", f".q.{copy}.")] = t[k].clone()
+    save_file(t, f)
+    a = load_adapter(tmp_path)
+    assert a.names == ["q"]
+    assert sum(".modules_to_save.hada_" in o.name or ".original_module.hada_" in o.name for o in a.other_tensors) == 8
+    check_against(a, peft_refs(pm, ["q"]))
