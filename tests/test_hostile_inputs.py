@@ -85,6 +85,7 @@ def test_symlink_loop(tmp_path, adapter):
     ["condlora", "analyze", "{loop}", "--base", "{loop}"],
     ["pissa", "--base", "{loop}", "--rank", "1", "--targets", "q_proj", "-o", "{out}"],
     ["cora", "basis", "--base", "{loop}", "--rank", "1", "--targets", "q_proj", "-o", "{out}"],
+    ["train", "--method", "lora", "--base", "{loop}", "-o", "{out}"],
     ["spectrum", "{through}"],
 ])
 def test_symlink_loop_is_bad_input_for_every_command(tmp_path, adapter, argv):
@@ -93,7 +94,8 @@ def test_symlink_loop_is_bad_input_for_every_command(tmp_path, adapter, argv):
     paths = {"loop": tmp_path / "loop", "adapter": adapter, "out": tmp_path / "out",
              "through": tmp_path / "loop" / "adapter_model.safetensors"}
     line = assert_bad_input(run_cli(*[a.format(**paths) for a in argv]), "loop")
-    assert "symlink loop" in line or "no such file" in line, line  # never "internal error"
+    # a loop inside the path ('through') reads as absent to os.stat's callers; never "internal error"
+    assert "symlink loop" in line or (argv[-1] == "{through}" and "no such file" in line), line
 
 
 @pytest.mark.parametrize("name", ["with spaces", "ünïcödé-名前", "new\nline"])
