@@ -27,8 +27,10 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 
 def out_option(what: str, *, default: str | None = None):
     """``-o/--out OUT`` (passed as ``out``): required unless a default is given."""
-    return click.option("-o", "--out", "out", required=default is None, default=default, show_default=default is not None,
-                        type=click.Path(path_type=str), help=what)
+    if default is None:  # click 8.5 treats an explicit default=None as a default and stops requiring the option
+        return click.option("-o", "--out", "out", required=True, type=click.Path(path_type=str), help=what)
+    return click.option("-o", "--out", "out", default=default, show_default=True, type=click.Path(path_type=str),
+                        help=what)
 
 
 def top_k_option(help: str, default: int | None = None, *, old: str | None = None):
@@ -155,7 +157,7 @@ def renamed_option(old: str, new: str, dest: str, **attrs):
 
 
 #: Reader names for ``--format`` (kept here, not imported from the library, so ``--help`` stays light).
-ADAPTER_FORMATS = ("peft", "mlx", "kohya", "lycoris", "diffusers", "state_dict")
+ADAPTER_FORMATS = ("peft", "mlx", "kohya", "lycoris", "diffusers", "lora_diffusion", "state_dict")
 
 
 def format_option(f):

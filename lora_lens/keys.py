@@ -84,6 +84,14 @@ class PeftKey:
 
 
 _ROLES = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "emb_A", "lora_embedding_B": "emb_B"}
+#: Path components of PEFT's ``ModulesToSaveWrapper`` copies of a layer: factors under them are copies, never a module.
+PEFT_COPY_PARTS = ("modules_to_save", "original_module")
+
+
+def peft_copy(path: str) -> bool:
+    """True for a key or module path inside a ``modules_to_save`` wrapper's copies (``X.modules_to_save.…``,
+    ``X.original_module.…``): older PEFT saved a LoRA on such a layer three times (see docs/formats.md)."""
+    return any(part in PEFT_COPY_PARTS for part in path.split("."))
 
 
 def strip_peft_prefix(key: str) -> str:
@@ -96,9 +104,12 @@ def parse_peft_key(key: str) -> PeftKey:
     Accepts saved files (``base_model.model.X.lora_A.weight``), the same
     without the prefix, in-memory state dicts that still carry the adapter name
     (``X.lora_A.default.weight``) and embedding factors
-    (``X.lora_embedding_A``).
+    (``X.lora_embedding_A``). Factors inside a ``modules_to_save`` wrapper's copies
+    (:func:`peft_copy`) are ``other``: listed apart, never paired.
     """
     short = strip_peft_prefix(key)
+    if peft_copy(short):
+        return PeftKey(key, short, "other")
     parts = short.split(".")
     for i in range(len(parts) - 1, 0, -1):
         role = _ROLES.get(parts[i])
@@ -342,7 +353,8 @@ _DOT_ONLY_TOKENS = {"down", "up", "A", "B"}
 def split_pair_token(key: str) -> tuple[str, str, int] | None:
     """``(module stem, token, side)`` when ``key`` contains a known factor token; side 0 = input factor.
 
-    The token must stand between separators (``.``, ``_`` or an end):
+    The token must stand between separators (``.``, ``_``, ``:`` or an end; ``down``/``up``/``A``/``B``
+    between ``.`` or ``:`` only):
     ``blocks.0.attn.lora_A.weight`` → ``("blocks.0.attn", "lora_A", 0)``,
     ``w_b_003`` → ``("003", "w_b", 1)``. A trailing ``.weight`` and a
     ``.lora`` container are dropped from the stem.
@@ -350,14 +362,15 @@ def split_pair_token(key: str) -> tuple[str, str, int] | None:
     body = key.removesuffix(".weight")
     for first, second in PAIR_TOKENS:
         for side, tok in enumerate((first, second)):
-            sep = r"\." if tok in _DOT_ONLY_TOKENS else r"[._]"  # 'down_blocks' holds no factor token
+            sep = r"[.:]" if tok in _DOT_ONLY_TOKENS else r"[._:]"  # 'down_blocks' holds no factor token
             m = None
             for m in re.finditer(rf"(?:^|{sep}){re.escape(tok)}(?=$|{sep})", body):
                 pass
             if m is None:
                 continue
-            start = m.start() + (1 if m.group(0)[0] in "._" else 0)
-            stem = (body[:start] + body[start + len(tok):]).strip("._").replace("._", ".").replace("_.", ".")
+            start = m.start() + (1 if m.group(0)[0] in "._:" else 0)
+            stem = (body[:start] + body[start + len(tok):]).strip("._:").replace("._", ".").replace("_.", ".")
+            stem = re.sub(r"([.:_])[.:_]+", r"\1", stem) if "::" in stem or ":." in stem or ".:" in stem else stem
             stem = re.sub(r"\.lora$|^lora\.|\.lora(?=\.)", "", stem)
             return stem, f"{first}/{second}", side
     return None
@@ -373,16 +386,22 @@ NOT_LOW_RANK = (
 )
 
 
+#: cloneofsimo/lora's ``save_safeloras_with_embeds`` keys: ``unet:12:up``, ``text_encoder:0:down``.
+LORA_DIFFUSION_KEY = re.compile(r"^[^:.]+:\d+:(?:up|down)$")
+
+
 def adapter_key_scheme(names: list[str]) -> str | None:
     """The adapter format a list of tensor names looks like, or None (a base checkpoint).
 
-    Returns ``peft``, ``kohya``, ``lycoris``, ``diffusers``, ``mlx``,
+    Returns ``peft``, ``kohya``, ``lycoris``, ``diffusers``, ``mlx``, ``lora_diffusion``,
     ``state_dict`` (LoRA factor pairs under another naming), or
     ``not-low-rank:<tuner>``.
     """
     for fragment, tuner in NOT_LOW_RANK:
         if any(fragment in n for n in names):
             return f"not-low-rank:{tuner}"
+    if any(LORA_DIFFUSION_KEY.match(n) for n in names):
+        return "lora_diffusion"
     if any(n.startswith(tuple(p for p, _ in KOHYA_PREFIXES)) for n in names):
         if any(re.search(r"\.(hada_w1_a|lokr_w1|lokr_w1_a|lokr_w2|lokr_w2_a)$", n) for n in names):
             return "lycoris"

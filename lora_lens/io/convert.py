@@ -41,6 +41,10 @@ def components(adapter: Adapter) -> dict[str, list]:
 def convert_to_peft(adapter: Adapter, out: str | Path, *, overwrite: bool = False) -> list[Path]:
     """Write ``adapter`` as PEFT LoRA folder(s) under ``out``; returns the folders written."""
     out = Path(out)
+    if adapter.format == "lora_diffusion":  # its modules are injection indices, not module paths PEFT could target
+        raise ConfigError(f"{adapter.path}: a lora_diffusion file names its modules by injection index "
+                          f"({adapter.modules[0].name}, …), not by module path, so PEFT could not load it; "
+                          "see docs/formats.md (cloneofsimo/lora).")
     groups = components(adapter)
     if "" in groups and len(groups) > 1:
         raise ConfigError(f"{adapter.path}: mixes pipeline components {sorted(g for g in groups if g)} with other "
