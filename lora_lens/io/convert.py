@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from ..errors import ConfigError
 from ..keys import parse_module_path
 from ..types import Adapter
@@ -38,8 +40,10 @@ def components(adapter: Adapter) -> dict[str, list]:
     return groups
 
 
-def convert_to_peft(adapter: Adapter, out: str | Path, *, overwrite: bool = False) -> list[Path]:
-    """Write ``adapter`` as PEFT LoRA folder(s) under ``out``; returns the folders written."""
+def convert_to_peft(adapter: Adapter, out: str | Path, *, overwrite: bool = False,
+                    dtype: torch.dtype | None = None) -> list[Path]:
+    """Write ``adapter`` as PEFT LoRA folder(s) under ``out`` (factors cast to ``dtype`` if given);
+    returns the folders written. :func:`lora_lens.io.write_adapter` writes every other format."""
     out = Path(out)
     groups = components(adapter)
     if "" in groups and len(groups) > 1:
@@ -50,5 +54,5 @@ def convert_to_peft(adapter: Adapter, out: str | Path, *, overwrite: bool = Fals
     written = []
     for component, modules in groups.items():
         folder = out / component if component else out
-        written.append(save_peft_adapter(folder, modules, metadata=meta, overwrite=overwrite))
+        written.append(save_peft_adapter(folder, modules, metadata=meta, overwrite=overwrite, dtype=dtype))
     return written
