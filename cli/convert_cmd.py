@@ -1,11 +1,11 @@
-"""``lora-lens convert ADAPTER --to peft|kohya|mlx|diffusers -o OUT``: any adapter format written as another."""
+"""``lora-lens convert ADAPTER --to peft|kohya|mlx|diffusers -o OUT [--save-dtype D]``: any adapter format as another."""
 
 from __future__ import annotations
 
 import click
 
 from .common import echo_json
-from .options import format_option, json_option, out_option, overwrite_option
+from .options import format_option, json_option, out_option, overwrite_option, save_dtype_option
 
 #: ``--to`` names (kept here, not imported from the library, so ``--help`` stays light).
 WRITE_FORMATS = ("peft", "kohya", "mlx", "diffusers")
@@ -16,13 +16,12 @@ WRITE_FORMATS = ("peft", "kohya", "mlx", "diffusers")
 @click.option("--to", "target", type=click.Choice(WRITE_FORMATS), default="peft", show_default=True,
               help="Output format: a PEFT folder, a kohya .safetensors (in OUT), an MLX-LM folder or a diffusers "
                    "pytorch_lora_weights.safetensors (in OUT).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None,
-              help="Dtype of the written factors [default: the input's].")
+@save_dtype_option
 @out_option("Folder to write.")
 @overwrite_option
 @json_option
 @format_option
-def convert_cmd(adapter, target, dtype, out, overwrite, as_json, fmt) -> None:
+def convert_cmd(adapter, target, save_dtype, out, overwrite, as_json, fmt) -> None:
     """Write an adapter of any format (PEFT, MLX, kohya, LyCORIS, diffusers,
     a research state dict, PEFT LoHa/LoKr/AdaLoRA) as PEFT, kohya, MLX-LM or
     diffusers, with the same ΔW = s·B·A per module (each module's scale kept
@@ -36,14 +35,14 @@ def convert_cmd(adapter, target, dtype, out, overwrite, as_json, fmt) -> None:
     Examples:
       lora-lens convert ./mlx-adapters -o ./peft-adapter
       lora-lens convert style_lora.safetensors --to diffusers -o ./style-diffusers
-      lora-lens convert ./peft-adapter --to mlx -o ./mlx-adapters --dtype float16
+      lora-lens convert ./peft-adapter --to mlx -o ./mlx-adapters --save-dtype float16
     """
     import torch
 
     from lora_lens.io import load_adapter, write_adapter
 
     written = write_adapter(load_adapter(adapter, format=fmt), out, to=target, overwrite=overwrite,
-                            dtype=getattr(torch, dtype) if dtype else None)
+                            dtype=getattr(torch, save_dtype) if save_dtype else None)
     if as_json:
         from lora_lens import stamp
 

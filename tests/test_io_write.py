@@ -193,7 +193,7 @@ def test_kohya_to_peft_to_kohya_round_trip(sd_lora, tmp_path):
 
 
 def test_lokr_and_dtype_written_as_plain_lora(tmp_path):
-    """A LyCORIS LoKr becomes LoRA of rank r₁·r₂; --dtype casts the factors; ΔW is kept."""
+    """A LyCORIS LoKr becomes LoRA of rank r₁·r₂; --save-dtype casts the factors; ΔW is kept."""
     g = torch.Generator().manual_seed(0)
     t = {"lora_unet_mid_block_attentions_0_proj_in.lokr_w1": torch.randn(4, 2, generator=g, dtype=torch.float64),
          "lora_unet_mid_block_attentions_0_proj_in.lokr_w2_a": torch.randn(8, 3, generator=g, dtype=torch.float64),
@@ -207,7 +207,7 @@ def test_lokr_and_dtype_written_as_plain_lora(tmp_path):
         back = load_adapter(tmp_path / to)
         assert [(m.kind, m.rank, m.dtype) for m in back] == [("lora", 6, torch.float64)]
         same_deltas(back, source, tol=1e-15)
-    r = run("convert", tmp_path / "lokr.safetensors", "--to", "kohya", "--dtype", "bfloat16", "-o", tmp_path / "bf16")
+    r = run("convert", tmp_path / "lokr.safetensors", "--to", "kohya", "--save-dtype", "bfloat16", "-o", tmp_path / "bf16")
     assert r.exit_code == 0, r.output
     (m,) = load_adapter(tmp_path / "bf16")
     assert m.dtype == torch.bfloat16 and rel(m.delta(), source.modules[0].delta()) < 2e-2  # bf16: 8 bits
