@@ -271,6 +271,12 @@ def test_flux_transformer_kohya_and_diffusers_load_in_diffusers(tmp_path):
     assert sorted(got) == sorted(refs)
     for name, ref in refs.items():
         assert rel(got[name], ref) <= REL, name
+    # and PEFT: the root proj_out's alpha must not reach the single block's (an anchored alpha_pattern key)
+    (peft_out,) = write_adapter(source, tmp_path / "peft", to="peft")
+    got = lora_deltas(load_with_peft(flux_model().double(), peft_out).base_model.model, "transformer")
+    assert sorted(got) == sorted(refs)
+    for name, ref in refs.items():
+        assert rel(got[name], ref) <= REL, name
 
 
 # --- MLX-LM --------------------------------------------------------------------------------------------
