@@ -26,7 +26,8 @@ def convert_cmd(adapter, target, save_dtype, out, overwrite, as_json, fmt) -> No
     a research state dict, PEFT LoHa/LoKr/AdaLoRA) as PEFT, kohya, MLX-LM or
     diffusers, with the same ΔW = s·B·A per module (each module's scale kept
     exactly). LoKr/LoHa become LoRA pairs of their effective rank. --to peft
-    gives one folder per diffusion component (OUT/unet, OUT/text_encoder, …);
+    gives one folder per diffusion component (OUT/unet, OUT/text_encoder, …),
+    and such a folder converts back as one adapter;
     kohya and diffusers name SD1.x/SDXL UNets and text encoders and Flux/SD3
     transformers; MLX-LM names language-model layers (one rank and scale:
     smaller ranks are zero-padded, other scales folded into lora_b).
@@ -39,9 +40,9 @@ def convert_cmd(adapter, target, save_dtype, out, overwrite, as_json, fmt) -> No
     """
     import torch
 
-    from lora_lens.io import load_adapter, write_adapter
+    from lora_lens.io import load_convertible, write_adapter
 
-    written = write_adapter(load_adapter(adapter, format=fmt), out, to=target, overwrite=overwrite,
+    written = write_adapter(load_convertible(adapter, format=fmt), out, to=target, overwrite=overwrite,
                             dtype=getattr(torch, save_dtype) if save_dtype else None)
     if as_json:
         from lora_lens import stamp

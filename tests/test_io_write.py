@@ -180,16 +180,50 @@ def test_kohya_to_peft_to_kohya_round_trip(sd_lora, tmp_path):
     assert sorted(got) == sorted(n for n in refs if n.startswith("unet."))
     for name, d in got.items():
         assert rel(d, refs[name]) <= REL, name
-    for comp in ("unet", "text_encoder"):
-        r = run("convert", tmp_path / "peft" / comp, "--to", "kohya", "-o", tmp_path / f"k-{comp}")
+    # the folder of component folders converts back as one file: every key, bit for bit
+    r = run("convert", tmp_path / "peft", "--to", "kohya", "-o", tmp_path / "again")
+    assert r.exit_code == 0, r.output
+    back = load_file(tmp_path / "again" / "again.safetensors")
+    assert sorted(back) == sorted(t)
+    for k, v in t.items():  # factors bit for bit; alphas to float32's rounding of s·r
+        if k.endswith(".alpha"):
+            assert abs(float(back[k]) - float(v)) <= 1e-7 * float(v), k
+        else:
+            assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    # one component folder alone: its component comes from the folder's name
+    r = run("convert", tmp_path / "peft" / "unet", "--to", "kohya", "-o", tmp_path / "unet-only")
+    assert r.exit_code == 0, r.output
+    assert sorted(load_file(tmp_path / "unet-only" / "unet-only.safetensors")) == sorted(
+        k for k in t if k.startswith("lora_unet_"))
+
+
+def test_sdxl_sd_scripts_names_round_trip_through_peft(tmp_path):
+    """sd-scripts' SDXL naming (original ``input_blocks`` UNet names, ``lora_te1_`` / ``lora_te2_``, fp16
+    factors, fp16 alphas, no alpha on one module) → PEFT folders → kohya: the same names and factors."""
+    g = torch.Generator().manual_seed(0)
+    stems = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (20, 12, 4.0),
+             "lora_unet_output_blocks_2_0_conv1": (6, 5 * 9, 1.0),
+             "lora_te1_text_model_encoder_layers_0_mlp_fc1": (16, 8, None),
+             "lora_te2_text_model_encoder_layers_3_self_attn_out_proj": (8, 8, 2.0)}
+    t = {}
+    for stem, (m, n, alpha) in stems.items():
+        down = torch.randn(4, n, generator=g).half()
+        t[f"{stem}.lora_down.weight"] = down.reshape(4, 5, 3, 3) if "conv" in stem else down
+        t[f"{stem}.lora_up.weight"] = torch.randn(m, 4, 1, 1, generator=g).half() if "conv" in stem else \
+            torch.randn(m, 4, generator=g).half()
+        if alpha is not None:
+            t[f"{stem}.alpha"] = torch.tensor(alpha).half()
+    save_file(t, tmp_path / "sdxl.safetensors")
+    for args in (("--to", "peft", "-o", tmp_path / "peft"), ("--to", "kohya", "-o", tmp_path / "k")):
+        r = run("convert", tmp_path / ("sdxl.safetensors" if args[1] == "peft" else "peft"), *args)
         assert r.exit_code == 0, r.output
-        back = load_file(tmp_path / f"k-{comp}" / f"k-{comp}.safetensors")
-        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[comp]
-        want = {k: v for k, v in t.items() if k.startswith(prefix)}
-        assert sorted(back) == sorted(want)
-        for k, v in want.items():  # factors bit for bit; alphas to float32's rounding of s·r
-            assert back[k].dtype == v.dtype and torch.equal(back[k], v) if not k.endswith("alpha") else \
-                abs(float(back[k]) - float(v)) <= 1e-7 * float(v), k
+    back = load_file(tmp_path / "k" / "k.safetensors")
+    want = {k for k in t} | {"lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha"}  # alpha = r written out
+    assert set(back) == want
+    assert all(torch.equal(back[k], v) for k, v in t.items() if not k.endswith(".alpha"))
+    assert {k: float(back[k]) for k in back if k.endswith(".alpha")} == {
+        f"{s}.alpha": a if a is not None else 4.0 for s, (_, _, a) in stems.items()}
+    same_deltas(load_adapter(tmp_path / "k"), load_adapter(tmp_path / "sdxl.safetensors"), rename=lambda n: n)
 
 
 def test_lokr_and_dtype_written_as_plain_lora(tmp_path):

@@ -32,13 +32,14 @@ from ...errors import ConfigError, NonFiniteError
 from ...keys import diffusion_component
 from ...types import Adapter
 from ..atomic import atomic_directory, atomic_save_safetensors, atomic_write_json
+from ..convert import names_components
 from .mlx import CONFIG_NAME, WEIGHT_NAMES
-from .write_common import PREFIXED_FORMATS, SUPPORTED, check_names, modal, out_factors, provenance
+from .write_common import SUPPORTED, check_names, modal, out_factors, provenance
 
 
 def write(adapter: Adapter, out: Path, *, dtype: torch.dtype | None = None, overwrite: bool = False) -> list[Path]:
     """Write ``adapter`` as an MLX-LM adapter folder ``out``; returns ``[out]``."""
-    prefixed = adapter.format in PREFIXED_FORMATS
+    prefixed = names_components(adapter)
     for m in adapter.modules:
         if m.layout == "conv":
             raise ConfigError(f"'{m.name}': a Conv2d update; MLX-LM adapts Linear and Embedding layers only. "

@@ -18,13 +18,11 @@ from ... import __version__
 from ...errors import ConfigError, NonFiniteError
 from ...keys import DIFFUSION_COMPONENTS, diffusion_component
 from ...types import Adapter, LoraModule
+from ..convert import names_components
 
 #: What each output format can name, said by every refusal of a ``--to``.
 SUPPORTED = ("Supported: --to peft any adapter; --to mlx language-model Linear/Embedding layers; --to kohya and "
              "--to diffusers SD1.x/SDXL UNets and text encoders and Flux/SD3 transformers.")
-
-#: Formats whose readers name modules with their pipeline component in front (``unet.…``).
-PREFIXED_FORMATS = ("kohya", "lycoris", "diffusers")
 
 
 def out_factors(m: LoraModule, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +60,7 @@ def by_component(adapter: Adapter, to: str) -> dict[str, list[LoraModule]]:
     diffusion models only. Text-encoder paths keep CLIP's ``text_model.`` root, which kohya and diffusers
     files name (diffusers drops it again for a flattened ``CLIPTextModel``).
     """
-    prefixed = adapter.format in PREFIXED_FORMATS
+    prefixed = names_components(adapter)
     hint = adapter.path.name if adapter.path.name in DIFFUSION_COMPONENTS else None
     groups: dict[str, list[LoraModule]] = {}
     stray = []
