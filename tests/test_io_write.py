@@ -400,6 +400,9 @@ def test_unsupported_targets_and_bad_values_exit_2(llama_adapter, sd_lora, tmp_p
         assert not (tmp_path / to).exists(), line
     sd_folder, _ = sd_lora
     assert_bad_input(run("convert", sd_folder, "--to", "mlx", "-o", tmp_path / "m"), "diffusion", "Supported:")
+    write_adapter(load_adapter(sd_folder), tmp_path / "sd-peft", to="peft")  # its unet folder is a UNet's too
+    assert_bad_input(run("convert", tmp_path / "sd-peft" / "text_encoder", "--to", "mlx", "-o", tmp_path / "m"),
+                     "diffusion", "Supported:")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     assert_bad_input(run("convert", folder, "--to", "mlx", "-o", tmp_path / "full"), "--overwrite")

@@ -24,7 +24,6 @@ from ..types import Adapter
 WRITE_FORMATS = ("peft", "kohya", "mlx", "diffusers")
 
 
-
 def write_adapter(adapter: Adapter, out: str | Path, *, to: str, dtype: torch.dtype | None = None,
                   overwrite: bool = False) -> list[Path]:
     """Write ``adapter`` (any :class:`~lora_lens.types.Adapter` in factored form) as format ``to`` under ``out``.

@@ -29,22 +29,19 @@ from pathlib import Path
 import torch
 
 from ...errors import ConfigError, NonFiniteError
-from ...keys import diffusion_component
 from ...types import Adapter
 from ..atomic import atomic_directory, atomic_save_safetensors, atomic_write_json
-from ..convert import names_components
 from .mlx import CONFIG_NAME, WEIGHT_NAMES
-from .write_common import SUPPORTED, check_names, modal, out_factors, provenance
+from .write_common import SUPPORTED, check_names, component_paths, modal, out_factors, provenance
 
 
 def write(adapter: Adapter, out: Path, *, dtype: torch.dtype | None = None, overwrite: bool = False) -> list[Path]:
     """Write ``adapter`` as an MLX-LM adapter folder ``out``; returns ``[out]``."""
-    prefixed = names_components(adapter)
-    for m in adapter.modules:
+    for m, (component, _) in zip(adapter.modules, component_paths(adapter)):
         if m.layout == "conv":
             raise ConfigError(f"'{m.name}': a Conv2d update; MLX-LM adapts Linear and Embedding layers only. "
                               f"{SUPPORTED}")
-        if prefixed and diffusion_component(m.name, prefixed=True)[0] is not None:
+        if component is not None:
             raise ConfigError(f"'{m.name}': a diffusion pipeline module; MLX-LM adapters hold language-model "
                               f"layers only. {SUPPORTED}")
     scale = float(modal([m.scaling for m in adapter.modules]))
@@ -85,4 +82,4 @@ def _check_folded(name: str, B: torch.Tensor) -> None:
     """A factor whose folded scale ratio overflows the dtype: refused (never written)."""
     if not bool(torch.isfinite(B).all()):
         raise NonFiniteError(f"'{name}': lora_b overflows {B.dtype} once its scale ratio is folded in; nothing was "
-                             "written. Write a wider --dtype.")
+                             "written. Write a wider dtype (--save-dtype).")

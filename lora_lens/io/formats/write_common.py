@@ -9,6 +9,7 @@ names, the layout of the factors and where the scale goes differ by format.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +17,7 @@ import torch
 
 from ... import __version__
 from ...errors import ConfigError, NonFiniteError
-from ...keys import DIFFUSION_COMPONENTS, diffusion_component
+from ...keys import DIFFUSION_COMPONENTS, diffusion_component, parse_module_path
 from ...types import Adapter, LoraModule
 from ..convert import names_components
 
@@ -32,7 +33,7 @@ def out_factors(m: LoraModule, dtype: torch.dtype | None) -> tuple[torch.Tensor,
         if not bool(torch.isfinite(t).all()):
             why = "holds NaN or Inf" if not bool(torch.isfinite(stored).all()) else f"overflows {dtype}"
             raise NonFiniteError(f"'{m.name}': factor {name} {why}; nothing was written. Check the input "
-                                 "(lora-lens inspect) or write a wider --dtype.")
+                                 "(lora-lens inspect) or write a wider dtype (--save-dtype).")
     return A.contiguous(), B.contiguous()
 
 
@@ -53,39 +54,45 @@ def modal(values: Sequence):
 _CLIP_ROOTS = ("encoder", "embeddings", "final_layer_norm")
 
 
+def component_paths(adapter: Adapter) -> list[tuple[str | None, str]]:
+    """``(pipeline component or None, path inside it)`` of every module, in order.
+
+    Names start with their component where the reader put it there (kohya, LyCORIS, diffusers, a folder
+    of component folders); a PEFT folder named after a component (``OUT/unet``) gives its modules that
+    component; otherwise the path's root tells (``down_blocks`` → unet). Text-encoder paths keep CLIP's
+    ``text_model.`` root, which kohya and diffusers files name (transformers ≥ 5 drops it).
+    """
+    prefixed = names_components(adapter)
+    hint = adapter.path.name if adapter.path.name in DIFFUSION_COMPONENTS else None
+    out = []
+    for m in adapter.modules:
+        component, path = diffusion_component(m.name, prefixed=prefixed, hint=hint)
+        if component is not None and component.startswith("text_encoder") and path.split(".", 1)[0] in _CLIP_ROOTS:
+            path = "text_model." + path
+        out.append((component, path))
+    return out
+
+
 def by_component(adapter: Adapter, to: str) -> dict[str, list[LoraModule]]:
     """Modules per diffusion pipeline component, named by their path inside it (``down_blocks.0.…``).
 
     A module of no component (an LLM's ``model.layers.0…``) is refused: kohya and diffusers name
-    diffusion models only. Text-encoder paths keep CLIP's ``text_model.`` root, which kohya and diffusers
-    files name (diffusers drops it again for a flattened ``CLIPTextModel``).
+    diffusion models only.
     """
-    prefixed = names_components(adapter)
-    hint = adapter.path.name if adapter.path.name in DIFFUSION_COMPONENTS else None
     groups: dict[str, list[LoraModule]] = {}
     stray = []
-    for m in adapter.modules:
-        component, path = diffusion_component(m.name, prefixed=prefixed, hint=hint)
+    for m, (component, path) in zip(adapter.modules, component_paths(adapter)):
         if component is None:
             stray.append(m.name)
         else:
-            if component.startswith("text_encoder") and path.split(".", 1)[0] in _CLIP_ROOTS:
-                path = "text_model." + path  # transformers ≥ 5 flattened CLIPTextModel; files keep text_model.
-            groups.setdefault(component, []).append(m if path == m.name else _renamed(m, path))
+            groups.setdefault(component, []).append(
+                m if path == m.name else replace(m, name=path, key=parse_module_path(path)))
     if stray:
         raise ConfigError(
             f"{adapter.path}: module '{stray[0]}'{f' and {len(stray) - 1} more' if len(stray) > 1 else ''} belong to no "
             f"diffusion pipeline component (unet., text_encoder., text_encoder_2., transformer.), so --to {to} has no "
             f"name for them. {SUPPORTED}")
     return groups
-
-
-def _renamed(m: LoraModule, path: str) -> LoraModule:
-    from dataclasses import replace
-
-    from ...keys import parse_module_path
-
-    return replace(m, name=path, key=parse_module_path(path))
 
 
 def refuse_embeddings(modules: Sequence[LoraModule], to: str) -> None:
