@@ -267,9 +267,9 @@ _UNDERSCORED = sorted({
     "time_text_embed", "timestep_embedder", "text_embedder", "guidance_embedder", "norm_added_q",
     "norm_added_k", "self_attention", "cross_attention", "token_embedding", "position_embedding",
     "text_projection", "lora_down", "lora_up",
-    # DiT (Flux / SD3) module names, so that a ``lora_transformer_`` name written by
-    # :func:`kohya_name` reads back as the same path
-    "ff_context", "norm1_context", "pos_embed",
+    # DiT (Flux / SD3) and T5 module names, so that a name written by :func:`kohya_name` reads back
+    # as the same path
+    "ff_context", "norm1_context", "pos_embed", "wi_0", "wi_1",
 }, key=lambda s: -s.count("_"))
 
 

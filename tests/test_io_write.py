@@ -313,6 +313,35 @@ def test_flux_transformer_kohya_and_diffusers_load_in_diffusers(tmp_path):
         assert rel(got[name], ref) <= REL, name
 
 
+def test_kohya_names_read_back_as_the_same_paths():
+    """Every Linear / Conv2d path of SDXL's UNet, SD3's and Flux's transformers, CLIP and T5 text encoders:
+    the kohya name written (dots → underscores) reads back as that path (names with underscores recovered)."""
+    from lora_lens.keys import kohya_module_path, kohya_name
+
+    torch.manual_seed(0)
+    models = {
+        "unet": diffusers.UNet2DConditionModel(
+            block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4, addition_embed_type="text_time",
+            addition_time_embed_dim=4, projection_class_embeddings_input_dim=16, transformer_layers_per_block=(1, 2)),
+        "transformer": diffusers.SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+            dual_attention_layers=(0,)),
+        "text_encoder_2": transformers.T5EncoderModel(transformers.T5Config(
+            vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu")),
+    }
+    paths = [(c, n) for c, m in models.items() for n, mod in m.named_modules()
+             if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))]
+    paths += [("transformer", n) for n, mod in flux_model().named_modules() if isinstance(mod, torch.nn.Linear)]
+    paths += [("text_encoder", f"text_model.{n}") for n, mod in sd_models()[1].named_modules()
+              if isinstance(mod, torch.nn.Linear)]
+    assert any("wi_0" in n for _, n in paths) and any("norm1_context" in n for _, n in paths)
+    bad = [(c, n) for c, n in paths if kohya_module_path(kohya_name(c, n, text_encoder_prefix="lora_te1_")) != f"{c}.{n}"]
+    assert not bad, bad
+
+
 # --- MLX-LM --------------------------------------------------------------------------------------------
 
 MLX_CONFIG_FIELDS = {"fine_tune_type", "num_layers", "lora_parameters"}  # what mlx-lm's load_adapters reads

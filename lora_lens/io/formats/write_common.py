@@ -50,8 +50,9 @@ def modal(values: Sequence):
     return Counter(values).most_common(1)[0][0]
 
 
-#: Roots of a CLIP text encoder's modules when transformers names them without ``text_model.``.
-_CLIP_ROOTS = ("encoder", "embeddings", "final_layer_norm")
+#: How a CLIP text encoder's module paths start when transformers names them without ``text_model.``
+#: (a T5 encoder's ``encoder.block.…`` is not CLIP's and keeps its path).
+_CLIP_ROOTS = ("encoder.layers.", "embeddings.", "final_layer_norm")
 
 
 def component_paths(adapter: Adapter) -> list[tuple[str | None, str]]:
@@ -67,7 +68,7 @@ def component_paths(adapter: Adapter) -> list[tuple[str | None, str]]:
     out = []
     for m in adapter.modules:
         component, path = diffusion_component(m.name, prefixed=prefixed, hint=hint)
-        if component is not None and component.startswith("text_encoder") and path.split(".", 1)[0] in _CLIP_ROOTS:
+        if component is not None and component.startswith("text_encoder") and path.startswith(_CLIP_ROOTS):
             path = "text_model." + path
         out.append((component, path))
     return out
