@@ -35,6 +35,12 @@ def write_adapter(adapter: Adapter, out: str | Path, *, to: str, dtype: torch.dt
     was written. Refused (:class:`~lora_lens.errors.ConfigError`): a format that cannot name the
     adapter's modules (an LLM ``--to kohya``), saying what each format supports. Non-finite factors are
     refused (:class:`~lora_lens.errors.NonFiniteError`) before anything is written.
+
+    For kohya / diffusers the modules' pipeline component comes from their names: names start with it
+    (``unet.down_blocks.0…``) when ``adapter.format`` is ``kohya``, ``lycoris`` or ``diffusers`` or
+    ``adapter.metadata`` has :data:`~lora_lens.io.convert.PIPELINE_KEY`; else a folder named after a
+    component (``OUT/unet``) or the path's root (``down_blocks`` → unet) says it. An adapter built in
+    memory from one of those keeps the source's ``format`` (``dataclasses.replace``) to stay writable.
     """
     from .convert import convert_to_peft
     from .formats import diffusers_write, kohya_write, mlx_write
