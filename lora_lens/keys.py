@@ -270,6 +270,11 @@ _UNDERSCORED = sorted({
     # DiT (Flux / SD3) and T5 module names, so that a name written by :func:`kohya_name` reads back
     # as the same path
     "ff_context", "norm1_context", "pos_embed", "wi_0", "wi_1",
+    # the original model names sd-scripts uses for SDXL's UNet (SGM) and for Flux (BFL) / SD3 (SAI MMDiT)
+    "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers", "skip_connection",
+    "double_blocks", "single_blocks", "img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_mod", "txt_mod",
+    "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "in_layer", "out_layer", "final_layer",
+    "joint_blocks", "x_block", "context_block", "adaLN_modulation", "x_embedder", "t_embedder", "y_embedder",
 }, key=lambda s: -s.count("_"))
 
 

@@ -197,33 +197,48 @@ def test_kohya_to_peft_to_kohya_round_trip(sd_lora, tmp_path):
         k for k in t if k.startswith("lora_unet_"))
 
 
-def test_sdxl_sd_scripts_names_round_trip_through_peft(tmp_path):
-    """sd-scripts' SDXL naming (original ``input_blocks`` UNet names, ``lora_te1_`` / ``lora_te2_``, fp16
-    factors, fp16 alphas, no alpha on one module) → PEFT folders → kohya: the same names and factors."""
-    g = torch.Generator().manual_seed(0)
-    stems = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (20, 12, 4.0),
-             "lora_unet_output_blocks_2_0_conv1": (6, 5 * 9, 1.0),
+SD_SCRIPTS_FILES = {
+    # SDXL: the original (SGM) UNet names, two CLIPs
+    "sdxl": {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (20, 12, 4.0),
+             "lora_unet_output_blocks_2_0_in_layers_2": (6, 5 * 9, 1.0),
              "lora_te1_text_model_encoder_layers_0_mlp_fc1": (16, 8, None),
-             "lora_te2_text_model_encoder_layers_3_self_attn_out_proj": (8, 8, 2.0)}
+             "lora_te2_text_model_encoder_layers_3_self_attn_out_proj": (8, 8, 2.0)},
+    # Flux as sd-scripts names it (BFL names, fused qkv) with CLIP-L alone: still lora_te1_
+    "flux": {"lora_unet_double_blocks_0_img_attn_qkv": (24, 8, 4.0),
+             "lora_unet_single_blocks_1_linear1": (40, 8, 2.0),
+             "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (8, 8, 1.0)},
+}
+
+
+@pytest.mark.parametrize("model", sorted(SD_SCRIPTS_FILES))
+def test_sd_scripts_names_round_trip_through_peft(tmp_path, model):
+    """sd-scripts' own naming (SDXL's ``input_blocks``, Flux's ``double_blocks``; ``lora_te1_`` / ``lora_te2_``;
+    fp16 factors and alphas; one module without alpha) → PEFT folders → kohya: the same names and factors."""
+    g = torch.Generator().manual_seed(0)
+    stems = SD_SCRIPTS_FILES[model]
     t = {}
     for stem, (m, n, alpha) in stems.items():
         down = torch.randn(4, n, generator=g).half()
-        t[f"{stem}.lora_down.weight"] = down.reshape(4, 5, 3, 3) if "conv" in stem else down
-        t[f"{stem}.lora_up.weight"] = torch.randn(m, 4, 1, 1, generator=g).half() if "conv" in stem else \
+        conv = "in_layers" in stem
+        t[f"{stem}.lora_down.weight"] = down.reshape(4, 5, 3, 3) if conv else down
+        t[f"{stem}.lora_up.weight"] = torch.randn(m, 4, 1, 1, generator=g).half() if conv else \
             torch.randn(m, 4, generator=g).half()
         if alpha is not None:
             t[f"{stem}.alpha"] = torch.tensor(alpha).half()
-    save_file(t, tmp_path / "sdxl.safetensors")
+    save_file(t, tmp_path / "sd-scripts.safetensors")
+    names = load_adapter(tmp_path / "sd-scripts.safetensors").names  # the original model's paths, read back
+    assert {"sdxl": "unet.input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+            "flux": "unet.double_blocks.0.img_attn.qkv"}[model] in names
     for args in (("--to", "peft", "-o", tmp_path / "peft"), ("--to", "kohya", "-o", tmp_path / "k")):
-        r = run("convert", tmp_path / ("sdxl.safetensors" if args[1] == "peft" else "peft"), *args)
+        r = run("convert", tmp_path / ("sd-scripts.safetensors" if args[1] == "peft" else "peft"), *args)
         assert r.exit_code == 0, r.output
     back = load_file(tmp_path / "k" / "k.safetensors")
-    want = {k for k in t} | {"lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha"}  # alpha = r written out
+    want = {k for k in t} | {f"{s}.alpha" for s, (_, _, a) in stems.items() if a is None}  # alpha = r written
     assert set(back) == want
     assert all(torch.equal(back[k], v) for k, v in t.items() if not k.endswith(".alpha"))
     assert {k: float(back[k]) for k in back if k.endswith(".alpha")} == {
         f"{s}.alpha": a if a is not None else 4.0 for s, (_, _, a) in stems.items()}
-    same_deltas(load_adapter(tmp_path / "k"), load_adapter(tmp_path / "sdxl.safetensors"), rename=lambda n: n)
+    same_deltas(load_adapter(tmp_path / "k"), load_adapter(tmp_path / "sd-scripts.safetensors"), rename=lambda n: n)
 
 
 def test_lokr_and_dtype_written_as_plain_lora(tmp_path):

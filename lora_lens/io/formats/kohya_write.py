@@ -9,7 +9,7 @@ One ``.safetensors`` file, ``OUT/<OUT's name>.safetensors``, with per module
 (:func:`lora_lens.keys.kohya_name`): ``lora_unet_<diffusers path>`` (what
 sd-scripts writes for SD1.x and what diffusers and ComfyUI read for SDXL),
 ``lora_te_`` (SD1.x/2.x) or ``lora_te1_`` / ``lora_te2_`` (SDXL; ``lora_te1_``
-beside a DiT), ``lora_te3_`` and ``lora_transformer_<diffusers path>`` for
+beside a DiT or a UNet named as sd-scripts names SDXL / Flux / SD3), ``lora_te3_`` and ``lora_transformer_<diffusers path>`` for
 Flux / SD3 transformers, the naming diffusers' Flux loader reads. LoKr / LoHa
 modules are written as plain LoRA of their effective rank.
 """
@@ -29,7 +29,7 @@ from .write_common import by_component, check_names, conv_factors, modal, out_fa
 def write(adapter: Adapter, out: Path, *, dtype: torch.dtype | None = None, overwrite: bool = False) -> list[Path]:
     """Write ``adapter`` as ``out/<out.name>.safetensors``; returns ``[that file]``."""
     groups = by_component(adapter, "kohya")
-    te = "lora_te1_" if {"text_encoder_2", "transformer"} & set(groups) else "lora_te_"
+    te = "lora_te1_" if _first_of_several(groups) else "lora_te_"
     tensors: dict[str, torch.Tensor] = {}
     stems, ranks, alphas = [], [], []
     for component, modules in groups.items():
@@ -54,3 +54,17 @@ def write(adapter: Adapter, out: Path, *, dtype: torch.dtype | None = None, over
     with atomic_directory(out, overwrite=overwrite) as tmp:
         atomic_save_safetensors(tensors, tmp / file.name, meta)
     return [file]
+
+
+#: Roots of the UNet / DiT paths sd-scripts writes for SDXL (SGM names), Flux (BFL) and SD3 (SAI MMDiT):
+#: models whose first text encoder is ``lora_te1_`` even when it is the only one in the file.
+_SEVERAL_ENCODER_ROOTS = ("input_blocks", "middle_block", "output_blocks", "double_blocks", "single_blocks",
+                          "joint_blocks")
+
+
+def _first_of_several(groups: dict) -> bool:
+    """Whether ``text_encoder`` is the first of several (``lora_te1_``): beside a second one, beside a DiT, or
+    beside a UNet named as sd-scripts names SDXL's, Flux's or SD3's."""
+    if {"text_encoder_2", "text_encoder_3", "transformer"} & set(groups):
+        return True
+    return any(m.name.split(".", 1)[0] in _SEVERAL_ENCODER_ROOTS for m in groups.get("unet", ()))
