@@ -190,6 +190,9 @@ def test_kohya_to_peft_to_kohya_round_trip(sd_lora, tmp_path):
             assert abs(float(back[k]) - float(v)) <= 1e-7 * float(v), k
         else:
             assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    r = run("convert", tmp_path / "peft", "--to", "peft", "-o", tmp_path / "peft2", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["written"] == [str(tmp_path / "peft2" / c) for c in ("text_encoder", "unet")]
     # one component folder alone: its component comes from the folder's name
     r = run("convert", tmp_path / "peft" / "unet", "--to", "kohya", "-o", tmp_path / "unet-only")
     assert r.exit_code == 0, r.output
