@@ -90,6 +90,13 @@ max_memory_option = click.option("--max-memory", type=ByteSize(), default=None, 
                                  help="Device memory budget of one chunk, e.g. 2GB, 512MiB (default 4 GiB).")
 
 
+#: ``--save-dtype``: the dtype of written weights, apart from ``--dtype`` (the compute precision); every command
+#: that writes an adapter in its input's dtype takes it (passed as ``save_dtype``, a torch dtype name or None).
+save_dtype_option = click.option("--save-dtype", "save_dtype", type=click.Choice(["float32", "float16", "bfloat16",
+                                 "float64"]), default=None,
+                                 help="Dtype of the written weights [default: the input's].")
+
+
 def compute_options(f):
     """Add ``--device``, ``--dtype`` and ``--max-memory``; the command receives them as one ``compute``.
 

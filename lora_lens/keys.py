@@ -278,6 +278,14 @@ _UNDERSCORED = sorted({
     "time_text_embed", "timestep_embedder", "text_embedder", "guidance_embedder", "norm_added_q",
     "norm_added_k", "self_attention", "cross_attention", "token_embedding", "position_embedding",
     "text_projection", "lora_down", "lora_up",
+    # DiT (Flux / SD3) and T5 module names, so that a name written by :func:`kohya_name` reads back
+    # as the same path
+    "ff_context", "norm1_context", "pos_embed", "wi_0", "wi_1",
+    # the original model names sd-scripts uses for SDXL's UNet (SGM) and for Flux (BFL) / SD3 (SAI MMDiT)
+    "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers", "skip_connection",
+    "double_blocks", "single_blocks", "img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_mod", "txt_mod",
+    "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "in_layer", "out_layer", "final_layer",
+    "joint_blocks", "x_block", "context_block", "adaLN_modulation", "x_embedder", "t_embedder", "y_embedder",
 }, key=lambda s: -s.count("_"))
 
 
@@ -339,6 +347,53 @@ def diffusers_module_path(stem: str) -> str:
 
 #: Top-level modules of a diffusers UNet, for files saved without the ``unet.`` component prefix.
 _UNET_ROOTS = {"down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "time_embedding", "add_embedding"}
+
+
+# --- Writing diffusion adapters: which pipeline component a module belongs to, and its kohya name ----
+
+#: Diffusion pipeline components whose modules one adapter file may hold (kohya prefix ⇄ diffusers prefix).
+DIFFUSION_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+#: Top-level modules of a diffusers DiT (Flux, SD3), for paths written without the ``transformer.`` prefix.
+_DIT_ROOTS = {"transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder",
+              "time_text_embed", "norm_out", "proj_out", "pos_embed"}
+
+
+def diffusion_component(path: str, *, prefixed: bool, hint: str | None = None) -> tuple[str | None, str]:
+    """``(component, path inside it)`` of a module path, or ``(None, path)`` when it names no pipeline component.
+
+    ``prefixed``: the path starts with its component (``unet.down_blocks.0…``), as kohya, LyCORIS and
+    diffusers files are read; a PEFT folder holds one model, so its paths do not, and its component is
+    ``hint`` (the folder's name, ``OUT/unet`` as ``convert --to peft`` writes it) or recognised from the
+    path's root (``down_blocks`` → unet, ``transformer_blocks`` → transformer, ``text_model`` →
+    text_encoder). A Hugging Face LLM path (``model.layers…``, GPT-2's ``transformer.h…``) is none.
+    """
+    head, _, rest = path.partition(".")
+    if prefixed and head in DIFFUSION_COMPONENTS and rest:
+        return head, rest
+    if hint in DIFFUSION_COMPONENTS:
+        return hint, path
+    if head in _UNET_ROOTS:
+        return "unet", path
+    if head in _DIT_ROOTS:
+        return "transformer", path
+    if head == "text_model":
+        return "text_encoder", path
+    return None, path
+
+
+def kohya_name(component: str, path: str, *, text_encoder_prefix: str = "lora_te_") -> str:
+    """The sd-scripts name of a module at ``path`` inside ``component``: ``lora_unet_down_blocks_0_…``.
+
+    ``text_encoder`` is ``lora_te_`` for SD1.x/2.x and ``lora_te1_`` beside a second text encoder
+    (SDXL) or a DiT (Flux, SD3), as sd-scripts names them; ``text_encoder_2`` → ``lora_te2_``,
+    ``text_encoder_3`` → ``lora_te3_``, ``transformer`` → ``lora_transformer_``.
+    """
+    prefix = {"unet": "lora_unet_", "text_encoder": text_encoder_prefix, "text_encoder_2": "lora_te2_",
+              "text_encoder_3": "lora_te3_", "transformer": "lora_transformer_"}.get(component)
+    if prefix is None:
+        raise KeyMatchError(f"'{path}': no kohya name for component '{component}'; expected one of "
+                            f"{list(DIFFUSION_COMPONENTS)}.")
+    return prefix + path.replace(".", "_")
 
 
 # --- Generic factor pairing (research state dicts) ---------------------------------------------

@@ -286,6 +286,13 @@ def _in_modules_to_save(name: str, modules_to_save) -> bool:
     return any(name == m or name.endswith(f".{m}") for m in (modules_to_save or ()))
 
 
+def _only(name: str, names: Sequence[str]) -> str:
+    """The pattern key that selects ``name`` alone: PEFT's ``get_pattern_key`` matches a key at the end of a
+    path, so a root module (a DiT's ``proj_out``) would also select ``single_transformer_blocks.0.proj_out``;
+    such a name is anchored, ``^proj_out``."""
+    return f"^{re.escape(name)}" if any(o.endswith("." + name) for o in names) else name
+
+
 def save_peft_adapter(
     out_dir: str | Path,
     modules: Sequence[LoraModule],
@@ -318,6 +325,7 @@ def save_peft_adapter(
     alphas = [m.scaling * (math.sqrt(m.rank) if use_rslora else m.rank) for m in modules]
     r0 = max(set(ranks), key=ranks.count)
     a0 = max(set(alphas), key=alphas.count)
+    names = [m.name for m in modules]
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -325,8 +333,8 @@ def save_peft_adapter(
         "r": r0,
         "lora_alpha": a0,
         "use_rslora": use_rslora,
-        "rank_pattern": {m.name: m.rank for m in modules if m.rank != r0},
-        "alpha_pattern": {m.name: a for m, a in zip(modules, alphas) if a != a0},
+        "rank_pattern": {_only(m.name, names): m.rank for m in modules if m.rank != r0},
+        "alpha_pattern": {_only(m.name, names): a for m, a in zip(modules, alphas) if a != a0},
         "target_modules": sorted(m.name for m in modules),
         "fan_in_fan_out": any(m.layout == "conv1d" for m in modules),
         "modules_to_save": list(modules_to_save) if modules_to_save else None,
