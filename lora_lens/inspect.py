@@ -39,6 +39,7 @@ def describe_adapter(adapter: Adapter) -> dict:
             "scaling": m.scaling,
             "dtype": str(m.dtype).replace("torch.", ""),
             "layout": m.layout,
+            "kernel": list(m.kernel),
             "parameters": m.num_parameters,
         }
         for m in adapter.modules

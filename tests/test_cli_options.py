@@ -234,3 +234,11 @@ def test_init_summaries_print_floats_like_the_tables(llama_adapter, tmp_path):
     summary = r.stdout.splitlines()[1]
     value = summary.split("energy_kept_min ")[1].split(",")[0]
     assert len(value.replace("0.", "", 1)) <= 4 and 0 < float(value) <= 1, summary
+
+
+@pytest.mark.parametrize("argv", [["collection", "a", "b"], ["reduce", "a", "--rank", "1"],
+                                  ["convert", "a"], ["report", "a"]])
+def test_missing_out_is_a_usage_error(argv):
+    """``-o`` is required where there is no default: click 8.5 stopped enforcing ``required=True`` next to an
+    explicit ``default=None``, and collection then failed with an internal TypeError on ``Path(None)``."""
+    assert_bad_input(CliRunner().invoke(main, argv), "Missing option '-o'")

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from ..io.files import missing
 
 SYNTHETIC_SEQUENCES = 1024
 
@@ -83,7 +84,8 @@ def jsonl_objects(text: str, path: Path):
 def read_text(path: Path, expected: str) -> str:
     """The UTF-8 text of a data file, gunzipped when its name ends in ``.gz``."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file; expected --data to name {expected}.")
+        what = "is a folder" if path.is_dir() else missing(path)  # a symlink loop is named as one
+        raise CheckpointError(f"{path}: {what}; expected --data to name {expected}.")
     try:
         raw = path.read_bytes()
         if path.suffix.lower() == ".gz":

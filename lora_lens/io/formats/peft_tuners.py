@@ -26,13 +26,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import ConfigError
-from ...keys import strip_peft_prefix
+from ...keys import peft_copy, strip_peft_prefix
 from ...types import Adapter
 from ..jsonfile import read_json
 from ..peft import pattern_key
 from ..tensors import check_tensor, open_tensor_file
 from .factors import lora_module, make_adapter, refuse_empty, refuse_orphans
-from .lycoris import LOHA_KEYS, LOKR_KEYS, TUCKER_KEYS, loha_parts, lokr_parts
+from .lycoris import LOHA_KEYS, LOKR_KEYS, TUCKER_KEYS, conv_layout, kernel_unknown_flags, loha_parts, lokr_parts
 
 #: PEFT's epsilon in AdaLoRA's ``scaling / (ranknum + 1e-5)``.
 ADALORA_EPS = 1e-5
@@ -49,7 +49,7 @@ def read(path: Path, file: Path, config: Path) -> Adapter:
     others = []
     for info in store.infos():
         stem, _, leaf = strip_peft_prefix(info.name).rpartition(".")
-        if leaf in roles:
+        if leaf in roles and not peft_copy(stem):  # factors inside a modules_to_save wrapper's copies: listed apart
             groups.setdefault(stem, {})[leaf] = info.name
         else:
             others.append(info)
@@ -89,8 +89,7 @@ def read(path: Path, file: Path, config: Path) -> Adapter:
             if missing:
                 orphans.append(f"'{stem}' lacks {missing}")
                 continue
-            B, A, _ = loha_parts(get)
-            kernel = ()
+            B, A, _, kernel = loha_parts(get)
         else:
             have = set(g)
             bad = [i for i in "12" if f"lokr_w{i}" not in have and not {f"lokr_w{i}_a", f"lokr_w{i}_b"} <= have]
@@ -99,14 +98,15 @@ def read(path: Path, file: Path, config: Path) -> Adapter:
                 continue
             B, A, _, _, kernel = lokr_parts(get, have)
         modules.append(lora_module(stem, A, B, scaling=alpha / r, alpha=alpha, file=file, kind=peft_type.lower(),
-                                   kernel=kernel, layout="conv" if kernel else None, checked=True,
+                                   kernel=kernel, layout=conv_layout(stem, kernel), checked=True,
                                    keys=(f"{stem} ({peft_type} A)", f"{stem} ({peft_type} B)")))
     refuse_orphans(file, orphans, "all its factors")
     refuse_empty(file, modules, f"{peft_type} keys {roles[:2]} …")
     flags = [f"AdaLoRA pruned {len(pruned)} module(s) to rank 0 ({', '.join(pruned[:3])}"
              f"{' …' if len(pruned) > 3 else ''}): zero updates, read with s = 0."] if pruned else []
     return make_adapter(path, modules, format=f"peft-{peft_type.lower()}", weights_file=file, others=others,
-                        peft_type=peft_type, metadata={"peft_type": peft_type}, flags=flags)
+                        peft_type=peft_type, metadata={"peft_type": peft_type},
+                        flags=flags + kernel_unknown_flags(modules))
 
 
 def adalora_scaling(lora_alpha: float, rank: int, init_r: int) -> float:
