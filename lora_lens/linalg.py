@@ -153,7 +153,8 @@ def randomized_svd(
         batch = W.shape[:-2]
         zero = torch.zeros(batch, dtype=torch.long, device=S.device)
         exact = torch.zeros(batch, dtype=S.dtype, device=S.device)  # no change, no error, no residual
-        return LowRankSVD(U[..., :k], S[..., :k], Vh[..., :k, :], zero, exact, exact, exact, zero, exact, zero)
+        return LowRankSVD(U[..., :k], S[..., :k], Vh[..., :k, :], zero, exact, exact, exact, zero, exact, zero,
+                          sv_bound=exact)
     res = range_svd(W, k, oversample=oversample, n_iter=n_iter, seed=seed, dtype=dtype, **finder)
     U, Vh = sign_fix(res.U, res.Vh)
     return replace(res, U=U, Vh=Vh)
