@@ -5,7 +5,7 @@ q=k+16, niter=4)`` over bf16 weights. lora_lens runs
 ``linalg.randomized_svd(W, k)`` on the whole bf16 stack: the same maths (4
 power iterations, q = k + 16; 10 passes over W) with LU-normalized passes,
 CholeskyQR2 where an orthonormal iterate is needed, the passes no check reads
-on the bf16 weights as stored (where bf16 products are native: AMX/AVX512-BF16
+on the bf16 weights as stored (where bf16 products were measured faster than float32 ones, or CUDA
 or CUDA; the "half" column counts them) and no ``Qᵀ W`` pass or ``(q, n)``
 SVD at the end (lora_lens/randomized.py).
 

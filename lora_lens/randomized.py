@@ -48,7 +48,7 @@ on ``1 − φ`` against the exact top-k subspace is met (:func:`_wedin`, from th
 product of the next pass, so nearly free); :func:`lora_lens.linalg.top_subspace_svd`
 is this finder with that criterion.
 
-Half passes: where bf16 products are native (AMX/AVX512-BF16 CPUs, CUDA) and the
+Half passes: where bf16 products are fast (CUDA, or a CPU where they were measured faster) and the
 weights are stored in bf16, the products no check and no output reads run on the
 weights as stored (:func:`half_passes_apply`, ``half_passes``); ``Wᵀ Q`` at checks,
 the last ``W Z`` and the probes stay in the compute dtype, and an item whose
@@ -371,7 +371,7 @@ def _finder_block(W: torch.Tensor, Wh: torch.Tensor | None, omega: torch.Tensor,
     remaining = sv_bound = inf
     sv_prev, sub_prev = ritz(Q, R) if checked(0) else (None, None)
     if final(0):
-        sv_bound = _sv_bound(fro2, omega, Rp, P, sv_prev, k, W.shape[-2])
+        sv_bound = _sv_bound(fro2, omega, Rp, P, sv_prev, k, W.shape[-2], False)
         del P
     for it in range(1, (max_iter if adaptive else n_iter) + 1):
         # (B, m, q): in the compute dtype where its Q may be the result's, or Wedin reads it after a check
@@ -399,7 +399,7 @@ def _finder_block(W: torch.Tensor, Wh: torch.Tensor | None, omega: torch.Tensor,
             continue
         sv, sub = ritz(Q, R)
         if final(it):  # σ of an iterate that may be the result's: bound their error (and stop on it)
-            sv_bound = torch.where(active, _sv_bound(fro2, Zp, Rp, P, sv, k, W.shape[-2]), sv_bound)
+            sv_bound = torch.where(active, _sv_bound(fro2, Zp, Rp, P, sv, k, W.shape[-2], checked(it - 1)), sv_bound)
         del P, Zp
         if sv_prev is not None:
             rel = ((sv - sv_prev).abs() / sv.clamp_min(tiny)).amax(-1)
@@ -456,11 +456,12 @@ def _sv_ok(sv_bound: torch.Tensor, tol: float | None) -> torch.Tensor:
 
 
 def _sv_bound(fro2: torch.Tensor, Zp: torch.Tensor, Rp: torch.Tensor, P: torch.Tensor, sv: torch.Tensor, k: int,
-              m: int) -> torch.Tensor:
+              m: int, orthonormal: bool) -> torch.Tensor:
     """A bound on ``max_{i≤k} |σ_i − σ̂_i| / σ_i`` that holds whatever the spectrum: ``(B,)``, ``inf`` = no bound.
 
     Inputs of one check: ``W Zp = Q Rp`` (``Zp (B, n, q)`` any basis, ``Q (B, m, q)`` orthonormal),
-    ``P = Wᵀ Q (B, n, q)``, ``fro2 = ‖W‖_F²``, ``sv = σ̂_1..σ̂_k`` the reported values ``σ(Qᵀ W)``.
+    ``P = Wᵀ Q (B, n, q)``, ``fro2 = ‖W‖_F²``, ``sv = σ̂_1..σ̂_k`` the reported values ``σ(Qᵀ W)``;
+    ``orthonormal``: ``Zp`` came from an orthonormalization (then ``T = I``, no Gram).
 
     With ``Zp = Z̃ T`` (``T`` the Cholesky factor of ``ZpᵀZp``, ``Z̃`` orthonormal), ``W Z̃ = Q R̃``,
     ``R̃ = Rp T⁻¹ = Ũ Σ' Ṽᵀ``. The pairs ``U' = Q Ũ``, ``V' = Z̃ Ṽ`` satisfy ``W V' = U' Σ'`` exactly,
@@ -489,13 +490,22 @@ def _sv_bound(fro2: torch.Tensor, Zp: torch.Tensor, Rp: torch.Tensor, P: torch.T
     dt, f64 = sv.dtype, torch.float64
     n, q = P.shape[-2:]
     u = torch.finfo(dt).eps / 2
-    Zp, Rp, P, sv, fro2 = Zp.to(f64), Rp.to(f64), P.to(f64), sv.to(f64), fro2.to(f64)
-    T, info = torch.linalg.cholesky_ex(Zp.mT @ Zp, upper=True)  # (B, q, q)
-    Rt = torch.linalg.solve_triangular(T, Rp, upper=True, left=False)  # R̃ = Rp T⁻¹
+    Rp, P, sv, fro2 = Rp.to(f64), P.to(f64), sv.to(f64), fro2.to(f64)
+    if orthonormal:  # Zp from an orthonormalization: Z̃ = Zp, T = I
+        Rt, info = Rp, torch.zeros(fro2.shape, dtype=torch.int32, device=fro2.device)
+        F = P - Zp.to(f64) @ Rp.mT  # (B, n, q)
+    else:
+        Zp = Zp.to(f64)
+        T, info = torch.linalg.cholesky_ex(Zp.mT @ Zp, upper=True)  # (B, q, q)
+        Rt = torch.linalg.solve_triangular(T, Rp, upper=True, left=False)  # R̃ = Rp T⁻¹
+        F = P - Zp @ torch.cholesky_solve(Rp.mT, T, upper=True)  # (B, n, q)
     Ut, s1, _ = torch.linalg.svd(Rt)  # (B, q, q), (B, q)
-    F = (P - Zp @ torch.cholesky_solve(Rp.mT, T, upper=True)) @ Ut  # (B, n, q): Wᵀ U' − V' Σ'
-    nk = torch.linalg.matrix_norm(F[..., :k], ord=2)  # (B,)
-    nr = torch.linalg.matrix_norm(F[..., k:], ord=2) if q > k else torch.zeros_like(nk)
+    # F Ũ = Wᵀ U' − V' Σ', through its (q, q) Gram: one GEMM, no SVD of an (n, q) block
+    G = Ut.mT @ (F.mT @ F) @ Ut  # (B, q, q)
+    # ‖F_k‖₂, ‖F_r‖₂; + the eigensolver's absolute error (a few u₆₄ ‖G‖), so a tiny λ is not understated
+    slack = 8 * torch.finfo(f64).eps * torch.linalg.matrix_norm(G)
+    nk = (torch.linalg.eigvalsh(G[..., :k, :k])[..., -1] + slack).clamp_min(0).sqrt()
+    nr = (torch.linalg.eigvalsh(G[..., k:, k:])[..., -1] + slack).clamp_min(0).sqrt() if q > k else torch.zeros_like(nk)
     a = s1[..., k] if q > k else torch.zeros_like(nk)
     tail2 = (fro2 - torch.linalg.matrix_norm(P) ** 2).clamp_min(0) + (2 * math.sqrt(m * q) + 8) * u * fro2
     # ‖[[a, b], [0, t]]‖₂ of the block norms

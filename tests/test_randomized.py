@@ -111,17 +111,35 @@ def test_half_passes_only_where_no_check_reads_the_product():
 
 
 def test_half_passes_default(monkeypatch):
-    """On by default for bf16 weights and float32 compute, on CUDA or a CPU with native bf16 products only."""
+    """On by default for bf16 weights and float32 compute, on CUDA, or on a CPU where a bf16 pass was *measured*
+    faster than a float32 one (not from CPU flags: issue 20 §11), once per process."""
     import lora_lens.randomized as R
+    import lora_lens.randomized_kernels as K
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert R.half_passes_apply(torch.bfloat16, torch.float32, cuda)
     assert not R.half_passes_apply(torch.float16, torch.float32, cuda)
     assert not R.half_passes_apply(torch.bfloat16, torch.float64, cuda)
-    for amx, avx in ((False, False), (True, False), (False, True)):
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda avx=avx: avx, raising=False)
-        assert R.half_passes_apply(torch.bfloat16, torch.float32, cpu) is (amx or avx)
+    calls = []
+    for (t16, t32), on in (((1.0, 4.0), True), ((1.0, 1.2), False), ((3.0, 1.0), False)):
+        monkeypatch.setattr(K, "_HALF_FAST", {})
+        monkeypatch.setattr(K, "_time_half_and_float", lambda t=(t16, t32): calls.append(t) or t)
+        # CPU flags no longer decide: an AVX512-BF16 CPU without AMX is measured like any other
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+        assert R.half_passes_apply(torch.bfloat16, torch.float32, cpu) is on
+        assert R.half_passes_apply(torch.bfloat16, torch.float32, cpu) is on  # cached: measured once
+        assert not R.half_passes_apply(torch.float32, torch.float32, cpu)
+    assert len(calls) == 3
+
+
+def test_half_pass_timing_measures_both_orientations_quickly():
+    import time
+
+    import lora_lens.randomized_kernels as K
+
+    t = time.perf_counter()
+    t16, t32 = K._time_half_and_float(repeats=1)
+    assert 0 < t16 < 5 and 0 < t32 < 5 and time.perf_counter() - t < 10
 
 
 def test_cholesky_qr2_falls_back_to_householder_exactly_when_the_gram_is_too_ill_conditioned():
