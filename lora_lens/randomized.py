@@ -499,7 +499,7 @@ def _sv_bound(fro2: torch.Tensor, Zp: torch.Tensor, Rp: torch.Tensor, P: torch.T
         T, info = torch.linalg.cholesky_ex(Zp.mT @ Zp, upper=True)  # (B, q, q)
         Rt = torch.linalg.solve_triangular(T, Rp, upper=True, left=False)  # R̃ = Rp T⁻¹
         F = P - Zp @ torch.cholesky_solve(Rp.mT, T, upper=True)  # (B, n, q)
-    Ut, s1, _ = torch.linalg.svd(Rt)  # (B, q, q), (B, q)
+    Ut, s1, _ = small_svd(Rt)  # (B, q, q), (B, q); on CUDA the batched float64 gesvda
     # F Ũ = Wᵀ U' − V' Σ', through its (q, q) Gram: one GEMM, no SVD of an (n, q) block
     G = Ut.mT @ (F.mT @ F) @ Ut  # (B, q, q)
     # ‖F_k‖₂, ‖F_r‖₂; + the eigensolver's absolute error (a few u₆₄ ‖G‖), so a tiny λ is not understated
