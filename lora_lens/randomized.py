@@ -481,7 +481,8 @@ def _sv_bound(fro2: torch.Tensor, Zp: torch.Tensor, Rp: torch.Tensor, P: torch.T
 
     Rounding: ``ρ = 16 √q u σ̂_1`` is added to ``B_i`` (and ``σ̂_i`` may exceed ``σ_i`` by it: the
     rounding of the last products and of ``Q``'s orthonormality; measured in float32 at most 11 u σ̂_1
-    at 600×400, 2048² and 4096×1024, converged, whereas ``ρ`` ≥ 90 u σ̂_1 for q ≥ 32), and
+    at 600×400, 2048² and 4096×1024, converged, whereas ``ρ`` ≥ 90 u σ̂_1 for q ≥ 32), ``2 √q u ‖Rp‖_F +
+    u ‖P‖_F`` to ``‖F‖`` when it is formed in the compute dtype, and
     ``(2 √(m q) + 8) u ‖W‖_F²`` to ``‖W₃₃‖_F²`` (the cancellation in ``fro2 − ‖P‖_F²``). The bound
     returned is ``max_i max(B_i / (σ̂_i + B_i), ρ / (σ̂_i − ρ))`` (``σ_i`` above ``σ̂_i``, or below by
     rounding): below 1 unless rounding dominates, close to 1 where nothing is known; ``inf`` where
@@ -490,12 +491,16 @@ def _sv_bound(fro2: torch.Tensor, Zp: torch.Tensor, Rp: torch.Tensor, P: torch.T
     dt, f64 = sv.dtype, torch.float64
     n, q = P.shape[-2:]
     u = torch.finfo(dt).eps / 2
-    Rp, P, sv, fro2 = Rp.to(f64), P.to(f64), sv.to(f64), fro2.to(f64)
-    if orthonormal:  # Zp from an orthonormalization: Z̃ = Zp, T = I
+    p2 = torch.linalg.matrix_norm(P.to(f64)) ** 2  # ‖QᵀW‖_F²
+    if orthonormal:  # Zp from an orthonormalization: Z̃ = Zp, T = I; F in the compute dtype (one (n, q, q)
+        # GEMM: in float64 it took most of the bound's time), its rounding added to ‖F‖ below
+        F = (P - Zp @ Rp.mT).to(f64)  # (B, n, q)
+        f_err = 2 * math.sqrt(q) * u * torch.linalg.matrix_norm(Rp.to(f64)) + u * p2.sqrt()
+        Rp, sv, fro2 = Rp.to(f64), sv.to(f64), fro2.to(f64)
         Rt, info = Rp, torch.zeros(fro2.shape, dtype=torch.int32, device=fro2.device)
-        F = P - Zp.to(f64) @ Rp.mT  # (B, n, q)
     else:
-        Zp = Zp.to(f64)
+        Rp, P, sv, fro2, Zp = Rp.to(f64), P.to(f64), sv.to(f64), fro2.to(f64), Zp.to(f64)
+        f_err = torch.zeros_like(fro2)
         T, info = torch.linalg.cholesky_ex(Zp.mT @ Zp, upper=True)  # (B, q, q)
         Rt = torch.linalg.solve_triangular(T, Rp, upper=True, left=False)  # R̃ = Rp T⁻¹
         F = P - Zp @ torch.cholesky_solve(Rp.mT, T, upper=True)  # (B, n, q)
@@ -504,10 +509,11 @@ def _sv_bound(fro2: torch.Tensor, Zp: torch.Tensor, Rp: torch.Tensor, P: torch.T
     G = Ut.mT @ (F.mT @ F) @ Ut  # (B, q, q)
     # ‖F_k‖₂, ‖F_r‖₂; + the eigensolver's absolute error (a few u₆₄ ‖G‖), so a tiny λ is not understated
     slack = 8 * torch.finfo(f64).eps * torch.linalg.matrix_norm(G)
-    nk = (torch.linalg.eigvalsh(G[..., :k, :k])[..., -1] + slack).clamp_min(0).sqrt()
-    nr = (torch.linalg.eigvalsh(G[..., k:, k:])[..., -1] + slack).clamp_min(0).sqrt() if q > k else torch.zeros_like(nk)
+    nk = (torch.linalg.eigvalsh(G[..., :k, :k])[..., -1] + slack).clamp_min(0).sqrt() + f_err
+    nr = (torch.linalg.eigvalsh(G[..., k:, k:])[..., -1] + slack).clamp_min(0).sqrt() + f_err if q > k else \
+        torch.zeros_like(nk)
     a = s1[..., k] if q > k else torch.zeros_like(nk)
-    tail2 = (fro2 - torch.linalg.matrix_norm(P) ** 2).clamp_min(0) + (2 * math.sqrt(m * q) + 8) * u * fro2
+    tail2 = (fro2 - p2).clamp_min(0) + (2 * math.sqrt(m * q) + 8) * u * fro2
     # ‖[[a, b], [0, t]]‖₂ of the block norms
     a2, b2, t2 = a ** 2, nr ** 2, tail2
     tr = a2 + b2 + t2
