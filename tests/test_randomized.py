@@ -224,6 +224,8 @@ def test_sv_bound_holds_fixed_and_adaptive(spectrum, dtype):
         if "tol" in kw:
             capped = int(res.passes) == 2 + 2 * kw["max_iter"]
             assert bound <= kw["tol"] or capped  # never stops while the bound exceeds tol
+    wide = range_svd(W.mT, k, seed=7)  # run on the transposed view: the same bound for Wᵀ
+    assert ((wide.S.double() - S64) / S64).abs().max().item() <= float(wide.sv_bound)
     if spectrum in ("gapped", "low rank + noise"):  # the tail beyond q is small: the bound certifies tol = 1e-3
         res = range_svd(W, k, tol=1e-3, seed=7)
         assert float(res.sv_bound) <= 1e-3 and int(res.passes) <= 6
