@@ -141,7 +141,8 @@ def randomized_svd(
     ``finder`` passes on — ``tol`` replaces the fixed ``n_iter`` by an
     accuracy target. Returns a :class:`~lora_lens.randomized.LowRankSVD`
     that unpacks as ``U (..., m, k), S (..., k), Vh (..., k, n)``, signs
-    fixed, plus passes, last change and a residual bound per matrix. Input
+    fixed, plus passes, last change, a residual bound and ``sv_bound`` (a bound on the relative
+    error of ``S`` that holds; 0 on the exact path) per matrix. Input
     in bf16/fp16 is upcast once, one block at a time. Falls back to the
     exact SVD when ``q`` reaches ``min(m, n)``. Deterministic for a given
     ``seed``; a sequence of seeds (one per matrix of a ``(L, m, n)`` stack)
