@@ -188,7 +188,12 @@ def test_wheel_installs_lora_lens_cli_and_no_cli_package(tmp_path):
     assert {"lora_lens_cli/" + p.name for p in (ROOT / "cli").glob("*.py")} <= set(names)
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "lora-lens = lora_lens_cli.main:main" in entry
-
+    # the bundled model and tasks with their licences: a fresh install needs nothing beside it
+    bundled = {str(p.relative_to(ROOT)) for p in (ROOT / "lora_lens" / "data").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
+    assert {"lora_lens/data/models/stories260K/model.safetensors", "lora_lens/data/models/stories260K/LICENSE",
+            "lora_lens/data/tasks/austen-paragraphs.jsonl.gz", "lora_lens/data/tasks/wordnet-LICENSE.txt"} <= bundled
+    assert bundled <= set(names), f"missing from the wheel: {sorted(bundled - set(names))}"
 
 
 def _can_build_wheels() -> bool:
