@@ -232,3 +232,14 @@ def test_init_summaries_print_floats_like_the_tables(llama_adapter, tmp_path):
     summary = r.stdout.splitlines()[1]
     value = summary.split("energy_kept_min ")[1].split(",")[0]
     assert len(value.replace("0.", "", 1)) <= 4 and 0 < float(value) <= 1, summary
+
+
+def test_a_max_memory_under_one_mib_is_named(llama_adapter):
+    """--max-memory 1KB (1GB mistyped) is said on stderr, once, with the likely meaning; the numbers do not change."""
+    r = CliRunner().invoke(main, ["spectrum", str(llama_adapter[1]), "--json", "--max-memory", "1KB"])
+    ok = CliRunner().invoke(main, ["spectrum", str(llama_adapter[1]), "--json", "--max-memory", "1GB"])
+    assert r.exit_code == ok.exit_code == 0
+    warning = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warning) == 1 and "under the 1 MiB" in warning[0] and "Did you mean 1GB?" in warning[0], r.stderr
+    assert "warning" not in ok.stderr
+    assert r.stdout == ok.stdout
