@@ -292,7 +292,8 @@ def results_json(report: Report, rendered: Sequence[_Rendered], json_data: Any =
                      "file": f"figures/{file}" if link_pngs else None}
                     for r in rendered for _, caption, file in r.figures],
         "tables": [{"section": s.heading, "caption": t.caption, "header": list(t.header),
-                    "rows": to_jsonable([list(r) for r in t.rows])} for s in report.sections for t in s.tables],
+                    "rows": to_jsonable([list(r) for r in t.rows])}
+                   for s in [ReportSection("Summary", tables=report.summary_tables), *report.sections] for t in s.tables],
         "data": to_jsonable(json_data),
     })
 
