@@ -26,7 +26,7 @@ def demo_cmd(out, steps, rank, device, overwrite, as_json, quiet):
     \b
     Examples:
       lora-lens demo
-      lora-lens demo -o /tmp/demo --steps 60
+      lora-lens demo -o demo-60 --steps 60
     """
     from lora_lens import run_demo, stamp
 
