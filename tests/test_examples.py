@@ -3,7 +3,8 @@
 The examples are read from where a user reads them (the help texts, README.md and docs/*.md), never copied
 here. Each group (one command's help, one fenced bash block) runs top to bottom, in-process through the
 click entry point, in a fresh copy of a workspace that holds what an example calls *your own* files
-(``./my-adapter``, ``./seed0``, ``./r64``, an MLX folder, a kohya file, …). Bases and data are the bundled
+(``./my-adapter``, ``./seed0``, ``./r64``, an MLX folder, a kohya file, …); the README's blocks run in an
+empty folder, as on a new user's machine. Bases and data are the bundled
 names (``stories260K``, ``austen``, ``wordnet``) or the MiniLM of the README's install (``all-MiniLM-L6-v2``),
 so nothing else is needed. ``tcp://head:8786`` (your Dask scheduler) is the address of a scheduler this test
 starts. docs/results.md is left out: its commands are the measured runs, hours each, and name files that the
@@ -193,9 +194,13 @@ def _params(groups: dict[str, list[str]]):
             for k in groups]
 
 
-def _run_group(cmds, workspace, tmp_path, monkeypatch, request):
+def _run_group(cmds, workspace, tmp_path, monkeypatch, request, fresh: bool = False):
+    """``fresh``: an empty folder, as a new user's (the README's first commands write ./my-adapter themselves)."""
     ws = tmp_path / "ws"
-    shutil.copytree(workspace, ws)
+    if fresh:
+        ws.mkdir()
+    else:
+        shutil.copytree(workspace, ws)
     monkeypatch.chdir(ws)
     address = request.getfixturevalue("scheduler") if any(SCHEDULER in c for c in cmds) else None
     for line in cmds:
@@ -209,4 +214,4 @@ def test_help_examples_run(group, workspace, tmp_path, monkeypatch, request):
 
 @pytest.mark.parametrize("group", _params(DOC))
 def test_doc_examples_run(group, workspace, tmp_path, monkeypatch, request):
-    _run_group(DOC[group], workspace, tmp_path, monkeypatch, request)
+    _run_group(DOC[group], workspace, tmp_path, monkeypatch, request, fresh=group.startswith("README.md:"))
