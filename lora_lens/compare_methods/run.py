@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..data import resolve_model, resolve_task
 from ..errors import ConfigError
 from ..io.atomic import atomic_directory, check_destination, register_input
 from ..train import METHODS, train
@@ -125,6 +126,7 @@ def compare_methods(
     if not seed_list or len(set(seed_list)) != len(seed_list):
         raise ConfigError(f"--seeds {seeds}: expected a positive count or distinct seeds.")
     out = Path(out)
+    base, data = resolve_model(base), resolve_task(data)  # a bundled name (stories260K, austen) or a path
     for p in (base, data):
         if Path(p).exists():
             register_input(p)

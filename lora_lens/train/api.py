@@ -14,6 +14,7 @@ from ..compute import resolve_device
 from ..io import check_destination
 from ..io.atomic import register_input
 from .config import TrainConfig
+from ..data import resolve_model, resolve_task
 from ..errors import ConfigError
 from .data import load_data
 from .heads import Head, lm_head, load_classifier
@@ -72,7 +73,11 @@ def prepare(
 
 
 def load_task(base, config: TrainConfig, data, tokenizer, eval_data) -> tuple[nn.Module, LMTask | ClassifyTask, str]:
-    """The model as the task needs it, and the task with its data."""
+    """The model as the task needs it, and the task with its data.
+
+    ``base`` and ``data`` may name what the package bundles (``stories260K``, ``austen``, :mod:`lora_lens.data`).
+    """
+    base, data, eval_data = resolve_model(base), resolve_task(data), resolve_task(eval_data)
     if config.task == "lm":
         if eval_data is not None:
             raise ConfigError("--eval-data is an option of --task classify; --task lm holds out --eval-fraction.")
