@@ -21,12 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-SHARED = Path(os.environ.get("LORA_LENS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(SHARED / "data" / "austen-paragraphs.jsonl.gz"))
+    from lora_lens.data import task_path
+
+    ap.add_argument("--data", default=str(task_path("austen")), help="[default: the bundled Austen task]")
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--max-length", type=int, default=128)
