@@ -36,7 +36,7 @@ def convert_cmd(adapter, target, save_dtype, out, overwrite, as_json, fmt) -> No
     Examples:
       lora-lens convert ./mlx-adapters -o ./peft-adapter
       lora-lens convert style_lora.safetensors --to diffusers -o ./style-diffusers
-      lora-lens convert ./peft-adapter --to mlx -o ./mlx-adapters --save-dtype float16
+      lora-lens convert ./peft-adapter --to mlx -o ./peft-as-mlx --save-dtype float16
     """
     import torch
 
