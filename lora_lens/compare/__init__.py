@@ -14,7 +14,7 @@ Runs after :mod:`lora_lens.decompose` and imports only it, ``io``, ``linalg``,
 """
 
 from .alignment import Alignment, ModuleAlignment, alignment
-from .analysis import AlignmentAnalysis, analyze_alignment
+from .alignment_pass import AlignmentAnalysis, analyze_alignment
 from .baselines import PairBaseline, expected_phi_grid, layer_baseline, pair_baseline
 from .collection import CollectionSettings, CollectionSimilarity, collection_similarity
 from .collection_structure import collection_structure
