@@ -63,7 +63,7 @@ side_option = click.option(
     "--side", type=_SideChoice(["out", "in", "both"]), default=None,
     help="Singular vectors φ compares: out = ΔW's output space, U (the default: after short training the input "
          "side mostly reflects A's random init, so same-seed adapters look alike there); in = input space, V; "
-         "both = the mean of the two.")
+         "both = the mean of the two. (similarity --what A / B: in / out, their only side.)")
 
 
 def n_iter_option(help: str, default: int | None = None):

@@ -139,3 +139,22 @@ def test_shared_init_clusters_on_the_input_side_not_on_the_output_side(tmp_path)
     s_out = adapter_similarity(load_adapter(a), load_adapter(b), side="out", dtype="float64").summary()
     assert s_in["phi"] == pytest.approx(1.0)  # the same A: the same row space
     assert abs(s_out["phi"] - random_phi_expectation(4, 4, M)) < 0.3
+
+
+def test_side_both_of_one_adapter_and_of_a_pair_combines_the_two_sides(trio):
+    from lora_lens.compare import layer_similarity
+
+    a, b, _ = trio
+    ad, bd = load_adapter(a), load_adapter(b)
+    grids = {sd: layer_similarity(ad, side=sd, dtype="float64").grids for sd in ("out", "in", "both")}
+    for go, gi, gb in zip(grids["out"], grids["in"], grids["both"]):
+        assert (gb.dim, gb.dim_in) == (M, N) and go.names == gi.names == gb.names
+        torch.testing.assert_close(gb.phi, (go.phi + gi.phi) / 2, rtol=0, atol=1e-15)
+        torch.testing.assert_close(gb.expected_phi, (go.expected_phi + gi.expected_phi) / 2, rtol=0, atol=1e-15)
+    pair = {sd: adapter_similarity(ad, bd, side=sd, dtype="float64").modules[0] for sd in ("out", "in", "both")}
+    o, i, both = pair["out"], pair["in"], pair["both"]
+    assert both.phi == pytest.approx((o.phi + i.phi) / 2, abs=1e-15)
+    assert both.grassmann == pytest.approx(float(np.hypot(o.grassmann, i.grassmann)), abs=1e-12)
+    assert both.angles_deg.shape == (16,) and bool((both.angles_deg.diff() >= 0).all())
+    assert both.baseline.expected_phi == pytest.approx((8 / M + 8 / N) / 2)
+    assert both.to_dict()["dim_in"] == N

@@ -68,8 +68,9 @@ class ModuleResult:
 
     ``ks (p,)``: the directions each member brings, ``min(r_i, m, n, top_k)``; pair ``(i, j)``
     compares ``min(k_i, k_j)`` (:attr:`pair_k`). ``phi_out``/``phi_in`` ``(p, p)``: φ on the output
-    (left) and input (right) side; ``norms``, ``effective_rank`` ``(p,)``; ``random[f"{side}_mean"]``,
-    ``[f"{side}_std"]``, ``[f"{side}_expected"]`` ``(p, p)``: the baseline of each pair at its ``k``;
+    (left) and input (right) side; ``norms``, ``effective_rank`` ``(p,)``; ``random[side][k]``: mean and
+    standard deviation of φ between Haar-random ``k``-dim subspaces on ``side`` (``out``, ``in``), for
+    every ``k`` a pair compares (:meth:`random_on` spreads them over the pairs);
     ``sv_left``/``sv_right`` ``(R_c,)`` the stacked factors' singular values;
     ``energy_left``/``_right``/``_both`` ``(p, R_c)`` the captured fraction of each ‖ΔW_i‖² for
     ``R = 1..R_c``; ``basis_left (m, R)``/``basis_right (n, R)`` only with ``keep_basis``.
@@ -115,14 +116,18 @@ class ModuleResult:
 
     def random_on(self, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(mean, variance, expected)`` ``(p, p)`` of φ between random subspaces of each pair's ``k`` on ``side``
-        (``both``: of the mean of two independent sides)."""
-        r = self.random
-        if side in ("out", "in"):
-            return r[f"{side}_mean"], r[f"{side}_std"] ** 2, r[f"{side}_expected"]
-        if side != "both":
+        (``both``: of the mean of two independent sides); expected ``k/d``."""
+        if side == "both":
+            (mo, vo, eo), (mi, vi, ei) = self.random_on("out"), self.random_on("in")
+            return 0.5 * (mo + mi), 0.25 * (vo + vi), 0.5 * (eo + ei)
+        if side not in ("out", "in"):
             _bad_side(side)
-        return (0.5 * (r["out_mean"] + r["in_mean"]), 0.25 * (r["out_std"] ** 2 + r["in_std"] ** 2),
-                0.5 * (r["out_expected"] + r["in_expected"]))
+        kij = self.pair_k
+        mean, var = (torch.zeros(kij.shape, dtype=torch.float64) for _ in range(2))
+        for k, (mu, sd) in self.random[side].items():
+            mean[kij == k], var[kij == k] = mu, sd ** 2
+        d = self.shape[0] if side == "out" else self.shape[1]
+        return mean, var, kij.double() / d
 
 
 def _bad_side(side: str):
@@ -174,16 +179,11 @@ def module_task(task: ModuleTask) -> ModuleResult:
     M = (left.coef * S[:, None, :]) @ right.coef.transpose(-1, -2)  # (p, rc, rc)
     both = torch.diagonal((M.double() ** 2).cumsum(-1).cumsum(-2), dim1=-2, dim2=-1)  # (p, rc)
     met = spectrum_metrics(S.cpu())
-    kij = torch.minimum(ks[:, None], ks[None, :])  # (p, p)
-    rnd = {}
-    for side, d in (("out", m), ("in", n)):
-        mean, std = (torch.zeros(p, p, dtype=torch.float64) for _ in range(2))
-        for kk in kij.unique().tolist():
-            # The baseline belongs to (d, k), not to the module: one draw per shape and k, seeded by its own
-            # name, cached; each pair gets the one of its own k.
-            mu, sd = _random_phi(d, kk, st.draws, cp.seed_for(f"random-phi:{d}x{kk}"))
-            mean[kij == kk], std[kij == kk] = mu, sd
-        rnd.update({f"{side}_mean": mean, f"{side}_std": std, f"{side}_expected": kij.double() / d})
+    # The baseline belongs to (d, k), not to the module: one draw per shape and k, seeded by its own name,
+    # cached; kept as a small table per side (each pair reads the entry of its own k, :meth:`random_on`).
+    pair_ks = torch.minimum(ks[:, None], ks[None, :]).unique().tolist()
+    rnd = {side: {kk: _random_phi(d, kk, st.draws, cp.seed_for(f"random-phi:{d}x{kk}")) for kk in pair_ks}
+           for side, d in (("out", m), ("in", n))}
     return ModuleResult(
         name=task.name, module_type=task.module_type, shape=task.shape, members=task.members,
         ks=tuple(ks.tolist()), shared_rank=R, phi_out=left.phi.cpu(), phi_in=right.phi.cpu(), norms=total.sqrt().cpu(),
@@ -215,7 +215,7 @@ def _side(U: torch.Tensor, S: torch.Tensor, ks: torch.Tensor, rc: int, st: Colle
     itemsize = torch.finfo(U.dtype).bits // 8
     if p * r <= d:
         G = _gram(X)  # (p·r, p·r): one (half) GEMM
-        phi_ = _block_phi(G.reshape(p, r, p, r), ks, ks)
+        phi_ = _pair_phi(G.reshape(p, r, p, r), ks)
         FtF = Fs[:, None] * G * Fs[None, :]  # (p·r, p·r) = D G D
         W, lam = top_left_subspace(FtF, rc, n_iter=st.n_iter, seed=seed)  # eigenpairs of a PSD matrix
         sv = lam.clamp_min(0).sqrt()
@@ -225,11 +225,25 @@ def _side(U: torch.Tensor, S: torch.Tensor, ks: torch.Tensor, rc: int, st: Colle
         basis = X @ (Fs[:, None] * W / torch.where(keep, sv, torch.ones_like(sv)))  # (d, rc) = F W Σ⁻¹
         basis = basis * keep
     else:
-        k = int(ks.max())  # every pair's k fits in the top-left (k, k) corner of its block
-        Xk = U[:, :, :k].reshape(d, p * k)  # (d, p·k)
-        rows = max(1, (st.compute.max_memory or 1 << 62) // max(1, k * p * k * itemsize))  # adapters per row block
-        phi_ = torch.cat([_block_phi((Xk[:, lo * k: (lo + rows) * k].T @ Xk).reshape(-1, k, p, k),
-                                     ks[lo: lo + rows], ks) for lo in range(0, p, rows)])
+        # Rows grouped by their adapter's k: pair (i, j) with k_i ≤ k_j compares k_i directions, so group k's
+        # rows meet only the adapters with k_j ≥ k, through their first k columns; the pairs with k_j < k
+        # are filled from group k_j's pass (φ is symmetric). Mixed ranks: no work at the largest k.
+        phi_ = torch.empty(p, p, dtype=torch.float64, device=U.device)
+        for k in ks.unique().tolist():
+            idx = (ks == k).nonzero()[:, 0].to(U.device)
+            cols = (ks >= k).nonzero()[:, 0].to(U.device)
+            Xk = (U[:, :, :k] if len(cols) == p else U[:, cols, :k]).reshape(d, len(cols) * k)  # (d, c·k)
+            rows = max(1, (st.compute.max_memory or 1 << 62) // max(1, k * len(cols) * k * itemsize))  # per block
+            one_rank = len(idx) == p  # every adapter at this k: rows are slices of Xk, no gathers
+            for lo in range(0, len(idx), rows):
+                if one_rank:
+                    phi_[lo: lo + rows] = _block_phi((Xk[:, lo * k: (lo + rows) * k].T @ Xk).reshape(-1, k, p, k), k)
+                    continue
+                ii = idx[lo: lo + rows]
+                Xr = U[:, ii, :k].reshape(d, len(ii) * k)  # (d, rows·k)
+                blk = _block_phi((Xr.T @ Xk).reshape(len(ii), k, len(cols), k), k)  # (rows, c)
+                phi_[ii[:, None], cols[None, :]] = blk
+                phi_[cols[:, None], ii[None, :]] = blk.T
         F = X * Fs
         basis, sv = top_left_subspace(_gram(F.T), rc, n_iter=st.n_iter, seed=seed)  # F Fᵀ: (d, rc), σ²
         sv = sv.clamp_min(0).sqrt()
@@ -267,29 +281,30 @@ def _gram(X: torch.Tensor, blocks: int = 8) -> torch.Tensor:
     return G
 
 
-def _block_phi(G4: torch.Tensor, k_rows: torch.Tensor, k_cols: torch.Tensor) -> torch.Tensor:
-    """``(b, r, p, r)`` Gram blocks → φ ``(b, p)``, block ``(i, j)`` over its top-left ``(κ, κ)`` corner,
-    ``κ = min(k_rows[i], k_cols[j])``, divided by κ.
+def _block_phi(G4: torch.Tensor, k: int) -> torch.Tensor:
+    """``(b, r, c, r)`` Gram blocks → φ ``(b, c)`` over each block's top-left ``(k, k)`` corner.
 
-    One pass per distinct κ over the rows and columns that reach it (a collection of one rank: one pass,
-    as a single k). Squares in the compute dtype (one rounding each: relative error ≤ u), summed in float64
-    (the κ² terms add no error of their size): φ within u·φ of the squares of the computed Gram, without a
+    Squares in the compute dtype (one rounding each: relative error ≤ u), summed in float64 (the k²
+    terms add no error of their size): φ within u·φ of the squares of the computed Gram, without a
     float64 copy of the whole Gram.
     """
-    b, _, p, _ = G4.shape
-    kij = torch.minimum(k_rows[:, None], k_cols[None, :])  # (b, p)
-    out = torch.empty(b, p, dtype=torch.float64, device=G4.device)
-    for k in kij.unique().tolist():
-        rows, cols = (k_rows >= k).nonzero()[:, 0], (k_cols >= k).nonzero()[:, 0]
+    return (G4[:, :k, :, :k] ** 2).sum(dim=(1, 3), dtype=torch.float64) / k
+
+
+def _pair_phi(G4: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """The whole Gram's blocks ``(p, r, p, r)`` → φ ``(p, p)``, pair ``(i, j)`` over its own
+    ``κ = min(k_i, k_j)`` (:func:`_block_phi` of the rows of one k against the columns that reach it; the
+    pairs below the diagonal of k from the transposed pass). One pass when every adapter has one rank."""
+    p = G4.shape[0]
+    out = torch.empty(p, p, dtype=torch.float64, device=G4.device)
+    for k in ks.unique().tolist():
+        rows = (ks == k).nonzero()[:, 0].to(G4.device)
+        cols = (ks >= k).nonzero()[:, 0].to(G4.device)
         blk = G4[:, :k, :, :k]
-        if len(rows) < b:
-            blk = blk.index_select(0, rows.to(G4.device))
-        if len(cols) < p:
-            blk = blk.index_select(2, cols.to(G4.device))
-        sub = (blk ** 2).sum(dim=(1, 3), dtype=torch.float64) / k  # (rows, cols)
-        sel = (kij[rows][:, cols] == k).to(G4.device)
-        r_ix, c_ix = rows.to(G4.device)[:, None], cols.to(G4.device)[None, :]
-        out[r_ix, c_ix] = torch.where(sel, sub, out[r_ix, c_ix])
+        blk = blk if len(rows) == p else blk.index_select(0, rows)
+        blk = _block_phi(blk if len(cols) == p else blk.index_select(2, cols), k)  # (rows, cols)
+        out[rows[:, None], cols[None, :]] = blk
+        out[cols[:, None], rows[None, :]] = blk.T
     return out
 
 
