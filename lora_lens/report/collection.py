@@ -115,7 +115,7 @@ def collection_section(data: Mapping[str, Any]) -> ReportSection:
     fig = new_figure(size=(7.5, 8.5))[0]
     fig.clear()
     plot_clustered_heatmap(fig, phi, np.array(st["linkage"]), st["dendrogram_order"], names, base)
-    side = data.get("side", "out")
+    side = data.get("side", "both")  # schema 1 (no "side") averaged both sides
     figs.append(ReportFigure(fig, f"Adapter × adapter φ (side {side}, mean over modules), clustered (average "
                              "linkage on 1 − φ).",
                              "collection-heatmap"))
