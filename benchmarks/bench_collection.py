@@ -196,7 +196,8 @@ def main() -> None:
     sizes = [int(x) for x in args.n.split(",")]
     modules = 2 * args.layers
     stacked = lambda N: N * 2 * args.dim * args.rank * 4 * 3  # factors + U + V (float32) of one module
-    print(f"{modules} modules ({args.layers} blocks × q,v), {args.dim}×{args.dim}, r={args.ranks or args.rank}, fp16 files; "
+    print(f"{modules} modules ({args.layers} blocks × q,v), {args.dim}×{args.dim}, r={args.ranks or args.rank}, "
+          "fp16 files; "
           f"threads {args.threads}, device {args.device}")
     with tempfile.TemporaryDirectory() as tmp:
         ranks = [int(x) for x in args.ranks.split(",")] if args.ranks else None

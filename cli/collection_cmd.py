@@ -56,8 +56,8 @@ def read_list(path: str) -> list[str]:
 @dtype_option
 @max_memory_option
 def collection_cmd(adapters, list_file, out, top_k, side, weighted, clusters, distance_threshold, duplicate,
-                   shared_rank, write_basis, allow_partial, scheduler, workers, seed, overwrite, as_json, quiet, device, dtype,
-                   max_memory) -> None:
+                   shared_rank, write_basis, allow_partial, scheduler, workers, seed, overwrite, as_json, quiet, device,
+                   dtype, max_memory) -> None:
     """Compare many adapters of one base at once: the adapter × adapter φ
     matrix (per module, per module type and overall, with a random
     baseline), clusters, a 2-D map, near-duplicates and outliers, and the

@@ -32,10 +32,11 @@ U_N] (d, N·r)``):
   Gram ``G = Xᵀ X (N·r, N·r)``: the same ``d·(N·r)²`` flops in a few large
   GEMMs near peak — and only its upper block triangle is computed (about
   half the flops, :func:`_gram`); φ_ij is the sum of squares of the top-left
-  ``(k, k)`` corner of block ``(i, j)`` of ``G``, ``k`` per pair (:func:`_block_phi`:
-  one pass per distinct ``k``; adapters of one rank cost what a single ``k`` did). The shared basis reuses ``G``: ``Fᵀ F = D G D``
-  (``D = diag(S)``), whose top eigenvectors ``W`` give ``U_R = F W / σ``.
-  When ``N·r > d`` the smaller ``F Fᵀ (d, d)`` is used instead and ``G`` is
+  ``(k, k)`` corner of block ``(i, j)`` of ``G``, ``k`` per pair (:func:`_pair_phi`:
+  one pass per distinct ``k``; adapters of one rank cost what a single ``k`` did;
+  in row blocks, each k's rows meet only the adapters that reach it).
+  The shared basis reuses ``G``: ``Fᵀ F = D G D`` (``D = diag(S)``), whose top
+  eigenvectors ``W`` give ``U_R = F W / σ``. When ``N·r > d`` the smaller ``F Fᵀ (d, d)`` is used instead and ``G`` is
   formed in row blocks. Memory: the stacked factors plus ``min(N·r, d)²``
   (at most one base weight's size), whatever ``N``.
 

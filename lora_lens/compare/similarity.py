@@ -342,7 +342,7 @@ def pairwise_similarity(
 
 
 def _both_pairs(out: AdapterSimilarity, inn: AdapterSimilarity) -> AdapterSimilarity:
-    """``side='both'``: every module's output- and input-side comparisons combined (see :class:`ModulePairSimilarity`)."""
+    """``side='both'``: every module's output- and input-side comparisons combined (:class:`ModulePairSimilarity`)."""
     by_name = {m.name: m for m in inn.modules}
     return replace(out, side="both", modules=tuple(_both_module(m, by_name[m.name]) for m in out.modules))
 
