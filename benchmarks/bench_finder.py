@@ -5,7 +5,7 @@ q=k+16, niter=4)`` over bf16 weights. lora_lens runs
 ``linalg.randomized_svd(W, k)`` on the whole bf16 stack: the same maths (4
 power iterations, q = k + 16; 10 passes over W) with LU-normalized passes,
 CholeskyQR2 where an orthonormal iterate is needed, the passes no check reads
-on the bf16 weights as stored (where bf16 products are native: AMX/AVX512-BF16
+on the bf16 weights as stored (where bf16 products were measured faster than float32 ones, or CUDA
 or CUDA; the "half" column counts them) and no ``Qᵀ W`` pass or ``(q, n)``
 SVD at the end (lora_lens/randomized.py).
 
@@ -360,9 +360,13 @@ def main() -> None:
     t0 = time.perf_counter()
     square = gemm_rate(2048, 2048, 2048, 5)
     dev = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "CPU"
+    half = R.half_passes_apply(torch.bfloat16, torch.float32, DEVICE)
+    import lora_lens.randomized_kernels as K
+
+    timing = K.HALF_TIMING.get("cpu") if DEVICE.type == "cpu" else None
+    why = f" (a bf16 pass measured {timing[0] / timing[1]:.2f}× the float32 time)" if timing else ""
     print(f"torch {torch.__version__}, {dev}, {args.threads} CPU thread(s), {args.clock} clock; bf16 passes "
-          f"{'on' if R.half_passes_apply(torch.bfloat16, torch.float32, DEVICE) else 'off'}; measured float32 GEMM "
-          f"(2048³): {square:.0f} GF/s\n")
+          f"{'on' if half else 'off'}{why}; measured float32 GEMM (2048³): {square:.0f} GF/s\n")
     if "2048" in args.groups:
         W32, _ = decaying(2048, 2048)
         W = permuted(W32, args.count)

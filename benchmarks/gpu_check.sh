@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, as one script for a lent machine (device tool) with this checkout and a copy of
-# shared/ (models, data) at $LORA_LENS_SHARED. Prints: the CUDA tests (tests/test_cuda.py, then the finder's and
+# The checks that need a GPU, as one script for a lent machine (device tool) with this checkout (the model and data it
+# needs are bundled in lora_lens/data). Prints: the CUDA tests (tests/test_cuda.py, then the finder's and
 # decompose's tests there), the range finder on CUDA vs the svd_lowrank loop and vs lora_lens on the CPU
 # (bench_finder.py), adapter spectra GPU vs CPU (bench_spectra.py), and the collection kernel on CUDA
 # (bench_collection.py). Each step has its own time limit, so one slow step does not hide the others.
 #
-#   LORA_LENS_SHARED=/path/to/shared bash benchmarks/gpu_check.sh 2>&1 | tee gpu.log
+#   bash benchmarks/gpu_check.sh 2>&1 | tee gpu.log
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 PY=${PYTHON:-python3}

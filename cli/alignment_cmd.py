@@ -31,8 +31,8 @@ def alignment_cmd(adapter, base, top_k, epsilon, seed, as_json, quiet, compute, 
 
     \b
     Examples:
-      lora-lens alignment ./my-adapter --base ./Llama-2-7b-hf
-      lora-lens alignment ./my-adapter --base ./base --epsilon 0.3 --epsilon 0.5 --epsilon 0.7 --json
+      lora-lens alignment ./my-adapter --base stories260K
+      lora-lens alignment ./my-adapter --base stories260K --epsilon 0.3 --epsilon 0.5 --epsilon 0.7 --json
     """
     from lora_lens import load_adapter, open_base
     from lora_lens.compare import analyze_alignment

@@ -68,8 +68,8 @@ def collection_cmd(adapters, list_file, out, top_k, side, weighted, clusters, di
     \b
     Examples:
       lora-lens collection ./adapters/* -o coll/
-      lora-lens collection --list adapters.txt -o coll/ --clusters 5 --shared-rank 32 --write-basis cora-init/
-      lora-lens collection --list adapters.txt -o coll/ --scheduler tcp://head:8786
+      lora-lens collection --list adapters.txt -o coll-5/ --clusters 2 --shared-rank 8 --write-basis cora-init/
+      lora-lens collection --list adapters.txt -o coll-dask/ --scheduler tcp://head:8786
     """
     from lora_lens import ConfigError
     from lora_lens import WorkerDiedError  # lora_lens.dist's; Dask itself is imported only with --scheduler

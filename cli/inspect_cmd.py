@@ -24,7 +24,7 @@ def inspect_cmd(path: str, as_json: bool, fmt: str | None) -> None:
     \b
     Examples:
       lora-lens inspect ./my-adapter
-      lora-lens inspect ./Llama-2-7b-hf --json
+      lora-lens inspect stories260K --json
     """
     from lora_lens import inspect_path
 

@@ -27,8 +27,10 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 
 def out_option(what: str, *, default: str | None = None):
     """``-o/--out OUT`` (passed as ``out``): required unless a default is given."""
-    return click.option("-o", "--out", "out", required=default is None, default=default, show_default=default is not None,
-                        type=click.Path(path_type=str), help=what)
+    if default is None:  # click 8.5 treats an explicit default=None as a default and stops requiring the option
+        return click.option("-o", "--out", "out", required=True, type=click.Path(path_type=str), help=what)
+    return click.option("-o", "--out", "out", default=default, show_default=True, type=click.Path(path_type=str),
+                        help=what)
 
 
 def top_k_option(help: str, default: int | None = None, *, old: str | None = None):
@@ -106,7 +108,14 @@ dtype_option = click.option("--dtype", type=click.Choice(["float32", "float64"])
 
 
 max_memory_option = click.option("--max-memory", type=ByteSize(), default=None, metavar="SIZE",
-                                 help="Device memory budget of one chunk, e.g. 2GB, 512MiB (default 4 GiB).")
+                                 help="Device memory budget of one chunk, e.g. 2GB, 512MiB (default 4 GiB; under 1 MiB, one module a chunk, with a warning).")
+
+
+#: ``--save-dtype``: the dtype of written weights, apart from ``--dtype`` (the compute precision); every command
+#: that writes an adapter in its input's dtype takes it (passed as ``save_dtype``, a torch dtype name or None).
+save_dtype_option = click.option("--save-dtype", "save_dtype", type=click.Choice(["float32", "float16", "bfloat16",
+                                 "float64"]), default=None,
+                                 help="Dtype of the written weights [default: the input's].")
 
 
 def compute_options(f):
@@ -176,7 +185,7 @@ def renamed_option(old: str, new: str, dest: str, **attrs):
 
 
 #: Reader names for ``--format`` (kept here, not imported from the library, so ``--help`` stays light).
-ADAPTER_FORMATS = ("peft", "mlx", "kohya", "lycoris", "diffusers", "state_dict")
+ADAPTER_FORMATS = ("peft", "mlx", "kohya", "lycoris", "diffusers", "lora_diffusion", "state_dict")
 
 
 def format_option(f):

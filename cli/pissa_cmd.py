@@ -29,8 +29,8 @@ def pissa_cmd(base, rank, targets, alpha, n_iter, out, overwrite, seed, compute,
 
     \b
     Examples:
-      lora-lens pissa --base ./Llama-2-7b-hf --rank 16 --targets q_proj,v_proj -o pissa
-      lora-lens pissa --base ./stories260K --rank 4 --targets q_proj --n-iter 4 -o pissa --json
+      lora-lens pissa --base stories260K --rank 16 --targets q_proj,v_proj -o pissa
+      lora-lens pissa --base stories260K --rank 4 --targets q_proj --n-iter 4 -o pissa-r4 --json
     """
     from lora_lens.methods import pissa_init
 

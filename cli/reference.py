@@ -26,6 +26,12 @@ def render_cli_reference() -> str:
         "",
         "Generated from `--help` by `python -m lora_lens_cli.reference > docs/cli.md`; a test keeps it current.",
         "",
+        "The examples run as written after the README's install (tests/test_examples.py runs every one). Bases and",
+        "data named `stories260K`, `all-MiniLM-L6-v2`, `austen` and `wordnet` come with the package (lora_lens.data)",
+        "or the `demo` extra; `./my-adapter`, `./seed0`, `./seed1`, `./r8`, `./r64`, `./runs`, `./adapters/` and",
+        "the like stand for your own adapters, for example `lora-lens train --base stories260K --method lora -o",
+        "my-adapter`; `./my-collection` is what `lora-lens collection` writes.",
+        "",
     ]
     for ctx in _walk(main, "lora-lens", None):
         parts += [f"## `{ctx.command_path}`", "", "```text", ctx.get_help().rstrip(), "```", ""]

@@ -38,9 +38,9 @@ def report_cmd(adapters, base, out, title, energy, top_k, side, epsilon, seed, o
 
     \b
     Examples:
-      lora-lens report ./adapter -o report/
-      lora-lens report ./seed0 ./seed1 --base ./Llama-2-7b-hf -o report/ --overwrite
-      lora-lens report ./coll -o report/
+      lora-lens report ./my-adapter -o report/
+      lora-lens report ./seed0 ./seed1 --base stories260K -o report/ --overwrite
+      lora-lens report ./my-collection -o coll-report/
     """
     from lora_lens import analyze_adapters, load_adapters, open_base, stamp
     from lora_lens.io import check_destination

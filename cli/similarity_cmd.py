@@ -35,7 +35,7 @@ def similarity_cmd(adapters, base, what, top_k, side, seed, as_json, compute, fm
     \b
     Examples:
       lora-lens similarity ./my-adapter
-      lora-lens similarity ./my-adapter --what base --base ./Llama-2-7b-hf --top-k 16
+      lora-lens similarity ./my-adapter --what base --base stories260K --top-k 16
       lora-lens similarity ./seed0 ./seed1 --what A --json
       lora-lens similarity ./r8 ./r64 --what A
     """

@@ -31,7 +31,7 @@ def spectrum_cmd(adapter: str, as_json: bool, per_layer: bool, compute, energy: 
       lora-lens spectrum ./my-adapter
       lora-lens spectrum ./my-adapter --layers --energy 0.95
       lora-lens spectrum ./my-adapter --json --dtype float64 > spectra.json
-      lora-lens spectrum ./runs --adapter seed1 --device cuda --max-memory 2GB
+      lora-lens spectrum ./runs --adapter seed1 --device auto --max-memory 2GB
     """
     from lora_lens import adapter_spectra, load_adapter
 

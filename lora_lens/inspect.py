@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .data import resolve_model
 from .io.base import BaseWeights, open_base
 from .io.formats import detect, load_adapters
 from .jsonable import stamp
@@ -39,6 +40,7 @@ def describe_adapter(adapter: Adapter) -> dict:
             "scaling": m.scaling,
             "dtype": str(m.dtype).replace("torch.", ""),
             "layout": m.layout,
+            "kernel": list(m.kernel),
             "parameters": m.num_parameters,
         }
         for m in adapter.modules
@@ -99,8 +101,9 @@ def inspect_path(path: str | Path, format: str | None = None) -> dict:
     """Describe an adapter (any format; ``format`` forces the reader) or a base checkpoint.
 
     An adapter folder with several named adapters gives
-    ``{"kind": "adapters", "adapters": [...]}``.
+    ``{"kind": "adapters", "adapters": [...]}``. A bundled model's name (``stories260K``) names its folder.
     """
+    path = resolve_model(path)
     if format is not None or is_adapter_path(path):
         adapters = load_adapters(path, format)
         if len(adapters) == 1:

@@ -84,6 +84,14 @@ class PeftKey:
 
 
 _ROLES = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "emb_A", "lora_embedding_B": "emb_B"}
+#: Path components of PEFT's ``ModulesToSaveWrapper`` copies of a layer: factors under them are copies, never a module.
+PEFT_COPY_PARTS = ("modules_to_save", "original_module")
+
+
+def peft_copy(path: str) -> bool:
+    """True for a key or module path inside a ``modules_to_save`` wrapper's copies (``X.modules_to_save.…``,
+    ``X.original_module.…``): older PEFT saved a LoRA on such a layer three times (see docs/formats.md)."""
+    return any(part in PEFT_COPY_PARTS for part in path.split("."))
 
 
 def strip_peft_prefix(key: str) -> str:
@@ -96,9 +104,12 @@ def parse_peft_key(key: str) -> PeftKey:
     Accepts saved files (``base_model.model.X.lora_A.weight``), the same
     without the prefix, in-memory state dicts that still carry the adapter name
     (``X.lora_A.default.weight``) and embedding factors
-    (``X.lora_embedding_A``).
+    (``X.lora_embedding_A``). Factors inside a ``modules_to_save`` wrapper's copies
+    (:func:`peft_copy`) are ``other``: listed apart, never paired.
     """
     short = strip_peft_prefix(key)
+    if peft_copy(short):
+        return PeftKey(key, short, "other")
     parts = short.split(".")
     for i in range(len(parts) - 1, 0, -1):
         role = _ROLES.get(parts[i])
@@ -267,6 +278,14 @@ _UNDERSCORED = sorted({
     "time_text_embed", "timestep_embedder", "text_embedder", "guidance_embedder", "norm_added_q",
     "norm_added_k", "self_attention", "cross_attention", "token_embedding", "position_embedding",
     "text_projection", "lora_down", "lora_up",
+    # DiT (Flux / SD3) and T5 module names, so that a name written by :func:`kohya_name` reads back
+    # as the same path
+    "ff_context", "norm1_context", "pos_embed", "wi_0", "wi_1",
+    # the original model names sd-scripts uses for SDXL's UNet (SGM) and for Flux (BFL) / SD3 (SAI MMDiT)
+    "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers", "skip_connection",
+    "double_blocks", "single_blocks", "img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_mod", "txt_mod",
+    "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "in_layer", "out_layer", "final_layer",
+    "joint_blocks", "x_block", "context_block", "adaLN_modulation", "x_embedder", "t_embedder", "y_embedder",
 }, key=lambda s: -s.count("_"))
 
 
@@ -330,6 +349,53 @@ def diffusers_module_path(stem: str) -> str:
 _UNET_ROOTS = {"down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "time_embedding", "add_embedding"}
 
 
+# --- Writing diffusion adapters: which pipeline component a module belongs to, and its kohya name ----
+
+#: Diffusion pipeline components whose modules one adapter file may hold (kohya prefix ⇄ diffusers prefix).
+DIFFUSION_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+#: Top-level modules of a diffusers DiT (Flux, SD3), for paths written without the ``transformer.`` prefix.
+_DIT_ROOTS = {"transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder",
+              "time_text_embed", "norm_out", "proj_out", "pos_embed"}
+
+
+def diffusion_component(path: str, *, prefixed: bool, hint: str | None = None) -> tuple[str | None, str]:
+    """``(component, path inside it)`` of a module path, or ``(None, path)`` when it names no pipeline component.
+
+    ``prefixed``: the path starts with its component (``unet.down_blocks.0…``), as kohya, LyCORIS and
+    diffusers files are read; a PEFT folder holds one model, so its paths do not, and its component is
+    ``hint`` (the folder's name, ``OUT/unet`` as ``convert --to peft`` writes it) or recognised from the
+    path's root (``down_blocks`` → unet, ``transformer_blocks`` → transformer, ``text_model`` →
+    text_encoder). A Hugging Face LLM path (``model.layers…``, GPT-2's ``transformer.h…``) is none.
+    """
+    head, _, rest = path.partition(".")
+    if prefixed and head in DIFFUSION_COMPONENTS and rest:
+        return head, rest
+    if hint in DIFFUSION_COMPONENTS:
+        return hint, path
+    if head in _UNET_ROOTS:
+        return "unet", path
+    if head in _DIT_ROOTS:
+        return "transformer", path
+    if head == "text_model":
+        return "text_encoder", path
+    return None, path
+
+
+def kohya_name(component: str, path: str, *, text_encoder_prefix: str = "lora_te_") -> str:
+    """The sd-scripts name of a module at ``path`` inside ``component``: ``lora_unet_down_blocks_0_…``.
+
+    ``text_encoder`` is ``lora_te_`` for SD1.x/2.x and ``lora_te1_`` beside a second text encoder
+    (SDXL) or a DiT (Flux, SD3), as sd-scripts names them; ``text_encoder_2`` → ``lora_te2_``,
+    ``text_encoder_3`` → ``lora_te3_``, ``transformer`` → ``lora_transformer_``.
+    """
+    prefix = {"unet": "lora_unet_", "text_encoder": text_encoder_prefix, "text_encoder_2": "lora_te2_",
+              "text_encoder_3": "lora_te3_", "transformer": "lora_transformer_"}.get(component)
+    if prefix is None:
+        raise KeyMatchError(f"'{path}': no kohya name for component '{component}'; expected one of "
+                            f"{list(DIFFUSION_COMPONENTS)}.")
+    return prefix + path.replace(".", "_")
+
+
 # --- Generic factor pairing (research state dicts) ---------------------------------------------
 
 #: Pairs of tokens that name the two factors of one update, first the one applied to the input.
@@ -342,7 +408,8 @@ _DOT_ONLY_TOKENS = {"down", "up", "A", "B"}
 def split_pair_token(key: str) -> tuple[str, str, int] | None:
     """``(module stem, token, side)`` when ``key`` contains a known factor token; side 0 = input factor.
 
-    The token must stand between separators (``.``, ``_`` or an end):
+    The token must stand between separators (``.``, ``_``, ``:`` or an end; ``down``/``up``/``A``/``B``
+    between ``.`` or ``:`` only):
     ``blocks.0.attn.lora_A.weight`` → ``("blocks.0.attn", "lora_A", 0)``,
     ``w_b_003`` → ``("003", "w_b", 1)``. A trailing ``.weight`` and a
     ``.lora`` container are dropped from the stem.
@@ -350,14 +417,15 @@ def split_pair_token(key: str) -> tuple[str, str, int] | None:
     body = key.removesuffix(".weight")
     for first, second in PAIR_TOKENS:
         for side, tok in enumerate((first, second)):
-            sep = r"\." if tok in _DOT_ONLY_TOKENS else r"[._]"  # 'down_blocks' holds no factor token
+            sep = r"[.:]" if tok in _DOT_ONLY_TOKENS else r"[._:]"  # 'down_blocks' holds no factor token
             m = None
             for m in re.finditer(rf"(?:^|{sep}){re.escape(tok)}(?=$|{sep})", body):
                 pass
             if m is None:
                 continue
-            start = m.start() + (1 if m.group(0)[0] in "._" else 0)
-            stem = (body[:start] + body[start + len(tok):]).strip("._").replace("._", ".").replace("_.", ".")
+            start = m.start() + (1 if m.group(0)[0] in "._:" else 0)
+            stem = (body[:start] + body[start + len(tok):]).strip("._:").replace("._", ".").replace("_.", ".")
+            stem = re.sub(r"([.:_])[.:_]+", r"\1", stem) if "::" in stem or ":." in stem or ".:" in stem else stem
             stem = re.sub(r"\.lora$|^lora\.|\.lora(?=\.)", "", stem)
             return stem, f"{first}/{second}", side
     return None
@@ -373,16 +441,22 @@ NOT_LOW_RANK = (
 )
 
 
+#: cloneofsimo/lora's ``save_safeloras_with_embeds`` keys: ``unet:12:up``, ``text_encoder:0:down``.
+LORA_DIFFUSION_KEY = re.compile(r"^[^:.]+:\d+:(?:up|down)$")
+
+
 def adapter_key_scheme(names: list[str]) -> str | None:
     """The adapter format a list of tensor names looks like, or None (a base checkpoint).
 
-    Returns ``peft``, ``kohya``, ``lycoris``, ``diffusers``, ``mlx``,
+    Returns ``peft``, ``kohya``, ``lycoris``, ``diffusers``, ``mlx``, ``lora_diffusion``,
     ``state_dict`` (LoRA factor pairs under another naming), or
     ``not-low-rank:<tuner>``.
     """
     for fragment, tuner in NOT_LOW_RANK:
         if any(fragment in n for n in names):
             return f"not-low-rank:{tuner}"
+    if any(LORA_DIFFUSION_KEY.match(n) for n in names):
+        return "lora_diffusion"
     if any(n.startswith(tuple(p for p, _ in KOHYA_PREFIXES)) for n in names):
         if any(re.search(r"\.(hada_w1_a|lokr_w1|lokr_w1_a|lokr_w2|lokr_w2_a)$", n) for n in names):
             return "lycoris"

@@ -141,7 +141,8 @@ def randomized_svd(
     ``finder`` passes on — ``tol`` replaces the fixed ``n_iter`` by an
     accuracy target. Returns a :class:`~lora_lens.randomized.LowRankSVD`
     that unpacks as ``U (..., m, k), S (..., k), Vh (..., k, n)``, signs
-    fixed, plus passes, last change and a residual bound per matrix. Input
+    fixed, plus passes, last change, a residual bound and ``sv_bound`` (a bound on the relative
+    error of ``S`` that holds; 0 on the exact path) per matrix. Input
     in bf16/fp16 is upcast once, one block at a time. Falls back to the
     exact SVD when ``q`` reaches ``min(m, n)``. Deterministic for a given
     ``seed``; a sequence of seeds (one per matrix of a ``(L, m, n)`` stack)
@@ -153,7 +154,8 @@ def randomized_svd(
         batch = W.shape[:-2]
         zero = torch.zeros(batch, dtype=torch.long, device=S.device)
         exact = torch.zeros(batch, dtype=S.dtype, device=S.device)  # no change, no error, no residual
-        return LowRankSVD(U[..., :k], S[..., :k], Vh[..., :k, :], zero, exact, exact, exact, zero, exact, zero)
+        return LowRankSVD(U[..., :k], S[..., :k], Vh[..., :k, :], zero, exact, exact, exact, zero, exact, zero,
+                          sv_bound=exact)
     res = range_svd(W, k, oversample=oversample, n_iter=n_iter, seed=seed, dtype=dtype, **finder)
     U, Vh = sign_fix(res.U, res.Vh)
     return replace(res, U=U, Vh=Vh)

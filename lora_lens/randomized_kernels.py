@@ -92,11 +92,22 @@ def lu_basis(X: torch.Tensor) -> torch.Tensor:
 HALF_PASS_DTYPES = (torch.bfloat16,)
 
 
+#: Half passes are on by default on a CPU where a bf16 product took at most this fraction of the float32 one's
+#: time (:func:`half_products_fast`): a clear margin, so that timing noise on a loaded machine does not flip the
+#: choice (native bf16 measured 0.25–0.5×, emulated bf16 above 1×), and the rounding they add buys real time.
+HALF_SPEEDUP_MAX_RATIO = 0.7
+
+_HALF_FAST: dict[str, bool] = {}
+#: The measured ``(bf16, float32)`` seconds behind :func:`half_products_fast`'s answer (for benchmarks and reports).
+HALF_TIMING: dict[str, tuple[float, float]] = {}
+
+
 def half_passes_apply(stored: torch.dtype, compute: torch.dtype, device: torch.device) -> bool:
     """Whether the passes no check reads run on the stored bf16 weights (the default of ``half_passes``).
 
-    Yes for bf16 weights with a float32 compute dtype on CUDA, or on a CPU with native bf16
-    products (AMX or AVX512-BF16; elsewhere oneDNN emulates them, slower than float32).
+    Yes for bf16 weights with a float32 compute dtype on CUDA, or on a CPU where bf16 products were
+    measured faster than float32 ones (:func:`half_products_fast`): decided by timing, not by CPU flags,
+    so that no CPU feature (AMX, AVX512-BF16) is assumed to make them fast or slow (issue 20 §11).
     """
     if stored not in HALF_PASS_DTYPES or compute != torch.float32:
         return False
@@ -104,8 +115,51 @@ def half_passes_apply(stored: torch.dtype, compute: torch.dtype, device: torch.d
         return True
     if device.type != "cpu":
         return False
-    cpu = getattr(torch, "cpu", None)
-    return any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return half_products_fast()
+
+
+def half_products_fast() -> bool:
+    """Whether a bf16 pass beats a float32 one on this CPU: measured once per process, on one thread.
+
+    A pass's two products on a ``(2048, 1024)`` weight with 32 columns, ``W Z`` and ``Wᵀ Q``, as the finder
+    runs them (:func:`half_product` with its conversions vs float32 GEMMs); best of 5 after a warm-up, about
+    0.1 s once. On when the bf16 time is ``≤`` :data:`HALF_SPEEDUP_MAX_RATIO` × the float32 time.
+    Results differ by the bf16 rounding (docs/maths.md §10) between a process that chose half passes and
+    one that did not; pass ``half_passes`` explicitly where that must never happen.
+    """
+    if "cpu" not in _HALF_FAST:
+        # on one thread: the ratio is the kernels' (the ISA's), and a threaded run on a shared machine measured
+        # anything from 0.01× to 10× (spin-waits), where one thread gave 0.09–0.17× in every run
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            t16, t32 = _time_half_and_float()
+        finally:
+            torch.set_num_threads(threads)
+        HALF_TIMING["cpu"] = (t16, t32)
+        _HALF_FAST["cpu"] = t16 <= HALF_SPEEDUP_MAX_RATIO * t32
+    return _HALF_FAST["cpu"]
+
+
+def _time_half_and_float(m: int = 2048, n: int = 1024, q: int = 32, repeats: int = 5) -> tuple[float, float]:
+    """Best-of-``repeats`` seconds of one pass pair on the CPU: ``(bf16 as stored, float32)``."""
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(1, m, n, generator=g)
+    Ah = A.bfloat16()
+    Z, Q = torch.randn(1, n, q, generator=g), torch.randn(1, m, q, generator=g)
+    runs = {"half": lambda: (half_product(Ah, Z, torch.float32), half_product(Ah.mT, Q, torch.float32)),
+            "float": lambda: (A @ Z, (Q.mT @ A).mT)}
+    best = {name: float("inf") for name in runs}
+    for name, fn in runs.items():
+        fn()  # warm-up: oneDNN's first call builds its kernels
+    for _ in range(repeats):  # interleaved, so both see the same load
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best["half"], best["float"]
 
 
 def half_product(A: torch.Tensor, X: torch.Tensor, dt: torch.dtype) -> torch.Tensor:

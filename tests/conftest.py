@@ -42,15 +42,12 @@ def _cli_from_this_checkout() -> None:
 
 _cli_from_this_checkout()
 
-SHARED = Path(os.environ.get("LORA_LENS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-STORIES = SHARED / "models" / "stories260K"
-
-
 @pytest.fixture(scope="session")
 def stories_path() -> Path:
-    if not (STORIES / "model.safetensors").is_file():
-        pytest.skip(f"stories260K not found at {STORIES} (set LORA_LENS_SHARED to the shared/ folder)")
-    return STORIES
+    """The real stories260K, bundled with the package (lora_lens/data/models): never skipped."""
+    from lora_lens.data import model_path
+
+    return model_path("stories260K")
 
 
 @pytest.fixture(scope="session")

@@ -163,6 +163,13 @@ def test_train_methods_match_the_library():
     assert CLI_METHODS == METHODS
 
 
+def test_train_task_defaults_match_the_library():
+    from lora_lens.train.config import TASK_DEFAULTS, TASKS
+    from lora_lens_cli.train_cmd import TASK_DEFAULTS as CLI_DEFAULTS, TASKS as CLI_TASKS
+
+    assert CLI_DEFAULTS == TASK_DEFAULTS and CLI_TASKS == TASKS
+
+
 def test_wheel_installs_lora_lens_cli_and_no_cli_package(tmp_path):
     """The built wheel: lora_lens (every sub-package), lora_lens_cli, the console script, nothing named cli."""
     import shutil
@@ -188,7 +195,12 @@ def test_wheel_installs_lora_lens_cli_and_no_cli_package(tmp_path):
     assert {"lora_lens_cli/" + p.name for p in (ROOT / "cli").glob("*.py")} <= set(names)
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "lora-lens = lora_lens_cli.main:main" in entry
-
+    # the bundled model and tasks with their licences: a fresh install needs nothing beside it
+    bundled = {str(p.relative_to(ROOT)) for p in (ROOT / "lora_lens" / "data").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
+    assert {"lora_lens/data/models/stories260K/model.safetensors", "lora_lens/data/models/stories260K/LICENSE",
+            "lora_lens/data/tasks/austen-paragraphs.jsonl.gz", "lora_lens/data/tasks/wordnet-LICENSE.txt"} <= bundled
+    assert bundled <= set(names), f"missing from the wheel: {sorted(bundled - set(names))}"
 
 
 def _can_build_wheels() -> bool:
@@ -227,3 +239,22 @@ def test_init_summaries_print_floats_like_the_tables(llama_adapter, tmp_path):
     summary = r.stdout.splitlines()[1]
     value = summary.split("energy_kept_min ")[1].split(",")[0]
     assert len(value.replace("0.", "", 1)) <= 4 and 0 < float(value) <= 1, summary
+
+
+@pytest.mark.parametrize("argv", [["collection", "a", "b"], ["reduce", "a", "--rank", "1"],
+                                  ["convert", "a"], ["report", "a"]])
+def test_missing_out_is_a_usage_error(argv):
+    """``-o`` is required where there is no default: click 8.5 stopped enforcing ``required=True`` next to an
+    explicit ``default=None``, and collection then failed with an internal TypeError on ``Path(None)``."""
+    assert_bad_input(CliRunner().invoke(main, argv), "Missing option '-o'")
+
+
+def test_a_max_memory_under_one_mib_is_named(llama_adapter):
+    """--max-memory 1KB (1GB mistyped) is said on stderr, once, with the likely meaning; the numbers do not change."""
+    r = CliRunner().invoke(main, ["spectrum", str(llama_adapter[1]), "--json", "--max-memory", "1KB"])
+    ok = CliRunner().invoke(main, ["spectrum", str(llama_adapter[1]), "--json", "--max-memory", "1GB"])
+    assert r.exit_code == ok.exit_code == 0
+    warning = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warning) == 1 and "under the 1 MiB" in warning[0] and "Did you mean 1GB?" in warning[0], r.stderr
+    assert "warning" not in ok.stderr
+    assert r.stdout == ok.stdout

@@ -73,6 +73,31 @@ def test_symlink_loop(tmp_path, adapter):
     assert_bad_input(run(adapter), "adapter_model.safetensors", "symlink loop")
 
 
+@pytest.mark.parametrize("argv", [
+    ["spectrum", "{loop}"],
+    ["similarity", "{loop}", "{adapter}"],
+    ["similarity", "{adapter}", "{loop}"],
+    ["collection", "{adapter}", "{loop}", "-o", "{out}"],
+    ["report", "{loop}", "-o", "{out}"],
+    ["reduce", "{loop}", "--rank", "1", "-o", "{out}"],
+    ["convert", "{loop}", "-o", "{out}"],
+    ["alignment", "{adapter}", "--base", "{loop}"],
+    ["condlora", "analyze", "{loop}", "--base", "{loop}"],
+    ["pissa", "--base", "{loop}", "--rank", "1", "--targets", "q_proj", "-o", "{out}"],
+    ["cora", "basis", "--base", "{loop}", "--rank", "1", "--targets", "q_proj", "-o", "{out}"],
+    ["train", "--method", "lora", "--base", "{loop}", "-o", "{out}"],
+    ["spectrum", "{through}"],
+])
+def test_symlink_loop_is_bad_input_for_every_command(tmp_path, adapter, argv):
+    """The loop is caught where every reader registers its input, not per command (spectrum used to exit 1)."""
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    paths = {"loop": tmp_path / "loop", "adapter": adapter, "out": tmp_path / "out",
+             "through": tmp_path / "loop" / "adapter_model.safetensors"}
+    line = assert_bad_input(run_cli(*[a.format(**paths) for a in argv]), "loop")
+    # a loop inside the path ('through') reads as absent to os.stat's callers; never "internal error"
+    assert "symlink loop" in line or (argv[-1] == "{through}" and "no such file" in line), line
+
+
 @pytest.mark.parametrize("name", ["with spaces", "ünïcödé-名前", "new\nline"])
 def test_odd_path_names_work(tmp_path, name):
     folder = write_adapter(tmp_path / name / name)

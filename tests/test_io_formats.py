@@ -436,3 +436,129 @@ def test_an_adapter_given_as_cora_source_is_refused_with_a_hint_that_fits(tiny_l
     r = run("cora", "basis", "--base", tiny_llama[1], "--source", llama_adapter[1], "--rank", 2,
             "--targets", "q_proj", "-o", tmp_path / "b")
     assert_bad_input(r, "is an adapter folder", "--source")
+
+
+def lycoris_conv_tensors():
+    """A LoKr with a factored w2 and a LoHa on Conv2d modules (out 8, in 6, 3×3), with the shapes LyCORIS writes
+    (``LokrModule`` / ``LohaModule``, no Tucker): every factor 2-D, the kernel flattened into the columns;
+    LoKr ``w1`` (2, 2) full, ``w2_a`` (4, r), ``w2_b`` (r, 3·3·3); LoHa ``hada_w*_b`` (r, 6·3·3)."""
+    k, h = "lora_unet_down_blocks_1_resnets_0_conv1", "lora_unet_down_blocks_1_downsamplers_0_conv"
+    return {n: v.double() for n, v in {
+        f"{k}.lokr_w1": rnd(2, 2, seed=1), f"{k}.lokr_w2_a": rnd(4, 2, seed=2), f"{k}.lokr_w2_b": rnd(2, 3 * 9, seed=3),
+        f"{k}.alpha": torch.tensor(1.0),
+        f"{h}.hada_w1_a": rnd(8, 2, seed=4), f"{h}.hada_w1_b": rnd(2, 6 * 9, seed=5),
+        f"{h}.hada_w2_a": rnd(8, 2, seed=6), f"{h}.hada_w2_b": rnd(2, 6 * 9, seed=7), f"{h}.alpha": torch.tensor(4.0),
+    }.items()}
+
+
+def test_lycoris_conv_loha_and_factored_lokr_are_labelled_conv(tmp_path):
+    """Issue 20 #8: the 2-D factors LyCORIS writes for a conv LoKr (factored w2) and a conv LoHa read as
+    ``layout: conv`` (the diffusers module path says conv; the kernel is not in the file: flagged), and with the
+    base, the kernel comes from the base weight (8, 6, 3, 3). ΔW against the 4-D kernel LyCORIS rebuilds."""
+    from lora_lens.io import open_base
+    from lora_lens.io.layout import with_base_layouts
+
+    t = lycoris_conv_tensors()
+    save_file(t, tmp_path / "conv.safetensors")
+    a = load_adapter(tmp_path / "conv.safetensors")
+    k, h = "lora_unet_down_blocks_1_resnets_0_conv1", "lora_unet_down_blocks_1_downsamplers_0_conv"
+    # LyCORIS: kron(w1, w2a·w2b).view(out, in, kh, kw); here kron of w1 as (2, 2, 1, 1) with w2 as (4, 3, 3, 3)
+    w2 = (t[f"{k}.lokr_w2_a"] @ t[f"{k}.lokr_w2_b"]).reshape(4, 3, 3, 3)
+    lokr = (1.0 / 2) * torch.kron(t[f"{k}.lokr_w1"][:, :, None, None], w2)
+    loha = (4.0 / 2) * ((t[f"{h}.hada_w1_a"] @ t[f"{h}.hada_w1_b"]) * (t[f"{h}.hada_w2_a"] @ t[f"{h}.hada_w2_b"]))
+    refs = {"unet.down_blocks.1.resnets.0.conv1": lokr.reshape(8, -1),
+            "unet.down_blocks.1.downsamplers.0.conv": loha.reshape(8, 6, 3, 3).reshape(8, -1)}
+    check_reference(a, refs)
+    assert {(m.name, m.kind, m.layout, m.kernel) for m in a} == {
+        ("unet.down_blocks.1.resnets.0.conv1", "lokr", "conv", ()),
+        ("unet.down_blocks.1.downsamplers.0.conv", "loha", "conv", ())}
+    assert sum(f.startswith("kernel-unknown: 2 conv module(s)") for f in a.flags) == 1
+    r = run("inspect", tmp_path / "conv.safetensors", "--json")
+    assert r.exit_code == 0, r.output
+    assert {(m["layout"], tuple(m["kernel"])) for m in json.loads(r.stdout)["modules"]} == {("conv", ())}
+
+    base = {"unet.down_blocks.1.resnets.0.conv1.weight": rnd(8, 6, 3, 3, seed=8),
+            "unet.down_blocks.1.downsamplers.0.conv.weight": rnd(8, 6, 3, 3, seed=9),
+            "unet.down_blocks.1.resnets.0.conv2.weight": rnd(8, 8, 3, 3, seed=10)}
+    save_file(base, tmp_path / "base.safetensors")
+    placed = with_base_layouts(a, open_base(tmp_path / "base.safetensors"))
+    assert {(m.layout, m.kernel) for m in placed} == {("conv", (3, 3))}
+    assert not any(f.startswith("kernel-unknown") for f in placed.flags)
+    check_reference(placed, refs)  # the numbers do not move
+
+
+# --- cloneofsimo/lora (lora_diffusion) ----------------------------------------------------------
+
+def lora_diffusion_file(path, *, rank_meta=None):
+    """A file written the way lora_diffusion's ``save_safeloras_with_embeds`` writes it: per component, metadata
+    ``<comp>`` = json.dumps(list(target_replace_module)), then for each injected layer i ``<comp>:<i>:rank`` =
+    str(r) with tensors ``<comp>:<i>:up`` (lora_up.weight · scale, fp16) and ``<comp>:<i>:down`` (fp16); then each
+    token: metadata ``<token>`` = "<embed>", tensor ``<token>``. One ``safetensors.torch.save_file`` call.
+    Eleven UNet layers (the last a Conv2d: up (8, 2, 1, 1), down (2, 4, 3, 3)), two text-encoder layers."""
+    weights, metadata = {}, {}
+    for comp, targets, n in (("unet", ["CrossAttention", "Attention", "GEGLU"], 11),
+                             ("text_encoder", ["CLIPAttention"], 2)):
+        metadata[comp] = json.dumps(targets)
+        for i in range(n):
+            conv = comp == "unet" and i == n - 1
+            down = rnd(2, 4, 3, 3, seed=100 + i) if conv else rnd(2, 6, seed=100 + i)
+            up = rnd(8, 2, 1, 1, seed=200 + i) if conv else rnd(8, 2, seed=200 + i)
+            metadata[f"{comp}:{i}:rank"] = str(down.shape[0] if rank_meta is None else rank_meta)
+            weights[f"{comp}:{i}:up"] = up.to(torch.float16)
+            weights[f"{comp}:{i}:down"] = down.to(torch.float16)
+    metadata["<s1>"] = "<embed>"
+    weights["<s1>"] = rnd(6, seed=7)
+    save_file(weights, path, metadata)
+    return weights
+
+
+def test_lora_diffusion_file_is_read_under_its_index_names(tmp_path):
+    """Issue 20 #5: read as an adapter (it was called a base checkpoint): modules '<comp>:<i>', s = 1 (up already
+    holds the training scale, the loader's scale is 1), ordered by index, the conv kept, the embedding apart."""
+    f = tmp_path / "lora_weight.safetensors"
+    w = lora_diffusion_file(f)
+    header = json.loads(f.read_bytes()[8:8 + int.from_bytes(f.read_bytes()[:8], "little")])
+    assert header["__metadata__"]["unet:3:rank"] == "2" and header["__metadata__"]["<s1>"] == "<embed>"
+    assert "format" not in header["__metadata__"]  # save_file adds nothing: the header is what the code wrote
+    a = load_adapter(f)
+    assert a.format == "lora_diffusion"
+    assert a.names == [f"text_encoder:{i}" for i in range(2)] + [f"unet:{i}" for i in range(11)]
+    refs = {f"{c}:{i}": w[f"{c}:{i}:up"].double().reshape(8, 2) @ w[f"{c}:{i}:down"].double().reshape(2, -1)
+            for c, n in (("unet", 11), ("text_encoder", 2)) for i in range(n)}
+    check_reference(a, refs)
+    assert {m.scaling for m in a} == {1.0} and not any(f.startswith("scale-unknown") for f in a.flags)
+    assert (a["unet:10"].layout, a["unet:10"].kernel) == ("conv", (3, 3))
+    assert [t.name for t in a.other_tensors] == ["<s1>"]
+    assert a.metadata == {"text_encoder": '["CLIPAttention"]', "unet": '["CrossAttention", "Attention", "GEGLU"]'}
+    r = run("inspect", f, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["kind"] == "adapter" and out["totals"]["modules"] == 13
+    assert_bad_input(run("convert", f, "-o", tmp_path / "out"), "injection index")  # no module paths to target
+
+
+def test_lora_diffusion_file_is_refused_as_a_base_and_its_rank_metadata_checked(tmp_path):
+    from lora_lens.errors import CheckpointError
+    from lora_lens.io import open_base
+
+    lora_diffusion_file(tmp_path / "a.safetensors")
+    with pytest.raises(CheckpointError, match="lora_diffusion LoRA adapter"):
+        open_base(tmp_path / "a.safetensors")
+    lora_diffusion_file(tmp_path / "b.safetensors", rank_meta=4)
+    assert_bad_input(run("spectrum", tmp_path / "b.safetensors"), "b.safetensors", "'unet:0:rank' = '4'")
+
+
+@pytest.mark.parametrize("names", [("m:down", "m:up"), ("blk.0.down", "blk.0.up"), ("enc.0.A", "enc.0.B")])
+def test_tensors_that_pair_as_low_rank_factors_are_never_a_base(tmp_path, names):
+    """The general rule: tensors whose names differ by a factor token and whose shapes share a small rank are
+    refused by name (exit 2), never described as a base checkpoint; --format state_dict reads them."""
+    save_file({names[0]: rnd(2, 6, seed=1), names[1]: rnd(8, 2, seed=2), "other.weight": rnd(8, 8, seed=3)},
+              tmp_path / "x.safetensors")
+    assert_bad_input(run("inspect", tmp_path / "x.safetensors"), "x.safetensors", names[0], "pair up as low-rank")
+    r = run("inspect", tmp_path / "x.safetensors", "--format", "state_dict", "--json")
+    assert r.exit_code == 0, r.output
+    assert [m["rank"] for m in json.loads(r.stdout)["modules"]] == [2]
+    # the same names with full-rank shapes (a base's own weights) stay a base
+    save_file({names[0]: rnd(8, 8, seed=1), names[1]: rnd(8, 8, seed=2)}, tmp_path / "y.safetensors")
+    r = run("inspect", tmp_path / "y.safetensors", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["kind"] == "base", r.output

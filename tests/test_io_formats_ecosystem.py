@@ -210,3 +210,49 @@ def test_convert_kohya_unet_to_peft_and_lokr_round_trip(diffusers_lora, tmp_path
     for m in source:  # includes the Conv2d resnets (lora_A written back as (r, in, 3, 3))
         ref = m.delta()
         assert torch.allclose(got[m.name.removeprefix("unet.")], ref, rtol=0, atol=1e-12 * float(ref.norm())), m.name
+
+
+@pytest.mark.parametrize("config", [
+    lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=["conv"], init_weights=False),
+    # r = 1 < max(3, 2) / 2: PEFT factors w2 (lokr_w2_a (3, 1), lokr_w2_b (1, 2·3·3)), w1 full
+    lambda: peft.LoKrConfig(r=1, alpha=2, target_modules=["conv"], init_weights=False),
+])
+def test_peft_conv_loha_lokr_take_their_kernel_from_the_base(tmp_path, config):
+    """Issue 20 #8: PEFT, like LyCORIS, stores a conv LoHa / factored-w2 LoKr 2-D (r, in·kh·kw). The module name
+    'conv' is no diffusers path, so without a base nothing says it is a conv (linear, no kernel); with the base
+    the layout is conv with the base weight's kernel (3, 3), it pairs with that weight, and ΔW is PEFT's."""
+    from lora_lens.compare.pairing import pair_with_base
+    from lora_lens.io import open_base
+    from lora_lens.io.layout import with_base_layouts
+
+    torch.manual_seed(0)
+    model = Tiny()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    pm = peft.get_peft_model(model, config())
+    pm.double().save_pretrained(tmp_path / "adapter")
+    stored = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert all(t.dim() == 2 for t in stored.values()), {k: t.shape for k, t in stored.items()}  # what PEFT writes
+    a = load_adapter(tmp_path / "adapter")
+    assert (a["conv"].layout, a["conv"].kernel) == ("linear", ())
+    placed = with_base_layouts(a, open_base(tmp_path / "model.safetensors"))
+    assert (placed["conv"].layout, placed["conv"].kernel) == ("conv", (3, 3))
+    assert pair_with_base(placed, open_base(tmp_path / "model.safetensors")) == {"conv": "conv.weight"}
+    check_against(placed, peft_refs(pm, ["conv"]))
+
+
+def test_peft_loha_factors_inside_modules_to_save_copies_are_not_modules(tmp_path):
+    """The copy rule of docs/formats.md for PEFT's other tuners: LoHa factors under '<m>.modules_to_save.' or
+    '<m>.original_module.' are listed as other tensors, never grouped into a module."""
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(Tiny(), peft.LoHaConfig(r=2, alpha=4, target_modules=["q"], init_weights=False))
+    pm.double().save_pretrained(tmp_path)
+    f = tmp_path / "adapter_model.safetensors"
+    t = load_file(f)
+    for k in list(t):  # the same factors again, as copies of a wrapped layer would be saved
+        for copy in ("modules_to_save", "original_module"):
+            t[k.replace(".q.", f".q.{copy}.")] = t[k].clone()
+    save_file(t, f)
+    a = load_adapter(tmp_path)
+    assert a.names == ["q"]
+    assert sum(".modules_to_save.hada_" in o.name or ".original_module.hada_" in o.name for o in a.other_tensors) == 8
+    check_against(a, peft_refs(pm, ["q"]))

@@ -165,3 +165,70 @@ def test_a_foreign_lora_lens_init_json_beside_an_adapter_is_ignored(llama_adapte
     (tmp_path / "lora_lens_init.json").write_text("[1, 2]")
     assert load_adapter(tmp_path / "ad").label == "ad"
     assert load_adapter(tmp_path / "ad" / "adapter_model.safetensors").label == "ad"
+
+
+def _bert_seq_cls():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=16, num_labels=3)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def test_lora_inside_modules_to_save_copies_is_listed_apart_never_paired(tmp_path):
+    """Issue 20 #6. PEFT 0.21 refuses a LoRA on a layer it also wraps as modules_to_save (it excludes such layers
+    from target matching, and ModulesToSaveWrapper raises TypeError on a LoRA layer), but older PEFT wrapped the
+    LoRA layer and saved it three times. The file below follows that save rule (get_peft_model_state_dict: the
+    'lora_' keys, then every key under '<m>.modules_to_save.<adapter>' with 'modules_to_save.' removed, then
+    '.<adapter>' removed): '<m>.original_module.lora_A' (the untrained copy), '<m>.modules_to_save.lora_A' (the
+    trained one), '<m>.lora_A' (its second spelling, what PEFT reloads) and '<m>.base_layer.weight' (the trained
+    copy of the base weight). Only '<m>.lora_A/B' is a module; the copies are other tensors; the trained
+    base copy is flagged and delta_is_sBA is false."""
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(_bert_seq_cls(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "classifier"],
+                                                             init_lora_weights=False))
+    trained = {k: v.detach().clone() for k, v in pm.state_dict().items() if ".classifier." in k}
+    untrained = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in trained.items()}  # B = 0 at init
+    sd = {k.replace(".default", ""): v.detach().clone() for k, v in pm.state_dict().items() if "lora_" in k}
+    sd = {k: v for k, v in sd.items() if ".classifier." not in k}  # the query pair
+    for k, v in untrained.items():  # base_model.model.classifier.original_module.<lora_A.default.weight …>
+        if "lora_" in k:
+            sd[k.replace(".classifier.", ".classifier.original_module.").replace(".default", "")] = v
+    for k, v in trained.items():  # …classifier.modules_to_save.default.<…>: 'lora_' filter, then the copy loop
+        if "lora_" in k:
+            sd[k.replace(".classifier.", ".classifier.modules_to_save.").replace(".default", "")] = v
+        sd[k.replace(".default", "")] = v  # modules_to_save. and .default removed: classifier.lora_A / base_layer
+    folder = tmp_path / "a"
+    folder.mkdir()
+    from safetensors.torch import save_file
+    save_file({k: v.clone().contiguous() for k, v in sd.items()}, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "SEQ_CLS", "r": 2, "lora_alpha": 4, "target_modules": ["query", "classifier"],
+        "modules_to_save": ["classifier", "score"]}))
+    assert {"base_model.model.classifier.original_module.lora_A.weight", "base_model.model.classifier.lora_A.weight",
+            "base_model.model.classifier.modules_to_save.lora_A.weight",
+            "base_model.model.classifier.base_layer.weight"} <= set(sd)
+
+    a = load_adapter(folder)
+    assert sorted(a.names) == ["bert.encoder.layer.0.attention.self.query", "classifier"]
+    assert torch.equal(a["classifier"].B, trained["base_model.model.classifier.lora_B.default.weight"])
+    others = {t.name for t in a.other_tensors}
+    assert {"classifier.original_module.lora_A.weight", "classifier.modules_to_save.lora_B.weight",
+            "classifier.base_layer.weight"} <= others
+    assert any(f.startswith("modules_to_save copies: 4 LoRA factor(s)") for f in a.flags), a.flags
+    assert any(f.startswith("trained base copy: ['classifier']") for f in a.flags), a.flags
+    assert a.delta_is_sBA is False
+
+
+def test_current_peft_modules_to_save_is_not_a_trained_base_copy(tmp_path):
+    """What PEFT 0.21 writes for SEQ_CLS (LoRA on query, the classifier a modules_to_save copy 'classifier.weight'):
+    one module, the copy listed apart, and no trained-base-copy flag (no LoRA sits on the copy)."""
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(_bert_seq_cls(), peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4,
+                                                             target_modules=["query"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path)
+    a = load_adapter(tmp_path)
+    assert a.names == ["bert.encoder.layer.0.attention.self.query"]
+    assert {"classifier.weight", "classifier.bias"} <= {t.name for t in a.other_tensors}
+    assert not any(f.startswith(("trained base copy", "modules_to_save copies")) for f in a.flags)
+    assert a.delta_is_sBA is True

@@ -46,9 +46,8 @@ def test_notebooks_are_committed_clean():
 
 
 @pytest.fixture
-def run(stories_path, tmp_path, monkeypatch):
+def run(tmp_path, monkeypatch):
     """Run a notebook in SMALL mode; returns (its namespace, the tmp folder its outputs went to)."""
-    monkeypatch.setenv("LORA_LENS_SHARED", str(stories_path.parents[1]))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # mkdtemp() inside the notebook lands here
     work = tmp_path / "cwd"
     work.mkdir()
@@ -119,9 +118,7 @@ def test_03_papers_on_real_weights(run, minilm_path):
 
 @pytest.mark.slow
 @pytest.mark.realmodel
-def test_04_compare_methods(run, minilm_path, stories_path):
-    if not (stories_path.parents[1] / "data" / "wordnet-nouns-10.jsonl.gz").is_file():
-        pytest.skip("the shared WordNet data is not next to stories260K")
+def test_04_compare_methods(run, minilm_path):
     ns = run("04_compare_methods.ipynb")
     results = ns["results"]
     assert results["task"] == "classify" and results["metric"] == "accuracy"

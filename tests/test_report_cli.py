@@ -89,3 +89,40 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "mine.txt").write_text("x")
     r = run("demo", "-o", tmp_path)
     assert r.exit_code == 2 and "demo.json" in r.stderr and (tmp_path / "mine.txt").is_file()
+
+
+def test_report_summary_leads_with_findings_then_the_table(llama_adapter, tiny_llama, tmp_path):
+    """3–5 sentences first (the most-changed modules named from ΔW in float64, effective ranks, φ against its
+    random baseline, alignment), then one table row per adapter × module type with the numbers."""
+    import re
+    import shutil
+
+    import torch
+
+    from lora_lens import load_adapter
+    from lora_lens.analysis import analyze_adapters
+    from lora_lens.report.analysis import analysis_report
+    from lora_lens.report.html import render_html
+
+    second = tmp_path / "second"
+    shutil.copytree(llama_adapter[1], second)
+    adapter = load_adapter(llama_adapter[1])
+    an = analyze_adapters([adapter, load_adapter(second)], tiny_llama[1], device="cpu")
+    report = analysis_report(an)
+    findings = report.bullets
+    assert 3 <= len(findings) <= 5, findings
+    assert all(f[0].isupper() and f.endswith(".") and len(f.split()) >= 8 for f in findings), findings
+    norms = {m.name: float(torch.linalg.matrix_norm(m.delta(torch.float64))) for m in adapter.modules}
+    top = max(norms, key=norms.get)
+    assert f"largest update is in {top} in both adapters" in findings[0]  # found from ΔW in float64
+    single = analysis_report(analyze_adapters([adapter], device="cpu")).bullets
+    assert 2 <= len(single) <= 5 and f"{top} ({norms[top]:.3g})" in single[0]  # by name and size
+    assert "effective rank" in findings[1] and "nominal r = 4" in findings[1]
+    assert any("for random subspaces" in f for f in findings) and any("intruder" in f for f in findings)
+    (rows,) = [t.rows for t in report.summary_tables if t.header[1] == "module type"]
+    types = set(an.adapters[0].spectra.summary)  # self_attn.q_proj, …
+    assert len(rows) == 2 * len(types) and {r[1] for r in rows} == types
+    page = render_html(report)
+    summary = page[page.index('<section id="summary">'):]
+    assert summary.index(findings[0][:20]) < summary.index("<table>") < summary.index("</section>")
+    assert len(re.findall("<li>", summary[:summary.index("</section>")])) == len(findings)

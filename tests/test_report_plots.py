@@ -355,3 +355,43 @@ def test_analyze_adapters_takes_paths_as_adapter_spectra_does(llama_adapter, tin
     by_path = analyze_adapters([str(llama_adapter[1])], base=str(tiny_llama[1])).to_dict()
     by_object = analyze_adapters([load_adapter(llama_adapter[1])], base=open_base(tiny_llama[1])).to_dict()
     assert by_path == by_object and by_path["adapters"][0]["alignment"] is not None
+
+
+def _overlaps(boxes):
+    return [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+
+
+def test_metric_vs_parameters_labels_never_collide():
+    """The report's size (7 × 4.5 in): x tick labels apart, methods with one parameter count dodged apart, every
+    method in the legend, nothing outside the figure (the old labels overlapped and cora-init was cut off)."""
+    from lora_lens.report import plot_metric_vs_parameters
+
+    params = {"lora": 77578, "cora-frozen": 40714, "cora-init": 77578, "condlora": 16138, "lora-sp": 40711,
+              "chain": 77578, "head-only": 3850}
+    rng = np.random.default_rng(0)
+    fig, ax, _ = _draw(plot_metric_vs_parameters, {m: {"parameters": p, "values": list(0.5 + 0.05 * rng.random(3))}
+                                                   for m, p in params.items()}, size=(7, 4.5))
+    figure_to_png_bytes(fig, dpi=100)  # lay out at the report's dpi (_draw rendered at 40)
+    renderer = fig.canvas.get_renderer()
+    shown = [t for t in ax.get_xticklabels() if t.get_visible() and t.get_text()
+             and ax.get_xlim()[0] <= t.get_position()[0] <= ax.get_xlim()[1]]  # labels outside the view are not drawn
+    ticks = [t.get_window_extent(renderer) for t in shown]
+    assert len(ticks) >= 3 and not _overlaps(ticks)
+    means = [line for line in ax.lines if line.get_markersize() == 7]
+    xs = sorted(float(line.get_xdata()[0]) for line in means)
+    assert len(xs) == 7 and all(b / a > 1.03 for a, b in zip(xs, xs[1:]))  # lora, cora-init, chain dodged apart
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(params)
+    fig_box = fig.bbox
+    for artist in (ax.get_legend(), ax.xaxis.label, ax.yaxis.label, *shown):
+        box = artist.get_window_extent(renderer)
+        assert box.x0 >= fig_box.x0 - 1 and box.x1 <= fig_box.x1 + 1 and box.y0 >= fig_box.y0 - 1, artist
+
+
+def test_intruder_sweep_label_fits_the_report_panel():
+    from lora_lens.report.alignment_plots import plot_intruder_sweep
+
+    fig, (ax1, ax) = new_figure(1, 2, size=(12, 4))  # the report's intruder figure
+    plot_intruder_sweep(ax, [0.1, 0.5, 0.9], {"q": np.array([0, 9, 58]), "v": np.array([0, 8, 60])}, k=10)
+    figure_to_png_bytes(fig, dpi=100)
+    box = ax.yaxis.label.get_window_extent(fig.canvas.get_renderer())
+    assert box.y0 >= fig.bbox.y0 and box.y1 <= fig.bbox.y1 and box.x0 >= fig.bbox.x0

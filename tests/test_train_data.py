@@ -8,7 +8,7 @@ import torch
 
 from lora_lens import CheckpointError, ConfigError
 from lora_lens.train import train
-from lora_lens.train.data import batches, file_blocks, load_data, split, synthetic_blocks
+from lora_lens.train.data import batches, file_blocks, index_batches, load_data, split, synthetic_blocks
 from lora_lens.train.loop import learning_rate
 from lora_lens.train.config import TrainConfig
 
@@ -104,3 +104,65 @@ def test_text_with_the_folders_tokenizer(tiny_llama, tmp_path):
     jl.write_text("\n".join(json.dumps({"text": line}) for line in text.read_text().splitlines()))
     result = train(model_dir, "lora", data=jl, steps=3, batch_size=2, seq_len=8)
     assert len(result.losses) == 3 and result.eval_loss is not None
+
+
+def test_defaults_per_task_and_explicit_values_win():
+    from lora_lens.train.config import TASK_DEFAULTS
+
+    for task, d in TASK_DEFAULTS.items():
+        cfg = TrainConfig(task=task)
+        assert (cfg.steps, cfg.lr, cfg.batch_size) == (d["steps"], d["lr"], d["batch_size"])
+    assert TrainConfig(task="classify", lr=1e-4, steps=7).lr == 1e-4
+    assert TrainConfig(task="classify", lr=1e-4, steps=7).batch_size == TASK_DEFAULTS["classify"]["batch_size"]
+
+
+def test_a_run_whose_eval_loss_did_not_move_warns():
+    from types import SimpleNamespace
+
+    from lora_lens.train.api import warn_if_not_learned
+
+    cfg = TrainConfig(task="classify", steps=150, lr=5e-3, batch_size=8)
+    with pytest.warns(UserWarning, match=r"did not learn: eval loss 0\.6920 → 0\.6940 over 150 steps \(lr 0\.005, "
+                                         r"batch 8\); try a lower --lr \(e\.g\. 0\.001\) with --batch-size 16"):
+        warn_if_not_learned(SimpleNamespace(eval_loss_before=0.692, eval_loss=0.694), cfg)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_not_learned(SimpleNamespace(eval_loss_before=0.692, eval_loss=0.60), cfg)  # learned: silent
+        warn_if_not_learned(SimpleNamespace(eval_loss_before=None, eval_loss=None), cfg)  # nothing held out
+
+
+def test_length_buckets_cover_each_example_once_an_epoch_and_pad_less():
+    from lora_lens.train.labelled import bucketed_batches
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(4, 200, (1000,), generator=g).tolist()
+    draw = bucketed_batches(lengths, 16, seed=3, pool=8)
+    first = [next(draw) for _ in range(1000 // 16 + 1)]
+    epoch0 = torch.cat([idx for e, idx in first if e == 0])
+    assert len(epoch0) == len(set(epoch0.tolist())) >= 1000 - 8 * 16  # no repeats; only each pool's rest dropped
+    assert {e for e, _ in first} == {0, 1} and all(len(idx) == 16 for _, idx in first)
+    size = torch.tensor(lengths)
+    padded = sum(int(size[idx].max()) * 16 for e, idx in first if e == 0)
+    n0 = sum(1 for e, _ in first if e == 0)
+    uniform = [idx for _, (_, idx) in zip(range(n0), index_batches(1000, 16, 3))]
+    padded_uniform = sum(int(size[idx].max()) * 16 for idx in uniform)
+    assert padded < 0.7 * padded_uniform  # tokens computed, real + padding
+    again = bucketed_batches(lengths, 16, seed=3, pool=8)
+    assert all(torch.equal(next(again)[1], idx) for _, idx in first)  # seeded: the same batches
+
+
+def test_no_eval_block_occurs_in_training():
+    """The synthetic task has only 32 distinct sequences among its 1,024 blocks: the split holds out whole ones."""
+    data = load_data(None, seq_len=20, vocab_size=512, eval_fraction=0.1, seed=0)
+    assert len(torch.unique(torch.cat([data.train, data.eval]), dim=0)) == 32  # K = 16 starts × 2 strides
+    train_rows = {tuple(r) for r in data.train.tolist()}
+    assert data.eval.shape[0] > 0 and not any(tuple(r) in train_rows for r in data.eval.tolist())
+    assert data.train.shape[0] + data.eval.shape[0] == 1024 and 60 <= data.eval.shape[0] <= 160  # about 10 %
+    # a file with repeated blocks: duplicates stay on one side too
+    blocks = torch.arange(5).repeat_interleave(4).view(20, 1).repeat(1, 3)  # 5 distinct rows, 4 copies each
+    for seed in range(5):
+        tr, ev = split(blocks, 0.25, seed)
+        assert ev.shape[0] >= 4 and not {tuple(r) for r in ev.tolist()} & {tuple(r) for r in tr.tolist()}
+    assert split(torch.ones(6, 3, dtype=torch.long), 0.5, 0)[1].shape[0] == 0  # one distinct block: nothing held out

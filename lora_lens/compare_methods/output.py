@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..jsonable import stamp
+from .claims import FAILS, HOLDS, MIN_SEEDS, Verdict, outcome_label
 from .results import Comparison
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
@@ -44,7 +45,7 @@ def markdown(c: Comparison) -> str:
     cols = ["method", "trainable params", f"{metric} (mean ± std)"] + (["eval loss", "macro-F1"] if classify else []) \
         + ["time/step", "peak mem"]
     lines = [
-        f"# Method comparison: {Path(s['base']).name} on {Path(s['data']).name} ({c.task})", "",
+        f"# Method comparison on {Path(s['data']).name} ({c.task}, base {Path(s['base']).name})", "",
         f"rank {s['rank']}, alpha {s['alpha']}, {s['steps']} steps (linear warm-up {s['warmup_steps']}, then linear "
         f"decay), lr {s['lr']}, batch {s['batch_size']}, seeds {s['seeds']}, {_precision(s['train_dtype'])}{chain}. "
         f"Wall time {c.wall_time_s / 60:.1f} min.", "",
@@ -63,20 +64,40 @@ def markdown(c: Comparison) -> str:
     lines += ["", f"Peak memory: {kind} (see docs/training.md). {head}", "",
               "## Claims", "",
               f"Paired over seeds, 95 % t-interval of the advantage over the reference; 'matches' allows a margin "
-              f"of {_pm(s['margin'], None, pct).replace(' %', ' pt')}.", "",
+              f"of {_pm(s['margin'], None, pct).replace(' %', ' pt')}. Verdicts are Holm-corrected over the whole "
+              f"table (family-wise error ≤ 2.5 % per direction) and need at least {MIN_SEEDS} paired seeds; the "
+              "parameter part of a claim is judged against the paper's ratio.", "",
               "| claim | outcome | numbers |", "|---|---|---|"]
     for v in c.claims:
-        lines.append(f"| {v.claim} | **{v.outcome}** | {v.words.split(': ', 1)[1]} |")
+        lines.append(f"| {v.claim} | **{outcome_label(v)}** | {v.words.split(': ', 1)[1]} |")
     control = next((v for v in c.claims if v.key == "control"), None)
-    if control is not None and control.outcome != "holds":
-        lines += ["", f"LoRA does not clearly beat the head-only control here ({control.outcome}): at this budget "
-                  "the adapters changed the predictions little, so the verdicts above say little about the "
-                  "methods. More steps, a larger evaluation set or more seeds would be needed to test them."]
+    if control is not None and control.outcome != HOLDS:
+        lines += ["", control_sentence(control)]
     if c.analyses:
         lines += ["", "## Adapters", ""] + _analyses_lines(c.analyses)
     env = c.environment
     lines += ["", "## Environment", "", ", ".join(f"{k} {v}" for k, v in env.items() if v is not None), ""]
     return "\n".join(lines)
+
+
+def control_sentence(v: Verdict) -> str:
+    """What an unresolved control means, in words that match its numbers: a large but noisy advantage is
+    *inconclusive given the seed spread*, not "the adapters changed little"."""
+    pct = v.metric == "accuracy"
+    adv = "" if v.advantage is None else (f" ({100 * v.advantage:+.1f} pt" if pct else f" ({v.advantage:+.4f}")
+    if adv:
+        adv += (f" ± {100 * v.half_width:.1f} pt)" if pct else f" ± {v.half_width:.4f})") if v.half_width else ")"
+    if v.outcome == FAILS:
+        return (f"LoRA does not beat the head-only control here{adv}: at this budget the adapters did not help the "
+                "predictions, so the verdicts above say little about the methods. More steps (or a higher learning "
+                "rate) would be needed to test them.")
+    if v.seeds < MIN_SEEDS:
+        why = f"with {v.seeds} seed(s) no verdict is given (at least {MIN_SEEDS} are needed)"
+    else:
+        why = "the seeds disagree too much to tell it from noise"
+    more = f" About {v.seeds_to_resolve} seeds would resolve it at this spread." if v.seeds_to_resolve else ""
+    return (f"Whether LoRA beats the head-only control is inconclusive given the seed spread{adv}: {why}. Until it "
+            f"resolves, the other verdicts cannot separate the methods from seed noise.{more}")
 
 
 def _analyses_lines(a: dict) -> list[str]:

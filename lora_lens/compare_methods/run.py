@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..data import resolve_model, resolve_task
 from ..errors import ConfigError
 from ..io.atomic import atomic_directory, check_destination, register_input
 from ..train import METHODS, train
-from .claims import evaluate_claims
+from .claims import MIN_SEEDS, evaluate_claims
 from .output import write_comparison
 from .results import Comparison, MethodSummary
 
@@ -62,8 +63,8 @@ def compare_methods(
     alpha: float | None = None,
     targets: Sequence[str] | None = None,
     steps: int = 200,
-    lr: float = 1e-3,
-    batch_size: int = 16,
+    lr: float | None = None,
+    batch_size: int | None = None,
     max_length: int | None = 128,
     seq_len: int = 64,
     eval_fraction: float = 0.1,
@@ -74,8 +75,14 @@ def compare_methods(
     overwrite: bool = False,
     analyze: bool = True,
     log: Callable[[str], None] = lambda msg: None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> Comparison:
-    """Train ``methods`` × ``seeds``, judge the claims (:mod:`.claims`) and write everything (:mod:`.output`)."""
+    """Train ``methods`` × ``seeds``, judge the claims (:mod:`.claims`) and write everything (:mod:`.output`).
+
+    ``log`` gets a line per run ("run k of N: method, seed s …" and its result); ``progress(done, total, what)``
+    counts training steps over the whole comparison (``total`` = runs × steps), ``what`` naming the run, so a
+    caller can draw one bar with an ETA.
+    """
     t0 = time.perf_counter()
     methods = list(methods) if methods else list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
@@ -86,10 +93,17 @@ def compare_methods(
     if not seed_list or len(set(seed_list)) != len(seed_list):
         raise ConfigError(f"--seeds {seeds}: expected a positive count or distinct seeds.")
     out = Path(out)
+    base, data = resolve_model(base), resolve_task(data)  # a bundled name (stories260K, austen) or a path
     for p in (base, data):
         if Path(p).exists():
             register_input(p)
     check_destination(out, overwrite)  # refuse before hours of training, not after
+    from ..train.config import TASK_DEFAULTS
+
+    if task not in TASK_DEFAULTS:
+        raise ConfigError(f"unknown task {task!r}; expected one of {list(TASK_DEFAULTS)}.")
+    lr = TASK_DEFAULTS[task]["lr"] if lr is None else lr  # the trainer's defaults, written into the settings
+    batch_size = TASK_DEFAULTS[task]["batch_size"] if batch_size is None else batch_size
     metric = "accuracy" if task == "classify" else "eval_loss"
     margin = DEFAULT_MARGIN.get(task, 0.01) if margin is None else margin
     alpha = 2.0 * rank if alpha is None else alpha
@@ -103,20 +117,28 @@ def compare_methods(
                   eval_fraction=eval_fraction, eval_every=eval_every, train_dtype=train_dtype, device=device,
                   task=task, seq_len=seq_len, **({"max_length": max_length} if task == "classify" else {}))
     runs, curves = [], {}
+    plan = [(method, seed) for method in methods for seed in seed_list]
+    if len(seed_list) < MIN_SEEDS:
+        log(f"note: {len(seed_list)} seed(s): the claims need at least {MIN_SEEDS} paired seeds for a verdict, so "
+            f"every claim will read inconclusive (--seeds {MIN_SEEDS} or more).")
     with atomic_directory(out, overwrite=overwrite) as tmp:  # nothing appears at OUT unless everything worked
-        for method in methods:
-            for seed in seed_list:
-                log(f"{method} seed {seed}: {steps} steps …")
-                name = f"{method}-seed{seed}"
-                r = train(base, method, out=tmp / "runs" / name, data=data, seed=seed, **common)
-                _record_final_output(tmp / "runs" / name, out / "runs" / name)
-                d = r.to_dict()
-                d.update(seed=seed, run=name, output=str(out / "runs" / name),
-                         adapter_parameters=r.trainable_parameters - r.head_parameters)
-                runs.append(d)
-                curves[name] = r.curves()
-                acc = "" if r.eval_accuracy is None else f", accuracy {r.eval_accuracy:.3f}"
-                log(f"  eval loss {r.eval_loss:.4f}{acc}, {r.time_per_step_s * 1e3:.0f} ms/step")
+        for k, (method, seed) in enumerate(plan):
+            log(f"run {k + 1} of {len(plan)}: {method}, seed {seed}, {steps} steps …")
+            name = f"{method}-seed{seed}"
+            step_progress = None
+            if progress is not None:
+                def step_progress(step, total, loss, _k=k, _what=f"run {k + 1}/{len(plan)} {method} seed {seed}"):
+                    progress(_k * steps + min(step, steps), len(plan) * steps, f"{_what} · loss {loss:.3f}")
+            r = train(base, method, out=tmp / "runs" / name, data=data, seed=seed, progress=step_progress,
+                      **common)
+            _record_final_output(tmp / "runs" / name, out / "runs" / name)
+            d = r.to_dict()
+            d.update(seed=seed, run=name, output=str(out / "runs" / name),
+                     adapter_parameters=r.trainable_parameters - r.head_parameters)
+            runs.append(d)
+            curves[name] = r.curves()
+            acc = "" if r.eval_accuracy is None else f", accuracy {r.eval_accuracy:.3f}"
+            log(f"  eval loss {r.eval_loss:.4f}{acc}, {r.time_per_step_s * 1e3:.0f} ms/step")
         summaries = summarise(runs, methods, metric)
         per_seed = {m: {r["seed"]: _metric(r, metric) for r in runs if r["method"] == m} for m in methods}
         claims = evaluate_claims(per_seed, {s.method: s.adapter_parameters for s in summaries}, metric=metric,

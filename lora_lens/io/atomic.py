@@ -34,7 +34,8 @@ from typing import Iterator
 
 import torch
 
-from ..errors import ConfigError, DiskFullError
+from ..errors import CheckpointError, ConfigError, DiskFullError
+from .files import missing
 from .safetensors_write import safetensors_bytes
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -147,8 +148,17 @@ _INPUTS: set[Path] = set()
 
 
 def register_input(path: str | os.PathLike) -> None:
-    """Record a path this process reads from; :func:`check_destination` will never replace it."""
-    _INPUTS.add(Path(path).resolve())
+    """Record a path this process reads from; :func:`check_destination` will never replace it.
+
+    Every reader calls it first, so a path that cannot be resolved (a symlink loop, which
+    ``Path.resolve`` raises as RuntimeError or OSError) is refused here, once for every command.
+    """
+    path = Path(path)
+    try:
+        _INPUTS.add(path.resolve())
+    except (RuntimeError, OSError):
+        what = missing(path) if path.is_symlink() else "passes through a symlink loop"
+        raise CheckpointError(f"{path}: {what}; expected an existing file or folder. Fix the link.") from None
 
 
 def check_destination(dest: str | os.PathLike, overwrite: bool = False) -> Path:

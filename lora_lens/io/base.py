@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..data import resolve_model
 from ..errors import CheckpointError, LoraLensError
 from ..keys import adapter_key_scheme, match_modules_to_weights, parse_module_path
 from ..types import LayerKey, TensorInfo
@@ -140,8 +141,9 @@ def open_base(path: str | Path) -> BaseWeights:
 
     Anything that looks like an adapter (an adapter config, an MLX folder, or
     tensor names of any LoRA/LoKr/LoHa format) is refused: never read as a base.
+    A bundled model's name (``stories260K``, :mod:`lora_lens.data`) names its folder when no such path exists.
     """
-    path = Path(path)
+    path = Path(resolve_model(path))
     if not path.exists():
         raise CheckpointError(f"{path}: {missing(path)}; expected a model folder or a .safetensors/.bin file.")
     register_input(path)

@@ -18,17 +18,22 @@ layout of every module is decided here, for a module whose ``ΔW`` is
 3. ``m = n`` and no ``config.json``: the family is guessed from the weight
    names, and the adapter is flagged: the layout is ambiguous.
 
-Embedding and Conv2d modules keep the layout their PEFT keys give them.
+Embedding and Conv2d modules keep the layout their keys give them. A Conv whose kernel the file
+stores flattened (a LyCORIS / PEFT LoHa, a LoKr's factored ``w2``: 2-D ``(r, in·kh·kw)``; read as
+``linear``, or ``conv`` with kernel ``()`` when the name says conv) gets ``conv`` and the kernel of its
+base weight ``(out, in, kh, kw)`` when ``out = m`` and ``in·kh·kw = n``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from ..errors import LoraLensError
 from ..keys import architecture_family
 from ..types import Adapter, LoraModule
 from .base import BaseWeights
+from .formats.lycoris import KERNEL_UNKNOWN, kernel_unknown_flags
 from .jsonfile import read_json
 
 #: ``config.json`` model types whose blocks use ``transformers.Conv1D`` (weight stored ``(n, m)``).
@@ -76,25 +81,32 @@ def with_base_layouts(adapter: Adapter, base: BaseWeights) -> Adapter:
     pairing then reports the mismatch). Square modules decided without a
     ``config.json`` add a flag naming them.
     """
-    decided = [m for m in adapter if m.layout in _DECIDED]
+    decided = [m for m in adapter if m.layout in _DECIDED or (m.layout == "conv" and not m.kernel)]
     if not decided:
         return adapter
     weights = base.weight_names_for([m.name for m in decided])
     known = model_type_is_conv1d(base)
     family = known if known is not None else architecture_family(base.names()) == "gpt2"
     layouts: dict[str, str] = {}
+    kernels: dict[str, tuple[int, ...]] = {}
     guessed: list[str] = []
     for m in decided:
         stored = tuple(base.info(weights[m.name]).shape)
         rows, cols = m.shape
+        if len(stored) > 2:  # a Conv kernel (out, in, kh, kw) the file stored flattened
+            if stored[0] == rows and math.prod(stored[1:]) == cols:
+                layouts[m.name], kernels[m.name] = "conv", stored[2:]
+            continue  # else the pairing reports the mismatch
+        if m.layout == "conv":
+            continue
         if rows != cols:
             layouts[m.name] = {(rows, cols): "linear", (cols, rows): "conv1d"}.get(stored, m.layout)
             continue
         layouts[m.name] = "conv1d" if family and named_conv1d(weights[m.name]) else "linear"
         if known is None and (family or m.layout == "conv1d"):
             guessed.append(f"{m.name} → {layouts[m.name]}")
-    modules = tuple(_relayout(m, layouts.get(m.name, m.layout)) for m in adapter)
-    flags = tuple(adapter.flags)
+    modules = tuple(_relayout(m, layouts.get(m.name, m.layout), kernels.get(m.name, m.kernel)) for m in adapter)
+    flags = tuple(f for f in adapter.flags if not f.startswith(KERNEL_UNKNOWN)) + tuple(kernel_unknown_flags(modules))
     if guessed:
         flags += (
             f"layout ambiguous for {len(guessed)} square module(s) ({', '.join(guessed[:3])}"
@@ -104,5 +116,5 @@ def with_base_layouts(adapter: Adapter, base: BaseWeights) -> Adapter:
     return replace(adapter, modules=modules, flags=flags)
 
 
-def _relayout(m: LoraModule, layout: str) -> LoraModule:
-    return m if m.layout == layout else replace(m, layout=layout)
+def _relayout(m: LoraModule, layout: str, kernel: tuple[int, ...]) -> LoraModule:
+    return m if (m.layout, m.kernel) == (layout, kernel) else replace(m, layout=layout, kernel=kernel)

@@ -23,7 +23,7 @@ import torch
 
 from .. import __version__
 from ..errors import CheckpointError, ConfigError, ShapeError
-from ..keys import PEFT_PREFIX, parse_module_path, parse_peft_key
+from ..keys import PEFT_PREFIX, parse_module_path, parse_peft_key, peft_copy
 from ..types import Adapter, LoraModule, LoraSettings, TensorInfo
 from .atomic import atomic_directory, atomic_save_safetensors, atomic_write_json, register_input
 from .files import missing
@@ -227,7 +227,7 @@ def _load_folder(folder: Path, adapter_name: str | None) -> Adapter:
             f"({'; '.join(rank_errors[:3])}); fix 'r' / 'rank_pattern' in the config to match the saved tensors."
         )
     modules.sort(key=lambda m: m.key.sort_key())
-    flags, exact = _flags(settings, others)
+    flags, exact = _flags(settings, others, [m.name for m in modules])
     return Adapter(
         path=folder, settings=settings, modules=tuple(modules), other_tensors=tuple(others),
         flags=tuple(flags), delta_is_sBA=exact, adapter_name=adapter_name, weights_file=wfile,
@@ -243,8 +243,23 @@ def _written_layouts(store) -> dict[str, str]:
     return {str(k): v for k, v in found.items() if v in ("linear", "conv1d")} if isinstance(found, dict) else {}
 
 
-def _flags(settings: LoraSettings, others: list[TensorInfo]) -> tuple[list[str], bool]:
+def _flags(settings: LoraSettings, others: list[TensorInfo], names: Sequence[str] = ()) -> tuple[list[str], bool]:
     flags, exact = [], True
+    copies = [o.name for o in others if peft_copy(o.name) and any(f".{r}." in f".{o.name}." for r in _COPY_FACTORS)]
+    if copies:
+        flags.append(f"modules_to_save copies: {len(copies)} LoRA factor(s) inside a wrapped layer's copies "
+                     f"({', '.join(copies[:2])}{' …' if len(copies) > 2 else ''}) are listed as other tensors, never "
+                     "paired; the layer's own pair (if saved) is its module.")
+    # A LoRA module with a saved '<m>.base_layer.weight' whose layer PEFT also wrapped as modules_to_save
+    # (named in the config, or its copies are in the file): the wrapper's copy, trained in full.
+    wrapped = {c.split(".modules_to_save.")[0].split(".original_module.")[0] for c in copies}
+    trained = sorted(n for n in names if f"{n}.base_layer.weight" in {o.name for o in others}
+                     and (n in wrapped or _in_modules_to_save(n, settings.modules_to_save)))
+    if trained:
+        flags.append(f"trained base copy: {trained[:3]} also store their base weight ('<module>.base_layer.weight', "
+                     "a modules_to_save copy trained in full); PEFT applies s·B·A on that copy, so the update against "
+                     "the original base is (copy − W0) + s·B·A, not s·B·A.")
+        exact = False
     if settings.use_dora or any(o.name.endswith("lora_magnitude_vector") for o in others):
         flags.append("DoRA: the update also rescales W0's columns by a learned magnitude; s·B·A is only its direction part.")
         exact = False
@@ -260,6 +275,22 @@ def _flags(settings: LoraSettings, others: list[TensorInfo]) -> tuple[list[str],
     if settings.modules_to_save:
         flags.append(f"modules_to_save {list(settings.modules_to_save)}: fully trained copies, listed as other tensors.")
     return flags, exact
+
+
+#: LoRA factor names a modules_to_save copy may hold.
+_COPY_FACTORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+
+def _in_modules_to_save(name: str, modules_to_save) -> bool:
+    """PEFT's rule: a ``modules_to_save`` entry names a module by its path's last components."""
+    return any(name == m or name.endswith(f".{m}") for m in (modules_to_save or ()))
+
+
+def _only(name: str, names: Sequence[str]) -> str:
+    """The pattern key that selects ``name`` alone: PEFT's ``get_pattern_key`` matches a key at the end of a
+    path, so a root module (a DiT's ``proj_out``) would also select ``single_transformer_blocks.0.proj_out``;
+    such a name is anchored, ``^proj_out``."""
+    return f"^{re.escape(name)}" if any(o.endswith("." + name) for o in names) else name
 
 
 def save_peft_adapter(
@@ -294,6 +325,7 @@ def save_peft_adapter(
     alphas = [m.scaling * (math.sqrt(m.rank) if use_rslora else m.rank) for m in modules]
     r0 = max(set(ranks), key=ranks.count)
     a0 = max(set(alphas), key=alphas.count)
+    names = [m.name for m in modules]
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -301,8 +333,8 @@ def save_peft_adapter(
         "r": r0,
         "lora_alpha": a0,
         "use_rslora": use_rslora,
-        "rank_pattern": {m.name: m.rank for m in modules if m.rank != r0},
-        "alpha_pattern": {m.name: a for m, a in zip(modules, alphas) if a != a0},
+        "rank_pattern": {_only(m.name, names): m.rank for m in modules if m.rank != r0},
+        "alpha_pattern": {_only(m.name, names): a for m, a in zip(modules, alphas) if a != a0},
         "target_modules": sorted(m.name for m in modules),
         "fan_in_fan_out": any(m.layout == "conv1d" for m in modules),
         "modules_to_save": list(modules_to_save) if modules_to_save else None,

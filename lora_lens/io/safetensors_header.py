@@ -3,7 +3,10 @@
 Layout: ``N`` (u64, little-endian), ``N`` bytes of UTF-8 JSON, then the data
 buffer of ``D = size − 8 − N`` bytes. The JSON maps each tensor name to
 ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets into the data
-buffer) plus an optional ``"__metadata__"`` of string → string.
+buffer) plus an optional ``"__metadata__"``: string → string, or ``null`` —
+MLX (``mlx.core.save_safetensors``, so every MLX-LM ``adapters.safetensors``)
+writes ``"__metadata__":null`` when it has none, and the safetensors library
+reads that as no metadata, so it is accepted here too.
 
 Checked here, all from the header and ``os.stat`` — nothing is allocated in
 proportion to a size the file claims: ``N`` is at most ``min(size − 8,
@@ -64,9 +67,10 @@ def read_safetensors_header(path: Path) -> dict:
 
 
 def _check_entries(path: Path, header: dict, data_len: int) -> None:
-    meta = header.get("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise _bad(path, "'__metadata__' must map strings to strings")
+    meta = header.get("__metadata__")  # absent or null (MLX's writer): no metadata
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        found = "has non-string values" if isinstance(meta, dict) else f"is a JSON {type(meta).__name__}"
+        raise _bad(path, f"'__metadata__' {found}; expected null or an object of strings to strings")
     spans = []
     for name, e in header.items():
         if name == "__metadata__":

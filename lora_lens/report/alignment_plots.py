@@ -108,7 +108,8 @@ def plot_intruder_sweep(ax: Axes, eps: Any, counts: Mapping[str, Any] | Any, *, 
     if chosen_eps is not None:
         out.append(ax.axvline(chosen_eps, color="#d62728", ls="--", lw=1.2, label=f"ε = {chosen_eps:g}"))
     ax.set_xlabel("ε  (intruder if max |cos| with W0's singular vectors < ε)")
-    ax.set_ylabel("intruder dimensions, summed over layers" + (f" (top {k} per module)" if k else ""))
+    # two lines: one line was taller than a 4-inch panel and lost both ends to the figure edge
+    ax.set_ylabel("intruder dimensions\nsummed over layers" + (f" (top {k} per module)" if k else ""))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)

@@ -179,36 +179,108 @@ def _alignment_section(a: AdapterAnalysis, epsilon: float, k: int) -> ReportSect
                          "(intruder dimensions, Shuttleworth et al. 2024)?", figs, [table])
 
 
-def _summary(an: Analysis) -> tuple[list[str], list[tuple[str, Any]]]:
-    bullets = []
+def _span(xs: Sequence[float], fmt: str = ".2f") -> str:
+    """``1.4`` or ``1.4–2.1``: one number, or the range over adapters."""
+    xs = [float(x) for x in xs if x is not None and np.isfinite(x)]
+    if not xs:
+        return "—"
+    lo, hi = format(min(xs), fmt), format(max(xs), fmt)
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def _findings(an: Analysis, energy: float) -> list[str]:
+    """The few things a reader should take away, as sentences, most important first (one per topic, ≤ 5).
+
+    Which modules changed most, the rank the adapters really used, whether
+    layers (and adapters) share directions beyond a random baseline, and how
+    ΔW sits against W0. With several adapters a sentence gives the range over
+    them; the numbers per adapter and module type are in :func:`_summary_tables`.
+    """
+    out = []
+    many = len(an.adapters) > 1
+    tops = []  # per adapter: its modules by ‖ΔW‖_F, largest first, and the median
     for a in an.adapters:
-        sp = a.spectra
-        top = sorted(sp.layers, key=lambda r: -r.fro_norm)[:3]
-        if top and top[0].fro_norm > 0:
-            bullets.append(f"{a.adapter.label}: largest updates ‖ΔW‖_F in " + ", ".join(
-                f"{r.name} ({r.fro_norm:.3g})" for r in top) + ".")
-        for t, s in sp.summary.items():
-            st = s.stats
-            bullets.append(f"{a.adapter.label} · {t}: effective rank {st['effective_rank']['mean']:.2f} of nominal "
-                           f"r = {max(s.ranks)} (energy rank {st['rank_at_energy']['mean']:.1f}).")
+        rows = sorted((r for r in a.spectra.layers if r.fro_norm > 0), key=lambda r: -r.fro_norm)
+        if rows:
+            tops.append((a.adapter.label, rows, float(np.median([r.fro_norm for r in rows]))))
+    if len(tops) == 1:
+        _, rows, med = tops[0]
+        names = [f"{r.name} ({r.fro_norm:.3g})" for r in rows[:3]]
+        out.append(f"The largest updates ‖ΔW‖_F are in {', '.join(names)}: up to {rows[0].fro_norm / med:.1f}× "
+                   f"the median module's {med:.3g}.")
+    elif tops and len({rows[0].name for _, rows, _ in tops}) == 1:
+        out.append(f"The largest update is in {tops[0][1][0].name} in {'both' if len(tops) == 2 else f'all {len(tops)}'} adapters, "
+                   f"{_span([rows[0].fro_norm / med for _, rows, med in tops], '.1f')}× the median module's ‖ΔW‖_F.")
+    elif tops:
+        out.append("The largest update differs between the adapters: " + "; ".join(
+            f"{label}: {rows[0].name} ({rows[0].fro_norm / med:.1f}× the median module)" for label, rows, med in tops[:3])
+            + ("; …" if len(tops) > 3 else "") + ".")
+    per_type = [(t, s) for a in an.adapters for t, s in a.spectra.summary.items()]
+    if per_type:
+        eff = {}
+        for t, s in per_type:
+            eff.setdefault(t, []).append(s.stats["effective_rank"]["mean"])
+        types = ", ".join(f"{t} {_span(v, '.1f')}" for t, v in list(eff.items())[:4]) + (", …" if len(eff) > 4 else "")
+        nominal = _span([max(s.ranks) for _, s in per_type], ".0f")
+        out.append(f"{'The adapters' if many else 'The adapter'} used an effective rank of "
+                   f"{_span([x for v in eff.values() for x in v], '.1f')} of {'their' if many else 'its'} nominal "
+                   f"r = {nominal} ({types}); {energy:.0%} of the energy sits in the top "
+                   f"{_span([s.stats['rank_at_energy']['mean'] for _, s in per_type], '.1f')} directions.")
+    grids = {}
+    for a in an.adapters:
         for g in a.layers.grids:
             if len(g.blocks) > 1:
-                s = g.summary()
-                bullets.append(f"{a.adapter.label} · {g.module_type}: cross-layer φ {s['mean_offdiag']:.3f} vs random "
-                               f"{s['random_mean_offdiag']:.3f}.")
-        if a.alignment is not None:
-            al = a.alignment.alignment.modules
-            ie = list(a.alignment.intruders.epsilons).index(an.epsilon)
-            n_intr = sum(m.counts[ie] for m in a.alignment.intruders.modules)
-            bullets.append(f"{a.adapter.label}: mean amplification {np.mean([m.amplification for m in al]):.2f}; "
-                           f"{n_intr} intruder dimension(s) (k = {an.intruder_k}, ε = {an.epsilon}).")
-    for p in an.pairs:
-        s = p.summary()
-        bullets.append(f"φ({p.a}, {p.b}) = {s.get('phi') or 0:.3f} on {len(p.modules)} matched modules vs random "
-                       f"{s.get('random_phi') or 0:.3f}.")
+                grids.setdefault(g.module_type, []).append(g.summary())
+    if grids:
+        t, ss = max(grids.items(), key=lambda kv: np.nanmean([s["mean_offdiag"] or np.nan for s in kv[1]]))
+        phi, rnd = [s["mean_offdiag"] for s in ss], [s["random_mean_offdiag"] for s in ss]
+        ratio = [x / r for x, r in zip(phi, rnd) if x is not None and r]
+        out.append(f"Across layers, {t} updates share the most directions: mean off-diagonal φ {_span(phi, '.3f')} "
+                   f"against {_span(rnd, '.3f')} for random subspaces of the same ranks "
+                   f"({_span(ratio, '.1f')}× the baseline).")
+    if an.pairs:
+        ss = [p.summary() for p in an.pairs]
+        phi, rnd = [s.get("phi") for s in ss], [s.get("random_phi") for s in ss]
+        who = f"{an.pairs[0].a} and {an.pairs[0].b}" if len(an.pairs) == 1 else f"the {len(an.pairs)} adapter pairs"
+        out.append(f"Between adapters, {who} learned subspaces with φ {_span(phi, '.3f')} against "
+                   f"{_span(rnd, '.3f')} for random ones, on {_span([len(p.modules) for p in an.pairs], '.0f')} "
+                   "matched modules.")
+    aligned = [a for a in an.adapters if a.alignment is not None]
+    if aligned:
+        amp = [float(np.mean([m.amplification for m in a.alignment.alignment.modules])) for a in aligned]
+        ie = [list(a.alignment.intruders.epsilons).index(an.epsilon) for a in aligned]
+        n_intr = [sum(m.counts[i] for m in a.alignment.intruders.modules) for a, i in zip(aligned, ie)]
+        out.append(f"Against the base, the mean amplification factor ‖ΔW‖_F / ‖UᵀW0V‖_F (LoRA §7.3) is "
+                   f"{_span(amp)}, and ΔW brings {_span(n_intr, '.0f')} intruder dimension(s) in all, among each "
+                   f"module's top {an.intruder_k} directions (ε = {an.epsilon}).")
+    return out[:5]
+
+
+def _summary_tables(an: Analysis, energy: float) -> list[ReportTable]:
+    """Per adapter and module type: ranks, norms, cross-layer φ against random; adapter pairs: φ against random."""
+    rows = []
+    for a in an.adapters:
+        grids = {g.module_type: g.summary() for g in a.layers.grids if len(g.blocks) > 1}
+        for t, s in a.spectra.summary.items():
+            st, g = s.stats, grids.get(t, {})
+            rows.append((a.adapter.label, t, s.layers, max(s.ranks), st["effective_rank"]["mean"],
+                         st["rank_at_energy"]["mean"], st["fro_norm"]["max"], g.get("mean_offdiag"),
+                         g.get("random_mean_offdiag")))
+    tables = [ReportTable(("adapter", "module type", "layers", "r", "effective rank", f"rank @ {energy:.0%} energy",
+                           "max ‖ΔW‖_F", "cross-layer φ", "random φ"), rows,
+                          "Per module type, means over its layers (φ: mean off-diagonal of the layers × layers grid).")]
+    if an.pairs:
+        pr = [(p.a, p.b, len(p.modules), (s := p.summary()).get("phi"), s.get("random_phi")) for p in an.pairs]
+        tables.append(ReportTable(("adapter", "adapter", "matched modules", "φ", "random φ"), pr,
+                                  "Adapter pairs: mean φ over matched modules."))
+    return tables
+
+
+def _summary(an: Analysis, energy: float = 0.9) -> tuple[list[str], list[ReportTable], list[tuple[str, Any]]]:
+    """Findings as sentences first, then the tables behind them, then what was analyzed."""
     table = [("adapters", ", ".join(a.adapter.label for a in an.adapters)), ("base", an.base or "—"),
              ("modules", ", ".join(str(len(a.adapter)) for a in an.adapters))]
-    return bullets, table
+    return _findings(an, energy), _summary_tables(an, energy), table
 
 
 def analysis_report(an: Analysis, title: str = "lora_lens report", energy: float = 0.9,
@@ -229,9 +301,9 @@ def analysis_report(an: Analysis, title: str = "lora_lens report", energy: float
                                       "knots.", [ReportFigure(fig, "Loss curves.", "loss")]))
     sections += list(extra_sections)
     labels = ", ".join(a.adapter.label for a in an.adapters)
-    bullets, table = _summary(an)
+    bullets, tables, table = _summary(an, energy)
     return Report(title, f"adapters: {labels}" + (f" · base: {an.base}" if an.base else ""), bullets, table,
-                  sections)
+                  sections, summary_tables=tables)
 
 
 def write_analysis_report(

@@ -91,18 +91,24 @@ class ReportSection:
 
 @dataclass(frozen=True, eq=False)
 class Report:
-    """The whole page: title, subtitle, summary (bullets and a key-value table), sections."""
+    """The whole page: title, subtitle, summary (bullets, tables, a key-value table), sections.
+
+    ``bullets`` lead the summary: a few findings written as sentences;
+    ``summary_tables`` hold the numbers behind them, below.
+    """
 
     title: str
     subtitle: str = ""
     bullets: Sequence[str] = ()
     summary_table: Sequence[tuple[str, Any]] = ()
     sections: Sequence[ReportSection] = field(default_factory=tuple)
+    summary_tables: Sequence[ReportTable] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bullets", tuple(str(b) for b in self.bullets))
         object.__setattr__(self, "summary_table", tuple((str(k), v) for k, v in self.summary_table))
         object.__setattr__(self, "sections", tuple(self.sections))
+        object.__setattr__(self, "summary_tables", tuple(self.summary_tables))
 
 
 @dataclass(frozen=True)
@@ -230,7 +236,7 @@ def render_html(report: Report, link_pngs: bool = False, dpi: float = 110) -> st
 
 def _page(report: Report, rendered: tuple[_Rendered, ...], link_pngs: bool) -> str:
     e = html.escape
-    has_summary = bool(report.bullets or report.summary_table)
+    has_summary = bool(report.bullets or report.summary_table or report.summary_tables)
     toc = ([("summary", "Summary")] if has_summary else []) + [(r.anchor, r.section.heading) for r in rendered]
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -249,6 +255,7 @@ def _page(report: Report, rendered: tuple[_Rendered, ...], link_pngs: bool) -> s
         out.append('<section id="summary"><h2>Summary</h2>')
         if report.bullets:
             out.append('<ul class="bullets">' + "".join(f"<li>{e(b)}</li>" for b in report.bullets) + "</ul>")
+        out += [_table_html(t) for t in report.summary_tables]
         if report.summary_table:
             out.append(_kv_html(report.summary_table))
         out.append("</section>")
@@ -285,7 +292,8 @@ def results_json(report: Report, rendered: Sequence[_Rendered], json_data: Any =
                      "file": f"figures/{file}" if link_pngs else None}
                     for r in rendered for _, caption, file in r.figures],
         "tables": [{"section": s.heading, "caption": t.caption, "header": list(t.header),
-                    "rows": to_jsonable([list(r) for r in t.rows])} for s in report.sections for t in s.tables],
+                    "rows": to_jsonable([list(r) for r in t.rows])}
+                   for s in [ReportSection("Summary", tables=report.summary_tables), *report.sections] for t in s.tables],
         "data": to_jsonable(json_data),
     })
 

@@ -14,6 +14,7 @@ from ..compute import resolve_device
 from ..io import check_destination
 from ..io.atomic import register_input
 from .config import TrainConfig
+from ..data import resolve_model, resolve_task
 from ..errors import ConfigError
 from .data import load_data
 from .heads import Head, lm_head, load_classifier
@@ -72,7 +73,11 @@ def prepare(
 
 
 def load_task(base, config: TrainConfig, data, tokenizer, eval_data) -> tuple[nn.Module, LMTask | ClassifyTask, str]:
-    """The model as the task needs it, and the task with its data."""
+    """The model as the task needs it, and the task with its data.
+
+    ``base`` and ``data`` may name what the package bundles (``stories260K``, ``austen``, :mod:`lora_lens.data`).
+    """
+    base, data, eval_data = resolve_model(base), resolve_task(data), resolve_task(eval_data)
     if config.task == "lm":
         if eval_data is not None:
             raise ConfigError("--eval-data is an option of --task classify; --task lm holds out --eval-fraction.")
@@ -91,7 +96,7 @@ def load_task(base, config: TrainConfig, data, tokenizer, eval_data) -> tuple[nn
         limit = positions
     labelled = load_labelled(data, tokenizer=tokenizer, max_length=limit, vocab_size=vocab_size(model),
                              eval_fraction=config.eval_fraction, seed=config.seed, eval_data=eval_data)
-    return model, ClassifyTask(labelled, head), base_name
+    return model, ClassifyTask(labelled, head, bucket=config.length_bucketing), base_name
 
 
 def unfreeze_head(model: nn.Module, head: Head, adapted: Adapted) -> None:
@@ -104,6 +109,21 @@ def unfreeze_head(model: nn.Module, head: Head, adapted: Adapted) -> None:
         model.get_submodule(path).requires_grad_(True)
 
 
+#: A held-out loss that fell by less than this share did not move.
+NOT_LEARNED = 0.01
+
+
+def warn_if_not_learned(result: TrainResult, config: TrainConfig) -> None:
+    """Warn (one line) when the held-out loss has not moved by ``NOT_LEARNED`` over the run, with what to try."""
+    before, after = result.eval_loss_before, result.eval_loss
+    if before is None or after is None or not before > 0 or after < before * (1 - NOT_LEARNED):
+        return
+    warnings.warn(
+        f"the adapter did not learn: eval loss {before:.4f} → {after:.4f} over {config.steps} steps (lr {config.lr:g}, "
+        f"batch {config.batch_size}); try a lower --lr (e.g. {config.lr / 5:g}) with --batch-size "
+        f"{max(16, config.batch_size)}, or more --steps.", stacklevel=3)
+
+
 def train(
     base: str | Path | nn.Module,
     method: str = "lora",
@@ -114,9 +134,9 @@ def train(
     rank: int | None = None,
     alpha: float | None = None,
     targets: Sequence[str] | None = None,
-    steps: int = 40,
-    lr: float = 5e-3,
-    batch_size: int = 8,
+    steps: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
     seq_len: int = 64,
     warmup_steps: int | None = None,
     weight_decay: float = 0.0,
@@ -133,6 +153,7 @@ def train(
     max_length: int | None = None,
     eval_every: int | None = None,
     train_dtype: str = "float32",
+    length_bucketing: bool = True,
     seed: int = 0,
     device: str = "auto",
     overwrite: bool = False,
@@ -160,6 +181,7 @@ def train(
         knots=tuple(knots) if knots is not None else None, links=links,
         sparse=SparseSettings(sp_granularity, sp_targets, sp_resample), condlora_mode=condlora_mode, device=device,
         task=task, max_length=max_length, eval_every=eval_every, train_dtype=train_dtype,
+        length_bucketing=length_bucketing,
     )
     for p in (base, init, data, eval_data):
         if isinstance(p, (str, Path)) and Path(p).exists():
@@ -168,6 +190,7 @@ def train(
         check_destination(out, overwrite)  # refuse before training, not after
     run = prepare(base, config, init=init, data=data, tokenizer=tokenizer, eval_data=eval_data)
     result = fit(run, log=log, progress=progress)
+    warn_if_not_learned(result, config)
     if out is not None:
         result = replace(result, output=save_run(run, result, out, overwrite=overwrite))
     return result

@@ -201,9 +201,39 @@ def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return input_ids, mask
 
 
-def example_batches(examples: Examples, batch_size: int, seed: int, pad_id: int):
-    """Endless ``(epoch, batch dict)``, drawn like the LM task's blocks (:func:`.data.index_batches`)."""
-    for epoch, idx in index_batches(len(examples), batch_size, seed):
+#: Length bucketing draws each batch from a pool of this many batches' worth of shuffled examples.
+BUCKET_POOL = 32
+
+
+def bucketed_batches(lengths: list[int], batch_size: int, seed: int, pool: int = BUCKET_POOL):
+    """Endless ``(epoch, indices)`` with little padding: each epoch a seeded permutation of the examples is cut
+    into pools of ``pool · b``; inside a pool the examples are sorted by length and cut into batches of ``b``,
+    and the pool's batches are yielded in a seeded random order. Every example still comes once an epoch, in
+    random company of similar length (transformers' ``group_by_length`` does the same, with 50 batches a pool);
+    a batch then pads to a length near its own examples', not to the longest of a random draw. The last short
+    batch of each pool is dropped, as :func:`.data.index_batches` drops the epoch's.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n, b = len(lengths), min(batch_size, len(lengths))
+    size = torch.tensor(lengths)
+    epoch = 0
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for lo in range(0, n, pool * b):
+            chunk = perm[lo: lo + pool * b]
+            chunk = chunk[torch.sort(size[chunk], stable=True).indices]  # by length, ties in random order
+            cut = [chunk[i: i + b] for i in range(0, len(chunk) - b + 1, b)]
+            for j in torch.randperm(len(cut), generator=gen).tolist():
+                yield epoch, cut[j]
+        epoch += 1
+
+
+def example_batches(examples: Examples, batch_size: int, seed: int, pad_id: int, bucket: bool = True):
+    """Endless ``(epoch, batch dict)``: length-bucketed (:func:`bucketed_batches`), or with ``bucket=False``
+    drawn like the LM task's blocks (:func:`.data.index_batches`)."""
+    draw = bucketed_batches([len(x) for x in examples.ids], batch_size, seed) if bucket else \
+        index_batches(len(examples), batch_size, seed)
+    for epoch, idx in draw:
         yield epoch, collate(examples.subset(idx.tolist()), pad_id)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError, NonFiniteError
 from ..io import open_base
+from ..io.files import missing
 from ..io.jsonfile import read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
@@ -66,7 +67,7 @@ def load_model(base: str | Path | nn.Module, tokenizer=None) -> tuple[nn.Module,
 def check_model_folder(path: Path, loader: str) -> None:
     """Refuse a missing folder, one without config.json, or damaged weights, before transformers sees it."""
     if not path.exists():
-        raise CheckpointError(f"{path}: no such folder; expected --base to name a Hugging Face model folder.")
+        raise CheckpointError(f"{path}: {missing(path)}; expected --base to name a Hugging Face model folder.")
     if not (path.is_dir() and (path / "config.json").is_file()):
         raise CheckpointError(
             f"{path}: not a Hugging Face model folder (no config.json); the trainer loads models with "

@@ -76,6 +76,7 @@ class LMTask:
 class ClassifyTask:
     data: LabelledData
     head: Head
+    bucket: bool = True  # length-bucketed batches (labelled.bucketed_batches); False: uniform random draws
 
     name = "classify"
 
@@ -84,7 +85,7 @@ class ClassifyTask:
         return self.data.source
 
     def batches(self, batch_size: int, seed: int) -> Iterator[tuple[int, Batch]]:
-        return example_batches(self.data.train, batch_size, seed, self.head.pad_token_id)
+        return example_batches(self.data.train, batch_size, seed, self.head.pad_token_id, bucket=self.bucket)
 
     def logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """``(b, K)``."""

@@ -62,12 +62,12 @@ def _no_adapter(path: Path) -> str:
 
 
 def _read(found: Found) -> Adapter:
-    from . import diffusers, kohya, mlx, peft_tuners, state_dict
+    from . import diffusers, kohya, lora_diffusion, mlx, peft_tuners, state_dict
 
     if found.format.startswith("peft-"):
         return peft_tuners.read(found.path, found.file, found.config)
     reader = {"mlx": mlx.read, "kohya": kohya.read, "lycoris": kohya.read, "diffusers": diffusers.read,
-              "state_dict": state_dict.read}[found.format]
+              "lora_diffusion": lora_diffusion.read, "state_dict": state_dict.read}[found.format]
     return reader(found.path, found.file)
 
 

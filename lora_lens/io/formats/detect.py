@@ -3,8 +3,10 @@
 ``detect(path)`` returns a :class:`Found` (format, weights file, config) for
 an adapter, or None for something that is not one (a base checkpoint). It
 refuses, in one line naming the files, what must not be guessed: a folder
-with several unrelated weight files and no index, and tuners that are not a
-low-rank update (IA3, OFT/BOFT, VeRA, prompt tuning …).
+with several unrelated weight files and no index, tuners that are not a
+low-rank update (IA3, OFT/BOFT, VeRA, prompt tuning …), and a file whose
+tensors pair up as low-rank factors under a naming no reader detects
+(:func:`low_rank_pairs`): such a file is never called a base checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import CheckpointError, ConfigError
-from ...keys import adapter_key_scheme
+from ...keys import adapter_key_scheme, split_pair_token
+from ...types import TensorInfo
 from ..files import missing
 from ..jsonfile import read_json
 from ..tensors import PICKLE_SUFFIXES, open_tensor_file
@@ -25,7 +28,7 @@ PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 #: peft_type values read as a LoRA folder / by ``peft_tuners``.
 LOW_RANK_PEFT_TYPES = ("LORA", "LOHA", "LOKR", "ADALORA")
 #: Every ``--format`` name.
-FORMATS = ("peft", "mlx", "kohya", "lycoris", "diffusers", "state_dict")
+FORMATS = ("peft", "mlx", "kohya", "lycoris", "diffusers", "lora_diffusion", "state_dict")
 WEIGHT_SUFFIXES = (".safetensors", ".npz") + PICKLE_SUFFIXES
 #: ``model-00001-of-00003.safetensors``: shards of one checkpoint even without an index.
 SHARD_NAME = re.compile(r".*-\d{3,5}-of-\d{3,5}\.\w+$")
@@ -126,12 +129,54 @@ def _file(path: Path, file: Path, format: str | None) -> Found | None:
         return Found(format, path, file, None)
     if file.name in mlx.WEIGHT_NAMES:
         return Found("mlx", path, file, None)
-    scheme = adapter_key_scheme(open_tensor_file(file).names())
+    store = open_tensor_file(file)
+    scheme = adapter_key_scheme(store.names())
     if scheme is None:
+        pairs = low_rank_pairs(store.infos())
+        if pairs:
+            raise refuse_unnamed_pairs(file, pairs)
         return None
     if scheme.startswith("not-low-rank:"):
         raise not_low_rank(file, scheme.split(":", 1)[1])
     return Found(scheme, path, file, None)
+
+
+def low_rank_pairs(infos) -> list[tuple[TensorInfo, TensorInfo]]:
+    """Tensors that pair up as low-rank factors under any naming: names that differ only by a factor token
+    (:func:`lora_lens.keys.split_pair_token`: ``X.down``/``X.up``, ``X:down``/``X:up``, ``X.lora_A``/``X.lora_B``
+    …) whose shapes share a rank r below both other sides: ``(r, n)`` with ``(m, r)`` (Conv2d ``(r, in, kh, kw)``
+    with ``(m, r, 1, 1)``), or ``(n, r)`` with ``(r, m)``."""
+    sides: dict[tuple[str, str], dict[int, TensorInfo]] = {}
+    for info in infos:
+        split = split_pair_token(info.name)
+        if split is not None and len(info.shape) in (2, 4):
+            sides.setdefault(split[:2], {})[split[2]] = info
+    pairs = []
+    for g in sides.values():
+        if len(g) == 2:
+            x, y = g[0].shape, g[1].shape
+            torch_way = x[0] == y[1] and x[0] < min(_numel(x[1:]), y[0])
+            math_way = len(x) == len(y) == 2 and x[1] == y[0] and x[1] < min(x[0], y[1])
+            if torch_way or math_way:
+                pairs.append((g[0], g[1]))
+    return pairs
+
+
+def refuse_unnamed_pairs(file: Path, pairs) -> CheckpointError:
+    """A file that pairs up as low-rank factors under a naming no reader detects: never a base, refused by name."""
+    x, y = pairs[0]
+    more = f" and {len(pairs) - 1} more pair(s)" if len(pairs) > 1 else ""
+    return CheckpointError(
+        f"{file}: its tensors pair up as low-rank factors ('{x.name}' {tuple(x.shape)} / '{y.name}' {tuple(y.shape)}"
+        f"{more}) under a naming no reader detects, so it is not read as a base checkpoint; read it as an adapter "
+        "with --format state_dict, or pass a model checkpoint as --base.")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _tuner_name(peft_type: str) -> str:

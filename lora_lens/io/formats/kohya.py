@@ -6,7 +6,8 @@ dots written as underscores — followed by
 
 - ``.lora_down.weight`` A (r, in) or conv (r, in, kh, kw), ``.lora_up.weight``
   B (out, r) or conv (out, r, 1, 1), ``.alpha``: ``ΔW = (alpha / r) · B A``,
-  alpha = r when absent (sd-scripts' ``LoRAModule``);
+  alpha = r when absent or 0 (sd-scripts' ``LoRAModule``: ``alpha = dim if
+  alpha is None or alpha == 0``; LyCORIS modules do the same);
 - LyCORIS ``.hada_w1_a/b``, ``.hada_w2_a/b`` (LoHa) or ``.lokr_w1[_a/_b]``,
   ``.lokr_w2[_a/_b]`` (LoKr), scale ``alpha / dim``; a LoKr whose two factors
   are both full uses scale 1 (LyCORIS ``LokrModule``);
@@ -28,7 +29,7 @@ from ...keys import kohya_module_path
 from ...types import Adapter, TensorInfo
 from ..tensors import TensorStore, check_tensor, open_tensor_file
 from .factors import lora_module, make_adapter, refuse_empty, refuse_orphans, scalar
-from .lycoris import LOHA_KEYS, LOKR_KEYS, TUCKER_KEYS, loha_parts, lokr_parts
+from .lycoris import LOHA_KEYS, LOKR_KEYS, TUCKER_KEYS, conv_layout, kernel_unknown_flags, loha_parts, lokr_parts
 
 _ROLE = re.compile(r"^(?P<stem>.+?)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha|dora_scale|"
                    + "|".join(LOKR_KEYS + LOHA_KEYS + TUCKER_KEYS) + r")$")
@@ -58,6 +59,7 @@ def read(path: Path, file: Path, format: str = "kohya") -> Adapter:
     refuse_empty(file, modules, "'<name>.lora_down.weight' / '.lora_up.weight', '.hada_w1_a', '.lokr_w1' keys")
     if any("dora_scale" in g for g in groups.values()):
         flags.append("DoRA (dora_scale): the update also rescales W0's columns; s·B·A is only its direction part.")
+    flags += kernel_unknown_flags(modules)
     kinds = {m.kind for m in modules}
     fmt = "lycoris" if kinds - {"lora"} else format
     meta = {k: v for k, v in getattr(store, "metadata", {}).items() if k.startswith(("ss_", "modelspec."))}
@@ -76,7 +78,7 @@ def _module(store: TensorStore, file: Path, stem: str, g: dict[str, str], orphan
             return None
         A, B = get("lora_down"), get("lora_up")
         r = int(A.shape[0])
-        alpha = scalar(alpha_t, g["alpha"], file) if alpha_t is not None else float(r)
+        alpha = _alpha(alpha_t, g, file, r)
         return lora_module(name, A, B, scaling=alpha / r, alpha=alpha, file=file,
                            keys=(g["lora_down"], g["lora_up"]), stored_as=stem)
     kernel = ()
@@ -85,7 +87,7 @@ def _module(store: TensorStore, file: Path, stem: str, g: dict[str, str], orphan
         if missing:
             orphans.append(f"LoHa '{stem}' lacks {missing}")
             return None
-        B, A, dim = loha_parts(get)
+        B, A, dim, kernel = loha_parts(get)
         kind, scale_of = "loha", (lambda alpha: alpha / dim)
     elif any(k.startswith("lokr_") for k in g):
         have = set(g)
@@ -99,7 +101,15 @@ def _module(store: TensorStore, file: Path, stem: str, g: dict[str, str], orphan
     else:  # only an alpha or a dora_scale: not a module
         orphans.append(f"'{stem}' has only {sorted(g)}")
         return None
-    alpha = scalar(alpha_t, g["alpha"], file) if alpha_t is not None else float(dim or 1)
+    alpha = _alpha(alpha_t, g, file, dim or 1)
+    dora = store.get(g["dora_scale"], validate=False) if "dora_scale" in g else None
     return lora_module(name, A, B, scaling=scale_of(alpha), alpha=alpha, file=file,
                        keys=(f"{stem}.{kind} A", f"{stem}.{kind} B"), kind=kind, stored_as=stem, kernel=kernel,
-                       layout="conv" if kernel else None, checked=True)
+                       layout=conv_layout(name, kernel, dora), checked=True)
+
+
+def _alpha(alpha_t, g: dict[str, str], file: Path, dim: int) -> float:
+    """The module's alpha: its ``.alpha`` tensor, with an absent or zero alpha meaning ``dim``
+    (sd-scripts' ``LoRAModule`` and every LyCORIS module: ``alpha = dim if alpha is None or alpha == 0``)."""
+    alpha = scalar(alpha_t, g["alpha"], file) if alpha_t is not None else 0.0
+    return alpha if alpha != 0 else float(dim)

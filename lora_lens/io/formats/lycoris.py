@@ -33,6 +33,8 @@ LoKr) for digits float32 already holds.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 
@@ -99,9 +101,44 @@ def lokr_parts(get, have: set[str]) -> tuple[torch.Tensor, torch.Tensor, int, bo
     return B, A, dim, dim == 0, kernel
 
 
-def loha_parts(get) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(B, A, dim)`` of a LoHa module; ``dim`` = r of ``hada_w1_b``."""
+def loha_parts(get) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, ...]]:
+    """``(B, A, dim, kernel)`` of a LoHa module; ``dim`` = r of ``hada_w1_b``; ``kernel`` is ``()`` unless a
+    ``hada_w*_b`` is stored 4-D ``(r, in, kh, kw)`` (LyCORIS and PEFT write a conv's flattened, 2-D)."""
     B1, A1 = get("hada_w1_a"), get("hada_w1_b")
     B2, A2 = get("hada_w2_a"), get("hada_w2_b")
+    kernel = tuple(int(k) for k in A1.shape[2:]) or tuple(int(k) for k in A2.shape[2:])
     B, A = face_split_factors(B1, A1.reshape(A1.shape[0], -1), B2, A2.reshape(A2.shape[0], -1))
-    return B, A, int(A1.shape[0])
+    return B, A, int(A1.shape[0]), kernel
+
+
+#: diffusers' Conv2d modules (UNet2DConditionModel, AutoencoderKL, ControlNet): ResnetBlock2D's
+#: ``conv1`` / ``conv2`` / ``conv_shortcut``, Downsample2D / Upsample2D's ``conv``, ``conv_in`` / ``conv_out``.
+#: ``proj_in`` / ``proj_out`` are not here: a Conv2d 1×1 in SD 1.x, a Linear in SD 2 / SDXL.
+DIFFUSERS_CONV = re.compile(r"(?:^|\.)(?:resnets\.\d+\.(?:conv1|conv2|conv_shortcut)|(?:downsamplers|upsamplers)\.\d+\.conv"
+                            r"|conv_in|conv_out)$")
+#: Flag of conv modules whose kernel size the file does not give.
+KERNEL_UNKNOWN = "kernel-unknown"
+
+
+def conv_layout(name: str, kernel: tuple[int, ...], dora_scale: torch.Tensor | None = None) -> str | None:
+    """``"conv"`` for a LoKr / LoHa on a Conv, else None (the factors' shapes decide: ``linear``).
+
+    LyCORIS and PEFT store a LoHa, and a LoKr's factored ``w2``, on a Conv2d as 2-D factors
+    ``(r, in·kh·kw)`` (``LohaModule`` / ``LokrModule``, not Tucker): the numbers are ΔW flattened, but only a
+    4-D tensor says it is a conv (and its kernel). Otherwise a conv is known from a 4-D ``dora_scale``
+    ``(out, 1, 1, 1)`` or from a diffusers Conv2d module path (:data:`DIFFUSERS_CONV`), its kernel
+    unknown (``()``) until a base gives it (:func:`lora_lens.io.layout.with_base_layouts`).
+    """
+    if kernel or (dora_scale is not None and dora_scale.dim() > 2) or DIFFUSERS_CONV.search(name):
+        return "conv"
+    return None
+
+
+def kernel_unknown_flags(modules) -> list[str]:
+    """One flag naming the conv modules whose kernel the file stores flattened."""
+    unknown = [m.name for m in modules if m.layout == "conv" and not m.kernel]
+    if not unknown:
+        return []
+    return [f"{KERNEL_UNKNOWN}: {len(unknown)} conv module(s) ({', '.join(unknown[:2])}{' …' if len(unknown) > 2 else ''}) "
+            "store their kernel flattened (ΔW as (out, in·kh·kw), exact); the kernel size is read from the base "
+            "when one is given (--base)."]
