@@ -19,6 +19,7 @@ Writes N rank-r fp16 PEFT adapters on a Llama-7B-shaped q/v module set
     PYTHONPATH=. python benchmarks/bench_collection.py                       # N = 10, 50; 4 blocks
     PYTHONPATH=. python benchmarks/bench_collection.py --n 10,50,200 --layers 32 --workers 2
     PYTHONPATH=. python benchmarks/bench_collection.py --n 50 --profile 15          # where the time goes
+    PYTHONPATH=. python benchmarks/bench_collection.py --ranks 16,8,4   # mixed ranks: one φ pass per pair k
 """
 
 from __future__ import annotations
@@ -44,17 +45,21 @@ from lora_lens.types import LoraModule
 TYPES = ("self_attn.q_proj", "self_attn.v_proj")
 
 
-def write_adapters(folder: Path, N: int, layers: int, dim: int, r: int) -> list[Path]:
-    """N adapters in 4 planted groups (so the clusters mean something), fp16."""
+def write_adapters(folder: Path, N: int, layers: int, dim: int, r: int, ranks: list[int] | None = None) -> list[Path]:
+    """N adapters in 4 planted groups (so the clusters mean something), fp16; adapter i has rank
+    ``ranks[i % len(ranks)]`` when given, else ``r``."""
     g = torch.Generator().manual_seed(0)
     names = [f"model.layers.{b}.{t}" for b in range(layers) for t in TYPES]
-    groups = [{nm: (torch.linalg.qr(torch.randn(dim, r, generator=g))[0],
-                    torch.linalg.qr(torch.randn(dim, r, generator=g))[0]) for nm in names} for _ in range(4)]
+    ranks = ranks or [r]
+    rmax = max(ranks)
+    groups = [{nm: (torch.linalg.qr(torch.randn(dim, rmax, generator=g))[0],
+                    torch.linalg.qr(torch.randn(dim, rmax, generator=g))[0]) for nm in names} for _ in range(4)]
     paths = []
     for i in range(N):
         mods = []
+        r = ranks[i % len(ranks)]
         for nm in names:
-            U, V = groups[i % 4][nm]
+            U, V = (x[:, :r] for x in groups[i % 4][nm])
             B = U @ torch.randn(r, r, generator=g) + 0.05 * torch.randn(dim, r, generator=g)
             A = torch.randn(r, r, generator=g) @ V.T / dim ** 0.5
             mods.append(LoraModule(nm, parse_module_path(nm), A, B, alpha=2.0 * r, scaling=2.0))
@@ -176,6 +181,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--ranks", help="Mixed ranks, comma-separated, cycled over the adapters (default: --rank).")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=0, help="Also run on a local Dask cluster of this many processes.")
     ap.add_argument("--naive-pairs", type=int, default=1)
@@ -190,10 +196,12 @@ def main() -> None:
     sizes = [int(x) for x in args.n.split(",")]
     modules = 2 * args.layers
     stacked = lambda N: N * 2 * args.dim * args.rank * 4 * 3  # factors + U + V (float32) of one module
-    print(f"{modules} modules ({args.layers} blocks × q,v), {args.dim}×{args.dim}, r={args.rank}, fp16 files; "
+    print(f"{modules} modules ({args.layers} blocks × q,v), {args.dim}×{args.dim}, r={args.ranks or args.rank}, "
+          "fp16 files; "
           f"threads {args.threads}, device {args.device}")
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_adapters(Path(tmp), max(sizes), args.layers, args.dim, args.rank)
+        ranks = [int(x) for x in args.ranks.split(",")] if args.ranks else None
+        paths = write_adapters(Path(tmp), max(sizes), args.layers, args.dim, args.rank, ranks)
         t_pair = naive_pair_time(paths, args.naive_pairs)
         print(f"naive (b): {t_pair:.2f} s per pair and module (materialize 2 ΔW + 2 full SVDs)")
         for N in sizes:

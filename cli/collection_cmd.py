@@ -9,7 +9,7 @@ import click
 
 from .common import echo_json, progress_callback, table
 from .options import (device_option, dtype_option, json_option, max_memory_option, out_option, overwrite_option,
-                      quiet_option, seed_option, top_k_option)
+                      quiet_option, seed_option, side_option, top_k_option)
 
 
 def read_list(path: str) -> list[str]:
@@ -32,7 +32,8 @@ def read_list(path: str) -> list[str]:
 @click.argument("adapters", nargs=-1, type=click.Path(path_type=str))
 @click.option("--list", "list_file", type=click.Path(path_type=str), help="A file with one adapter path per line.")
 @out_option("Folder for collection.json, collection.safetensors and report/.")
-@top_k_option("Directions compared per module (default: its min rank).")
+@top_k_option("Directions compared per module (default: each pair's smaller rank; capped at it).")
+@side_option
 @click.option("--weighted", is_flag=True, help="Average modules weighted by ‖ΔW‖ (default: plain mean).")
 @click.option("--clusters", default="auto", show_default=True, metavar="K|auto",
               help="Number of clusters, or auto (best silhouette).")
@@ -54,9 +55,9 @@ def read_list(path: str) -> list[str]:
 @device_option
 @dtype_option
 @max_memory_option
-def collection_cmd(adapters, list_file, out, top_k, weighted, clusters, distance_threshold, duplicate, shared_rank,
-                   write_basis, allow_partial, scheduler, workers, seed, overwrite, as_json, quiet, device, dtype,
-                   max_memory) -> None:
+def collection_cmd(adapters, list_file, out, top_k, side, weighted, clusters, distance_threshold, duplicate,
+                   shared_rank, write_basis, allow_partial, scheduler, workers, seed, overwrite, as_json, quiet, device,
+                   dtype, max_memory) -> None:
     """Compare many adapters of one base at once: the adapter × adapter φ
     matrix (per module, per module type and overall, with a random
     baseline), clusters, a 2-D map, near-duplicates and outliers, and the
@@ -85,7 +86,7 @@ def collection_cmd(adapters, list_file, out, top_k, weighted, clusters, distance
     if write_basis:
         check_destination(Path(write_basis), overwrite)
     # In this process --device is resolved here; on Dask each worker resolves it (auto: its own GPU).
-    settings = CollectionSettings(top_k=top_k, weighted=weighted, shared_rank=shared_rank,
+    settings = CollectionSettings(top_k=top_k, side=side, weighted=weighted, shared_rank=shared_rank,
                                   keep_basis=bool(write_basis), device=None if scheduler else device,
                                   worker_device=device if scheduler else None, dtype=dtype,
                                   **({} if max_memory is None else {"max_memory": max_memory}), seed=seed)

@@ -2,7 +2,7 @@
 
 ``-o/--out`` wherever something is written, ``--json``, ``--seed``,
 ``--overwrite``, ``--quiet``, ``--epsilon``, ``--n-iter``, ``--top-k`` (how
-many top singular directions), ``--targets`` and
+many top singular directions), ``--side`` (which singular vectors φ compares), ``--targets`` and
 ``--device/--dtype/--max-memory`` (one ``Compute``). Old spellings stay as
 hidden aliases (:func:`renamed_option`) that print a deprecation note.
 Importing this module imports click only: the help of every command is built
@@ -45,6 +45,27 @@ def top_k_option(help: str, default: int | None = None, *, old: str | None = Non
         return option
     alias = renamed_option(old, "--top-k", "top_k", type=click.IntRange(min=1))
     return lambda f: option(alias(f))
+
+
+class _SideChoice(click.Choice):
+    """out | in | both; the old ``left``/``right`` are still accepted, with a note."""
+
+    OLD = {"left": "out", "right": "in"}
+
+    def convert(self, value, param, ctx):
+        if value in self.OLD:
+            click.echo(f"note: --side {value} is now spelled --side {self.OLD[value]}.", err=True)
+            value = self.OLD[value]
+        return super().convert(value, param, ctx)
+
+
+#: ``--side out|in|both`` (passed as ``side``): the same option and default (None → out for ΔW) on
+#: ``similarity``, ``collection`` and ``report``.
+side_option = click.option(
+    "--side", type=_SideChoice(["out", "in", "both"]), default=None,
+    help="Singular vectors φ compares: out = ΔW's output space, U (the default: after short training the input "
+         "side mostly reflects A's random init, so same-seed adapters look alike there); in = input space, V; "
+         "both = the mean of the two. (similarity --what A / B: in / out, their only side.)")
 
 
 def n_iter_option(help: str, default: int | None = None):

@@ -8,7 +8,7 @@ import click
 
 from .common import echo_json, progress_callback
 from .options import (compute_options, epsilon_option, format_option, json_option, out_option, overwrite_option,
-                      quiet_option, seed_option, top_k_option)
+                      quiet_option, seed_option, side_option, top_k_option)
 
 
 @click.command("report")
@@ -19,6 +19,7 @@ from .options import (compute_options, epsilon_option, format_option, json_optio
 @click.option("--title", default="lora_lens report", show_default=True)
 @click.option("--energy", type=float, default=0.9, show_default=True, help="Energy fraction for the energy rank.")
 @top_k_option("Top singular vectors of W0 + ΔW checked for intruders (with --base).", default=10, old="--intruder-k")
+@side_option
 @epsilon_option(repeatable=False)
 @seed_option
 @overwrite_option
@@ -26,7 +27,7 @@ from .options import (compute_options, epsilon_option, format_option, json_optio
 @quiet_option
 @compute_options
 @format_option
-def report_cmd(adapters, base, out, title, energy, top_k, epsilon, seed, overwrite, as_json, quiet, compute,
+def report_cmd(adapters, base, out, title, energy, top_k, side, epsilon, seed, overwrite, as_json, quiet, compute,
                fmt):
     """Analyze one or more adapters and write a self-contained HTML report
     (index.html, figures/*.png, results.json): spectra and effective ranks,
@@ -53,7 +54,7 @@ def report_cmd(adapters, base, out, title, energy, top_k, epsilon, seed, overwri
     sections = [collection_section(read_collection(p)) for p in collections]
     if loaded:
         with progress_callback("analysing", quiet) as progress:
-            analysis = analyze_adapters(loaded, base_weights, energy=energy, intruder_k=top_k,
+            analysis = analyze_adapters(loaded, base_weights, energy=energy, intruder_k=top_k, side=side,
                                         epsilon=epsilon, progress=progress, compute=compute, seed=seed)
         index = write_analysis_report(out, analysis, title=title, energy=energy, overwrite=overwrite,
                                       extra_sections=sections)

@@ -7,7 +7,7 @@ import warnings
 import click
 
 from .common import echo_json, echo_warnings, table
-from .options import (compute_options, format_option, json_option, progress_option, seed_option,
+from .options import (compute_options, format_option, json_option, progress_option, seed_option, side_option,
                       top_k_option)
 
 
@@ -17,8 +17,7 @@ from .options import (compute_options, format_option, json_option, progress_opti
 @click.option("--what", type=click.Choice(["delta", "A", "B", "base"]), default="delta", show_default=True,
               help="Subspace compared: ΔW's column space, A's row space, B's column space, W0's top-k column space.")
 @top_k_option("Top directions kept (default: all r; for base: r); clipped to what a module has.", old="--k")
-@click.option("--side", type=click.Choice(["left", "right"]),
-              help="For delta/base: left = output space (default), right = input space.")
+@side_option
 @seed_option
 @json_option
 @compute_options
@@ -29,8 +28,9 @@ def similarity_cmd(adapters, base, what, top_k, side, seed, as_json, compute, fm
 
     One adapter: per module type, the layers × layers grid of
     φ = ‖U_aᵀ U_b‖_F² / min(k_a, k_b). Two or more adapters (or a folder of
-    named adapters): every pair, module by module, with φ at i = j = min rank,
-    principal angles, Grassmann distance and (in --json) the φ(i, j) grid.
+    named adapters): every pair, module by module, with φ at i = j = the pair's
+    smaller rank (the number `collection` gives for the pair), principal
+    angles, Grassmann distance and (in --json) the φ(i, j) grid.
 
     \b
     Examples:
@@ -66,9 +66,16 @@ def similarity_cmd(adapters, base, what, top_k, side, seed, as_json, compute, fm
 
 def _head(what: str, side: str, ks) -> str:
     """The title line's end: what was compared and the k actually used (``ks``: every module's)."""
-    space = "output space, left singular vectors" if side == "left" else "input space, right singular vectors"
+    space = {"out": "output space, left singular vectors", "in": "input space, right singular vectors",
+             "both": "output and input spaces, φ averaged"}[side]
     lo, hi = min(ks), max(ks)
     return f"φ of {what} ({space}), k = {lo if lo == hi else f'{lo}–{hi}'}"
+
+
+def side_note(what: str, side: str) -> str:
+    from lora_lens.compare import side_note as note
+
+    return note(what, side)
 
 
 def _cell(x: float) -> str:
@@ -78,7 +85,7 @@ def _cell(x: float) -> str:
 def render_layers(res) -> str:
     out = [f"Adapter {res.adapter}: layers × layers {_head(res.what, res.side, [k for g in res.grids for k in g.ks])}",
            f"Baseline: Haar-random subspaces of the same dims, mean of {res.draws} draws (seed {res.seed}); "
-           "expected max(k_a, k_b)/d."]
+           "expected max(k_a, k_b)/d.", side_note(res.what, res.side)]
     out += [f"note: {n}" for n in res.notes]
     for g in res.grids:
         s = g.summary()
@@ -116,7 +123,7 @@ def render_pair(p) -> str:
     out = [f"{p.a} vs {p.b}: {_head(p.what, p.side, [k for m in p.modules for k in (m.k_a, m.k_b)])}",
            f"  {s['modules']} matched modules: mean φ {_f(s['phi'])} (random {_f(s['random_phi'])}, "
            f"expected {_f(s['expected_phi'])}); mean Grassmann {_f(s['grassmann'])} "
-           f"(random {_f(s['random_grassmann'])})"]
+           f"(random {_f(s['random_grassmann'])})", f"  {side_note(p.what, p.side)}"]
     rows = [[m.name, m.k_a, m.k_b, m.phi, m.baseline.phi, m.baseline.expected_phi, m.phi_full,
              float(m.angles_deg.mean()), m.grassmann, m.baseline.grassmann] for m in p.modules]
     header = ["module", "k_a", "k_b", "φ", "random", "expected", "φ(k_a,k_b)", "mean θ°", "Grassmann", "random"]

@@ -74,6 +74,7 @@ def analyze_adapters(
     energy: float = 0.9,
     intruder_k: int = 10,
     epsilon: float = 0.5,
+    side: str | None = None,
     progress: Progress | None = None,
     compute: Compute | None = None,
     **options,
@@ -83,6 +84,8 @@ def analyze_adapters(
     ``progress(done, total, what)`` is called after each stage (spectra,
     layer similarity, alignment of each adapter; the adapter pairs).
     ``compute`` (or its fields as keywords) is resolved once and shared by every analysis.
+    ``side``: which singular vectors of ΔW the layer grids and the pairs compare (``out``, the default,
+    ``in`` or ``both``; :func:`~lora_lens.compare.adapter_similarity`).
     Adapters and the base may be given as paths, as :func:`~lora_lens.spectra.adapter_spectra` takes them.
     """
     cx = as_compute(compute, **options)
@@ -104,12 +107,12 @@ def analyze_adapters(
         per.append(AdapterAnalysis(
             adapter=ad,
             spectra=stage(f"{ad.label}: spectra", adapter_spectra(ad, energy=energy, compute=cx)),
-            layers=stage(f"{ad.label}: layers", layer_similarity(ad, what="delta", compute=cx)),
+            layers=stage(f"{ad.label}: layers", layer_similarity(ad, what="delta", side=side, compute=cx)),
             alignment=stage(f"{ad.label}: alignment", analyze_alignment(
                 ad, base, intruder_k=intruder_k, epsilon=eps, compute=cx))
             if base is not None else None,
         ))
-    pairs = (stage("adapter pairs", tuple(pairwise_similarity(list(adapters), compute=cx)))
+    pairs = (stage("adapter pairs", tuple(pairwise_similarity(list(adapters), side=side, compute=cx)))
              if len(adapters) > 1 else ())
     return Analysis(tuple(per), pairs, str(base.path) if base is not None else None, dict(runs or {}), epsilon,
                     intruder_k)

@@ -23,15 +23,19 @@ from .errors import ConfigError
 SCHEMAS: dict[str, int] = {
     "adapter": 1, "adapters": 1, "base": 1,                          # lora-lens inspect
     "spectra": 1,                                                    # lora-lens spectrum
-    # 2: "k" is the k used (was the k asked for, null for all; that is now "k_requested")
-    "layer_similarity": 2, "adapter_similarity": 2, "pairwise_similarity": 1,  # lora-lens similarity
+    # 2: "k" is the k used (was the k asked for, null for all; that is now "k_requested").
+    # 3 (pairwise 2): "side" is out | in | both (was left | right), with "side_note"; "dim_in" for both.
+    "layer_similarity": 3, "adapter_similarity": 3, "pairwise_similarity": 2,  # lora-lens similarity
     "alignment": 1, "intruders": 1, "alignment_analysis": 1,         # lora-lens alignment
-    "collection": 1,                                                 # lora-lens collection, collection.json
+    # 2: one φ per pair: "side" (default out, was both sides averaged), each pair at its own k;
+    # modules[].k is per member (was one k per module), modules[].random_phi at each pair's k.
+    "collection": 2,                                                 # lora-lens collection, collection.json
     "condlora_analysis": 1,                                          # lora-lens condlora analyze
     "init": 1, "reduced_adapter": 1, "cora_basis": 1,                # init commands, reduce, cora_basis.json
     "train_result": 1, "train_run": 1,                               # lora-lens train --json, train_log.json
     "comparison": 1, "comparison_summary": 1,                        # compare-methods results.json, --json
-    "analysis": 1, "report": 1, "report_written": 1,                 # results.json's data, results.json, --json
+    # analysis 2: its layer_similarity and pairs are schema 3 (side out | in | both)
+    "analysis": 2, "report": 1, "report_written": 1,                 # results.json's data, results.json, --json
     "converted": 1,                                                  # lora-lens convert --json
     "demo": 1, "demo_run": 1,                                        # lora-lens demo --json, demo.json
 }

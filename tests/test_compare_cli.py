@@ -16,7 +16,7 @@ def test_similarity_one_adapter_table_and_json(llama_adapter):
     r = run("similarity", llama_adapter[1], "--what", "A", "--top-k", "2", "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
-    assert d["kind"] == "layer_similarity" and d["what"] == "A" and d["side"] == "right" and d["k"] == 2
+    assert d["kind"] == "layer_similarity" and d["what"] == "A" and d["side"] == "in" and d["k"] == 2
     g = d["grids"][0]
     assert g["blocks"] == [0, 1, 2] and len(g["phi"]) == 3 and g["k"] == [2, 2, 2]
     assert set(g["summary"]) >= {"mean_offdiag", "random_mean_offdiag", "expected_mean_offdiag", "deep_mean_offdiag"}

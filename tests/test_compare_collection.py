@@ -20,8 +20,9 @@ from .tolerances import U64, gamma
 F64 = CollectionSettings(device="cpu", dtype="float64", shared_rank=PLANTED["groups"] * PLANTED["rank"])
 
 
-def _reference_phi(paths, k):
-    """Pairwise φ from materialized ΔW and a full float64 SVD each (the naive way), mean over modules."""
+def _reference_phi(paths, k, side="both"):
+    """Pairwise φ from materialized ΔW and a full float64 SVD each (the naive way), mean over modules;
+    ``side``: left vectors (out), right (in) or the mean of both."""
     ads = [load_adapter(p) for p in paths]
     N = len(ads)
     out = np.zeros((N, N))
@@ -33,7 +34,8 @@ def _reference_phi(paths, k):
             V.append(vh[:k].T)
         for i in range(N):
             for j in range(N):
-                out[i, j] += 0.5 * (np.sum((U[i].T @ U[j]) ** 2) + np.sum((V[i].T @ V[j]) ** 2)) / k
+                po, pi = np.sum((U[i].T @ U[j]) ** 2) / k, np.sum((V[i].T @ V[j]) ** 2) / k
+                out[i, j] += {"out": po, "in": pi, "both": 0.5 * (po + pi)}[side]
     return out / len(ads[0].names)
 
 
@@ -44,15 +46,20 @@ def _kappa(paths) -> float:
 
 
 def test_phi_matches_the_naive_pairwise_reference(planted_collection):
+    from dataclasses import replace
+
     paths, _ = planted_collection
-    coll = collection_similarity(paths, F64)
     k, d = PLANTED["rank"], max(PLANTED["m"], PLANTED["n"])
+    coll = collection_similarity(paths, replace(F64, side="both"))
     ref = _reference_phi(paths, k)
     # Both sides are backward stable in float64; the reference takes the top-k singular vectors of ΔW = s·B·A,
     # whose subspace moves by ≤ γ·‖ΔW‖/σ_k ≤ γ·κ(B)·κ(A), ours the spans of B and Aᵀ (QR, ≤ γ·κ). φ moves by
     # ≤ 2k × the perturbation of each of the two bases.
     tol = 8 * k * gamma(d, U64) * _kappa(paths)
     np.testing.assert_allclose(coll.phi.numpy(), ref, atol=tol)
+    for side in ("out", "in"):
+        got = collection_similarity(paths, replace(F64, side=side)).phi.numpy()
+        np.testing.assert_allclose(got, _reference_phi(paths, k, side), atol=tol)
     # Left: p·r = 56 > m = 40 (F Fᵀ and the blocked Gram); right: p·r ≤ n = 56 (one Gram): both paths ran.
     assert len(paths) * PLANTED["rank"] > PLANTED["m"] and len(paths) * PLANTED["rank"] <= PLANTED["n"]
 
@@ -221,8 +228,9 @@ def test_peft_written_adapters_with_mixed_ranks(llama_adapter, tiny_llama, tmp_p
     assert float(coll.phi[0, 1]) == pytest.approx(1.0, abs=8 * gamma(64, U64))
     # Independent random inits: φ at the random baseline's level, far from 1.
     assert abs(float(coll.phi[0, 2]) - float(coll.random_phi[0, 2])) < 6 * float(coll.random_std[0, 2]) + 0.05
-    ks = {m.name: m.k for m in coll.modules}
-    assert ks["layers.1.self_attn.q_proj"] == 2 and ks["layers.0.self_attn.q_proj"] == 4
+    ks = {m.name: m.ks for m in coll.modules}
+    # src and its copy hold that module at r=2, the other seed at r=4: every pair with src compares k = 2.
+    assert ks["layers.1.self_attn.q_proj"] == (2, 2, 4) and ks["layers.0.self_attn.q_proj"] == (4, 4, 4)
     st = collection_structure(coll)
     assert [(i, j) for i, j, _ in st.duplicates] == [(0, 1)]
 
@@ -245,7 +253,7 @@ def test_random_draws_are_seeded_per_item_not_per_run(planted_collection):
     same = [m for m in whole if m.shape == whole[0].shape]
     assert len(same) >= 2 and same[0].random == same[1].random
     other = module_task(plan_collection(paths, CollectionSettings(compute=Compute(device="cpu", seed=4)))[0][0])
-    assert other.random["left_mean"] != whole[0].random["left_mean"]
+    assert other.random["out"] != whole[0].random["out"]
 
 
 def test_headers_are_cached_until_the_weights_file_changes(tmp_path):

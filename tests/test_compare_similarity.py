@@ -133,7 +133,7 @@ def test_layer_baseline_and_summary_json(llama_adapter):
     assert torch.allclose(g.expected_phi, torch.full((3, 3), 4 / 32, dtype=torch.float64))
     d = json.loads(json.dumps(res.to_dict(), allow_nan=False))
     assert d["grids"][0]["phi"][0][0] == pytest.approx(1.0) and d["grids"][0]["blocks"] == [0, 1, 2]
-    assert d["what"] == "delta" and d["side"] == "left"
+    assert d["what"] == "delta" and d["side"] == "out"
 
 
 def test_sampled_baseline_converges_to_expectation():

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from ..linalg import phi_grid, principal_angles, random_orthonormal, random_phi_expectation
+from ..linalg import phi_grid, principal_angles, random_orthonormal
 
 #: Random draws averaged for each baseline (cheap: two ``d × k`` QRs per draw).
 DRAWS = 16
@@ -90,8 +90,9 @@ class PairBaseline:
 
     @property
     def expected_phi(self) -> float:
+        """``min(k_a, k_b)/d`` (for ``side='both'``, the mean over both sides' ``d``)."""
         m = min(self.k_a, self.k_b)
-        return random_phi_expectation(m, m, self.dim)
+        return float(self.expected_grid[m - 1, m - 1])
 
     @property
     def phi_full(self) -> float:
@@ -99,7 +100,7 @@ class PairBaseline:
 
     @property
     def expected_phi_full(self) -> float:
-        return random_phi_expectation(self.k_a, self.k_b, self.dim)
+        return float(self.expected_grid[-1, -1])
 
 
 def pair_baseline(d: int, k_a: int, k_b: int, draws: int = DRAWS, seed: int = 0,

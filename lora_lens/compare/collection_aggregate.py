@@ -1,6 +1,7 @@
 """Aggregating a collection: per-module results → the ``(N, N)`` matrices (:class:`CollectionSimilarity`).
 
-Each module's ``(p, p)`` φ lands in the rows/columns of its ``p`` members;
+Each module's ``(p, p)`` φ on ``settings.side`` (each pair at its own ``k``,
+:mod:`.collection_kernel`) lands in the rows/columns of its ``p`` members;
 per pair, the mean over the modules both adapters have (or the
 ``sqrt(‖ΔW_i‖·‖ΔW_j‖)``-weighted mean), per module type and overall, with the
 random baseline aggregated the same way (its spread as the weighted
@@ -21,6 +22,7 @@ from ..jsonable import stamp
 from .collection_kernel import ModuleResult
 from .collection_plan import CollectionSettings
 from .serialize import as_list, num
+from .subspaces import side_note
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,6 +82,7 @@ class CollectionSimilarity:
         at, curve = self.shared_energy("both")
         at_l, curve_l = self.shared_energy("left")
         types = list(self.by_type)
+        side = self.settings.side
         return stamp("collection", {
             "settings": self.settings.to_dict(),
             "adapters": [{"label": lab, "path": p, "norm": num(self.norms[i]),
@@ -89,9 +92,11 @@ class CollectionSimilarity:
             "phi": as_list(self.phi), "random_phi": as_list(self.random_phi), "random_std": as_list(self.random_std),
             "common_modules": self.common.int().tolist(),
             "by_module_type": {t: as_list(self.by_type[t]) for t in types},
+            "side": side, "side_note": side_note("delta", side),
             "modules": [{"name": m.name, "module_type": m.module_type, "shape": list(m.shape),
-                         "members": list(m.members), "k": m.k, "mean_phi": num(_offdiag_mean(m.phi)),
-                         "random_phi": num(0.5 * (m.random["left_mean"] + m.random["right_mean"])),
+                         "members": list(m.members), "k": list(m.ks),
+                         "mean_phi": num(_offdiag_mean(m.phi_on(side))),
+                         "random_phi": num(_offdiag_mean(m.random_on(side)[0])),
                          "shared_rank": m.shared_rank,
                          "shared_energy": as_list(m.energy_both[:, m.shared_rank - 1])}
                         for m in self.modules],
@@ -103,10 +108,13 @@ class CollectionSimilarity:
 
 
 CONVENTIONS = {
-    "phi": "½(‖U_iᵀU_j‖_F² + ‖V_iᵀV_j‖_F²)/k over the top-k left (output) and right (input) singular "
-           "vectors of each ΔW = s·B·A, averaged over the modules both adapters have (weighted by "
-           "sqrt(‖ΔW_i‖·‖ΔW_j‖) when settings.weighted); 1 = same subspaces",
-    "random_phi": "the same aggregate for Haar-random k-dim subspaces (sampled mean; random_std its spread)",
+    "phi": "per module ‖U_iᵏᵀU_jᵏ‖_F²/k over the top-k left (output, side out) or right (input, side in) "
+           "singular vectors of each ΔW = s·B·A, or the mean of both (side both), with the pair's own "
+           "k = min(r_i, r_j) (or top_k, capped at it) — the number `lora-lens similarity` gives for the pair; "
+           "averaged over the modules both adapters have (weighted by sqrt(‖ΔW_i‖·‖ΔW_j‖) when "
+           "settings.weighted); 1 = same subspaces",
+    "random_phi": "the same aggregate for Haar-random subspaces of each pair's k and side "
+                  "(sampled mean; random_std its spread)",
     "shared_basis": "per module, top-R left (U_R) and right (V_R) singular vectors of the stacked "
                     "factors [U_1 S_1 | … | U_N S_N] (CoRA's common subspace); "
                     "energy_both = ‖U_Rᵀ ΔW V_R‖²/‖ΔW‖², energy_left = ‖U_Rᵀ ΔW‖²/‖ΔW‖², summed over "
@@ -136,11 +144,10 @@ def aggregate(results: Sequence[ModuleResult], labels, paths, settings: Collecti
         grid = torch.meshgrid(ix, ix, indexing="ij")
         w = (m.norms[:, None] * m.norms[None, :]).sqrt() if settings.weighted else torch.ones(len(ix), len(ix),
                                                                                                 dtype=torch.float64)
-        mu = 0.5 * (m.random["left_mean"] + m.random["right_mean"])
-        var = 0.25 * (m.random["left_std"] ** 2 + m.random["right_std"] ** 2)
+        mu, var, _ = m.random_on(settings.side)  # (p, p) each: every pair at its own k
         for tag in ("all", m.module_type):
             a = acc.setdefault(tag, [z(), z(), z(), z()])
-            a[0][grid] += w * m.phi
+            a[0][grid] += w * m.phi_on(settings.side)
             a[1][grid] += w
             a[2][grid] += w * mu
             a[3][grid] += w ** 2 * var
@@ -157,10 +164,12 @@ def aggregate(results: Sequence[ModuleResult], labels, paths, settings: Collecti
     notes = []
     if bool((common == 0).any()):
         notes.append("some pairs of adapters share no module: their φ is NaN (treated as distance 1 for clustering).")
-    clipped = [m.k for m in results if settings.top_k is not None and m.k < settings.top_k]
+    clipped = [min(m.ks) for m in results if settings.top_k is not None and min(m.ks) < settings.top_k]
     if clipped:
         notes.append(f"top_k={settings.top_k} exceeds the smallest rank in {len(clipped)} of {len(results)} modules; "
-                     f"those compare k = {_span(clipped)} directions (each module's smallest rank).")
+                     f"those compare k = {_span(clipped)} directions (each pair's smaller rank) where a rank is "
+                     "below top_k.")
+    notes.append(side_note("delta", settings.side))
     return CollectionSimilarity(
         labels=tuple(labels), paths=tuple(paths), modules=tuple(results), phi=ratio(S, W), by_type=by_type,
         random_phi=ratio(MU, W), random_std=ratio(VAR.sqrt(), W), common=common, norms=sq.sqrt(),

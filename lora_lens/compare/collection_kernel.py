@@ -4,11 +4,14 @@ For every module present in at least two adapters, and for each of its ``N``
 (those that have it) updates ``ΔW_i = s_i B_i A_i = U_i diag(S_i) V_iᵀ``
 (factored SVD, :func:`~lora_lens.linalg.factored_svd`; ΔW never formed):
 
-- **similarity** ``φ_ij = ½ (‖U_iᵏᵀ U_jᵏ‖_F² + ‖V_iᵏᵀ V_jᵏ‖_F²) / k`` — LoRA
-  §7's φ over the top-``k`` output (left) and input (right) directions,
-  averaged (``k`` = the module's smallest rank unless ``top_k`` says less).
-  Random baseline: ``½ (k/m + k/n)`` expected, and the mean and spread of φ
-  between Haar-random ``k``-dim subspaces (:mod:`.baselines`).
+- **similarity**, both sides: ``φ_out,ij = ‖U_iᵏᵀ U_jᵏ‖_F² / k`` over the
+  top-``k`` output (left) directions and ``φ_in,ij`` the same over the input
+  (right) ones — LoRA §7's φ, with the pair's own ``k = min(k_i, k_j)``,
+  ``k_i = min(r_i, m, n, top_k)`` (docs/maths.md §2, one φ per pair: the same
+  number :func:`~.similarity.adapter_similarity` gives, whatever else is in the
+  collection). The aggregate picks the side (``settings.side``; ``both`` = the mean).
+  Random baseline per pair and side: ``k/d`` expected, and the mean and spread of φ
+  between Haar-random ``k``-dim subspaces of ``R^d`` (:mod:`.baselines`).
 - **shared basis**: the top-``R`` left singular vectors of the stacked
   factors ``F = [U_1 S_1 | … | U_N S_N] (m, N·r)`` — the column space of
   ``[ΔW_1 | … | ΔW_N]``, CoRA's common subspace of several sources
@@ -28,10 +31,12 @@ U_N] (d, N·r)``):
 - here: one QR per adapter's factors (``O((m+n)·r²)``, batched), then one
   Gram ``G = Xᵀ X (N·r, N·r)``: the same ``d·(N·r)²`` flops in a few large
   GEMMs near peak — and only its upper block triangle is computed (about
-  half the flops, :func:`_gram`); φ is the sum of squares of each ``(k, k)`` block of
-  ``G``'s top-left corners. The shared basis reuses ``G``: ``Fᵀ F = D G D``
-  (``D = diag(S)``), whose top eigenvectors ``W`` give ``U_R = F W / σ``.
-  When ``N·r > d`` the smaller ``F Fᵀ (d, d)`` is used instead and ``G`` is
+  half the flops, :func:`_gram`); φ_ij is the sum of squares of the top-left
+  ``(k, k)`` corner of block ``(i, j)`` of ``G``, ``k`` per pair (:func:`_pair_phi`:
+  one pass per distinct ``k``; adapters of one rank cost what a single ``k`` did;
+  in row blocks, each k's rows meet only the adapters that reach it).
+  The shared basis reuses ``G``: ``Fᵀ F = D G D`` (``D = diag(S)``), whose top
+  eigenvectors ``W`` give ``U_R = F W / σ``. When ``N·r > d`` the smaller ``F Fᵀ (d, d)`` is used instead and ``G`` is
   formed in row blocks. Memory: the stacked factors plus ``min(N·r, d)²``
   (at most one base weight's size), whatever ``N``.
 
@@ -50,6 +55,7 @@ from dataclasses import dataclass
 import torch
 
 from ..compute import resolve_device
+from ..errors import ConfigError
 from ..io.lazy import index_once
 from ..linalg import factored_svd, phi, top_left_subspace
 from ..spectra import spectrum_metrics
@@ -61,21 +67,24 @@ from .collection_plan import CollectionSettings, ModuleTask
 class ModuleResult:
     """One module's small result (float64, on the CPU); rows in ``members`` order.
 
-    ``phi_left``/``phi_right`` ``(p, p)``; ``norms``, ``effective_rank`` ``(p,)``;
-    ``random`` baseline numbers per side; ``sv_left``/``sv_right`` ``(R_c,)``
-    the stacked factors' singular values; ``energy_left``/``_right``/``_both``
-    ``(p, R_c)`` the captured fraction of each ‖ΔW_i‖² for ``R = 1..R_c``;
-    ``basis_left (m, R)``/``basis_right (n, R)`` only with ``keep_basis``.
+    ``ks (p,)``: the directions each member brings, ``min(r_i, m, n, top_k)``; pair ``(i, j)``
+    compares ``min(k_i, k_j)`` (:attr:`pair_k`). ``phi_out``/``phi_in`` ``(p, p)``: φ on the output
+    (left) and input (right) side; ``norms``, ``effective_rank`` ``(p,)``; ``random[side][k]``: mean and
+    standard deviation of φ between Haar-random ``k``-dim subspaces on ``side`` (``out``, ``in``), for
+    every ``k`` a pair compares (:meth:`random_on` spreads them over the pairs);
+    ``sv_left``/``sv_right`` ``(R_c,)`` the stacked factors' singular values;
+    ``energy_left``/``_right``/``_both`` ``(p, R_c)`` the captured fraction of each ‖ΔW_i‖² for
+    ``R = 1..R_c``; ``basis_left (m, R)``/``basis_right (n, R)`` only with ``keep_basis``.
     """
 
     name: str
     module_type: str
     shape: tuple[int, int]
     members: tuple[int, ...]
-    k: int
+    ks: tuple[int, ...]
     shared_rank: int
-    phi_left: torch.Tensor
-    phi_right: torch.Tensor
+    phi_out: torch.Tensor
+    phi_in: torch.Tensor
     norms: torch.Tensor
     effective_rank: torch.Tensor
     random: dict
@@ -91,9 +100,39 @@ class ModuleResult:
     layout: str = "linear"
 
     @property
-    def phi(self) -> torch.Tensor:
-        """``(p, p)``: left and right φ averaged."""
-        return 0.5 * (self.phi_left + self.phi_right)
+    def pair_k(self) -> torch.Tensor:
+        """``(p, p)`` int: the directions pair ``(i, j)`` compares, ``min(k_i, k_j)``."""
+        k = torch.tensor(self.ks)
+        return torch.minimum(k[:, None], k[None, :])
+
+    def phi_on(self, side: str) -> torch.Tensor:
+        """``(p, p)`` φ on ``side``: ``out``, ``in``, or ``both`` (their mean)."""
+        if side == "out":
+            return self.phi_out
+        if side == "in":
+            return self.phi_in
+        if side != "both":
+            _bad_side(side)
+        return 0.5 * (self.phi_out + self.phi_in)
+
+    def random_on(self, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(mean, variance, expected)`` ``(p, p)`` of φ between random subspaces of each pair's ``k`` on ``side``
+        (``both``: of the mean of two independent sides); expected ``k/d``."""
+        if side == "both":
+            (mo, vo, eo), (mi, vi, ei) = self.random_on("out"), self.random_on("in")
+            return 0.5 * (mo + mi), 0.25 * (vo + vi), 0.5 * (eo + ei)
+        if side not in ("out", "in"):
+            _bad_side(side)
+        kij = self.pair_k
+        mean, var = (torch.zeros(kij.shape, dtype=torch.float64) for _ in range(2))
+        for k, (mu, sd) in self.random[side].items():
+            mean[kij == k], var[kij == k] = mu, sd ** 2
+        d = self.shape[0] if side == "out" else self.shape[1]
+        return mean, var, kij.double() / d
+
+
+def _bad_side(side: str):
+    raise ConfigError(f"unknown side {side!r}; expected out, in or both.")
 
 
 def module_task(task: ModuleTask) -> ModuleResult:
@@ -124,14 +163,16 @@ def module_task(task: ModuleTask) -> ModuleResult:
             ix = torch.tensor(idx, device=dev)
             U[:, ix, :c], S[ix, :c], V[:, ix, :c] = u.permute(1, 0, 2), sv, vh.permute(2, 0, 1)
             del mods, B, A, u, vh
-    k = min(min(task.ranks), m, n) if st.top_k is None else min(st.top_k, min(task.ranks), m, n)
+    # The directions each adapter brings; a pair compares the smaller of its two (its own ranks, not the
+    # collection's smallest: adding an adapter never changes another pair's φ).
+    ks = torch.tensor([min(r, m, n, st.top_k or r) for r in task.ranks])
     rc = min(m, n, int(sum(min(r, m, n) for r in task.ranks)),
              st.curve_rank or 4 * task.shared_rank)
     R = min(task.shared_rank, rc)
     # Every draw seeded by its item's name (Compute.seed_for): the same numbers whatever the order of the
     # modules or the worker that runs this one.
-    left = _side(U, S, k, rc, st, cp.seed_for(f"{task.name}:shared-left"))
-    right = _side(V, S, k, rc, st, cp.seed_for(f"{task.name}:shared-right"))
+    left = _side(U, S, ks, rc, st, cp.seed_for(f"{task.name}:shared-left"))
+    right = _side(V, S, ks, rc, st, cp.seed_for(f"{task.name}:shared-right"))
     total = (S.double() ** 2).sum(-1)  # (p,) ‖ΔW_i‖²
     safe = torch.where(total > 0, total, torch.ones_like(total))
     # ‖U_Rᵀ ΔW_i V_R‖² for every R at once: M_i = (U_Rᵀ U_i) S_i (V_iᵀ V_R) (rc, rc),
@@ -139,14 +180,14 @@ def module_task(task: ModuleTask) -> ModuleResult:
     M = (left.coef * S[:, None, :]) @ right.coef.transpose(-1, -2)  # (p, rc, rc)
     both = torch.diagonal((M.double() ** 2).cumsum(-1).cumsum(-2), dim1=-2, dim2=-1)  # (p, rc)
     met = spectrum_metrics(S.cpu())
-    rnd = {}
-    for side, d in (("left", m), ("right", n)):
-        # The baseline belongs to (d, k), not to the module: one draw per shape, seeded by its own name, cached.
-        mean, std = _random_phi(d, k, st.draws, cp.seed_for(f"random-phi:{d}x{k}"))
-        rnd.update({f"{side}_mean": mean, f"{side}_std": std, f"{side}_expected": k / d})
+    # The baseline belongs to (d, k), not to the module: one draw per shape and k, seeded by its own name,
+    # cached; kept as a small table per side (each pair reads the entry of its own k, :meth:`random_on`).
+    pair_ks = torch.minimum(ks[:, None], ks[None, :]).unique().tolist()
+    rnd = {side: {kk: _random_phi(d, kk, st.draws, cp.seed_for(f"random-phi:{d}x{kk}")) for kk in pair_ks}
+           for side, d in (("out", m), ("in", n))}
     return ModuleResult(
-        name=task.name, module_type=task.module_type, shape=task.shape, members=task.members, k=k, shared_rank=R,
-        phi_left=left.phi.cpu(), phi_right=right.phi.cpu(), norms=total.sqrt().cpu(),
+        name=task.name, module_type=task.module_type, shape=task.shape, members=task.members,
+        ks=tuple(ks.tolist()), shared_rank=R, phi_out=left.phi.cpu(), phi_in=right.phi.cpu(), norms=total.sqrt().cpu(),
         effective_rank=met["effective_rank"], random=rnd, sv_left=left.sv.cpu(), sv_right=right.sv.cpu(),
         energy_left=(left.energy / safe[:, None]).cpu(), energy_right=(right.energy / safe[:, None]).cpu(),
         energy_both=(both / safe[:, None]).cpu(),
@@ -165,16 +206,17 @@ class _SideStats:
     energy: torch.Tensor  # (p, rc) float64, unnormalized: Σ_{j≤R} ‖basis_jᵀ U_i S_i‖²
 
 
-def _side(U: torch.Tensor, S: torch.Tensor, k: int, rc: int, st: CollectionSettings, seed: int) -> _SideStats:
+def _side(U: torch.Tensor, S: torch.Tensor, ks: torch.Tensor, rc: int, st: CollectionSettings,
+          seed: int) -> _SideStats:
     """φ and the shared basis of one side; ``U (d, p, r)``: adapter i's orthonormal columns ``U[:, i]``
-    (zero-padded), ``S (p, r)``."""
+    (zero-padded), ``S (p, r)``, ``ks (p,)`` the directions each adapter brings to φ."""
     d, p, r = U.shape
     X = U.reshape(d, p * r)  # (d, p·r), adapter-major columns: a view
     Fs = S.reshape(p * r)  # (p·r,) column scales of F = X diag(Fs)
     itemsize = torch.finfo(U.dtype).bits // 8
     if p * r <= d:
         G = _gram(X)  # (p·r, p·r): one (half) GEMM
-        phi_ = _block_phi(G.reshape(p, r, p, r), k)
+        phi_ = _pair_phi(G.reshape(p, r, p, r), ks)
         FtF = Fs[:, None] * G * Fs[None, :]  # (p·r, p·r) = D G D
         W, lam = top_left_subspace(FtF, rc, n_iter=st.n_iter, seed=seed)  # eigenpairs of a PSD matrix
         sv = lam.clamp_min(0).sqrt()
@@ -184,10 +226,25 @@ def _side(U: torch.Tensor, S: torch.Tensor, k: int, rc: int, st: CollectionSetti
         basis = X @ (Fs[:, None] * W / torch.where(keep, sv, torch.ones_like(sv)))  # (d, rc) = F W Σ⁻¹
         basis = basis * keep
     else:
-        Xk = U[:, :, :k].reshape(d, p * k)  # (d, p·k)
-        rows = max(1, (st.compute.max_memory or 1 << 62) // max(1, k * p * k * itemsize))  # adapters per row block
-        phi_ = torch.cat([_block_phi((Xk[:, lo * k: (lo + rows) * k].T @ Xk).reshape(-1, k, p, k), k)
-                          for lo in range(0, p, rows)])
+        # Rows grouped by their adapter's k: pair (i, j) with k_i ≤ k_j compares k_i directions, so group k's
+        # rows meet only the adapters with k_j ≥ k, through their first k columns; the pairs with k_j < k
+        # are filled from group k_j's pass (φ is symmetric). Mixed ranks: no work at the largest k.
+        phi_ = torch.empty(p, p, dtype=torch.float64, device=U.device)
+        for k in ks.unique().tolist():
+            idx = (ks == k).nonzero()[:, 0].to(U.device)
+            cols = (ks >= k).nonzero()[:, 0].to(U.device)
+            Xk = (U[:, :, :k] if len(cols) == p else U[:, cols, :k]).reshape(d, len(cols) * k)  # (d, c·k)
+            rows = max(1, (st.compute.max_memory or 1 << 62) // max(1, k * len(cols) * k * itemsize))  # per block
+            one_rank = len(idx) == p  # every adapter at this k: rows are slices of Xk, no gathers
+            for lo in range(0, len(idx), rows):
+                if one_rank:
+                    phi_[lo: lo + rows] = _block_phi((Xk[:, lo * k: (lo + rows) * k].T @ Xk).reshape(-1, k, p, k), k)
+                    continue
+                ii = idx[lo: lo + rows]
+                Xr = U[:, ii, :k].reshape(d, len(ii) * k)  # (d, rows·k)
+                blk = _block_phi((Xr.T @ Xk).reshape(len(ii), k, len(cols), k), k)  # (rows, c)
+                phi_[ii[:, None], cols[None, :]] = blk
+                phi_[cols[:, None], ii[None, :]] = blk.T
         F = X * Fs
         basis, sv = top_left_subspace(_gram(F.T), rc, n_iter=st.n_iter, seed=seed)  # F Fᵀ: (d, rc), σ²
         sv = sv.clamp_min(0).sqrt()
@@ -226,13 +283,30 @@ def _gram(X: torch.Tensor, blocks: int = 8) -> torch.Tensor:
 
 
 def _block_phi(G4: torch.Tensor, k: int) -> torch.Tensor:
-    """``(b, r, p, r)`` Gram blocks → φ ``(b, p)`` over each block's top-left ``(k, k)`` corner.
+    """``(b, r, c, r)`` Gram blocks → φ ``(b, c)`` over each block's top-left ``(k, k)`` corner.
 
     Squares in the compute dtype (one rounding each: relative error ≤ u), summed in float64 (the k²
     terms add no error of their size): φ within u·φ of the squares of the computed Gram, without a
     float64 copy of the whole Gram.
     """
     return (G4[:, :k, :, :k] ** 2).sum(dim=(1, 3), dtype=torch.float64) / k
+
+
+def _pair_phi(G4: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """The whole Gram's blocks ``(p, r, p, r)`` → φ ``(p, p)``, pair ``(i, j)`` over its own
+    ``κ = min(k_i, k_j)`` (:func:`_block_phi` of the rows of one k against the columns that reach it; the
+    pairs below the diagonal of k from the transposed pass). One pass when every adapter has one rank."""
+    p = G4.shape[0]
+    out = torch.empty(p, p, dtype=torch.float64, device=G4.device)
+    for k in ks.unique().tolist():
+        rows = (ks == k).nonzero()[:, 0].to(G4.device)
+        cols = (ks >= k).nonzero()[:, 0].to(G4.device)
+        blk = G4[:, :k, :, :k]
+        blk = blk if len(rows) == p else blk.index_select(0, rows)
+        blk = _block_phi(blk if len(cols) == p else blk.index_select(2, cols), k)  # (rows, cols)
+        out[rows[:, None], cols[None, :]] = blk
+        out[cols[:, None], rows[None, :]] = blk.T
+    return out
 
 
 @functools.lru_cache(maxsize=256)

@@ -20,6 +20,7 @@ from ..io.lazy import AdapterIndex, index_once
 from ..jsonable import JsonFields, fields_dict
 from ..keys import normalize_module_path, parse_module_path
 from .baselines import DRAWS
+from .subspaces import resolve_side
 
 _KEEP = object()  # an InitVar left out: keep what ``compute`` says
 
@@ -28,7 +29,10 @@ _KEEP = object()  # an InitVar left out: keep what ``compute`` says
 class CollectionSettings(JsonFields):
     """Run-wide options of a collection, resolved once on the client and shipped with every task.
 
-    ``top_k``: directions compared (None: each module's smallest rank).
+    ``top_k``: directions compared (None: each pair's smaller rank, per module; capped at it).
+    ``side``: which singular vectors φ compares: ``out`` (ΔW's output space; None resolves to it, the
+    default for the reason in :data:`~.subspaces.SIDE_WHY`), ``in``, or ``both`` (their mean) — as in
+    ``similarity``.
     ``shared_rank``: ``R`` of the reported shared basis (None: the largest
     rank). ``curve_rank``: the energy curves go to ``R = curve_rank`` (None:
     ``4·shared_rank``), clipped at ``min(m, n, Σ r)``. ``keep_basis``: return
@@ -48,6 +52,7 @@ class CollectionSettings(JsonFields):
     """
 
     top_k: int | None = None
+    side: str | None = None
     weighted: bool = False
     shared_rank: int | None = None
     curve_rank: int | None = None
@@ -67,6 +72,7 @@ class CollectionSettings(JsonFields):
         given = {k: v for k, v in (("device", device), ("dtype", dtype), ("max_memory", max_memory),
                                    ("seed", seed)) if v is not _KEEP}
         object.__setattr__(self, "compute", replace(as_compute(self.compute, **given), progress=None))
+        object.__setattr__(self, "side", resolve_side("delta", self.side))
 
     def to_dict(self) -> dict:
         # reshaped: the Compute flattened into the names of the CLI options (device, dtype, seed, max_memory)

@@ -2,7 +2,8 @@
 
 ``φ(X, Y, i, j) = ‖U_Xⁱᵀ U_Yʲ‖_F² / min(i, j)`` ∈ [0, 1]: 1 when one top
 subspace contains the other, ≈ ``max(i, j)/d`` for unrelated ones. Which
-singular vectors ``U`` are is set by ``what`` (see :mod:`.subspaces`).
+singular vectors ``U`` are is set by ``what`` and ``side`` (see :mod:`.subspaces`):
+``out`` (U, the default for ΔW), ``in`` (V), or ``both`` (φ of each, averaged).
 
 - :func:`layer_similarity`: within one adapter, per module type, the ``L × L``
   grid ``φ(layer a, layer b)`` with ``i = k_a``, ``j = k_b``.
@@ -11,14 +12,18 @@ singular vectors ``U`` are is set by ``what`` (see :mod:`.subspaces`).
   for ``i ≤ k_a``, ``j ≤ k_b`` (LoRA §7.2), the principal angles between the
   full subspaces and their Grassmann distance ``‖θ‖₂``.
 
-Every number comes with a random baseline (:mod:`.baselines`).
+Every number comes with a random baseline (:mod:`.baselines`) of the same
+``k`` and side. One definition of a pair's φ (docs/maths.md §2): the pair's own
+ranks (``k = min(k_a, k_b)`` per module), so the collection
+(:mod:`.collection_kernel`) gives the same number for the same pair.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -33,7 +38,8 @@ from ..types import Adapter, LayerKey
 from .baselines import DRAWS, PairBaseline, deeper_half, layer_baseline, nan_mean, pair_baseline
 from .serialize import as_list, in_layer_order, key_fields, num
 from .subspaces import (
-    Subspace, accuracy_note, adapter_subspaces, cross_phi, padded, resolve_side, subspace_accuracy, zero_note,
+    Subspace, accuracy_note, adapter_subspaces_by_side, cross_phi, padded, resolve_side, side_note, sides_of,
+    subspace_accuracy, zero_note,
 )
 
 
@@ -55,6 +61,8 @@ class LayerGrid:
     expected_phi: torch.Tensor
     #: Readable block paths where ``blocks`` are position codes (diffusion UNets), else ``None`` each.
     block_names: tuple[str | None, ...] = ()
+    #: ``side='both'``: the input space's dim (``dim`` is the output space's); the grids average both sides.
+    dim_in: int | None = None
 
     def summary(self) -> dict[str, float | None]:
         """Mean off-diagonal φ over all layers and over the deeper half (:data:`.baselines.DEEPER_HALF`)."""
@@ -74,7 +82,7 @@ class LayerGrid:
         return {
             "module_type": self.module_type, "blocks": list(self.blocks), "block_names": list(self.block_names),
             "names": list(self.names),
-            "dim": self.dim, "k": list(self.ks), "phi": as_list(self.phi), "random_phi": as_list(self.random_phi),
+            "dim": self.dim, "dim_in": self.dim_in, "k": list(self.ks), "phi": as_list(self.phi), "random_phi": as_list(self.random_phi),
             "expected_phi": as_list(self.expected_phi), "summary": self.summary(),
         }
 
@@ -102,8 +110,8 @@ class LayerSimilarity:
         # reshaped: draws and seed grouped under "baseline"
         return stamp("layer_similarity", {
             "adapter": self.adapter, "path": self.path, "what": self.what,
-            "side": self.side, "k": self.k, "k_requested": self.k_requested,
-            "baseline": {"draws": self.draws, "seed": self.seed},
+            "side": self.side, "side_note": side_note(self.what, self.side), "k": self.k,
+            "k_requested": self.k_requested, "baseline": {"draws": self.draws, "seed": self.seed},
             "subspaces": self.accuracy,
             "notes": list(self.notes), "grids": [g.to_dict() for g in self.grids],
         })
@@ -126,11 +134,23 @@ def layer_similarity(
     ``B`` (column space of B) or ``base`` (``W0``'s top-k left singular
     vectors, needs ``base``). ``k=None``: every direction (``r``; for ``base``
     the module's rank). Ranks may differ by layer: ``φ[a, b]`` uses
-    ``i = k_a``, ``j = k_b``. One Gram product per module type.
+    ``i = k_a``, ``j = k_b``. One Gram product per module type. ``side``: ``out``
+    (default for delta/B/base), ``in`` (input space; A's only side) or ``both`` (the two grids averaged).
     """
     side = resolve_side(what, side)
     cx = as_compute(compute, **options)
-    subs = adapter_subspaces(adapter, what=what, k=k, base=base, side=side, compute=cx)
+    by_side = adapter_subspaces_by_side(adapter, what=what, k=k, base=base, side=side, compute=cx)
+    per_side = [_layer_grids(subs, cx, draws) for subs in by_side.values()]
+    grids = per_side[0] if len(per_side) == 1 else _both_grids(*per_side)
+    subs = next(iter(by_side.values()))
+    return LayerSimilarity(adapter.label, str(adapter.path), what, side, max(s.k for s in subs.values()),
+                           tuple(grids), draws, cx.seed,
+                           tuple(adapter.flags) + zero_note(subs, what, adapter.label)
+                           + accuracy_note(subs, adapter.label), subspace_accuracy(subs), k_requested=k)
+
+
+def _layer_grids(subs: dict[str, Subspace], cx: Compute, draws: int) -> list[LayerGrid]:
+    """One :class:`LayerGrid` per (module type, d) of one side's subspaces."""
     dev, dt, seed = cx.device, cx.dtype, cx.seed
     groups: OrderedDict[tuple[str, int], list[Subspace]] = OrderedDict()
     for s in sorted(subs.values(), key=lambda s: s.key.sort_key()):
@@ -145,10 +165,21 @@ def layer_similarity(
             dim=d, ks=tuple(ks), phi=grid.cpu().double(), random_phi=rand, expected_phi=expected,
             block_names=tuple(s.key.block_name for s in members),
         ))
-    return LayerSimilarity(adapter.label, str(adapter.path), what, side, max(s.k for s in subs.values()),
-                           tuple(grids), draws, seed,
-                           tuple(adapter.flags) + zero_note(subs, what, adapter.label)
-                           + accuracy_note(subs, adapter.label), subspace_accuracy(subs), k_requested=k)
+    return grids
+
+
+def _both_grids(out: list[LayerGrid], inn: list[LayerGrid]) -> list[LayerGrid]:
+    """``side='both'``: each output-side grid averaged with the input-side grid of the same layers."""
+    by_names = {g.names: g for g in inn}
+    grids = []
+    for g in out:
+        h = by_names.get(g.names)
+        if h is None:
+            raise ConfigError(f"side='both' needs one shape per module type; {g.module_type} has layers of "
+                              "several shapes. Use side='out' or side='in'.")
+        grids.append(replace(g, phi=(g.phi + h.phi) / 2, random_phi=(g.random_phi + h.random_phi) / 2,
+                             expected_phi=(g.expected_phi + h.expected_phi) / 2, dim_in=h.dim))
+    return grids
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,6 +201,10 @@ class ModulePairSimilarity:
     angles_deg: torch.Tensor
     grassmann: float
     baseline: PairBaseline
+    #: ``side='both'``: the input space's dim (``dim`` is the output space's); ``grid`` is the mean of both
+    #: sides' grids, ``angles_deg`` both sides' angles (ascending), ``grassmann`` the product-manifold
+    #: distance ``sqrt(‖θ_out‖² + ‖θ_in‖²)``.
+    dim_in: int | None = None
 
     @property
     def phi(self) -> float:
@@ -186,7 +221,8 @@ class ModulePairSimilarity:
         # reshaped: φ at min(k), baselines grouped, the (k_a, k_b) grids optional
         b = self.baseline
         d = {
-            "name": self.name, **key_fields(self.key), "dim": self.dim, "k_a": self.k_a, "k_b": self.k_b,
+            "name": self.name, **key_fields(self.key), "dim": self.dim, "dim_in": self.dim_in,
+            "k_a": self.k_a, "k_b": self.k_b,
             "phi": num(self.phi), "phi_full": num(self.phi_full), "angles_deg": as_list(self.angles_deg),
             "grassmann": num(self.grassmann),
             "random": {"phi": num(b.phi), "phi_full": num(b.phi_full), "angles_deg": as_list(b.angles_deg),
@@ -237,8 +273,8 @@ class AdapterSimilarity:
         # reshaped: summaries per module type added, module grids optional
         return stamp("adapter_similarity", {
             "a": self.a, "b": self.b, "path_a": self.path_a, "path_b": self.path_b,
-            "what": self.what, "side": self.side, "k": self.k, "k_requested": self.k_requested,
-            "baseline": {"draws": self.draws, "seed": self.seed},
+            "what": self.what, "side": self.side, "side_note": side_note(self.what, self.side), "k": self.k,
+            "k_requested": self.k_requested, "baseline": {"draws": self.draws, "seed": self.seed},
             "summary": self.summary(), "by_module_type": dict(self.by_module_type()),
             "modules": [m.to_dict(grids) for m in self.modules],
             "unmatched_a": list(self.unmatched_a), "unmatched_b": list(self.unmatched_b), "notes": list(self.notes),
@@ -270,8 +306,9 @@ def adapter_similarity(
 ) -> AdapterSimilarity:
     """Compare two adapters module by module (matched by name, backbone prefixes bridged).
 
-    Works across ranks (r=8 vs r=64: ``k_a ≠ k_b``). ``what='base'`` is refused:
-    two adapters on one base have the same base subspaces.
+    Works across ranks (r=8 vs r=64: ``k_a ≠ k_b``; φ at ``min(k_a, k_b)``). ``side``: ``out``
+    (default: ΔW's output space), ``in`` or ``both`` (:data:`~.subspaces.SIDE_WHY`). ``what='base'`` is
+    refused: two adapters on one base have the same base subspaces.
     """
     return pairwise_similarity([adapter_a, adapter_b], what=what, k=k, side=side, draws=draws,
                                compute=as_compute(compute, **options))[0]
@@ -295,11 +332,31 @@ def pairwise_similarity(
     if len(adapters) < 2:
         raise ConfigError(f"adapter similarity needs at least two adapters; got {len(adapters)}.")
     cx = as_compute(compute, **options)
-    subs = [adapter_subspaces(a, what=what, k=k, side=side, compute=cx) for a in adapters]
+    subs = [adapter_subspaces_by_side(a, what=what, k=k, side=side, compute=cx) for a in adapters]
     out = []
     for i, j in itertools.combinations(range(len(adapters)), 2):
-        out.append(_compare(adapters[i], adapters[j], subs[i], subs[j], what, side, k, cx, draws))
+        per_side = [_compare(adapters[i], adapters[j], subs[i][sd], subs[j][sd], what, sd, k, cx, draws)
+                    for sd in sides_of(side)]
+        out.append(per_side[0] if len(per_side) == 1 else _both_pairs(*per_side))
     return tuple(out)
+
+
+def _both_pairs(out: AdapterSimilarity, inn: AdapterSimilarity) -> AdapterSimilarity:
+    """``side='both'``: every module's output- and input-side comparisons combined (:class:`ModulePairSimilarity`)."""
+    by_name = {m.name: m for m in inn.modules}
+    return replace(out, side="both", modules=tuple(_both_module(m, by_name[m.name]) for m in out.modules))
+
+
+def _both_module(o: ModulePairSimilarity, i: ModulePairSimilarity) -> ModulePairSimilarity:
+    bo, bi = o.baseline, i.baseline
+    base = PairBaseline(
+        dim=bo.dim, k_a=bo.k_a, k_b=bo.k_b, grid=(bo.grid + bi.grid) / 2,
+        expected_grid=(bo.expected_grid + bi.expected_grid) / 2,
+        angles_deg=torch.sort(torch.cat([bo.angles_deg, bi.angles_deg])).values,
+        grassmann=math.hypot(bo.grassmann, bi.grassmann), draws=bo.draws,
+    )
+    return replace(o, grid=(o.grid + i.grid) / 2, angles_deg=torch.sort(torch.cat([o.angles_deg, i.angles_deg])).values,
+                   grassmann=math.hypot(o.grassmann, i.grassmann), baseline=base, dim_in=i.dim)
 
 
 def _compare(a: Adapter, b: Adapter, sa: dict[str, Subspace], sb: dict[str, Subspace], what, side, k,

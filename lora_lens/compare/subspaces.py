@@ -4,14 +4,14 @@ A subspace is an orthonormal basis ``(d, k)`` whose columns are ordered by
 importance (singular vectors, descending σ). Which singular vectors
 (docs/maths.md §2, LoRA §7):
 
-=========  =============================================  =========  ===================
-what       matrix                                         side       d
-=========  =============================================  =========  ===================
-delta      ``ΔW = s·B A`` (factored, never formed)         left (U)   m (output space)
-B          ``B (m, r)``                                   left (U)   m
-A          ``A (r, n)``                                   right (V)  n (input space)
-base       ``W0 (m, n)``, top-k (see below)                left (U)   m
-=========  =============================================  =========  ===================
+=========  =============================================  ===========  ===================
+what       matrix                                         side         d
+=========  =============================================  ===========  ===================
+delta      ``ΔW = s·B A`` (factored, never formed)         out (U)      m (output space)
+B          ``B (m, r)``                                   out (U)      m
+A          ``A (r, n)``                                   in (V)       n (input space)
+base       ``W0 (m, n)``, top-k (see below)                out (U)      m
+=========  =============================================  ===========  ===================
 
 Base subspaces must be the exact top-k (a range finder with a fixed number of
 iterations gave φ 0.77–0.84 against the exact subspace on a flat spectrum): they
@@ -19,7 +19,10 @@ come from :func:`~lora_lens.linalg.top_subspace_svd`, a full SVD for small
 matrices, else iterations until the estimated ``1 − φ`` to the exact subspace is
 below ``SUBSPACE_TOL``; each :class:`Subspace` records the method and that estimate.
 
-``side="right"`` picks the input space of ``delta`` or ``base`` instead.
+``side="in"`` picks the input space (right singular vectors V) of ``delta`` or
+``base`` instead, and ``side="both"`` compares both and averages φ (docs/maths.md §2,
+"one φ per pair"). The default is ``out`` (:data:`SIDE_WHY`). ``left``/``right``
+are accepted as the old names of ``out``/``in``.
 """
 
 from __future__ import annotations
@@ -39,8 +42,31 @@ from ..types import Adapter, LayerKey
 from .pairing import pair_with_base
 
 WHATS = ("delta", "A", "B", "base")
-#: Default side per object: output-space objects use U, input-space objects V.
-DEFAULT_SIDE = {"delta": "left", "B": "left", "A": "right", "base": "left"}
+#: Which singular vectors φ compares: ``out`` = left (U, output space), ``in`` = right (V, input space),
+#: ``both`` = φ of each, averaged.
+SIDES = ("out", "in", "both")
+#: The old names, still accepted by the API.
+SIDE_ALIASES = {"left": "out", "right": "in"}
+#: Default side per object: output-space objects use U, input-space objects V. ``delta`` (what similarity,
+#: collection and report compare) defaults to ``out`` everywhere, for the reason in :data:`SIDE_WHY`.
+DEFAULT_SIDE = {"delta": "out", "B": "out", "A": "in", "base": "out"}
+#: Why ``out`` is the default, as the outputs say it.
+SIDE_WHY = ("after short training the input side mostly reflects A's random init, so adapters that share an init "
+            "seed look alike there whatever their task")
+
+
+def side_note(what: str, side: str) -> str:
+    """One line for the outputs: which singular vectors a resolved ``side`` compares, and why ``out`` is the default."""
+    obj = {"delta": "ΔW", "A": "A", "B": "B", "base": "W0"}[what]
+    if what in ("A", "B"):
+        return f"side {side}: {obj}'s only comparable side ({'input' if what == 'A' else 'output'} space)."
+    space = {"out": f"{obj}'s output space (left singular vectors U)",
+             "in": f"{obj}'s input space (right singular vectors V)",
+             "both": f"the mean of φ over {obj}'s output (U) and input (V) spaces"}[side]
+    if what == "base":
+        return f"side {side}: {space}."
+    lead = "the default" if side == DEFAULT_SIDE[what] else "not the default (out)"
+    return f"side {side}: {space}, {lead}; {SIDE_WHY}."
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,18 +93,25 @@ class Subspace:
 
 
 def resolve_side(what: str, side: str | None) -> str:
+    """``out``, ``in`` or ``both`` for comparing ``what`` (None: :data:`DEFAULT_SIDE`; ``left``/``right`` accepted)."""
     if what not in WHATS:
         raise ConfigError(f"unknown subspace {what!r}; expected one of {list(WHATS)}.")
     if side is None:
         return DEFAULT_SIDE[what]
-    if side not in ("left", "right"):
-        raise ConfigError(f"unknown side {side!r}; expected left (output space) or right (input space).")
+    side = SIDE_ALIASES.get(side, side)
+    if side not in SIDES:
+        raise ConfigError(f"unknown side {side!r}; expected out (output space), in (input space) or both.")
     if what in ("A", "B") and side != DEFAULT_SIDE[what]:
         raise ConfigError(
             f"side={side} of {what} lives in the rank-r space, which is not comparable across modules; "
             f"{what} has only its {DEFAULT_SIDE[what]} side."
         )
     return side
+
+
+def sides_of(side: str) -> tuple[str, ...]:
+    """The single sides a resolved ``side`` is made of: ``("out",)``, ``("in",)`` or ``("out", "in")``."""
+    return ("out", "in") if side == "both" else (side,)
 
 
 def adapter_subspaces(
@@ -98,7 +131,26 @@ def adapter_subspaces(
     clipped to it, with one ``UserWarning`` per adapter naming it and the ranks
     (``Subspace.k`` is the k used).
     Every SVD is one batched call per shape group (see :mod:`lora_lens.decompose`).
+    ``side`` is ``out`` or ``in`` (``both``: :func:`adapter_subspaces_by_side`).
     """
+    side = resolve_side(what, side)
+    if side == "both":
+        raise ConfigError("adapter_subspaces gives one side; use adapter_subspaces_by_side for side='both'.")
+    return adapter_subspaces_by_side(adapter, what=what, k=k, base=base, side=side, compute=compute,
+                                     **options)[side]
+
+
+def adapter_subspaces_by_side(
+    adapter: Adapter,
+    *,
+    what: str = "delta",
+    k: int | None = None,
+    base: BaseWeights | None = None,
+    side: str | None = None,
+    compute: Compute | None = None,
+    **options,
+) -> dict[str, dict[str, Subspace]]:
+    """``{single side: adapter_subspaces(...)}`` for each of :func:`sides_of` ``(side)``, from one decomposition."""
     side = resolve_side(what, side)
     if k is not None and k < 1:
         raise ConfigError(f"k={k}; expected a positive number of directions (or none for all).")
@@ -122,19 +174,21 @@ def adapter_subspaces(
         by_weight = decompose_base(base, [weights[m.name] for m in modules], k=kb, n_iter="auto",
                                    layouts={weights[m.name]: m.layout for m in modules}, **kw)
         spectra = {m.name: by_weight[weights[m.name]] for m in modules}
-    out, clipped = {}, {}
+    out: dict[str, dict[str, Subspace]] = {sd: {} for sd in sides_of(side)}
+    clipped = {}
     for m in modules:
         sp = spectra[m.name]
-        basis = sp.U if side == "left" else sp.Vh.transpose(-1, -2)  # (d, k)
-        kk = (m.rank if what == "base" else basis.shape[1]) if k is None else k
-        if kk > basis.shape[1]:
-            clipped[m.name] = int(basis.shape[1])
-        out[m.name] = Subspace(m.name, m.key, basis[:, :kk].contiguous(), zero=bool(sp.S.max() <= 0),
-                               method=sp.method, error=sp.error or 0.0)
+        for sd in out:
+            basis = sp.U if sd == "out" else sp.Vh.transpose(-1, -2)  # (d, k)
+            kk = (m.rank if what == "base" else basis.shape[1]) if k is None else k
+            if kk > basis.shape[1]:
+                clipped[m.name] = int(basis.shape[1])
+            out[sd][m.name] = Subspace(m.name, m.key, basis[:, :kk].contiguous(), zero=bool(sp.S.max() <= 0),
+                                       method=sp.method, error=sp.error or 0.0)
     if clipped:  # one warning per adapter, not per module: the result's k says what was used
         ranks = sorted(set(clipped.values()))
         limit = "min(m, n) of the base weight" if what == "base" else "the module rank"
-        warnings.warn(f"{adapter.label}: k={k} exceeds {limit} in {len(clipped)} of its {len(out)} modules; "
+        warnings.warn(f"{adapter.label}: k={k} exceeds {limit} in {len(clipped)} of its {len(modules)} modules; "
                       f"clipped to it ({', '.join(map(str, ranks))}).", stacklevel=2)
     return out
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..jsonable import stamp
 from .claims import FAILS, HOLDS, MIN_SEEDS, Verdict, outcome_label
-from .run import Comparison
+from .results import Comparison
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 PLOT_METRIC, PLOT_CURVES = "metric_vs_parameters.png", "loss_curves.png"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import platform
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,41 +19,11 @@ from ..data import resolve_model, resolve_task
 from ..errors import ConfigError
 from ..io.atomic import atomic_directory, check_destination, register_input
 from ..train import METHODS, train
-from .claims import MIN_SEEDS, Verdict, evaluate_claims
+from .claims import MIN_SEEDS, evaluate_claims
+from .output import write_comparison
+from .results import Comparison, MethodSummary
 
 DEFAULT_MARGIN = {"classify": 0.01, "lm": 0.02}  # 1 accuracy point; 0.02 nats
-
-
-@dataclass(frozen=True)
-class MethodSummary:
-    """One method over its seeds; ``*_std`` is the sample standard deviation (None for one seed)."""
-
-    method: str
-    seeds: list[int]
-    trainable_parameters: int
-    adapter_parameters: int
-    metric_mean: float
-    metric_std: float | None
-    eval_loss_mean: float | None
-    eval_loss_std: float | None
-    macro_f1_mean: float | None
-    time_per_step_s: float
-    peak_memory_bytes: int
-
-
-@dataclass(frozen=True, eq=False)
-class Comparison:
-    out: Path
-    task: str
-    metric: str
-    runs: list[dict]
-    summaries: list[MethodSummary]
-    claims: list[Verdict]
-    settings: dict
-    environment: dict
-    curves: dict[str, dict] = field(default_factory=dict)
-    analyses: dict = field(default_factory=dict)
-    wall_time_s: float = 0.0
 
 
 def _mean_std(xs: Sequence[float | None]) -> tuple[float | None, float | None]:
@@ -114,8 +83,6 @@ def compare_methods(
     counts training steps over the whole comparison (``total`` = runs × steps), ``what`` naming the run, so a
     caller can draw one bar with an ETA.
     """
-    from .output import write_comparison
-
     t0 = time.perf_counter()
     methods = list(methods) if methods else list(METHODS)
     unknown = [m for m in methods if m not in METHODS]

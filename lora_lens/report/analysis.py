@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from ..analysis import AdapterAnalysis, Analysis
 from ..compare.baselines import DEEPER_HALF
 from ..compare.similarity import AdapterSimilarity, LayerGrid
+from ..compare.subspaces import side_note
 from ._axes import block_labels
 from .alignment_plots import plot_amplification, plot_intruder_counts, plot_intruder_sweep, plot_projection_norms
 from .figures import new_figure, panel_figure
@@ -75,9 +76,9 @@ def _layer_similarity_section(a: AdapterAnalysis) -> ReportSection:
     table = ReportTable(["module type", "dim", "k", "φ", "random φ", "φ deeper half"], rows,
                         "Mean off-diagonal φ (all layers, and the deeper half) against the random baseline")
     return ReportSection(f"Similarity across layers — {a.adapter.label}",
-                         "φ(i = j = r) = ‖U_aᵀ U_b‖²_F / r between the top singular vectors of ΔW (left, output "
-                         "space) of every pair of layers of one module type (LoRA §7). The baseline is φ for random "
-                         f"subspaces of the same dimensions. The deeper half is {DEEPER_HALF}.",
+                         "φ(i = j = r) = ‖U_aᵀ U_b‖²_F / r between the top singular vectors of ΔW of every pair "
+                         "of layers of one module type (LoRA §7). The baseline is φ for random subspaces of the same "
+                         f"dimensions. The deeper half is {DEEPER_HALF}. {side_note('delta', a.layers.side)}",
                          [ReportFigure(fig, "φ between layers, one panel per module type.",
                                        f"phi-layers-{a.adapter.label}")], [table])
 
@@ -126,8 +127,9 @@ def _pairs_section(pairs: Sequence[AdapterSimilarity]) -> ReportSection:
         rows.append([p.a, p.b, len(p.modules), s.get("phi"), s.get("random_phi"), s.get("expected_phi")])
     table = ReportTable(["a", "b", "modules", "φ", "random φ", "expected φ"], rows, "Mean φ over matched modules")
     return ReportSection("Adapter vs adapter",
-                         "The same module in two adapters (two seeds, two tasks, two ranks): φ at i = j = min(r), and "
-                         "the LoRA §7.2 φ(i, j) grid for one layer.", figs, [table])
+                         "The same module in two adapters (two seeds, two tasks, two ranks): φ at i = j = the pair's "
+                         "smaller rank (the number `lora-lens similarity` and `collection` give), and the LoRA §7.2 "
+                         f"φ(i, j) grid for one layer. {side_note('delta', pairs[0].side)}", figs, [table])
 
 
 def _alignment_section(a: AdapterAnalysis, epsilon: float, k: int) -> ReportSection:

@@ -115,7 +115,9 @@ def collection_section(data: Mapping[str, Any]) -> ReportSection:
     fig = new_figure(size=(7.5, 8.5))[0]
     fig.clear()
     plot_clustered_heatmap(fig, phi, np.array(st["linkage"]), st["dendrogram_order"], names, base)
-    figs.append(ReportFigure(fig, "Adapter × adapter φ (mean over modules), clustered (average linkage on 1 − φ).",
+    side = data.get("side", "both")  # schema 1 (no "side") averaged both sides
+    figs.append(ReportFigure(fig, f"Adapter × adapter φ (side {side}, mean over modules), clustered (average "
+                             "linkage on 1 − φ).",
                              "collection-heatmap"))
     fig, ax = new_figure(size=(6.5, 5.5))
     outl = [names.index(o["adapter"]) for o in st["outliers"]]
@@ -167,8 +169,8 @@ def write_collection(out_dir: str | Path, coll, structure, *, overwrite: bool = 
     tensors = {"phi": coll.phi.float(), "random_phi": coll.random_phi.float(), "common": coll.common.float()}
     tensors.update({f"by_type.{t}": v.float() for t, v in coll.by_type.items()})
     for m in coll.modules:
-        tensors[f"modules.{m.name}.phi_left"] = m.phi_left.float()
-        tensors[f"modules.{m.name}.phi_right"] = m.phi_right.float()
+        tensors[f"modules.{m.name}.phi_out"] = m.phi_out.float()
+        tensors[f"modules.{m.name}.phi_in"] = m.phi_in.float()
         tensors[f"modules.{m.name}.members"] = torch.tensor(m.members, dtype=torch.int64)
     report = Report(title, f"{coll.size} adapters", sections=[collection_section(data)])
     text = json.dumps(data, indent=1, allow_nan=False) + "\n"
