@@ -7,6 +7,7 @@ touches pyplot, so plots render headless and leave no global state behind.
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -220,16 +221,67 @@ def mark_baselines(cb: Colorbar, items: Sequence[tuple[str, float]]) -> Artists:
     return out
 
 
+def _axes_width_inches(ax: Axes) -> float:
+    """The width ``ax`` has in its figure before layout (its grid cell less the default margins)."""
+    return ax.get_position().width * ax.figure.get_figwidth()
+
+
+def wrap_note(note: str, width_in: float, fontsize: float = 8.33) -> str:
+    """``note`` broken into lines that fit ``width_in`` inches at ``fontsize`` points.
+
+    Breaks at the `` · `` between items first (``q_proj 11 · v_proj 6`` never splits
+    inside an item), then at spaces within an item longer than a line. A character
+    is taken as 0.6 em wide (DejaVu Sans digits and lower case are 0.55–0.63).
+    """
+    chars = max(20, int(width_in * 72 / (0.6 * fontsize)))
+    out = []
+    for para in note.split("\n"):
+        line = ""
+        for item in para.split(" · "):
+            joined = f"{line} · {item}" if line else item
+            if len(joined) <= chars or not line:
+                line = joined
+            else:
+                out.append(line)
+                line = item
+            if len(line) > chars:
+                parts = textwrap.wrap(line, chars, break_long_words=False, break_on_hyphens=False) or [line]
+                out += parts[:-1]
+                line = parts[-1]
+        out.append(line)
+    return "\n".join(out)
+
+
 def set_titles(ax: Axes, title: str, note: str = "") -> Artists:
-    """The title and, under it, a small grey note (baselines, summary numbers) of one or more lines."""
+    """The title and, under it, a small grey note (baselines, summary numbers) of one or more lines.
+
+    The note is wrapped to the axes' width (:func:`wrap_note`): one line of seven
+    module types' totals was wider than its panel, and constrained layout shrank the
+    axes to a sliver to make room for it.
+    """
     if not note:
         ax.set_title(title)
         return [ax.title]
+    note = wrap_note(note, _axes_width_inches(ax))
     lines = note.count("\n") + 1
     t = ax.annotate(note, xy=(0.5, 1.0), xycoords="axes fraction", xytext=(0, 4), textcoords="offset points",
                     ha="center", va="bottom", fontsize="small", color="#444444")
     ax.set_title(title, pad=8 + 12 * lines)
     return [ax.title, t]
+
+
+def series_legend(ax: Axes, inside: int = 3, **kw) -> Artist | None:
+    """The legend of ``ax``: inside (best corner) for up to ``inside`` entries, else outside on the right.
+
+    Seven module types' entries inside a bar chart covered a third of the bars; on the
+    right they take their own space (constrained layout narrows the axes), never the data's.
+    """
+    labels = ax.get_legend_handles_labels()[1]
+    if not labels:
+        return None
+    if len(labels) <= inside:
+        return ax.legend(fontsize="small", **kw)
+    return ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, **kw)
 
 
 def annotate_cells(ax: Axes, values: np.ndarray, norm: Normalize, fmt: str = "{:.2f}", fontsize=None) -> Artists:
