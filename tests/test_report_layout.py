@@ -132,3 +132,23 @@ def test_collection_map_names_of_near_points_do_not_overprint():
     assert sorted(", ".join(t.get_text().split("\n")) for t in labels)[0].startswith("a00, a01, a02, a03")
     assert " ".join(t.get_text() for t in labels).replace("\n", " ").replace(",", "").split() == names
     assert not _overlaps([t.get_window_extent(renderer) for t in labels])
+
+
+def test_loss_curve_legends_sit_beside_the_data():
+    """compare-methods' loss panels (4.8 × 4 in): the run and line-style legends used to sit at fixed corners
+    inside the axes, over the eval points of short runs; now beside the axes, apart from each other, and the
+    first (wider: long run names) no longer cut at the figure's edge."""
+    from lora_lens.report import plot_loss_curves
+
+    runs = {name: {"train_loss": [0.6945 - 0.0005 * s, 0.6935, 0.693 + 0.0003 * s],
+                         "eval_steps": [0, 3], "eval_loss": [0.6942 - 0.003 * s, 0.6928],
+                         "knots": [1, 2]} for s, name in enumerate(["LoRA", "CoRA (frozen B, seed 1)", "chain"])}
+    fig = panel_figure({"lora": runs, "chain": runs}, plot_loss_curves, ncols=4, panel_size=(4.8, 4.0))
+    renderer = _render(fig, dpi=100)  # measured at the dpi it was laid out at
+    _everything_inside(fig, renderer)
+    for ax in (a for a in fig.axes if a.get_visible()):
+        legends = [a for a in ax.get_children() if a.__class__.__name__ == "Legend"]
+        boxes = [lg.get_window_extent(renderer) for lg in legends]
+        assert len(boxes) == 2 and not _overlaps(boxes)
+        assert all(_inside(b, fig.bbox) for b in boxes), (boxes, fig.bbox)  # the first is not in tightbbox
+        assert not any(b.overlaps(ax.bbox) for b in boxes)
