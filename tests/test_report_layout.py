@@ -152,3 +152,5 @@ def test_loss_curve_legends_sit_beside_the_data():
         assert len(boxes) == 2 and not _overlaps(boxes)
         assert all(_inside(b, fig.bbox) for b in boxes), (boxes, fig.bbox)  # the first is not in tightbbox
         assert not any(b.overlaps(ax.bbox) for b in boxes)
+        steps = [x for x in ax.get_xticks() if ax.get_xlim()[0] <= x <= ax.get_xlim()[1]]
+        assert len(steps) >= 2 and all(float(x).is_integer() for x in steps)  # no "0.5, 1.5" steps

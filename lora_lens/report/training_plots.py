@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.ticker import MaxNLocator
 from matplotlib.lines import Line2D
 
 from ..errors import ConfigError, ShapeError
@@ -84,6 +85,7 @@ def plot_loss_curves(ax: Axes, runs: Mapping[str, Mapping[str, Any]], *, log: bo
     if log:
         ax.set_yscale("log", nonpositive="mask")
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no "0.5, 1.5" ticks on short runs
     ax.set_ylabel("loss")
     ax.grid(True, alpha=0.3)
     # Both legends beside the axes (runs at the top, line styles at the bottom): inside, at fixed corners,
