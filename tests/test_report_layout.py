@@ -154,3 +154,32 @@ def test_loss_curve_legends_sit_beside_the_data():
         assert not any(b.overlaps(ax.bbox) for b in boxes)
         steps = [x for x in ax.get_xticks() if ax.get_xlim()[0] <= x <= ax.get_xlim()[1]]
         assert len(steps) >= 2 and all(float(x).is_integer() for x in steps)  # no "0.5, 1.5" steps
+
+
+UNET_BLOCKS = ([f"down.{d}.attn.{a}.tb.{t}" for d in (1, 2) for a in (0, 1) for t in range(2 if d == 1 else 5)]
+               + [f"mid.attn.0.tb.{t}" for t in range(5)]
+               + [f"up.{u}.attn.{a}.tb.{t}" for u in (0, 1) for a in (0, 1, 2) for t in range(5 if u == 0 else 2)])
+
+
+@pytest.mark.parametrize("labels", [UNET_BLOCKS, list(range(LAYERS))], ids=["unet-blocks", "28-layers"])
+def test_layer_ticks_are_thinned_to_what_fits(labels):
+    """φ between layers for 40 UNet blocks, two panels as in the report: the slanted block names under a 2.5-in
+    heatmap ran into one another (14 of them); now as many as fit, on both axes, and none outside the figure."""
+    rng = np.random.default_rng(0)
+    phi = rng.random((len(labels), len(labels)))
+    fig = panel_figure({"attn1.to_q": phi, "attn2.to_k": phi}, plot_phi_heatmap, ncols=3, panel_size=(5.2, 4.5),
+                       layers=labels)
+    renderer = _render(fig, dpi=100)
+    _everything_inside(fig, renderer)
+    for ax in (a for a in fig.axes if a.images):
+        ticks = _shown_xticks(ax, renderer)
+        rows = [t.get_window_extent(renderer) for t in ax.get_yticklabels() if t.get_text()]
+        assert len(ticks) >= 5 and len(rows) >= 5
+        # slanted boxes are axis-aligned hulls that overlap even when the text does not: compare their
+        # baselines' spacing with the text height instead (perpendicular distance = spacing · sin 35°)
+        if ticks[0].height > 2 * rows[0].height:
+            gaps = np.diff(sorted(b.x1 for b in ticks)) * np.sin(np.radians(35))
+            assert gaps.min() >= rows[0].height * 0.9, gaps
+        else:
+            assert not _overlaps(ticks)
+        assert not _overlaps(rows)

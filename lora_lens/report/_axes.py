@@ -11,11 +11,12 @@ import textwrap
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from matplotlib import colormaps
+from matplotlib import colormaps, rcParams
 from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.colorbar import Colorbar
 from matplotlib.colors import BoundaryNorm, ListedColormap, Normalize
+from matplotlib.font_manager import FontProperties
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from ..errors import ShapeError
@@ -116,17 +117,46 @@ def short_block_name(name: str) -> str:
     return ".".join(_SHORT_PARTS.get(p, p) for p in parts[start:])
 
 
-def set_layer_ticks(ax: Axes, axis: str, labels: Sequence, max_ticks: int = 16) -> None:
-    """Ticks at positions ``0 … L-1`` labelled with the layers' labels; thinned when there are many.
+#: Slant of long x tick labels (degrees).
+_SLANT = 35
 
-    Long labels (block names) on the x axis are slanted so neighbours do not overlap.
+
+def fitting_ticks(ax: Axes, axis: str, labels: Sequence[str], slant: bool = False) -> int:
+    """How many of ``labels`` fit along ``axis`` of ``ax`` without touching (at least 2).
+
+    Measured before layout, on the axes' share of the figure less 20 % for what
+    constrained layout will take from it (tick labels, colour bars). A label takes
+    its width (0.6 em a character) plus a gap along x, its line height along y, and
+    slanted, the spacing whose perpendicular distance is one line height.
     """
-    step = max(1, math.ceil(len(labels) / max_ticks))
+    box = ax.get_position()
+    length = 0.8 * (box.width * ax.figure.get_figwidth() if axis == "x" else box.height * ax.figure.get_figheight())
+    size = FontProperties(size="small" if slant else rcParams[f"{axis}tick.labelsize"]).get_size_in_points()
+    line = 1.4 * size / 72
+    if axis != "x":
+        need = line
+    elif slant:
+        need = line / math.sin(math.radians(_SLANT))
+    else:
+        need = max(map(len, labels), default=1) * 0.6 * size / 72 + 0.1
+    return max(2, int(length / need))
+
+
+def set_layer_ticks(ax: Axes, axis: str, labels: Sequence, max_ticks: int = 16) -> None:
+    """Ticks at positions ``0 … L-1`` labelled with the layers' labels; thinned to what fits.
+
+    Long labels (block names) on the x axis are slanted; at most ``max_ticks``
+    and at most :func:`fitting_ticks` labels are kept (40 UNet block names under a
+    2.5-in heatmap ran into one another at 14).
+    """
+    names = [str(x) for x in labels]
+    slant = axis == "x" and max(map(len, names), default=0) > 8
+    fit = fitting_ticks(ax, axis, names, slant)
+    step = max(1, math.ceil(len(labels) / min(max_ticks, fit)))
     pos = list(range(0, len(labels), step))
-    text = [str(labels[p]) for p in pos]
+    text = [names[p] for p in pos]
     if axis == "x":
-        slant = max(map(len, text), default=0) > 8
-        ax.set_xticks(pos, text, **(dict(rotation=35, ha="right", rotation_mode="anchor", fontsize="small")
+        ax.set_xticks(pos, text, **(dict(rotation=_SLANT, ha="right", rotation_mode="anchor", fontsize="small")
                                     if slant else {}))
     else:
         ax.set_yticks(pos, text)

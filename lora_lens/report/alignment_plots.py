@@ -14,7 +14,8 @@ from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
 from ._axes import (
-    Artists, as_array, as_series, grouped_bars, layer_labels, module_colours, series_legend, set_layer_ticks, set_titles,
+    Artists, as_array, as_series, grouped_bars, layer_labels, module_colours, series_legend, set_layer_ticks,
+    set_titles,
 )
 
 PROJECTION_LABELS = ("ΔW's top-r directions", "W0's own top-r directions", "random directions")

@@ -66,7 +66,8 @@ def plot_clustered_heatmap(fig, phi: np.ndarray, linkage: np.ndarray, order: Seq
     return out + [img, cb.ax]
 
 
-def map_labels(coords: np.ndarray, names: Sequence[str], near: float = 0.04, per_line: int = 4) -> list[tuple[int, str]]:
+def map_labels(coords: np.ndarray, names: Sequence[str], near: float = 0.04,
+               per_line: int = 4) -> list[tuple[int, str]]:
     """One label per group of points closer than ``near`` × the map's extent: ``[(point index, text), …]``.
 
     Near-duplicates sit on one spot of the map; their names, drawn one over another,
