@@ -183,3 +183,19 @@ def test_layer_ticks_are_thinned_to_what_fits(labels):
         else:
             assert not _overlaps(ticks)
         assert not _overlaps(rows)
+
+
+def test_adapter_grid_axis_labels_with_long_adapter_names_fit_the_figure():
+    """The report's φ(i, j) figure (8 × 3.4 in) names both adapters in its axis labels: with real adapter names
+    the y label was taller than the figure and lost both ends; now it is broken into lines that fit."""
+    from lora_lens.report._axes import fit_axis_labels
+    from lora_lens.report.similarity_plots import plot_phi_grid
+
+    fig, ax = new_figure(size=(8, 3.4))
+    plot_phi_grid(ax, np.random.default_rng(0).random((8, 8)), baseline=0.01,
+                  labels=("llama2-7b-alpaca-lora-seed0 (r=8)", "llama2-7b-alpaca-lora-seed1 (r=8)"))
+    fit_axis_labels(ax)
+    renderer = _render(fig, dpi=100)
+    _everything_inside(fig, renderer)
+    assert "llama2-7b-alpaca-lora-seed0" in ax.get_ylabel() and "\n" in ax.get_ylabel()
+    assert "\n" not in ax.get_xlabel()  # the x axis is long enough for its label

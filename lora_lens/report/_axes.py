@@ -282,6 +282,23 @@ def wrap_note(note: str, width_in: float, fontsize: float = 8.33) -> str:
     return "\n".join(out)
 
 
+def fit_axis_labels(ax: Axes) -> None:
+    """Break an x or y label longer than its axis into lines that fit (at spaces; measured before layout).
+
+    A y label naming two adapters ("i  (top-i directions of llama2-7b-alpaca-seed0 (r=8))")
+    is longer than a 3.4-in figure is tall: constrained layout cannot shrink text, so both
+    ends were cut off.
+    """
+    box = ax.get_position()
+    # an x label may overhang its axes a little; a y label loses height to the title and its note
+    for label, length in ((ax.xaxis.label, box.width * ax.figure.get_figwidth()),
+                          (ax.yaxis.label, 0.8 * box.height * ax.figure.get_figheight())):
+        text = label.get_text()
+        chars = max(12, int(length * 72 / (0.6 * label.get_fontsize())))
+        if len(text) > chars and "\n" not in text:
+            label.set_text("\n".join(textwrap.wrap(text, chars, break_long_words=False, break_on_hyphens=False)))
+
+
 def set_titles(ax: Axes, title: str, note: str = "") -> Artists:
     """The title and, under it, a small grey note (baselines, summary numbers) of one or more lines.
 

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from ..analysis import AdapterAnalysis, Analysis
 from ..compare.baselines import DEEPER_HALF
 from ..compare.similarity import AdapterSimilarity, LayerGrid
-from ._axes import block_labels
+from ._axes import block_labels, fit_axis_labels
 from .alignment_plots import plot_amplification, plot_intruder_counts, plot_intruder_sweep, plot_projection_norms
 from .figures import MAX_FIGURE_WIDTH, fit_columns, new_figure, panel_figure
 from .html import Report, ReportFigure, ReportSection, ReportTable, write_report
@@ -114,6 +114,7 @@ def pair_similarity_figures(p: AdapterSimilarity) -> list[ReportFigure]:
     fig, ax = new_figure(size=(8, 3.4))
     plot_phi_grid(ax, mid.grid.numpy(), labels=(f"{p.a} (r={mid.k_a})", f"{p.b} (r={mid.k_b})"),
                   baseline=mid.baseline.expected_grid.numpy(), title=f"φ(i, j): {mid.name} (as LoRA Figure 3)")
+    fit_axis_labels(ax)  # the y label names an adapter: longer than the 3.4-in figure is tall for long names
     figs.append(ReportFigure(fig, f"φ(i, j) for i ≤ {mid.k_a}, j ≤ {mid.k_b} on {mid.name}.", f"grid-{p.a}-{p.b}"))
     return figs
 
