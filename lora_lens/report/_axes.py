@@ -7,14 +7,16 @@ touches pyplot, so plots render headless and leave no global state behind.
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from matplotlib import colormaps
+from matplotlib import colormaps, rcParams
 from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.colorbar import Colorbar
 from matplotlib.colors import BoundaryNorm, ListedColormap, Normalize
+from matplotlib.font_manager import FontProperties
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from ..errors import ShapeError
@@ -115,17 +117,46 @@ def short_block_name(name: str) -> str:
     return ".".join(_SHORT_PARTS.get(p, p) for p in parts[start:])
 
 
-def set_layer_ticks(ax: Axes, axis: str, labels: Sequence, max_ticks: int = 16) -> None:
-    """Ticks at positions ``0 … L-1`` labelled with the layers' labels; thinned when there are many.
+#: Slant of long x tick labels (degrees).
+_SLANT = 35
 
-    Long labels (block names) on the x axis are slanted so neighbours do not overlap.
+
+def fitting_ticks(ax: Axes, axis: str, labels: Sequence[str], slant: bool = False) -> int:
+    """How many of ``labels`` fit along ``axis`` of ``ax`` without touching (at least 2).
+
+    Measured before layout, on the axes' share of the figure less 20 % for what
+    constrained layout will take from it (tick labels, colour bars). A label takes
+    its width (0.6 em a character) plus a gap along x, its line height along y, and
+    slanted, the spacing whose perpendicular distance is one line height.
     """
-    step = max(1, math.ceil(len(labels) / max_ticks))
+    box = ax.get_position()
+    length = 0.8 * (box.width * ax.figure.get_figwidth() if axis == "x" else box.height * ax.figure.get_figheight())
+    size = FontProperties(size="small" if slant else rcParams[f"{axis}tick.labelsize"]).get_size_in_points()
+    line = 1.4 * size / 72
+    if axis != "x":
+        need = line
+    elif slant:
+        need = line / math.sin(math.radians(_SLANT))
+    else:
+        need = max(map(len, labels), default=1) * 0.6 * size / 72 + 0.1
+    return max(2, int(length / need))
+
+
+def set_layer_ticks(ax: Axes, axis: str, labels: Sequence, max_ticks: int = 16) -> None:
+    """Ticks at positions ``0 … L-1`` labelled with the layers' labels; thinned to what fits.
+
+    Long labels (block names) on the x axis are slanted; at most ``max_ticks``
+    and at most :func:`fitting_ticks` labels are kept (40 UNet block names under a
+    2.5-in heatmap ran into one another at 14).
+    """
+    names = [str(x) for x in labels]
+    slant = axis == "x" and max(map(len, names), default=0) > 8
+    fit = fitting_ticks(ax, axis, names, slant)
+    step = max(1, math.ceil(len(labels) / min(max_ticks, fit)))
     pos = list(range(0, len(labels), step))
-    text = [str(labels[p]) for p in pos]
+    text = [names[p] for p in pos]
     if axis == "x":
-        slant = max(map(len, text), default=0) > 8
-        ax.set_xticks(pos, text, **(dict(rotation=35, ha="right", rotation_mode="anchor", fontsize="small")
+        ax.set_xticks(pos, text, **(dict(rotation=_SLANT, ha="right", rotation_mode="anchor", fontsize="small")
                                     if slant else {}))
     else:
         ax.set_yticks(pos, text)
@@ -220,16 +251,84 @@ def mark_baselines(cb: Colorbar, items: Sequence[tuple[str, float]]) -> Artists:
     return out
 
 
+def _axes_width_inches(ax: Axes) -> float:
+    """The width ``ax`` has in its figure before layout (its grid cell less the default margins)."""
+    return ax.get_position().width * ax.figure.get_figwidth()
+
+
+def wrap_note(note: str, width_in: float, fontsize: float = 8.33) -> str:
+    """``note`` broken into lines that fit ``width_in`` inches at ``fontsize`` points.
+
+    Breaks at the `` · `` between items first (``q_proj 11 · v_proj 6`` never splits
+    inside an item), then at spaces within an item longer than a line. A character
+    is taken as 0.6 em wide (DejaVu Sans digits and lower case are 0.55–0.63).
+    """
+    chars = max(20, int(width_in * 72 / (0.6 * fontsize)))
+    out = []
+    for para in note.split("\n"):
+        line = ""
+        for item in para.split(" · "):
+            joined = f"{line} · {item}" if line else item
+            if len(joined) <= chars or not line:
+                line = joined
+            else:
+                out.append(line)
+                line = item
+            if len(line) > chars:
+                parts = textwrap.wrap(line, chars, break_long_words=False, break_on_hyphens=False) or [line]
+                out += parts[:-1]
+                line = parts[-1]
+        out.append(line)
+    return "\n".join(out)
+
+
+def fit_axis_labels(ax: Axes) -> None:
+    """Break an x or y label longer than its axis into lines that fit (at spaces; measured before layout).
+
+    A y label naming two adapters ("i  (top-i directions of llama2-7b-alpaca-seed0 (r=8))")
+    is longer than a 3.4-in figure is tall: constrained layout cannot shrink text, so both
+    ends were cut off.
+    """
+    box = ax.get_position()
+    # an x label may overhang its axes a little; a y label loses height to the title and its note
+    for label, length in ((ax.xaxis.label, box.width * ax.figure.get_figwidth()),
+                          (ax.yaxis.label, 0.8 * box.height * ax.figure.get_figheight())):
+        text = label.get_text()
+        chars = max(12, int(length * 72 / (0.6 * label.get_fontsize())))
+        if len(text) > chars and "\n" not in text:
+            label.set_text("\n".join(textwrap.wrap(text, chars, break_long_words=False, break_on_hyphens=False)))
+
+
 def set_titles(ax: Axes, title: str, note: str = "") -> Artists:
-    """The title and, under it, a small grey note (baselines, summary numbers) of one or more lines."""
+    """The title and, under it, a small grey note (baselines, summary numbers) of one or more lines.
+
+    The note is wrapped to the axes' width (:func:`wrap_note`): one line of seven
+    module types' totals was wider than its panel, and constrained layout shrank the
+    axes to a sliver to make room for it.
+    """
     if not note:
         ax.set_title(title)
         return [ax.title]
+    note = wrap_note(note, _axes_width_inches(ax))
     lines = note.count("\n") + 1
     t = ax.annotate(note, xy=(0.5, 1.0), xycoords="axes fraction", xytext=(0, 4), textcoords="offset points",
                     ha="center", va="bottom", fontsize="small", color="#444444")
     ax.set_title(title, pad=8 + 12 * lines)
     return [ax.title, t]
+
+
+def series_legend(ax: Axes, inside: int = 3, **kw) -> Artist | None:
+    """The legend of ``ax``: inside (best corner) for up to ``inside`` entries, else outside on the right.
+
+    Seven module types' entries inside a bar chart covered a third of the bars; on the
+    right they take their own space (constrained layout narrows the axes), never the data's.
+    """
+    labels = ax.get_legend_handles_labels()[1]
+    if not labels:
+        return None
+    if len(labels) <= inside:
+        return ax.legend(fontsize="small", **kw)
+    return ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, **kw)
 
 
 def annotate_cells(ax: Axes, values: np.ndarray, norm: Normalize, fmt: str = "{:.2f}", fontsize=None) -> Artists:

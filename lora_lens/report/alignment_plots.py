@@ -14,7 +14,8 @@ from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
 from ._axes import (
-    Artists, as_array, as_series, grouped_bars, layer_labels, module_colours, set_layer_ticks, set_titles,
+    Artists, as_array, as_series, grouped_bars, layer_labels, module_colours, series_legend, set_layer_ticks,
+    set_titles,
 )
 
 PROJECTION_LABELS = ("ΔW's top-r directions", "W0's own top-r directions", "random directions")
@@ -64,7 +65,7 @@ def plot_amplification(ax: Axes, factors: Mapping[str, Any] | Any, layers: Seque
     out = grouped_bars(ax, series, module_colours(list(series)), default_label="amplification", log=log)
     _finish_layers(ax, labels, r"amplification  $\|\Delta W\|_F \;/\; \|U_r^\top W_0 V_r\|_F$")
     if len(series) > 1:
-        out.append(ax.legend(fontsize="small"))
+        out.append(series_legend(ax))
     ax.set_title(title or "Amplification factor per layer")
     return out
 
@@ -84,7 +85,7 @@ def plot_intruder_counts(ax: Axes, counts: Mapping[str, Any] | Any, layers: Sequ
     ax.set_ylim(0, k)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if len(series) > 1:
-        out.append(ax.legend(fontsize="small"))
+        out.append(series_legend(ax))
     total = int(round(sum(float(v.sum()) for v in series.values())))
     per = " · ".join(f"{n} {int(round(v.sum()))}" for n, v in series.items() if n)
     out += set_titles(ax, title or f"Intruder dimensions per layer (top-{k}, ε = {eps:g})",
@@ -113,6 +114,6 @@ def plot_intruder_sweep(ax: Axes, eps: Any, counts: Mapping[str, Any] | Any, *, 
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
-    out.append(ax.legend(fontsize="small"))
+    out.append(series_legend(ax, inside=4))  # up to three lines and the ε marker fit in a corner
     ax.set_title(title or "Intruder dimensions vs threshold ε")
     return out

@@ -17,9 +17,9 @@ from ..analysis import AdapterAnalysis, Analysis
 from ..compare.baselines import DEEPER_HALF
 from ..compare.similarity import AdapterSimilarity, LayerGrid
 from ..compare.subspaces import side_note
-from ._axes import block_labels
+from ._axes import block_labels, fit_axis_labels
 from .alignment_plots import plot_amplification, plot_intruder_counts, plot_intruder_sweep, plot_projection_norms
-from .figures import new_figure, panel_figure
+from .figures import MAX_FIGURE_WIDTH, fit_columns, new_figure, panel_figure
 from .html import Report, ReportFigure, ReportSection, ReportTable, write_report
 from .similarity_plots import plot_adapter_heatmap, plot_phi_grid, plot_phi_heatmap
 from .spectra_plots import plot_effective_rank, plot_energy_curves, plot_singular_values
@@ -106,7 +106,7 @@ def pair_similarity_figures(p: AdapterSimilarity) -> list[ReportFigure]:
             baselines.setdefault(m.key.module, float(m.baseline.expected_phi))
             if m.key.block is not None:
                 vals[types.index(m.key.module), blocks.index(m.key.block)] = m.phi
-        fig, ax = new_figure(size=(max(6, 0.5 * len(blocks) + 3), 1.0 + 0.6 * len(types) + 1.6))
+        fig, ax = new_figure(size=(min(MAX_FIGURE_WIDTH, max(6, 0.5 * len(blocks) + 3)), 1.0 + 0.6 * len(types) + 1.6))
         names = {m.key.block: m.key.block_name for m in p.modules}
         plot_adapter_heatmap(ax, vals, types, block_labels(blocks, [names[b] for b in blocks]),
                              baseline=baselines, labels=(p.a, p.b))
@@ -115,6 +115,7 @@ def pair_similarity_figures(p: AdapterSimilarity) -> list[ReportFigure]:
     fig, ax = new_figure(size=(8, 3.4))
     plot_phi_grid(ax, mid.grid.numpy(), labels=(f"{p.a} (r={mid.k_a})", f"{p.b} (r={mid.k_b})"),
                   baseline=mid.baseline.expected_grid.numpy(), title=f"φ(i, j): {mid.name} (as LoRA Figure 3)")
+    fit_axis_labels(ax)  # the y label names an adapter: longer than the 3.4-in figure is tall for long names
     figs.append(ReportFigure(fig, f"φ(i, j) for i ≤ {mid.k_a}, j ≤ {mid.k_b} on {mid.name}.", f"grid-{p.a}-{p.b}"))
     return figs
 
@@ -140,7 +141,7 @@ def _alignment_section(a: AdapterAnalysis, epsilon: float, k: int) -> ReportSect
     figs = []
     # one projection-norm panel per module type, then the amplification factors of all of them
     n = len(types) + 1
-    ncols = min(4, n)
+    ncols = fit_columns(n, 5.5)  # two 5.5-in panels a row: four were 22 in, shrunk to 46 % in the page
     nrows = -(-n // ncols)
     fig, axes = new_figure(nrows, ncols, size=(5.5 * ncols, 4 * nrows), squeeze=False)
     axes = list(axes.ravel())

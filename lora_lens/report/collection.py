@@ -66,6 +66,31 @@ def plot_clustered_heatmap(fig, phi: np.ndarray, linkage: np.ndarray, order: Seq
     return out + [img, cb.ax]
 
 
+def map_labels(coords: np.ndarray, names: Sequence[str], near: float = 0.04,
+               per_line: int = 4) -> list[tuple[int, str]]:
+    """One label per group of points closer than ``near`` × the map's extent: ``[(point index, text), …]``.
+
+    Near-duplicates sit on one spot of the map; their names, drawn one over another,
+    were unreadable. A group's names are joined (``per_line`` a line) at its first point.
+    """
+    c = np.asarray(coords, dtype=float)
+    span = float(np.ptp(c, axis=0).max()) if len(c) else 0.0
+    tol = near * span if span > 0 else 1e-12
+    groups: list[list[int]] = []
+    for i in range(len(c)):
+        g = next((g for g in groups if np.hypot(*(c[g[0]] - c[i])) <= tol), None)
+        if g is None:
+            groups.append([i])
+        else:
+            g.append(i)
+    out = []
+    for g in groups:
+        label = [str(names[i]) for i in g]
+        lines = [", ".join(label[k:k + per_line]) for k in range(0, len(label), per_line)]
+        out.append((g[0], "\n".join(lines)))
+    return out
+
+
 def plot_map(ax: Axes, coords: np.ndarray, clusters: Sequence[int], names: Sequence[str],
              outliers: Sequence[int] = ()) -> Artists:
     """The 2-D MDS map of ``1 − φ``, one colour per cluster, outliers ringed in red."""
@@ -78,8 +103,8 @@ def plot_map(ax: Axes, coords: np.ndarray, clusters: Sequence[int], names: Seque
                               label="outlier"))
         ax.legend(loc="best", fontsize=8)
     if len(names) <= MAX_NAMED:
-        out += [ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-                for n, (x, y) in zip(names, c)]
+        out += [ax.annotate(text, tuple(c[i]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                for i, text in map_labels(c, names)]
     ax.set_title("2-D map (MDS of 1 − φ), coloured by cluster", fontsize=9)
     ax.set_aspect("equal", adjustable="datalim")
     return out

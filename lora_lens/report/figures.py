@@ -21,6 +21,18 @@ from ..errors import ConfigError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
+#: The widest figure (inches) the HTML report shows at a readable scale. Its content column is ~1,100 px,
+#: 10 in at the report's 110 dpi, and an image is shrunk to fit it: a 22-in grid came out at 46 %, its
+#: 10-pt labels 7 px tall. Up to 12 in, text keeps ≥ 84 % of its size.
+MAX_FIGURE_WIDTH = 12.0
+
+
+def fit_columns(n: int, panel_width: float, max_width: float | None = MAX_FIGURE_WIDTH) -> int:
+    """Columns for ``n`` panels of ``panel_width`` inches: as many as fit in ``max_width`` (at least 1, at most n)."""
+    if max_width is None:
+        return max(1, n)
+    return max(1, min(n, int(max_width // panel_width)))
+
 
 def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] | None = None,
                squeeze: bool = True, **subplot_kw) -> tuple[Figure, Any]:
@@ -52,18 +64,21 @@ def figure_to_png_bytes(fig: Figure, dpi: float = 100) -> bytes:
 
 def panel_figure(items: Mapping[str, Any], plot: Callable[..., Any], ncols: int = 3,
                  panel_size: tuple[float, float] = (4.8, 4.0), suptitle: str | None = None,
-                 per_item: Mapping[str, Mapping[str, Any]] | None = None, **plot_kw) -> Figure:
+                 per_item: Mapping[str, Mapping[str, Any]] | None = None,
+                 max_width: float | None = MAX_FIGURE_WIDTH, **plot_kw) -> Figure:
     """One panel per item, e.g. one φ heatmap per module type.
 
     Calls ``plot(ax, value, title=name, **plot_kw, **per_item[name])`` for each
     ``name, value`` in ``items``: ``per_item`` holds what differs by panel (its
     own baseline and layers: module types of another dimension, GQA k/v next to
-    q, have another random φ). Unused grid cells are hidden.
+    q, have another random φ). Unused grid cells are hidden. ``ncols`` is
+    reduced so the figure is at most ``max_width`` inches wide (None: no limit);
+    more panels then go to more rows.
     """
     if not items:
         raise ConfigError("panel_figure: no items to plot; expected at least one.")
     n = len(items)
-    ncols = max(1, min(ncols, n))
+    ncols = max(1, min(ncols, n, fit_columns(n, panel_size[0], max_width)))
     nrows = math.ceil(n / ncols)
     fig, axes = new_figure(nrows, ncols, size=(panel_size[0] * ncols, panel_size[1] * nrows), squeeze=False)
     flat: list[Axes] = list(np.ravel(axes))

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.ticker import MaxNLocator
 from matplotlib.lines import Line2D
 
 from ..errors import ConfigError, ShapeError
@@ -49,7 +50,7 @@ def plot_loss_curves(ax: Axes, runs: Mapping[str, Mapping[str, Any]], *, log: bo
     """Train loss (solid), eval loss (dashed, markers) and knots (dotted verticals) for every run.
 
     Runs share one colour each. ``smooth`` > 0 draws the raw train loss faintly
-    under its moving average. Two legends: runs by colour, and the line styles.
+    under its moving average. Two legends beside the axes: runs by colour, and the line styles.
     """
     if not runs:
         raise ConfigError("plot_loss_curves: no runs given; expected {name: {train_loss: …}}.")
@@ -84,10 +85,14 @@ def plot_loss_curves(ax: Axes, runs: Mapping[str, Mapping[str, Any]], *, log: bo
     if log:
         ax.set_yscale("log", nonpositive="mask")
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no "0.5, 1.5" ticks on short runs
     ax.set_ylabel("loss")
     ax.grid(True, alpha=0.3)
+    # Both legends beside the axes (runs at the top, line styles at the bottom): inside, at fixed corners,
+    # they covered eval points and the lines of short or rising runs in compare-methods' panels.
     runs_legend = ax.legend(handles=[Line2D([], [], color=colours[str(n)], lw=2) for n in runs],
-                            labels=[str(n) for n in runs], title="run", fontsize="small", loc="upper right")
+                            labels=[str(n) for n in runs], title="run", fontsize="small", loc="upper left",
+                            bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     out.append(runs_legend)
     style = [("train", Line2D([], [], color="k", lw=1.6))]
     if has_eval:
@@ -96,7 +101,10 @@ def plot_loss_curves(ax: Axes, runs: Mapping[str, Mapping[str, Any]], *, log: bo
         style.append(("knot (merge)", Line2D([], [], color="k", ls=":")))
     if len(style) > 1:
         ax.add_artist(runs_legend)  # a second ax.legend() call would replace the first
+        # add_artist clips to the axes, and constrained layout skips artists clipped to the axes: the legend
+        # beside the axes would get no room and be cut at the figure's edge.
+        runs_legend.set_clip_on(False)
         out.append(ax.legend(handles=[h for _, h in style], labels=[s for s, _ in style], fontsize="small",
-                             loc="upper center"))
+                             loc="lower left", bbox_to_anchor=(1.01, 0.0), borderaxespad=0.0))
     ax.set_title(title or "Training loss")
     return out
