@@ -33,6 +33,7 @@ SCHEMAS: dict[str, int] = {
     "comparison": 1, "comparison_summary": 1,                        # compare-methods results.json, --json
     "analysis": 1, "report": 1, "report_written": 1,                 # results.json's data, results.json, --json
     "converted": 1,                                                  # lora-lens convert --json
+    "resized_adapter": 1, "merged_adapter": 1,                       # lora-lens resize / merge --json
     "demo": 1, "demo_run": 1,                                        # lora-lens demo --json, demo.json
 }
 
