@@ -90,7 +90,7 @@ def reduce_cmd(adapter, rank, method, param, max_rank, energy, to, out, overwrit
       lora-lens reduce ./my-r64-adapter --rank 16 -o my-r16-adapter
       lora-lens reduce ./my-adapter --energy 0.9 -o smaller --json
     """
-    from lora_lens.methods.reduce import reduce_rank
+    from lora_lens.methods import reduce_rank
 
     result = reduce_rank(adapter, rank=rank, energy=energy, method=method, param=param, max_rank=max_rank, to=to,
                          out_dir=out, overwrite=overwrite, format=fmt, compute=compute)
