@@ -2,6 +2,7 @@
 every format is read, LoKr/LoHa come out as LoRA, and bad input is one line with nothing written."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,3 +150,31 @@ def test_nan_produced_is_refused_and_never_written(tmp_path):
 def test_library_refuses_unknown_target(llama_adapter, tmp_path):
     with pytest.raises(ConfigError, match="unknown output format"):
         resize(llama_adapter[1], tmp_path / "x", rank=1, to="onnx")
+
+
+def test_folded_kernel_and_its_fallback_on_ill_conditioned_factors():
+    """factored_svd_folded's first k columns are the best rank-k at the module's scale; a rank-deficient B
+    (two equal columns: cond = inf) goes through the exact path and still gives the best rank-k."""
+    from lora_lens.linalg import factored_svd_folded
+
+    g = torch.Generator().manual_seed(3)
+    B, A = torch.randn(3, 40, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, 30, generator=g, dtype=torch.float64)
+    s = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64)
+    S, Bf, Af, cond = factored_svd_folded(B, A, s)
+    for i in range(3):
+        D = (s[i] * B[i] @ A[i]).numpy()
+        for k in (1, 3, 5):
+            Dk, sv = _best(D, k)
+            assert np.linalg.norm((s[i] * Bf[i, :, :k] @ Af[i, :k]).numpy() - Dk) <= 1e-10 * np.linalg.norm(Dk)
+        assert np.allclose(S[i].numpy(), sv[:5], rtol=1e-12) and 1 <= float(cond[i]) < 1e3
+    Bd = B[0].clone()
+    Bd[:, 1] = Bd[:, 0]  # rank 4 of 5
+    assert float(factored_svd_folded(Bd, A[0])[3]) > 1e12
+    name = "model.layers.0.q_proj"
+    mod = LoraModule(name, parse_module_path(name), A[0].float(), Bd.float(), alpha=10.0, scaling=2.0)
+    from lora_lens.types import Adapter, LoraSettings
+
+    ad = Adapter(Path("x"), LoraSettings(r=5, lora_alpha=10.0), (mod,))
+    r = resize_adapter(ad, rank=3, dtype="float64")
+    Dk, _ = _best(mod.delta().numpy(), 3)
+    assert np.linalg.norm(r.adapter[name].delta().numpy() - Dk) <= 1e-6 * np.linalg.norm(Dk)

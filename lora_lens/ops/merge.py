@@ -32,14 +32,14 @@ from typing import Sequence
 import torch
 
 from ..compute import Compute, as_compute, item_seed
-from ..decompose import decompose_adapter, decompose_matrices
+from ..decompose import decompose_matrices, split_spectrum
 from ..errors import ConfigError, ShapeError
 from ..io.formats import load_adapter
 from ..jsonable import JsonFields
 from ..methods.result import provenance
 from ..types import Adapter, LoraModule
 from .output import check_finite, check_target, default_target, write_result
-from .resize import fold, kind_note, refuse_dora, result_format, result_settings, truncation_record
+from .resize import fold_factors, folded, kind_note, refuse_dora, result_format, result_settings, truncation_record
 
 #: ``--method`` values, in the order the help lists them.
 MERGE_METHODS = ("cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -232,13 +232,12 @@ def merge_adapters(
             modules = cat
             records = {n: {"module": n, "adapters": len(union[n]), "rank_after": m.rank} for n, m in cat.items()}
         else:
-            spectra = decompose_adapter(list(cat.values()), compute=cx)
-            for name, sp in spectra.items():
-                k = min(R, sp.k)
-                B, A = fold(sp, k, 1.0, out_dtype)
+            for name, (S, Bf, Af) in folded(list(cat.values()), cx).items():
+                k = min(R, S.numel())
+                B, A = fold_factors(Bf, Af, k, 1.0, out_dtype)
                 modules[name] = _plain(union[name][0][1], A, B)
                 records[name] = {"module": name, "adapters": len(union[name]), "rank_after": k,
-                                 **truncation_record(sp.S, k)}
+                                 **truncation_record(S, k)}
     else:
         for done, (name, entries) in enumerate(union.items()):
             first = entries[0][1]
@@ -253,7 +252,7 @@ def merge_adapters(
             total = float(M.double().pow(2).sum())
             k = min(R, *M.shape)
             sp = decompose_matrices({name: M.contiguous()}, k=k, n_iter="auto", compute=replace(cx, progress=None))[name]
-            B, A = fold(sp, k, 1.0, out_dtype)
+            B, A = fold_factors(*split_spectrum(sp, 1.0), k, 1.0, out_dtype)
             modules[name] = _plain(first, A, B)
             kept = float(sp.S.double().pow(2).sum())
             dropped = max(total - kept, 0.0)

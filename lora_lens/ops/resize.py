@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from ..compute import Compute
-from ..decompose import Spectrum, decompose_adapter
+from ..compute import as_compute
+from ..decompose import decompose_adapter, fold_adapter, split_spectrum
 from ..errors import ConfigError
 from ..io.formats import load_adapter
 from ..io.formats.factors import settings_of
@@ -86,14 +87,34 @@ def truncation_record(S: torch.Tensor, k: int) -> dict:
             "sigma_dropped_first": float(S[k]) if k < S.numel() else None}
 
 
-def fold(sp: Spectrum, k: int, scaling: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors ``B (m, k)``, ``A (k, n)`` with ``scaling·B A = U_k S_k Vh_k``, ``S`` split evenly."""
-    U, S, Vh = sp.U[:, :k], sp.S[:k], sp.Vh[:k]
-    if scaling == 0 or S.numel() < k:  # a zero scale cannot carry anything: one zero pair
-        return torch.zeros(sp.shape[0], k, dtype=dtype), torch.zeros(k, sp.shape[1], dtype=dtype)
-    root = (S.double().clamp_min(0) / abs(scaling)).sqrt().to(U.dtype)
-    sign = 1.0 if scaling > 0 else -1.0
-    return (U * root).to(dtype).contiguous(), (sign * root[:, None] * Vh).to(dtype).contiguous()
+#: Largest ``eps · cond`` of a module's factors at which the folded factors of
+#: :func:`~lora_lens.decompose.fold_adapter` are used (their relative error is about that);
+#: above it the module goes through :func:`~lora_lens.decompose.decompose_adapter` (``Q`` formed).
+FOLD_TOL = 1e-5
+
+
+def folded(adapter: Adapter | list[LoraModule], compute: Compute | None, **options) -> dict[str, tuple[torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor]]:
+    """``{name: (S (r,), Bf (m, r), Af (r, n))}`` with ``s·Bf Af = ΔW`` and ``(σᵢ/|s|)^½`` in column / row ``i``.
+
+    The folded kernel where the factors are well conditioned, the exact path (``Q`` formed) elsewhere.
+    """
+    cx = as_compute(compute, **options)
+    eps = torch.finfo(cx.dtype).eps
+    out = {n: (S, Bf, Af) for n, (S, Bf, Af, cond) in fold_adapter(adapter, compute=cx).items()
+           if cond * eps <= FOLD_TOL}
+    rest = {m.name: m for m in adapter if m.name not in out}
+    for name, sp in (decompose_adapter(list(rest.values()), compute=cx).items() if rest else ()):
+        out[name] = (sp.S, *split_spectrum(sp, rest[name].scaling))
+    return out
+
+
+def fold_factors(Bf: torch.Tensor, Af: torch.Tensor, k: int, scaling: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``k`` folded factors in ``dtype``: ``scaling · B A`` is the best rank-``k`` approximation."""
+    if scaling == 0:
+        return torch.zeros(Bf.shape[0], k, dtype=dtype), torch.zeros(k, Af.shape[1], dtype=dtype)
+    return Bf[:, :k].to(dtype), Af[:k].to(dtype)
 
 
 def alpha_for(scaling: float, rank: int, rslora: bool) -> float:
@@ -156,15 +177,15 @@ def resize_adapter(
     rule, p = rank_rule(rank, method, param, max_rank)
     refuse_dora(adapter, "resize")
     rslora = adapter.settings.use_rslora and adapter.format == "peft"
-    spectra = decompose_adapter(adapter, compute=compute, **options)
+    factors = folded(adapter, compute, **options)
     modules, records = [], []
     for mod in adapter:
-        sp = spectra[mod.name]
-        k = select_rank(sp.S, rule, p, max_rank=max_rank)
-        B, A = fold(sp, k, mod.scaling, mod.dtype)
+        S, Bf, Af = factors[mod.name]
+        k = select_rank(S, rule, p, max_rank=max_rank)
+        B, A = fold_factors(Bf, Af, k, mod.scaling, mod.dtype)
         modules.append(replace(mod, A=A, B=B, alpha=alpha_for(mod.scaling, k, rslora), kind="lora"))
         records.append({"module": mod.name, "kind": mod.kind, "rank_before": mod.rank, "rank_after": k,
-                        **truncation_record(sp.S, k)})
+                        **truncation_record(S, k)})
     notes = kind_note(adapter)
     fmt = result_format(adapter.format)
     others = adapter.other_tensors if adapter.format == "peft" else ()
