@@ -126,10 +126,17 @@ def module_union(adapters: Sequence[Adapter]) -> tuple[dict[str, list[tuple[int,
 
 def _cat_factors(entries: list[tuple[int, LoraModule]], weights: Sequence[float],
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``B = [wᵢ sᵢ Bᵢ …] (m, Σrᵢ)``, ``A = [Aᵢ; …] (Σrᵢ, n)`` in ``dtype`` (products in float64)."""
-    B = torch.cat([m.B.double() * (float(weights[i]) * m.scaling) for i, m in entries], dim=1)
-    A = torch.cat([m.A.double() for _, m in entries], dim=0)
-    return B.to(dtype).contiguous(), A.to(dtype).contiguous()
+    """``B = [wᵢ sᵢ Bᵢ …] (m, Σrᵢ)``, ``A = [Aᵢ; …] (Σrᵢ, n)`` in ``dtype``.
+
+    Each ``Bᵢ`` is scaled in the wider of its dtype and ``dtype`` (float32 at least) and rounded once
+    to ``dtype``: no float64 copy of the whole stack.
+    """
+    def wide(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.promote_types(torch.promote_types(t.dtype, dtype), torch.float32))
+
+    B = torch.cat([(wide(m.B) * (float(weights[i]) * m.scaling)).to(dtype) for i, m in entries], dim=1)
+    A = torch.cat([m.A.to(dtype) for _, m in entries], dim=0)
+    return B, A
 
 
 def _out_dtype(adapters: Sequence[Adapter]) -> torch.dtype:
