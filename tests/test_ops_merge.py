@@ -196,3 +196,14 @@ def test_shape_mismatch_and_nan_refused(tmp_path):
     assert not (tmp_path / "x").exists()
     with pytest.raises(ConfigError, match="one weight per adapter"):
         merge_adapters([load_adapter(a)], [1.0, 2.0])
+
+
+def test_merge_and_resize_refuse_to_overwrite_an_input(llama_adapter, second_adapter, tmp_path):
+    import shutil
+
+    a = tmp_path / "a"
+    shutil.copytree(llama_adapter[1], a)
+    before = (a / "adapter_model.safetensors").read_bytes()
+    for args in (["merge", a, second_adapter, "--method", "cat"], ["resize", a, "--rank", "1"]):
+        assert_bad_input(run(*args, "-o", a, "--overwrite"), "holds an input")
+    assert (a / "adapter_model.safetensors").read_bytes() == before
