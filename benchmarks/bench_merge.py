@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from bench_spectra import SHAPES, llama7b_adapter  # noqa: E402
+from bench_spectra import llama7b_adapter  # noqa: E402
 from lora_lens.ops.merge import merge_adapters  # noqa: E402
 from lora_lens.types import Adapter, LoraSettings  # noqa: E402
 

@@ -23,7 +23,6 @@ depend on the others. Modules missing from some adapters merge the adapters that
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -321,7 +320,7 @@ def merge(
     written = write_result(res.adapter, out, target, overwrite=overwrite)
     recs = res.records
     summary = {"modules": len(recs), "adapters": len(adapters), "method": method, "weights": weights,
-               "rank": res.adapter.metadata and json.loads(res.adapter.metadata["params"])["rank"],
+               "rank": None if method == "cat" else (rank or max(m.rank for ad in adapters for m in ad)),
                "parameters": res.adapter.num_parameters}
     if method != "cat":
         summary["energy_kept_min"] = min(r["energy_kept"] for r in recs)

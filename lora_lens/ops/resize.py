@@ -93,8 +93,10 @@ def truncation_record(S: torch.Tensor, k: int) -> dict:
 FOLD_TOL = 1e-5
 
 
-def folded(adapter: Adapter | list[LoraModule], compute: Compute | None, **options) -> dict[str, tuple[torch.Tensor, torch.Tensor,
-                                                                                    torch.Tensor]]:
+Folded = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def folded(adapter: Adapter | list[LoraModule], compute: Compute | None, **options) -> dict[str, Folded]:
     """``{name: (S (r,), Bf (m, r), Af (r, n))}`` with ``s·Bf Af = ΔW`` and ``(σᵢ/|s|)^½`` in column / row ``i``.
 
     The folded kernel where the factors are well conditioned, the exact path (``Q`` formed) elsewhere.
