@@ -1,4 +1,4 @@
-"""How the init commands (condlora, cora, pissa, reduce) print what they wrote."""
+"""How the init commands (condlora, cora, pissa) print what they wrote."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``lora-lens pissa`` (PiSSA init) and ``lora-lens reduce`` (rank reduction of an adapter)."""
+"""``lora-lens pissa``: PiSSA init (``lora-lens reduce`` moved to :mod:`.resize_cmd`)."""
 
 from __future__ import annotations
 
@@ -37,27 +37,3 @@ def pissa_cmd(base, rank, targets, alpha, n_iter, out, overwrite, seed, compute,
     result = pissa_init(base, rank, join_targets(targets), out_dir=out, alpha=alpha, niter=n_iter,
                         overwrite=overwrite, compute=compute, seed=seed)
     render_init(result, as_json, ["module", "shape", "sigma_first", "sigma_last", "energy"])
-
-
-@click.command("reduce")
-@click.argument("adapter", type=click.Path(path_type=str))
-@click.option("--rank", type=int, default=None, help="Keep this many directions per module.")
-@click.option("--energy", type=float, default=None,
-              help="Keep the fewest directions holding this fraction of Σσ² per module (PEFT's convention).")
-@out_option("Folder for the reduced PEFT adapter.")
-@overwrite_option
-@compute_options
-@progress_option("decomposing LoRA modules")
-@json_option
-def reduce_cmd(adapter, rank, energy, out, overwrite, compute, as_json):
-    """Reduce an adapter's rank by truncating each module's SVD (best rank-k approximation).
-
-    \b
-    Examples:
-      lora-lens reduce ./my-r64-adapter --rank 16 -o my-r16-adapter
-      lora-lens reduce ./my-adapter --energy 0.9 -o smaller --json
-    """
-    from lora_lens.methods import reduce_rank
-
-    result = reduce_rank(adapter, rank=rank, energy=energy, out_dir=out, overwrite=overwrite, compute=compute)
-    render_init(result, as_json, ["module", "rank_before", "rank_after", "energy_kept"])

@@ -22,13 +22,13 @@ from .chunks import TRANSPOSED, chunk_size, chunks, load_w0, stack, stacked_chun
 from .compute import DTYPES, Compute, Progress, as_compute, resolve_device, resolve_dtype
 from .errors import NonFiniteError
 from .io.base import BaseWeights
-from .linalg import factored_svd, factored_svdvals, randomized_svd, svd, top_subspace_svd
+from .linalg import factored_svd, factored_svd_folded, factored_svdvals, randomized_svd, svd, top_subspace_svd
 from .randomized import HALF_PASS_DTYPES, half_passes_apply
 from .types import Adapter, LayerKey, LoraModule
 
 #: Re-exported for callers that import them from here.
 __all__ = ["Compute", "DTYPES", "Progress", "Spectrum", "TopK", "adapter_singular_values", "chunk_size",
-           "decompose_adapter", "decompose_base", "decompose_matrices", "resolve_device", "resolve_dtype"]
+           "decompose_adapter", "decompose_base", "fold_adapter", "decompose_matrices", "resolve_device", "resolve_dtype"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,6 +175,41 @@ def adapter_singular_values(
         for i, g in enumerate(chunk):
             out[g.name] = S[i]
     return {m.name: out[m.name] for m in modules}
+
+
+def fold_adapter(
+    adapter: Adapter | Sequence[LoraModule], *, compute: Compute | None = None, **options
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
+    """Every module's spectrum folded into factors: ``{name: (S (k,), Bf (m, k), Af (k, n), cond)}``.
+
+    :func:`~lora_lens.linalg.factored_svd_folded` through the same grouping, chunks and
+    NaN checks as :func:`decompose_adapter`: ``s·Bf Af = s·B A`` with ``(σᵢ/|s|)^½`` in
+    column / row ``i``, so the first ``k`` of each, at the module's scale ``s``, are the
+    best rank-``k`` approximation (a zero ``s`` gives zero factors).
+    ``cond`` is the factors' condition number (the folded factors' relative error
+    is about ``eps · cond``); a module whose rank exceeds a side gets ``cond = inf``
+    and its factors from :func:`decompose_adapter`.
+    """
+    cx = as_compute(compute, **options)
+    modules = list(adapter)
+    out: dict[str, tuple] = {}
+    small = [g for g in modules if g.rank <= min(g.shape)]
+    # 3 buffers per item: factors, folded factors, the QR workspace
+    for chunk, (S, Bf, Af, cond) in _map_chunks(small, cx, factored_svd_folded, 0, 3):
+        for i, g in enumerate(chunk):
+            out[g.name] = (S[i], Bf[i], Af[i], float(cond[i]))
+    wide = {g.name: g for g in modules if g.rank > min(g.shape)}
+    for name, sp in (decompose_adapter(list(wide.values()), compute=cx).items() if wide else ()):
+        out[name] = (sp.S, *split_spectrum(sp, wide[name].scaling), float("inf"))
+    return {m.name: out[m.name] for m in modules}
+
+
+def split_spectrum(sp: Spectrum, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U (S/|s|)^½`` and ``sign(s) (S/|s|)^½ Vh``: the folded factors of an exact spectrum at scale ``s``."""
+    if scaling == 0:
+        return torch.zeros_like(sp.U), torch.zeros_like(sp.Vh)
+    root = (sp.S.clamp_min(0) / abs(scaling)).sqrt()
+    return sp.U * root, (1.0 if scaling > 0 else -1.0) * root[:, None] * sp.Vh
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ SCHEMAS: dict[str, int] = {
     # analysis 2: its layer_similarity and pairs are schema 3 (side out | in | both)
     "analysis": 2, "report": 1, "report_written": 1,                 # results.json's data, results.json, --json
     "converted": 1,                                                  # lora-lens convert --json
+    "resized_adapter": 1, "merged_adapter": 1,                       # lora-lens resize / merge --json
     "demo": 1, "demo_run": 1,                                        # lora-lens demo --json, demo.json
 }
 

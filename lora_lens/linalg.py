@@ -104,6 +104,44 @@ def factored_svdvals(
     return S * s.abs().unsqueeze(-1)
 
 
+def factored_svd_folded(
+    B: torch.Tensor, A: torch.Tensor, scaling: float | torch.Tensor = 1.0, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`factored_svd`'s triplets folded into factors, without forming ``Q``, ``U`` or ``Vh``.
+
+    ``B (..., m, r)``, ``A (..., r, n)``. The same core as :func:`factored_svdvals`
+    (only the triangular ``R`` of each QR: ``B = Qb Rb``, ``Aᵀ = Qa Ra``; ``Rb Raᵀ =
+    Uc Σ Vcᵀ``), then, since ``Qb = B Rb⁻¹`` and ``Qaᵀ = Ra⁻ᵀ A``,
+
+        ``Bf = B (Rb⁻¹ Uc Σ^½)  (..., m, k)``,   ``Af = (Σ^½ Vcᵀ Ra⁻ᵀ) A  (..., k, n)``
+
+    with ``s·Bf Af = s·B A`` at the same scale ``s``: column ``i`` of ``Bf`` is
+    ``(σᵢ/|s|)^½ uᵢ`` (``S = |s| Σ``, descending), so keeping the first ``k`` columns /
+    rows at scale ``s`` is the best rank-``k`` approximation. One
+    small triangular solve and one product per factor replace forming ``Q`` and
+    ``Q Uc``. Returns ``S (..., k)``, ``Bf``, ``Af`` and ``cond (...)``, the larger
+    condition number of ``Rb`` and ``Ra``: the folded factors carry a relative error
+    of about ``eps · cond`` (exact when nothing is cut), so callers fall back to
+    :func:`factored_svd` where it is large. Needs ``r ≤ min(m, n)``.
+    """
+    B = upcast(B, dtype)
+    A = upcast(A, dtype)
+    Rb = torch.linalg.qr(B, mode="r")[1]  # (..., r, r)
+    Ra = torch.linalg.qr(A.transpose(-1, -2), mode="r")[1]  # (..., r, r)
+    Uc, S, Vch = torch.linalg.svd(Rb @ Ra.transpose(-1, -2))  # (..., r, r), (..., r), (..., r, r)
+    s = torch.as_tensor(scaling, dtype=S.dtype, device=S.device).expand(S.shape[:-1])  # (...)
+    root = S.clamp_min(0).sqrt()  # (..., r): Σ^½, before the scale
+    S = S * s.abs().unsqueeze(-1)
+    Mb = torch.linalg.solve_triangular(Rb, Uc * root.unsqueeze(-2), upper=True)  # Rb⁻¹ Uc S^½ (..., r, r)
+    # Ma = S^½ Vcᵀ Ra⁻ᵀ = (Ra⁻¹ Vc S^½)ᵀ
+    Ma = torch.linalg.solve_triangular(Ra, (Vch * root.unsqueeze(-1)).transpose(-1, -2), upper=True)
+    Bf = B @ Mb  # (..., m, r)
+    Af = Ma.transpose(-1, -2) @ A  # (..., r, n): Bf Af = B A, so s·Bf Af = ΔW whatever the sign of s
+    sv_b, sv_a = torch.linalg.svdvals(Rb), torch.linalg.svdvals(Ra)
+    cond = torch.maximum(sv_b[..., 0] / sv_b[..., -1], sv_a[..., 0] / sv_a[..., -1])  # inf when singular
+    return S, Bf, Af, torch.nan_to_num(cond, nan=float("inf"))
+
+
 def svd(W: torch.Tensor, dtype: torch.dtype | None = None, fix_signs: bool = True):
     """Full thin SVD ``W (..., m, n) = U (..., m, k) diag(S) Vh (..., k, n)``, ``k = min(m, n)``.
 

@@ -65,8 +65,8 @@ def test_one_spelling_per_option():
     assert {path: p.opts for path, p in by_name["out"].items()} == {
         path: ["-o", "--out"] for path in by_name["out"]}
     assert set(by_name["out"]) == {"lora-lens " + c for c in (
-        "collection", "compare-methods", "condlora init", "convert", "cora basis", "cora init", "demo", "pissa",
-        "reduce", "report",
+        "collection", "compare-methods", "condlora init", "convert", "cora basis", "cora init", "demo", "merge",
+        "pissa", "reduce", "report", "resize",
         "train")}
     # one decorator each: the same flags, help and default on every command
     by_name["overwrite"].pop("lora-lens demo")  # --overwrite/--no-overwrite, on by default: its own folder
@@ -109,7 +109,7 @@ def test_quiet_on_the_commands_that_lacked_it(llama_adapter, monkeypatch, tmp_pa
     quiet = CliRunner().invoke(main, args + ([str(tmp_path / "quiet")] if command == "reduce" else []) + ["-q"])
     assert loud.exit_code == quiet.exit_code == 0, loud.output + quiet.output
     assert "decomposing LoRA modules" in loud.stderr and quiet.stderr == ""
-    strip = (lambda d: {k: v for k, v in d.items() if k != "out_dir"})
+    strip = (lambda d: {k: v for k, v in d.items() if k not in ("out_dir", "written")})
     assert strip(json.loads(loud.stdout)) == strip(json.loads(quiet.stdout))
 
 

@@ -4,7 +4,7 @@
   :mod:`.condlora_analysis`: its conversion-matrix analysis.
 - :mod:`.cora`: CoRA common-subspace bases and frozen-B / init-B init files.
 - :mod:`.pissa`: PiSSA init (principal factors + residual base).
-- :mod:`.reduce`: rank reduction of a trained adapter by truncating its SVD.
+- :mod:`.reduce`: deprecated alias of :mod:`lora_lens.ops.resize` (rank reduction by truncating the SVD).
 
 Shared by them: :mod:`.targets` (which base weights an init covers, their layout) and :mod:`.result`
 (the result record and provenance an init writes). Init folders follow :mod:`lora_lens.io.initfile`.
