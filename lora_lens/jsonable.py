@@ -34,6 +34,7 @@ SCHEMAS: dict[str, int] = {
     "analysis": 1, "report": 1, "report_written": 1,                 # results.json's data, results.json, --json
     "converted": 1,                                                  # lora-lens convert --json
     "demo": 1, "demo_run": 1,                                        # lora-lens demo --json, demo.json
+    "extraction": 1, "intruder_reduction": 1,                        # lora-lens extract / intruders --json
 }
 
 
