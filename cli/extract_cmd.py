@@ -56,7 +56,7 @@ def extract_cmd(base, tuned, out, rank, method, param, max_rank, targets, embedd
     """
     from lora_lens import Compute, WorkerDiedError
     from lora_lens.io import check_destination
-    from lora_lens.ops.extract import extract_lora
+    from lora_lens.ops import extract_lora
 
     if workers and not scheduler:
         scheduler = "local"
@@ -113,7 +113,7 @@ def intruders_cmd(adapter, base, reduce_, out, top_k, epsilon, overwrite, comput
     """
     from lora_lens import load_adapter
     from lora_lens.io import check_destination
-    from lora_lens.ops.intruders import reduce_intruders
+    from lora_lens.ops import reduce_intruders
 
     check_destination(out, overwrite)
     res = reduce_intruders(load_adapter(adapter, format=fmt), base, out, reduce=reduce_, top_k=top_k,

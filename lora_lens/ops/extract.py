@@ -261,14 +261,23 @@ def _difference(base: BaseWeights, tuned: BaseWeights, task: ExtractTask, cx: Co
     return D
 
 
+def _squared_norms(D: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """``‖ΔW_i‖_F²`` of a stack ``(L, m, n)`` in float64 on the CPU, ``rows`` rows at a time (a float32 entry's
+    square is exact in float64; no float64 copy of the chunk is made)."""
+    out = torch.zeros(D.shape[0], dtype=torch.float64)
+    for i in range(D.shape[0]):
+        for lo in range(0, D.shape[1], rows):
+            out[i] += float(D[i, lo: lo + rows].to(torch.float64).pow(2).sum())
+    return out
+
+
 def extract_task(task: ExtractTask) -> list[ModuleExtract]:
     """Decompose one chunk's differences (reads the two checkpoints itself: runs on a Dask worker as well)."""
     st, cx = task.settings, task.settings.compute
     base, tuned = _opened(task.base), _opened(task.tuned)
     m, n = task.shape
     D = _difference(base, tuned, task, cx)
-    norms2 = (D.to(torch.float64) ** 2).sum((-2, -1)).cpu() if cx.dtype != torch.float64 else \
-        (D * D).sum((-2, -1)).cpu()  # ‖ΔW‖_F² exact to float64 rounding (float32 input is exact in float64)
+    norms2 = _squared_norms(D)
     q = min(st.q, m, n)
     U, S, Vh = randomized_svd(D, q, oversample=st.oversample, n_iter=st.n_iter, seed=cx.seeds_for(task.weights),
                               dtype=cx.dtype)
