@@ -54,6 +54,14 @@ def planted(m: int, n: int, rank: int, norm: float, g: torch.Generator) -> torch
     return (U * s) @ V.T
 
 
+def planted_of(w: str, Wb: torch.Tensor, rank: int) -> torch.Tensor:
+    """The change ``write_pair`` planted in weight ``w`` (its generator re-drawn from the same seed)."""
+    layer, j = int(w.split(".")[2]), list(LLAMA).index(w.split(".", 3)[3].removesuffix(".weight"))
+    g = torch.Generator().manual_seed(layer * 10 + j)
+    torch.randperm(Wb.shape[0], generator=g), torch.randperm(Wb.shape[1], generator=g)  # write_pair's draws
+    return planted(*Wb.shape, rank, 0.1 * float(Wb.float().norm()), g)
+
+
 def write_pair(folder: Path, layers: int, rank: int) -> list[str]:
     """``folder/base`` and ``folder/tuned``: one bf16 shard per layer each, with their index; the weight names."""
     from safetensors.torch import save_file
@@ -81,7 +89,8 @@ def write_pair(folder: Path, layers: int, rank: int) -> list[str]:
     return names
 
 
-def _child(kind: str, folder: str, names: list[str], rank: int, threads: int, max_memory: int, out) -> None:
+def _child(kind: str, folder: str, names: list[str], rank: int, threads: int, max_memory: int, planted_rank: int,
+           out) -> None:
     torch.set_num_threads(threads)
     from lora_lens import open_base
     from lora_lens.ops.extract import extract_lora
@@ -97,18 +106,33 @@ def _child(kind: str, folder: str, names: list[str], rank: int, threads: int, ma
     elif kind == "lora_lens":
         extract_lora(base, tuned, None, rank=rank, device="cpu", max_memory=max_memory)
     else:  # dense: mergekit's decompose_delta_weight on the listed weights
+        kept = {}
         for w in names:
             D = tuned.get(w).float() - base.get(w).float()
             U, S, Vh = torch.linalg.svd(D, full_matrices=False)
             B, A = U[:, :rank] * S[:rank].sqrt(), S[:rank].sqrt()[:, None] * Vh[:rank]
+            kept[w] = (B, A)
             del D, U, S, Vh
-    out.put((time.perf_counter() - t, peak_rss_mib(), anon.stop()))
+    elapsed, rss, peak = time.perf_counter() - t, peak_rss_mib(), anon.stop()
+    errs = {}
+    if kind == "dense":  # after the clock: the errors of what the loop kept (float64 references)
+        for w, (B, A) in kept.items():
+            Wb = base.get(w)
+            D = (tuned.get(w).float() - Wb.float()).double()
+            errs[w] = rel_errors(B.double() @ A.double(), planted_of(w, Wb, planted_rank).double(), D)
+    out.put((elapsed, rss, peak, errs))
 
 
-def run(kind: str, folder: str, names: list[str], args) -> tuple[float, float, float]:
+def rel_errors(X: torch.Tensor, P: torch.Tensor, D: torch.Tensor) -> tuple[float, float]:
+    """``‖X − P‖_F / ‖P‖_F`` and ``‖X − ΔW‖_F / ‖ΔW‖_F``."""
+    return float((X - P).norm() / P.norm()), float((X - D).norm() / D.norm())
+
+
+def run(kind: str, folder: str, names: list[str], args) -> tuple:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(kind, folder, names, args.rank, args.threads, args.max_memory, q))
+    p = ctx.Process(target=_child, args=(kind, folder, names, args.rank, args.threads, args.max_memory,
+                                         args.planted, q))
     p.start()
     p.join()
     if p.exitcode != 0:
@@ -116,37 +140,25 @@ def run(kind: str, folder: str, names: list[str], args) -> tuple[float, float, f
     return q.get()
 
 
-def errors(folder: Path, names: list[str], rank: int, planted_rank: int, threads: int) -> None:
-    """Both methods' rank-r errors on one weight of each shape (float64 references)."""
+def errors(folder: Path, dense_errors: dict, rank: int, planted_rank: int, threads: int) -> None:
+    """lora_lens's rank-r errors on the weights the dense loop timed, beside the loop's own (float64 references)."""
     torch.set_num_threads(threads)
     from lora_lens import Compute, open_base
     from lora_lens.ops.extract import ExtractSettings, ExtractTask, extract_task
 
     base, tuned = open_base(folder / "base"), open_base(folder / "tuned")
     settings = ExtractSettings("rank", rank, compute=Compute(device="cpu"))
-    print(f"Error at rank {rank} (one weight per shape; P the planted change, ΔW the stored difference):")
+    print(f"\nError at rank {rank} (P the planted change, ΔW the stored difference; the dense SVD is ΔW's optimum):")
     print("| weight | shape | lora_lens vs P | dense vs P | lora_lens vs ΔW | dense vs ΔW |")
     print("|---|---|---|---|---|---|")
-    seen = set()
-    for w in names:
+    for w, (dP, dD) in dense_errors.items():
         shape = tuple(base.info(w).shape)
-        if shape in seen:
-            continue
-        seen.add(shape)
-        layer, j = int(w.split(".")[2]), list(LLAMA).index(w.split(".", 3)[3].removesuffix(".weight"))
-        g = torch.Generator().manual_seed(layer * 10 + j)
-        Wb = base.get(w).float()
-        torch.randperm(shape[0], generator=g), torch.randperm(shape[1], generator=g)  # the draws write_pair made
-        P = planted(*shape, planted_rank, 0.1 * float(Wb.norm()), g).double()
-        D = (tuned.get(w).float() - Wb).double()
         # the weight alone through extract's own unit of work (same seed, same numbers as in the whole run)
         (m,) = extract_task(ExtractTask(str(base.path), str(tuned.path), (w,), ("linear",), shape, settings))
-        ours = m.B.double() @ m.A.double()
-        U, S, Vh = torch.linalg.svd(D.float(), full_matrices=False)
-        dense = ((U[:, :rank] * S[:rank]) @ Vh[:rank]).double()
-        rel = lambda X, Y: float((X - Y).norm() / Y.norm())  # noqa: E731
-        print(f"| {w} | {shape[0]}x{shape[1]} | {rel(ours, P):.3e} | {rel(dense, P):.3e} | {rel(ours, D):.4e} "
-              f"| {rel(dense, D):.4e} |", flush=True)
+        Wb = base.get(w)
+        D = (tuned.get(w).float() - Wb.float()).double()
+        oP, oD = rel_errors(m.B.double() @ m.A.double(), planted_of(w, Wb, planted_rank).double(), D)
+        print(f"| {w} | {shape[0]}x{shape[1]} | {oP:.3e} | {dP:.3e} | {oD:.5e} | {dD:.5e} |", flush=True)
 
 
 def main() -> None:
@@ -179,10 +191,11 @@ def main() -> None:
             by_shape.setdefault(LLAMA[mod], []).append(w)
         subset = [w for ws in by_shape.values() for w in ws[: args.dense_per_shape]]
         # per weight of each shape, timed separately, then scaled by how many weights of that shape there are
-        dense_total, dense_peak = 0.0, 0.0
+        dense_total, dense_peak, dense_errors = 0.0, 0.0, {}
         for shape, ws in by_shape.items():
             part = [w for w in subset if w in ws]
-            t, rss, anon = run("dense", tmp, part, args)
+            t, rss, anon, errs = run("dense", tmp, part, args)
+            dense_errors.update(errs)
             dense_total += t / len(part) * len(ws)
             dense_peak = max(dense_peak, anon)
             print(f"  dense     {t / len(part):>8.1f} s per {shape[0]}x{shape[1]} weight ({len(part)} timed, "
@@ -200,7 +213,7 @@ def main() -> None:
         print(f"lora_lens peak anonymous memory vs its budget: chunk {args.max_memory / 2 ** 20:.0f} MiB + one bf16 "
               f"weight pair {pair:.0f} MiB", flush=True)
         if not args.no_errors:
-            errors(Path(tmp), names, args.rank, args.planted, args.threads)
+            errors(Path(tmp), dense_errors, args.rank, args.planted, args.threads)
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 

@@ -150,6 +150,8 @@ def test_refusals(minilm_path, minilm_tuned, tmp_path):
         extract_lora(minilm_path, tuned, None, rank=4, targets="q_proj")
     other, _, _ = _tuned(minilm_path, tmp_path / "other", lambda n, W, g: W[:-1] if n.endswith("pooler.dense.weight")
                          else W)
+    with pytest.raises(ConfigError, match="no target weight changed"):  # only a LayerNorm changed in query's run
+        extract_lora(minilm_path, tuned, tmp_path / "none", rank=4, targets="key")
     with pytest.raises(ShapeError, match="pooler.dense.weight"):
         extract_lora(minilm_path, other, None, rank=4)
 
@@ -168,3 +170,21 @@ def test_cli_extract_and_bad_input(minilm_path, minilm_tuned, tmp_path):
     assert_bad_input(run("extract", "--base", minilm_path, "--tuned", tuned, "--method", "sv_fro", "--param", 2,
                          "-o", tmp_path / "o3"), "--param 2")
     assert_bad_input(run("extract", "--base", minilm_path, "--tuned", tuned, "-o", tmp_path / "o4"), "--rank")
+
+
+def test_embeddings_as_lora_or_modules_to_save(minilm_path, tmp_path):
+    """A changed word embedding: a LoRA with --embeddings (PEFT's lora_embedding_A/B), else a modules_to_save copy;
+    PEFT applies either to the same weights."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    w = "embeddings.word_embeddings.weight"
+    tuned, _, after = _tuned(minilm_path, tmp_path / "t", _plant(("word_embeddings.weight", "layer.0.attention.self"
+                                                                                           ".query.weight"), rank=2))
+    for emb in (True, False):
+        out = tmp_path / f"lora{emb}"
+        res = extract_lora(minilm_path, tuned, out, rank=2, embeddings=emb, dtype="float64")
+        assert [m.layout for m in res.modules if m.rank] == (["embedding"] if emb else []) + ["linear"]
+        assert res.modules_to_save == (() if emb else ("embeddings.word_embeddings",))
+        model = transformers.AutoModel.from_pretrained(minilm_path, dtype=torch.float32)
+        merged = peft.PeftModel.from_pretrained(model, out).merge_and_unload().state_dict()
+        assert float((merged[w].double() - after[w].double()).abs().max()) <= 4e-7 * float(after[w].abs().max()), emb

@@ -436,8 +436,9 @@ def _write(res: Extraction, written: list[ModuleExtract], base: BaseWeights, tun
     from ..io.peft import save_peft_adapter
 
     if not written:
-        raise ConfigError(f"{tuned.path}: no target weight changed (only {len(save_tensors)} other tensor(s)); "
-                          "expected a fine-tune of the targets. Choose other --targets.")
+        raise ConfigError(f"{tuned.path}: no target weight changed (only tensors outside the targets, e.g. "
+                          f"'{next(iter(save_tensors), '?')}'), so there is nothing for a LoRA to hold; expected a "
+                          "fine-tune of the targets. Choose other --targets (or --embeddings).")
     modules = []
     for r in written:
         stored = tuned.info(r.weight).dtype
