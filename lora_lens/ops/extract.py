@@ -329,8 +329,13 @@ def _changed_others(base: BaseWeights, tuned: BaseWeights, skip: set[str]) -> li
     for info in base.infos():
         if info.name in skip or not _is_float(info.dtype):
             continue
-        if not torch.equal(base.get(info.name).to(torch.float64), tuned.get(info.name).to(torch.float64)):
+        a, b = base.get(info.name), tuned.get(info.name)
+        if a.dtype != b.dtype:  # compared in the wider dtype (exact for bf16/fp16 → float32), not in float64
+            dt = torch.promote_types(a.dtype, b.dtype)
+            a, b = a.to(dt), b.to(dt)
+        if not torch.equal(a, b):
             out.append(info.name)
+        del a, b
     return out
 
 
