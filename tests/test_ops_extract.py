@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_lens.errors import ConfigError, KeyMatchError, ShapeError
+from lora_lens.errors import ConfigError, KeyMatchError, NonFiniteError, ShapeError
 from lora_lens.ops import select_rank
 from lora_lens.ops.extract import extract_lora
 
@@ -154,6 +154,11 @@ def test_refusals(minilm_path, minilm_tuned, tmp_path):
         extract_lora(minilm_path, tuned, tmp_path / "none", rank=4, targets="key")
     with pytest.raises(ShapeError, match="pooler.dense.weight"):
         extract_lora(minilm_path, other, None, rank=4)
+    nan, _, _ = _tuned(minilm_path, tmp_path / "nan", lambda n, W, g: W.index_put((torch.tensor([0]),), torch.tensor(
+        float("nan"))) if n.endswith("layer.1.attention.self.query.weight") else W)
+    with pytest.raises(NonFiniteError, match="layer.1.attention.self.query.weight"):
+        extract_lora(minilm_path, nan, tmp_path / "nan-out", rank=4)
+    assert not (tmp_path / "nan-out").exists()
 
 
 def test_cli_extract_and_bad_input(minilm_path, minilm_tuned, tmp_path):
