@@ -39,6 +39,7 @@ SCHEMAS: dict[str, int] = {
     "converted": 1,                                                  # lora-lens convert --json
     "resized_adapter": 1, "merged_adapter": 1,                       # lora-lens resize / merge --json
     "demo": 1, "demo_run": 1,                                        # lora-lens demo --json, demo.json
+    "extraction": 1, "intruder_reduction": 1,                        # lora-lens extract / intruders --json
 }
 
 

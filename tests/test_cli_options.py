@@ -65,16 +65,15 @@ def test_one_spelling_per_option():
     assert {path: p.opts for path, p in by_name["out"].items()} == {
         path: ["-o", "--out"] for path in by_name["out"]}
     assert set(by_name["out"]) == {"lora-lens " + c for c in (
-        "collection", "compare-methods", "condlora init", "convert", "cora basis", "cora init", "demo", "merge",
-        "pissa", "reduce", "report", "resize",
-        "train")}
+        "collection", "compare-methods", "condlora init", "convert", "cora basis", "cora init", "demo", "extract",
+        "intruders", "merge", "pissa", "reduce", "report", "resize", "train")}
     # one decorator each: the same flags, help and default on every command
     by_name["overwrite"].pop("lora-lens demo")  # --overwrite/--no-overwrite, on by default: its own folder
     for name in ("as_json", "seed", "overwrite", "quiet", "device", "dtype"):
         spellings = {(tuple(p.opts), p.help, p.default) for p in by_name[name].values()}
         assert len(spellings) == 1, (name, spellings)
     assert set(by_name["as_json"]) == {path for path, c in commands.items() if not isinstance(c, click.Group)}
-    assert {p.type.min for p in by_name["epsilon"].values()} == {0} and len(by_name["epsilon"]) == 2
+    assert {p.type.min for p in by_name["epsilon"].values()} == {0} and len(by_name["epsilon"]) == 3
     assert {tuple(p.opts) for p in by_name["n_iter"].values()} == {("--n-iter",)}
     # progress bars on the long commands, off with --quiet: every command that computes (takes --device) has it
     assert {"lora-lens " + c for c in ("alignment", "report", "spectrum", "cora basis", "cora init", "train",

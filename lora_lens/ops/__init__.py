@@ -8,8 +8,11 @@ One module per operation; :mod:`.rank_rules` holds the rank-selection rules they
 """
 
 from .merge import MERGE_METHODS, MergeResult, Merged, merge, merge_adapters
+from .extract import Extraction, extract_lora
+from .intruders import IntruderReduction, reduce_intruders
 from .rank_rules import RANK_METHODS, check_rank_rule, select_rank
 from .resize import ResizeResult, Resized, resize, resize_adapter
 
-__all__ = ["MERGE_METHODS", "MergeResult", "Merged", "RANK_METHODS", "ResizeResult", "Resized", "check_rank_rule",
-           "merge", "merge_adapters", "resize", "resize_adapter", "select_rank"]
+__all__ = ["Extraction", "IntruderReduction", "MERGE_METHODS", "MergeResult", "Merged", "RANK_METHODS", "ResizeResult",
+           "Resized", "check_rank_rule", "extract_lora", "merge", "merge_adapters", "reduce_intruders", "resize",
+           "resize_adapter", "select_rank"]
