@@ -20,7 +20,7 @@ RULES = ("sv_ratio", "sv_fro", "sv_cumulative", "energy")
 @click.option("--tuned", required=True, type=click.Path(path_type=str), help="The fine-tuned model (same architecture).")
 @out_option("Folder for the PEFT adapter.")
 @click.option("--rank", type=click.IntRange(min=1), help="Keep this many directions per weight.")
-@click.option("--method", type=click.Choice(RULES), help="A rank rule instead of --rank (docs/weights-extract.md).")
+@click.option("--method", type=click.Choice(RULES), help="A rank rule instead of --rank (docs/weights.md).")
 @click.option("--param", type=float, help="The rule's parameter: sv_ratio ≥ 1; sv_fro, sv_cumulative, energy in (0, 1].")
 @click.option("--max-rank", type=click.IntRange(min=1),
               help="Cap of the rules' rank, and how many directions are computed for them (default 64).")

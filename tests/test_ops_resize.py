@@ -82,9 +82,16 @@ def test_kohya_input_keeps_alpha_convention_and_writes_peft_when_asked(tmp_path)
         assert got.kernel == m.kernel and got.layout == m.layout and got.stored_as == m.stored_as
         Dk, _ = _best(m.delta().numpy(), got.rank)
         assert np.linalg.norm(got.delta().numpy() - Dk) <= 1e-6 * np.linalg.norm(Dk)
-    # the kohya writer is not wired yet (io.write_adapter): one line pointing to --to peft, nothing written
-    assert_bad_input(run("resize", f, "--rank", 2, "-o", tmp_path / "x"), "--to peft")
-    assert not (tmp_path / "x").exists()
+    # without --to, a kohya file comes out as a kohya file, read back at the same ΔW and per-module alpha
+    k = run("resize", f, "--rank", 2, "-o", tmp_path / "x", "--json")
+    assert k.exit_code == 0, k.output
+    (written,) = json.loads(k.stdout)["written"]
+    back_k = load_adapter(written)
+    assert back_k.format == "kohya"
+    for m in r.adapter:
+        got = back_k[m.name]
+        assert got.rank == m.rank and got.scaling == pytest.approx(m.scaling)
+        assert (got.delta() - m.delta()).norm() <= 1e-5 * m.delta().norm()
     res = run("resize", f, "--rank", 2, "--to", "peft", "-o", tmp_path / "p", "--json")
     assert res.exit_code == 0, res.output
     d = assert_stamped(json.loads(res.stdout), "resized_adapter")
@@ -178,3 +185,17 @@ def test_folded_kernel_and_its_fallback_on_ill_conditioned_factors():
     r = resize_adapter(ad, rank=3, dtype="float64")
     Dk, _ = _best(mod.delta().numpy(), 3)
     assert np.linalg.norm(r.adapter[name].delta().numpy() - Dk) <= 1e-6 * np.linalg.norm(Dk)
+
+
+def test_resize_writes_mlx_through_the_format_writers(llama_adapter, tmp_path):
+    """--to mlx: one global rank and scale in MLX's config; per-module ranks and scales folded by the MLX writer,
+    and ΔW read back equal to the resized adapter's (float32 round-off)."""
+    r = resize_adapter(load_adapter(llama_adapter[1]), rank=2)
+    res = run("resize", llama_adapter[1], "--rank", 2, "--to", "mlx", "-o", tmp_path / "m", "--json")
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    assert cfg["fine_tune_type"] == "lora" and cfg["lora_parameters"]["rank"] == 2
+    back = load_adapter(tmp_path / "m")
+    assert back.format == "mlx" and sorted(back.names) == sorted(r.adapter.names)
+    for m in r.adapter:
+        assert (back[m.name].delta() - m.delta()).norm() <= 1e-5 * m.delta().norm()

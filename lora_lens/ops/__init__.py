@@ -7,9 +7,9 @@ One module per operation; :mod:`.rank_rules` holds the rank-selection rules they
 :mod:`.output` the one place their results are written.
 """
 
-from .merge import MERGE_METHODS, MergeResult, Merged, merge, merge_adapters
 from .extract import Extraction, extract_lora
 from .intruders import IntruderReduction, reduce_intruders
+from .merge import MERGE_METHODS, MergeResult, Merged, merge, merge_adapters
 from .rank_rules import RANK_METHODS, check_rank_rule, select_rank
 from .resize import ResizeResult, Resized, resize, resize_adapter
 

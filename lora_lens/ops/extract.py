@@ -381,7 +381,7 @@ def extract_lora(
             raise ConfigError("no rank given; expected --rank R, or --method sv_ratio|sv_fro|sv_cumulative|energy "
                               "with --param P.")
     elif param is None:
-        raise ConfigError(f"--method {method} needs --param P (see docs/weights-extract.md for its range).")
+        raise ConfigError(f"--method {method} needs --param P (see docs/weights.md for its range).")
     cx = as_compute(compute, **options)
     settings = ExtractSettings(method, param, max_rank, oversample, n_iter, cx)
     base = base if isinstance(base, BaseWeights) else open_base(base)

@@ -6,10 +6,9 @@ writes it in a target format. ``--to`` defaults to the input's format
 AdaLoRA tuners, whose result is plain LoRA), kohya for kohya and LyCORIS files,
 MLX, diffusers; PEFT for research state dicts, which have no format of their own.
 
-TODO(io.write_adapter): writing kohya / MLX / diffusers goes through
-``lora_lens.io.write_adapter(adapter, out, to=..., dtype=..., overwrite=...)``
-once it lands; until then only PEFT is written here (as ``lora-lens convert``
-does), and other targets are refused with a pointer to ``--to peft``.
+PEFT is written here (keeping a PEFT source's ``modules_to_save`` copies, rsLoRA and task
+type); kohya / MLX / diffusers go through :func:`lora_lens.io.write_adapter`, the writers
+``lora-lens convert`` uses, which own each format's names and scale rules.
 """
 
 from __future__ import annotations
@@ -23,11 +22,12 @@ from ..errors import ConfigError, NonFiniteError
 from ..io.convert import components
 from ..io.peft import save_peft_adapter
 from ..io.tensors import open_tensor_file
+from ..io.write import WRITE_FORMATS, write_adapter
 from ..keys import parse_peft_key, strip_peft_prefix
 from ..types import Adapter
 
-#: Formats an operation can write (``--to``).
-TARGETS = ("peft", "kohya", "mlx", "diffusers")
+#: Formats an operation can write (``--to``): every format lora_lens writes.
+TARGETS = WRITE_FORMATS
 
 
 def default_target(fmt: str) -> str:
@@ -64,9 +64,7 @@ def write_result(adapter: Adapter, out: str | Path, to: str, *, overwrite: bool 
     check_target(to)
     check_finite(adapter, "the operation")
     if to != "peft":
-        # TODO(io.write_adapter): route every target through lora_lens.io.write_adapter once it is merged.
-        raise ConfigError(f"{adapter.path}: cannot write a {to} adapter yet; pass --to peft "
-                          f"(lora-lens convert will write {to} from that folder).")
+        return write_adapter(adapter, out, to=to, overwrite=overwrite)
     out = Path(out)
     meta = {str(k): str(v) for k, v in adapter.metadata.items()}
     groups = components(adapter)
