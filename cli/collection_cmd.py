@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from .common import echo_json, progress_callback, table
-from .options import (device_option, dtype_option, json_option, max_memory_option, out_option, overwrite_option,
-                      quiet_option, seed_option, side_option, top_k_option)
+from .options import (dask_options, device_option, dtype_option, json_option, max_memory_option, out_option,
+                      overwrite_option, quiet_option, seed_option, side_option, top_k_option)
 
 
 def read_list(path: str) -> list[str]:
@@ -44,9 +44,7 @@ def read_list(path: str) -> list[str]:
 @click.option("--write-basis", type=click.Path(path_type=str), help="Also write the shared basis as a CoRA init "
               "folder here (lora_B = basis, lora_A = 0).")
 @click.option("--allow-partial", is_flag=True, help="Compare the modules whose shapes agree instead of stopping.")
-@click.option("--scheduler", metavar="local|tcp://HOST:8786",
-              help="Run the per-module work on Dask: a local cluster, or a running scheduler (needs lora-lens[dist]).")
-@click.option("--workers", type=click.IntRange(min=1), help="Worker processes of --scheduler local (default 2).")
+@dask_options("per-module work")
 @seed_option
 @overwrite_option
 @json_option

@@ -7,9 +7,9 @@ import contextlib
 import click
 
 from .common import echo_json, progress_callback, table
-from .options import (compute_options, epsilon_option, format_option, json_option, out_option, overwrite_option,
-                      progress_option, quiet_option, seed_option, targets_option, join_targets, top_k_option)
-from .options import device_option, dtype_option, max_memory_option
+from .options import (compute_options, dask_options, device_option, dtype_option, epsilon_option, format_option,
+                      join_targets, json_option, max_memory_option, out_option, overwrite_option, progress_option,
+                      quiet_option, seed_option, targets_option, top_k_option)
 
 #: The rank rules besides a fixed --rank (kept here so --help does not import the library).
 RULES = ("sv_ratio", "sv_fro", "sv_cumulative", "energy")
@@ -29,9 +29,7 @@ RULES = ("sv_ratio", "sv_fro", "sv_cumulative", "energy")
               "when changed).")
 @click.option("--no-modules-to-save", "no_save", is_flag=True,
               help="Leave changed non-target tensors out instead of writing them as modules_to_save.")
-@click.option("--scheduler", metavar="local|tcp://HOST:8786",
-              help="Run the per-chunk work on Dask: a local cluster, or a running scheduler (needs lora-lens[dist]).")
-@click.option("--workers", type=click.IntRange(min=1), help="Worker processes of --scheduler local (default 2).")
+@dask_options("per-chunk work")
 @seed_option
 @overwrite_option
 @json_option

@@ -192,3 +192,14 @@ def format_option(f):
     """Add ``--format NAME`` (passed as ``fmt``): force the adapter reader instead of detecting it."""
     return click.option("--format", "fmt", type=click.Choice(ADAPTER_FORMATS), default=None,
                         help="Adapter format; detected from file and tensor names when omitted (docs/formats.md).")(f)
+
+
+def dask_options(work: str):
+    """``--scheduler`` and ``--workers``: run ``work`` on Dask (collection, extract spell them the same)."""
+    def decorate(f):
+        f = click.option("--workers", type=click.IntRange(min=1),
+                         help="Worker processes of --scheduler local (default 2).")(f)
+        return click.option("--scheduler", metavar="local|tcp://HOST:8786",
+                            help=f"Run the {work} on Dask: a local cluster, or a running scheduler (needs "
+                                 "lora-lens[dist]).")(f)
+    return decorate

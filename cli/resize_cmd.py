@@ -32,6 +32,15 @@ def render_written(result, as_json: bool, columns: list[str]) -> None:
     click.echo(table([[rec.get(c) for c in columns] for rec in d["records"]], columns))
 
 
+def _output_options(f):
+    """Where and how resize (and its old name, reduce) write, and how they compute."""
+    for option in reversed((to_option, out_option("Where to write the resized adapter (a folder for PEFT)."),
+                            overwrite_option, format_option, compute_options,
+                            progress_option("decomposing LoRA modules"), json_option)):
+        f = option(f)
+    return f
+
+
 def _resize_options(f):
     f = click.option("--max-rank", type=int, default=None, help="Keep at most this many directions per module.")(f)
     f = click.option("--param", type=float, default=None,
@@ -45,13 +54,7 @@ def _resize_options(f):
 @click.command("resize")
 @click.argument("adapter", type=click.Path(path_type=str))
 @_resize_options
-@to_option
-@out_option("Where to write the resized adapter (a folder for PEFT).")
-@overwrite_option
-@format_option
-@compute_options
-@progress_option("decomposing LoRA modules")
-@json_option
+@_output_options
 def resize_cmd(adapter, rank, method, param, max_rank, to, out, overwrite, fmt, compute, as_json):
     """Resize an adapter: keep each module's top singular directions (best
     rank-k approximation, scale kept), computed from the factors without
@@ -73,13 +76,7 @@ def resize_cmd(adapter, rank, method, param, max_rank, to, out, overwrite, fmt, 
 @click.argument("adapter", type=click.Path(path_type=str))
 @_resize_options
 @click.option("--energy", type=float, default=None, help="Same as --method energy --param F (kept for old scripts).")
-@to_option
-@out_option("Where to write the resized adapter (a folder for PEFT).")
-@overwrite_option
-@format_option
-@compute_options
-@progress_option("decomposing LoRA modules")
-@json_option
+@_output_options
 def reduce_cmd(adapter, rank, method, param, max_rank, energy, to, out, overwrite, fmt, compute, as_json):
     """Old name of `lora-lens resize` (same options, plus --energy F for
     --method energy --param F); its --json result keeps the kind

@@ -16,23 +16,16 @@ import torch
 
 from ..compute import Compute
 from ..errors import ConfigError
-from ..jsonable import JsonFields
+from ..ops.output import WrittenResult  # the deprecated alias shares resize's result fields
 from ..spectra import rank_at_energy
 from ..types import Adapter
 
 
 @dataclass(frozen=True)
-class ReducedAdapter(JsonFields):
+class ReducedAdapter(WrittenResult):
     """What :func:`reduce_rank` wrote: the fields of :class:`~lora_lens.ops.resize.ResizeResult`, kind ``reduced_adapter``."""
 
     KIND = "reduced_adapter"
-
-    out_dir: Path
-    written: tuple[Path, ...]
-    to: str
-    records: tuple[dict, ...]
-    summary: dict
-    notes: tuple[str, ...] = ()
 
 
 def rank_for_energy(S: torch.Tensor, energy: float) -> int:

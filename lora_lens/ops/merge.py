@@ -34,10 +34,9 @@ from ..compute import Compute, as_compute, item_seed
 from ..decompose import decompose_matrices, split_spectrum
 from ..errors import ConfigError, ShapeError
 from ..io.formats import load_adapter
-from ..jsonable import JsonFields
 from ..methods.result import provenance
 from ..types import Adapter, LoraModule
-from .output import check_finite, check_target, default_target, write_result
+from .output import Operated, WrittenResult, check_finite, check_target, default_target, write_result
 from .resize import fold_factors, folded, kind_note, refuse_dora, result_format, result_settings, truncation_record
 
 #: ``--method`` values, in the order the help lists them.
@@ -47,27 +46,15 @@ PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 SIGN_METHODS = ("total", "frequency")
 
 
-@dataclass(frozen=True)
-class Merged:
-    """A merged adapter (not written), one record per module, and notes."""
-
-    adapter: Adapter
-    records: tuple[dict, ...]
-    notes: tuple[str, ...] = ()
+#: A merged adapter (not written), one record per module, and notes.
+Merged = Operated
 
 
 @dataclass(frozen=True)
-class MergeResult(JsonFields):
+class MergeResult(WrittenResult):
     """What :func:`merge` wrote."""
 
     KIND = "merged_adapter"
-
-    out_dir: Path
-    written: tuple[Path, ...]
-    to: str
-    records: tuple[dict, ...]
-    summary: dict
-    notes: tuple[str, ...] = ()
 
 
 def check_merge_options(n_adapters: int, weights: Sequence[float], method: str, rank: int | None,

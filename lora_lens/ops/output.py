@@ -14,6 +14,7 @@ type); kohya / MLX / diffusers go through :func:`lora_lens.io.write_adapter`, th
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,8 +24,31 @@ from ..io.convert import components
 from ..io.peft import save_peft_adapter
 from ..io.tensors import open_tensor_file
 from ..io.write import WRITE_FORMATS, write_adapter
+from ..jsonable import JsonFields
 from ..keys import parse_peft_key, strip_peft_prefix
 from ..types import Adapter
+
+@dataclass(frozen=True)
+class Operated:
+    """An operation's adapter (not written), one record per module, and notes (resize, merge)."""
+
+    adapter: Adapter
+    records: tuple[dict, ...]
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class WrittenResult(JsonFields):
+    """What an operation wrote: the folder, the files or folders written, the format, one record per module, a
+    summary and notes. Each operation's result subclasses it with its own JSON ``KIND``."""
+
+    out_dir: Path
+    written: tuple[Path, ...]
+    to: str
+    records: tuple[dict, ...]
+    summary: dict
+    notes: tuple[str, ...] = ()
+
 
 #: Formats an operation can write (``--to``): every format lora_lens writes.
 TARGETS = WRITE_FORMATS

@@ -31,34 +31,21 @@ from ..decompose import decompose_adapter, fold_adapter, split_spectrum
 from ..errors import ConfigError
 from ..io.formats import load_adapter
 from ..io.formats.factors import settings_of
-from ..jsonable import JsonFields
 from ..methods.result import provenance
 from ..types import Adapter, LoraModule, LoraSettings
-from .output import check_finite, check_target, default_target, write_result
+from .output import Operated, WrittenResult, check_finite, check_target, default_target, write_result
 from .rank_rules import check_rank_rule, select_rank
 
 
-@dataclass(frozen=True)
-class Resized:
-    """A resized adapter (not written) and one record per module (see :func:`truncation_record`)."""
-
-    adapter: Adapter
-    records: tuple[dict, ...]
-    notes: tuple[str, ...] = ()
+#: A resized adapter (not written) and one record per module (see :func:`truncation_record`).
+Resized = Operated
 
 
 @dataclass(frozen=True)
-class ResizeResult(JsonFields):
+class ResizeResult(WrittenResult):
     """What :func:`resize` wrote: the folders, the format, one record per module, a summary, notes."""
 
     KIND = "resized_adapter"
-
-    out_dir: Path
-    written: tuple[Path, ...]
-    to: str
-    records: tuple[dict, ...]
-    summary: dict
-    notes: tuple[str, ...] = ()
 
 
 def rank_rule(rank: int | None, method: str | None, param: float | None,
