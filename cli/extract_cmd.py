@@ -48,9 +48,10 @@ def extract_cmd(base, tuned, out, rank, method, param, max_rank, targets, embedd
 
     \b
     Examples:
-      lora-lens extract --base ./Llama-2-7b-hf --tuned ./my-finetune --rank 64 -o extracted
-      lora-lens extract --base ./minilm --tuned ./tuned --rank 8 --targets query,value -o lora --json
-      lora-lens extract --base B --tuned T --method sv_fro --param 0.9 --max-rank 128 -o lora --workers 4
+      lora-lens extract --base stories260K --tuned ./finetune-a --rank 8 -o extracted
+      lora-lens extract --base stories260K --tuned ./finetune-a --rank 4 --targets q_proj,v_proj -o lora --json
+      lora-lens extract --base stories260K --tuned ./finetune-b --method sv_fro --param 0.9 --max-rank 16 \\
+          -o lora-fro --scheduler tcp://head:8786
     """
     from lora_lens import Compute, WorkerDiedError
     from lora_lens.io import check_destination
@@ -106,8 +107,8 @@ def intruders_cmd(adapter, base, reduce_, out, top_k, epsilon, overwrite, comput
 
     \b
     Examples:
-      lora-lens intruders ./my-adapter --base ./Llama-2-7b-hf --reduce 0.75 -o reduced
-      lora-lens intruders ./my-adapter --base ./minilm --reduce 0 --top-k 20 --epsilon 0.4 -o reduced --json
+      lora-lens intruders ./my-adapter --base stories260K --reduce 0.75 -o reduced
+      lora-lens intruders ./my-adapter --base stories260K --reduce 0 --top-k 20 --epsilon 0.4 -o removed --json
     """
     from lora_lens import load_adapter
     from lora_lens.io import check_destination

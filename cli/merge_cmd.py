@@ -51,8 +51,8 @@ def merge_cmd(adapters, weights, method, rank, density, majority_sign_method, se
 
     \b
     Examples:
-      lora-lens merge a b --weights 0.7,0.3 --method svd --rank 8 -o merged
-      lora-lens merge a b c --method ties --density 0.5 --rank 16 -o merged --json
+      lora-lens merge ./seed0 ./seed1 --weights 0.7,0.3 --method svd --rank 8 -o merged
+      lora-lens merge ./adapters/a ./adapters/b ./adapters/c --method ties --density 0.5 --rank 16 -o ties --json
     """
     from lora_lens.ops import merge
 

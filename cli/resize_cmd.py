@@ -63,7 +63,7 @@ def resize_cmd(adapter, rank, method, param, max_rank, to, out, overwrite, fmt, 
     \b
     Examples:
       lora-lens resize ./my-r64-adapter --rank 16 -o my-r16-adapter
-      lora-lens resize style.safetensors --method sv_fro --param 0.9 --max-rank 32 --to peft -o small --json
+      lora-lens resize style_lora.safetensors --method sv_fro --param 0.9 --max-rank 32 --to peft -o small --json
     """
     from lora_lens.ops import resize
 
