@@ -467,3 +467,42 @@ def test_unsupported_targets_and_bad_values_exit_2(llama_adapter, sd_lora, tmp_p
         name=m.name, key=m.key, A=m.A * 1e30, B=m.B, alpha=m.alpha, scaling=m.scaling),))
     with pytest.raises(NonFiniteError, match="overflows"):
         write_adapter(big, tmp_path / "big", to="mlx", dtype=torch.float16)
+
+
+# --- zero-scale modules (PEFT lora_alpha 0): a zero update must stay zero in every format -----------------
+
+def test_mlx_zero_modal_scale_folds_nonzero_scales_exactly(llama_adapter, tmp_path):
+    """Most modules at scale 0 (lora_alpha 0) and one not: MLX's one scale must be a nonzero one (the ratio
+    s_i / scale is folded into lora_b); scale 0 divided the others by zero (an internal error)."""
+    from dataclasses import replace
+
+    _, folder = llama_adapter
+    source = load_adapter(folder)
+    mods = [replace(m, scaling=0.0, alpha=0.0) for m in source.modules[:-1]] + [source.modules[-1]]
+    zeroed = replace(source, modules=tuple(mods))
+    (out,) = write_adapter(zeroed, tmp_path / "mlx", to="mlx")
+    assert json.loads((out / "adapter_config.json").read_text())["lora_parameters"]["scale"] == mods[-1].scaling
+    back = {m.name: m.delta() for m in load_adapter(out)}
+    for m in mods:
+        assert rel(back[m.name], m.delta()) <= REL if m.scaling else float(back[m.name].abs().max()) == 0, m.name
+
+
+def test_kohya_zero_scale_module_reads_back_as_zero(tmp_path):
+    """sd-scripts (and our reader) take ``alpha = 0`` as ``alpha = rank``: a module at scale 0 written with
+    ``alpha = s·r = 0`` read back at scale 1. It must read back as the zero update it is."""
+    from dataclasses import replace
+
+    g = torch.Generator().manual_seed(0)
+    stems = ("lora_unet_mid_block_attentions_0_proj_in", "lora_unet_mid_block_attentions_0_proj_out")
+    t = {}
+    for s in stems:
+        t[f"{s}.lora_down.weight"] = torch.randn(2, 16, generator=g)
+        t[f"{s}.lora_up.weight"] = torch.randn(16, 2, generator=g)
+        t[f"{s}.alpha"] = torch.tensor(1.0)
+    save_file(t, tmp_path / "k.safetensors")
+    source = load_adapter(tmp_path / "k.safetensors")
+    mods = (replace(source.modules[0], scaling=0.0, alpha=0.0), source.modules[1])
+    (out,) = write_adapter(replace(source, modules=mods), tmp_path / "out", to="kohya")
+    back = {m.name: m.delta() for m in load_adapter(out)}
+    assert float(back[mods[0].name].abs().max()) == 0
+    assert rel(back[mods[1].name], mods[1].delta()) <= REL

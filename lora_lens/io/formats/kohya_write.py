@@ -4,7 +4,8 @@ One ``.safetensors`` file, ``OUT/<OUT's name>.safetensors``, with per module
 ``<stem>.lora_down.weight`` A ``(r, in)`` (Conv2d: ``(r, in, kh, kw)``),
 ``<stem>.lora_up.weight`` B ``(out, r)`` (Conv2d: ``(out, r, 1, 1)``) and
 ``<stem>.alpha``: sd-scripts applies ``(alpha / r) · up · down``, so
-``alpha = s · r`` per module reproduces each module's scale ``s`` (float32,
+``alpha = s · r`` per module reproduces each module's scale ``s`` (``s = 0``: ``B = 0``, ``alpha = r``, since
+sd-scripts reads ``alpha = 0`` as ``alpha = r``) (float32,
 6e-8 relative; float64 with ``dtype=float64``). Stems
 (:func:`lora_lens.keys.kohya_name`): ``lora_unet_<diffusers path>`` (what
 sd-scripts writes for SD1.x and what diffusers and ComfyUI read for SDXL),
@@ -40,6 +41,8 @@ def write(adapter: Adapter, out: Path, *, dtype: torch.dtype | None = None, over
             if m.layout == "conv":
                 A, B = conv_factors(m, A, B)
             alpha = m.scaling * m.rank
+            if alpha == 0:  # sd-scripts (and our reader) read alpha 0 as alpha = r: write the zero update as B = 0
+                B, alpha = torch.zeros_like(B), float(m.rank)
             alpha_dtype = torch.float64 if (dtype or m.A.dtype) == torch.float64 else torch.float32
             tensors[f"{stem}.lora_down.weight"] = A
             tensors[f"{stem}.lora_up.weight"] = B

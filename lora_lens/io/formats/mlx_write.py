@@ -7,7 +7,7 @@ MLX-LM (``mlx_lm/tuner/lora.py``, ``LoRALinear``) computes
 ``lora_parameters``). So, for ``ΔW = s_i · B_i A_i``:
 
 - ``lora_a = A_iᵀ``, ``lora_b = (s_i / scale) · B_iᵀ`` with ``scale`` the
-  modal module scale: a module whose scale differs carries the ratio in its
+  modal nonzero module scale: a module whose scale differs carries the ratio in its
   ``lora_b`` (exact up to one rounding in the output dtype, none when the
   ratio is 1 or a power of two);
 - ranks below the largest are padded with zero rows / columns, which adds
@@ -44,7 +44,10 @@ def write(adapter: Adapter, out: Path, *, dtype: torch.dtype | None = None, over
         if component is not None:
             raise ConfigError(f"'{m.name}': a diffusion pipeline module; MLX-LM adapters hold language-model "
                               f"layers only. {SUPPORTED}")
-    scale = float(modal([m.scaling for m in adapter.modules]))
+    # the modal nonzero scale: a module at scale 0 (lora_alpha 0) folds a zero ratio into lora_b, while a zero
+    # global scale would leave the others nothing to fold into (s_i / 0)
+    nonzero = [m.scaling for m in adapter.modules if m.scaling != 0]
+    scale = float(modal(nonzero)) if nonzero else 0.0
     rank = max(m.rank for m in adapter.modules)
     tensors: dict[str, torch.Tensor] = {}
     keys = {}
