@@ -96,3 +96,37 @@ def test_cli_and_bad_input(minilm_path, minilm_adapter, tmp_path):
                          "-o", tmp_path / "o3"), "--epsilon")
     with pytest.raises(ConfigError, match="out of range"):
         reduce_intruders(load_adapter(minilm_adapter), minilm_path, None, reduce=-0.1)
+
+
+def _tiny_peft(model, folder, **config):
+    import copy
+
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                   init_lora_weights=False, **config))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(1.0)  # a trained copy that differs from the base
+    pm.save_pretrained(folder)
+    return folder
+
+
+def test_dora_refused_and_modules_to_save_carried(tiny_llama, tmp_path):
+    """The reduced adapter is written as plain LoRA: a DoRA adapter's magnitudes would be dropped (another model),
+    so it is refused; a PEFT adapter's trained modules_to_save copies are written with it, not lost."""
+    from safetensors.torch import load_file
+
+    model, base = tiny_llama
+    dora = _tiny_peft(model, tmp_path / "dora", use_dora=True)
+    with pytest.raises(ConfigError, match="DoRA"):
+        reduce_intruders(load_adapter(dora), base, tmp_path / "dora_out", reduce=0.0, epsilon=0.99)
+    assert not (tmp_path / "dora_out").exists()
+    mts = _tiny_peft(model, tmp_path / "mts", modules_to_save=["lm_head"])
+    res = reduce_intruders(load_adapter(mts), base, tmp_path / "mts_out", reduce=0.0, epsilon=0.99)
+    assert res.total > 0
+    src, out = load_file(mts / "adapter_model.safetensors"), load_file(tmp_path / "mts_out" / "adapter_model.safetensors")
+    copies = [k for k in src if "lora_" not in k]
+    assert copies and all(torch.equal(out[k], src[k]) for k in copies)
+    config = json.loads((tmp_path / "mts_out" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["lm_head"]

@@ -40,6 +40,8 @@ from ..io.layout import with_base_layouts
 from ..jsonable import stamp
 from ..linalg import factored_svd, svd
 from ..types import Adapter, LoraModule
+from .output import _peft_other_tensors
+from .resize import refuse_dora
 
 #: PEFT's default ``mitigation_lambda``.
 REDUCE = 0.75
@@ -138,6 +140,7 @@ def reduce_intruders(
         raise ConfigError(f"--reduce {reduce!r} is out of range; expected λ in [0, 1] (the share of each intruder "
                           "direction kept; PEFT's default 0.75).")
     (eps,) = check_params(top_k, epsilon)
+    refuse_dora(adapter, "reduce")  # the output is plain LoRA: DoRA magnitudes would be lost
     cx = as_compute(compute, **options)
     base = base if isinstance(base, BaseWeights) else open_base(base)
     adapter = with_base_layouts(adapter, base)
@@ -167,12 +170,18 @@ def reduce_intruders(
                   "layout, where PEFT's reduce_intruder_dimension works on the stored tensor.",)
     if any(m.kind != "lora" for m in adapter):
         notes += ("LoKr/LoHa modules are written as plain LoRA factors of their ΔW.",)
+    # a PEFT source's modules_to_save copies are written with the reduced modules (as resize does); others are not
+    extra = _peft_other_tensors(adapter) if adapter.format == "peft" else {}
+    if adapter.other_tensors and not extra:
+        notes += (f"{len(adapter.other_tensors)} tensor(s) that are not LoRA factors were not carried over.",)
     res = IntruderReduction(adapter.label, str(base.path), None if out_dir is None else str(out_dir), float(reduce),
                             int(top_k), eps, mods, notes)
     if out_dir is not None:
         from ..io.peft import save_peft_adapter
 
         save_peft_adapter(out_dir, [r.module for r in mods], base_model_name_or_path=str(base.path),
+                          modules_to_save=(adapter.settings.modules_to_save or None) if extra else None,
+                          extra_tensors=extra,
                           metadata={"lora_lens_intruders_reduced": f"lambda={float(reduce)} top_k={top_k} eps={eps}"},
                           overwrite=overwrite)
     return res
