@@ -153,6 +153,16 @@ def test_length_buckets_cover_each_example_once_an_epoch_and_pad_less():
     assert all(torch.equal(next(again)[1], idx) for _, idx in first)  # seeded: the same batches
 
 
+def test_length_buckets_never_drop_the_same_longest_examples():
+    """A pool that is not a multiple of the batch drops its rest at random, as index_batches does: cut after the
+    sort, it dropped the pool's longest examples, so with 100 examples at batch 16 the 4 longest were never drawn."""
+    from lora_lens.train.labelled import bucketed_batches
+
+    draw = bucketed_batches(list(range(100)), 16, seed=0)
+    seen = {i for _ in range(6 * 20) for i in next(draw)[1].tolist()}  # 20 epochs of 6 batches
+    assert seen == set(range(100))
+
+
 def test_no_eval_block_occurs_in_training():
     """The synthetic task has only 32 distinct sequences among its 1,024 blocks: the split holds out whole ones."""
     data = load_data(None, seq_len=20, vocab_size=512, eval_fraction=0.1, seed=0)

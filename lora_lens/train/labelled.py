@@ -210,8 +210,9 @@ def bucketed_batches(lengths: list[int], batch_size: int, seed: int, pool: int =
     into pools of ``pool · b``; inside a pool the examples are sorted by length and cut into batches of ``b``,
     and the pool's batches are yielded in a seeded random order. Every example still comes once an epoch, in
     random company of similar length (transformers' ``group_by_length`` does the same, with 50 batches a pool);
-    a batch then pads to a length near its own examples', not to the longest of a random draw. The last short
-    batch of each pool is dropped, as :func:`.data.index_batches` drops the epoch's.
+    a batch then pads to a length near its own examples', not to the longest of a random draw. A pool's rest
+    (``len mod b`` examples) is dropped before the sort, so at random, as :func:`.data.index_batches` drops the
+    epoch's (dropped after the sort, it would always be the pool's longest examples).
     """
     gen = torch.Generator().manual_seed(seed)
     n, b = len(lengths), min(batch_size, len(lengths))
@@ -221,8 +222,9 @@ def bucketed_batches(lengths: list[int], batch_size: int, seed: int, pool: int =
         perm = torch.randperm(n, generator=gen)
         for lo in range(0, n, pool * b):
             chunk = perm[lo: lo + pool * b]
+            chunk = chunk[: len(chunk) // b * b]  # the rest dropped before sorting: random ones, not the longest
             chunk = chunk[torch.sort(size[chunk], stable=True).indices]  # by length, ties in random order
-            cut = [chunk[i: i + b] for i in range(0, len(chunk) - b + 1, b)]
+            cut = [chunk[i: i + b] for i in range(0, len(chunk), b)]
             for j in torch.randperm(len(cut), generator=gen).tolist():
                 yield epoch, cut[j]
         epoch += 1
