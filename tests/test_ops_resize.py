@@ -17,7 +17,7 @@ from lora_lens.types import LoraModule
 
 from .cli_utils import assert_bad_input, assert_stamped, run
 from .peft_check import load_with_peft, token_ids
-from .test_io_formats import kohya_file, lokr_loha_tensors, mlx_tensors
+from .test_io_formats import kohya_file, lokr_loha_tensors, lora_diffusion_file, mlx_tensors
 
 
 def _np_sv_fro(S: np.ndarray, p: float, max_rank: int) -> int:
@@ -199,3 +199,15 @@ def test_resize_writes_mlx_through_the_format_writers(llama_adapter, tmp_path):
     assert back.format == "mlx" and sorted(back.names) == sorted(r.adapter.names)
     for m in r.adapter:
         assert (back[m.name].delta() - m.delta()).norm() <= 1e-5 * m.delta().norm()
+
+
+def test_lora_diffusion_input_refused_as_convert_refuses_it(tmp_path):
+    """A lora_diffusion file names modules by injection index (unet:0): no format can name them. resize and merge
+    said "--to 'lora_diffusion': unknown output format" (an option never given), and with --to peft wrote a PEFT
+    folder targeting 'unet:0' that PEFT cannot load; both must refuse as convert does."""
+    f = tmp_path / "ld.safetensors"
+    lora_diffusion_file(f)
+    for args in (("resize", f, "--rank", "1"), ("resize", f, "--rank", "1", "--to", "peft"),
+                 ("merge", f, f, "--method", "cat")):
+        assert_bad_input(run(*args, "-o", tmp_path / "out"), "injection index")
+        assert not (tmp_path / "out").exists()

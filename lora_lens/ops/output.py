@@ -56,7 +56,7 @@ TARGETS = WRITE_FORMATS
 
 def default_target(fmt: str) -> str:
     """The format an adapter read as ``fmt`` is written back in when ``--to`` is not given."""
-    if fmt.startswith("peft") or fmt == "state_dict":
+    if fmt.startswith("peft") or fmt in ("state_dict", "lora_diffusion"):  # lora_diffusion: PEFT refuses it, saying why
         return "peft"
     return "kohya" if fmt == "lycoris" else fmt
 
@@ -87,7 +87,7 @@ def write_result(adapter: Adapter, out: str | Path, to: str, *, overwrite: bool 
     """
     check_target(to)
     check_finite(adapter, "the operation")
-    if to != "peft":
+    if to != "peft" or adapter.format == "lora_diffusion":  # the latter: refused there (injection-index names)
         return write_adapter(adapter, out, to=to, overwrite=overwrite)
     out = Path(out)
     meta = {str(k): str(v) for k, v in adapter.metadata.items()}
