@@ -207,3 +207,24 @@ def test_merge_and_resize_refuse_to_overwrite_an_input(llama_adapter, second_ada
     for args in (["merge", a, second_adapter, "--method", "cat"], ["resize", a, "--rank", "1"]):
         assert_bad_input(run(*args, "-o", a, "--overwrite"), "holds an input")
     assert (a / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_scale_unknown_inputs_are_said_in_the_notes(tmp_path):
+    """An MLX folder without a scale reads at s = 1 (flag scale-unknown); resize and merge write s = 1 as if it were
+    known, so their notes must say the input's scale was unknown (merge weighs it against known scales)."""
+    from safetensors.torch import save_file
+
+    from lora_lens.ops import resize_adapter
+
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(4, 8, generator=g), torch.randn(8, 4, generator=g)
+    folder = tmp_path / "mlx"
+    folder.mkdir()
+    save_file({"model.layers.0.self_attn.q_proj.lora_a": A.T.contiguous(),
+               "model.layers.0.self_attn.q_proj.lora_b": B.T.contiguous()}, folder / "adapters.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": -1,
+                                                            "lora_parameters": {"rank": 4, "keys": ["self_attn.q_proj"]}}))
+    ad = load_adapter(folder)
+    assert any(f.startswith("scale-unknown") for f in ad.flags)
+    assert any("scale-unknown" in n for n in resize_adapter(ad, rank=2).notes)
+    assert any("scale-unknown" in n for n in merge_adapters([ad, ad], [1.0, 1.0], method="cat").notes)

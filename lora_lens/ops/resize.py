@@ -30,7 +30,7 @@ from ..compute import as_compute
 from ..decompose import decompose_adapter, fold_adapter, split_spectrum
 from ..errors import ConfigError
 from ..io.formats import load_adapter
-from ..io.formats.factors import settings_of
+from ..io.formats.factors import SCALE_UNKNOWN, settings_of
 from ..methods.result import provenance
 from ..types import Adapter, LoraModule, LoraSettings
 from .output import Operated, WrittenResult, check_finite, check_target, default_target, write_result
@@ -138,13 +138,16 @@ _KIND_NAMES = {"lokr": "LoKr", "loha": "LoHa", "adalora": "AdaLoRA"}
 
 
 def kind_note(adapter: Adapter) -> list[str]:
-    """The note saying LoKr / LoHa / AdaLoRA modules come out as plain LoRA (empty when all are LoRA)."""
+    """The notes saying LoKr / LoHa / AdaLoRA modules come out as plain LoRA, and that a scale the input did not
+    state (read as 1) is written as a stated one (empty when neither applies)."""
+    notes = [f"{adapter.path}: {f.split(';', 1)[0]}; read as s = 1 and written with s = 1, a scale the input did "
+             "not state." for f in adapter.flags if f.startswith(SCALE_UNKNOWN)]
     kinds = sorted({m.kind for m in adapter.modules} - {"lora"})
     if not kinds:
-        return []
+        return notes
     n = sum(m.kind != "lora" for m in adapter.modules)
     return [f"{adapter.path}: {n} {'/'.join(_KIND_NAMES.get(k, k) for k in kinds)} module(s) are written as plain "
-            "LoRA pairs (s·B·A), not in their own parameterization."]
+            "LoRA pairs (s·B·A), not in their own parameterization."] + notes
 
 
 def resize_adapter(
