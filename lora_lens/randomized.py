@@ -75,7 +75,7 @@ from typing import Sequence
 import torch
 
 from .randomized_kernels import (  # noqa: F401  (re-exported: the finder's public kernels)
-    GRAM_DEVIATION_MAX, HALF_PASS_DTYPES, cholesky_qr2, half_passes_apply, half_product, lu_basis, small_svd)
+    HALF_PASS_DTYPES, cholesky_qr2, half_passes_apply, half_product, lu_basis, small_svd)
 
 #: HMT (4.3): ``‖E‖₂ ≤ α √(2/π) maxᵢ ‖E ωᵢ‖`` with probability ``≥ 1 − α^{-p}`` for ``p`` Gaussian probes.
 PROBE_ALPHA = 10.0

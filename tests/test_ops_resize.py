@@ -136,6 +136,7 @@ def test_mlx_keeps_its_one_global_scale(tmp_path):
     (["--method", "energy"], ["needs --param"]),
     (["--rank", "2", "--method", "energy", "--param", "0.5"], ["exactly one"]),
     (["--rank", "2", "--max-rank", "0"], ["--max-rank 0"]),
+    (["--rank", "2", "--param", "0.9"], ["--param 0.9 belongs to --method"]),  # was silently ignored
 ])
 def test_bad_options_one_line_nothing_written(llama_adapter, tmp_path, args, needles):
     assert_bad_input(run("resize", llama_adapter[1], *args, "-o", tmp_path / "x"), *needles)

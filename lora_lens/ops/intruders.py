@@ -40,7 +40,7 @@ from ..io.layout import with_base_layouts
 from ..jsonable import stamp
 from ..linalg import factored_svd, svd
 from ..types import Adapter, LoraModule
-from .output import _peft_other_tensors
+from .output import peft_other_tensors
 from .resize import refuse_dora
 
 #: PEFT's default ``mitigation_lambda``.
@@ -171,7 +171,7 @@ def reduce_intruders(
     if any(m.kind != "lora" for m in adapter):
         notes += ("LoKr/LoHa modules are written as plain LoRA factors of their ΔW.",)
     # a PEFT source's modules_to_save copies are written with the reduced modules (as resize does); others are not
-    extra = _peft_other_tensors(adapter) if adapter.format == "peft" else {}
+    extra = peft_other_tensors(adapter) if adapter.format == "peft" else {}
     if adapter.other_tensors and not extra:
         notes += (f"{len(adapter.other_tensors)} tensor(s) that are not LoRA factors were not carried over.",)
     res = IntruderReduction(adapter.label, str(base.path), None if out_dir is None else str(out_dir), float(reduce),

@@ -96,7 +96,7 @@ def write_result(adapter: Adapter, out: str | Path, to: str, *, overwrite: bool 
         raise ConfigError(f"{adapter.path}: mixes pipeline components {sorted(g for g in groups if g)} with other "
                           "modules; cannot tell which model those belong to.")
     s = adapter.settings
-    extra = _peft_other_tensors(adapter) if adapter.format == "peft" else {}
+    extra = peft_other_tensors(adapter) if adapter.format == "peft" else {}
     written = []
     for component, modules in groups.items():
         folder = out / component if component else out
@@ -108,7 +108,7 @@ def write_result(adapter: Adapter, out: str | Path, to: str, *, overwrite: bool 
     return written
 
 
-def _peft_other_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+def peft_other_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     """``modules_to_save`` copies of a PEFT source, keyed without PEFT's prefix, read from their file."""
     files = {o.file for o in adapter.other_tensors if o.file is not None}
     out: dict[str, torch.Tensor] = {}

@@ -54,6 +54,9 @@ def rank_rule(rank: int | None, method: str | None, param: float | None,
     if (rank is None) == (method is None):
         raise ConfigError("give exactly one of --rank R or --method M --param P.")
     if rank is not None:
+        if param is not None:
+            raise ConfigError(f"--param {param:g} belongs to --method; with --rank {rank} drop it (or use --method M "
+                              "--param P instead of --rank).")
         method, param = "rank", rank
     elif param is None:
         raise ConfigError(f"--method {method} needs --param P (see docs/weights.md for its range).")
