@@ -19,6 +19,7 @@ from ..data import resolve_model, resolve_task
 from ..errors import ConfigError
 from ..io.atomic import atomic_directory, check_destination, register_input
 from ..train import METHODS, train
+from ..train.config import TASK_DEFAULTS
 from .claims import MIN_SEEDS, evaluate_claims
 from .output import write_comparison
 from .results import Comparison, MethodSummary
