@@ -99,8 +99,6 @@ def compare_methods(
         if Path(p).exists():
             register_input(p)
     check_destination(out, overwrite)  # refuse before hours of training, not after
-    from ..train.config import TASK_DEFAULTS
-
     if task not in TASK_DEFAULTS:
         raise ConfigError(f"unknown task {task!r}; expected one of {list(TASK_DEFAULTS)}.")
     lr = TASK_DEFAULTS[task]["lr"] if lr is None else lr  # the trainer's defaults, written into the settings
