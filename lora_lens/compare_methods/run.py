@@ -94,6 +94,7 @@ def compare_methods(
     if not seed_list or len(set(seed_list)) != len(seed_list):
         raise ConfigError(f"--seeds {seeds}: expected a positive count or distinct seeds.")
     out = Path(out)
+    given_base = str(base)  # the name the user gave (all-MiniLM-L6-v2), for the title: its folder is called "model"
     base, data = resolve_model(base), resolve_task(data)  # a bundled name (stories260K, austen) or a path
     for p in (base, data):
         if Path(p).exists():
@@ -106,7 +107,7 @@ def compare_methods(
     metric = "accuracy" if task == "classify" else "eval_loss"
     margin = DEFAULT_MARGIN.get(task, 0.01) if margin is None else margin
     alpha = 2.0 * rank if alpha is None else alpha
-    settings = dict(base=str(base), data=str(data), task=task, methods=methods, seeds=seed_list, rank=rank,
+    settings = dict(base=given_base, data=str(data), task=task, methods=methods, seeds=seed_list, rank=rank,
                     alpha=alpha, targets=list(targets) if targets else None, steps=steps, lr=lr,
                     batch_size=batch_size, max_length=max_length if task == "classify" else None,
                     seq_len=seq_len if task == "lm" else None, eval_fraction=eval_fraction, eval_every=eval_every,
