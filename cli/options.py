@@ -20,7 +20,7 @@ from .common import ByteSize, progress_callback
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print one JSON object on stdout instead of text (schemas: docs/formats.md).")
 seed_option = click.option("--seed", default=0, show_default=True, type=int,
-                           help="Seed of every random draw (baselines, projections, inits).")
+                           help="Seed of every random draw (baselines, projections, inits, merge's DARE masks).")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar or progress messages on stderr.")
 

@@ -228,3 +228,15 @@ def test_scale_unknown_inputs_are_said_in_the_notes(tmp_path):
     assert any(f.startswith("scale-unknown") for f in ad.flags)
     assert any("scale-unknown" in n for n in resize_adapter(ad, rank=2).notes)
     assert any("scale-unknown" in n for n in merge_adapters([ad, ad], [1.0, 1.0], method="cat").notes)
+
+
+def test_cancelling_weights_are_named_as_a_zero_merge(llama_adapter):
+    """A − A is zero in exact arithmetic: the rank-R factors are round-off, and the notes say so."""
+    from lora_lens import load_adapter
+    from lora_lens.ops import merge_adapters
+
+    a = load_adapter(llama_adapter[1])
+    res = merge_adapters([a, a], [1.0, -1.0], method="svd", rank=2)
+    assert any("cancel" in n for n in res.notes), res.notes
+    kept = merge_adapters([a, a], [1.0, -0.5], method="svd", rank=2)
+    assert not any("cancel" in n for n in kept.notes), kept.notes

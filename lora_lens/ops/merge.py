@@ -44,6 +44,8 @@ MERGE_METHODS = ("cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_pr
 #: The methods that prune entries of the dense ``ΔWᵢ`` (they need ``density``).
 PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 SIGN_METHODS = ("total", "frequency")
+#: ``‖Σ wᵢΔWᵢ‖_F / (‖B_cat‖_F ‖A_cat‖_F)`` below this: the merged update is zero up to rounding (cancelled).
+CANCELLED = 1e-5
 
 
 #: A merged adapter (not written), one record per module, and notes.
@@ -225,12 +227,21 @@ def merge_adapters(
             modules = cat
             records = {n: {"module": n, "adapters": len(union[n]), "rank_after": m.rank} for n, m in cat.items()}
         else:
+            cancelled = []
             for name, (S, Bf, Af) in folded(list(cat.values()), cx).items():
                 k = min(R, S.numel())
                 B, A = fold_factors(Bf, Af, k, 1.0, out_dtype)
                 modules[name] = _plain(union[name][0][1], A, B)
                 records[name] = {"module": name, "adapters": len(union[name]), "rank_after": k,
                                  **truncation_record(S, k)}
+                # ‖Σ wᵢΔWᵢ‖_F against ‖B_cat‖_F ‖A_cat‖_F (≥ it): a ratio at rounding level means the weighted
+                # updates cancel, and the "spectrum" above is round-off, not an update
+                size = float(cat[name].B.double().norm() * cat[name].A.double().norm())
+                if size > 0 and float(S.double().norm()) <= CANCELLED * size:
+                    cancelled.append(name)
+            if cancelled:
+                notes.append(f"{len(cancelled)} module(s) (e.g. '{cancelled[0]}') merge to zero up to rounding: the "
+                             "weighted updates cancel, so their factors and errors are round-off.")
     else:
         for done, (name, entries) in enumerate(union.items()):
             first = entries[0][1]
