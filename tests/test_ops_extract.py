@@ -169,6 +169,13 @@ def test_cli_extract_and_bad_input(minilm_path, minilm_tuned, tmp_path):
     obj = json.loads(r.stdout)
     assert obj["kind"] == "extraction" and len(obj["modules"]) == 12 and obj["modules"][0]["rank"] == 4
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["encoder.layer.0.output.LayerNorm"]  # the changed LayerNorm, copied whole
+    r = run("extract", "--base", minilm_path, "--tuned", tuned, "--rank", 4, "--targets", "query,value",
+            "--no-modules-to-save", "-o", tmp_path / "bare", "-q")
+    assert r.exit_code == 0, r.output
+    assert not json.loads((tmp_path / "bare" / "adapter_config.json").read_text()).get("modules_to_save")
+    assert all(".lora_" in k for k in load_file(tmp_path / "bare" / "adapter_model.safetensors"))  # no copies
     assert_bad_input(run("extract", "--base", minilm_path, "--tuned", minilm_path, "--rank", 4, "-o", tmp_path / "o2"),
                      "equals --base")
     assert not (tmp_path / "o2").exists() or not any((tmp_path / "o2").iterdir())

@@ -240,3 +240,31 @@ def test_cancelling_weights_are_named_as_a_zero_merge(llama_adapter):
     assert any("cancel" in n for n in res.notes), res.notes
     kept = merge_adapters([a, a], [1.0, -0.5], method="svd", rank=2)
     assert not any("cancel" in n for n in kept.notes), kept.notes
+
+
+@pytest.mark.parametrize("sign_method", ["total", "frequency"])
+def test_ties_sign_election_equals_peft(sign_method):
+    """--majority-sign-method: one large positive against two small negatives elects + by total, − by frequency;
+    ours equals PEFT's own ``merge_utils.ties`` on random stacks as well."""
+    from peft.utils.merge_utils import ties as peft_ties
+
+    g = torch.Generator().manual_seed(0)
+    d = [torch.tensor([[5.0]]), torch.tensor([[-1.0]]), torch.tensor([[-1.0]])]
+    got = anchor_merge(d, torch.ones(3), "ties", 1.0, sign_method, g)
+    assert float(got) == (5.0 if sign_method == "total" else -1.0)
+    stack = [torch.randn(6, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+    w = torch.tensor([0.7, 0.2, 0.5], dtype=torch.float64)
+    ours = anchor_merge(stack, w, "ties", 0.6, sign_method, g)
+    assert torch.allclose(ours, peft_ties(stack, w, 0.6, sign_method), rtol=0, atol=1e-12)
+
+
+def test_cli_majority_sign_method_reaches_the_merge(llama_adapter, second_adapter, tmp_path):
+    args = [llama_adapter[1], second_adapter, "--weights", "0.6,0.4", "--method", "ties", "--density", "0.5",
+            "--rank", "2"]
+    for sm in ("total", "frequency"):
+        r = run("merge", *args, "--majority-sign-method", sm, "-o", tmp_path / sm)
+        assert r.exit_code == 0, r.output
+    a, b = load_adapter(tmp_path / "total"), load_adapter(tmp_path / "frequency")
+    # with two adapters, frequency ties (+1 − 1 = 0 → +) wherever the signs differ, so the merges differ
+    assert any(not torch.allclose(a[n].delta(), b[n].delta()) for n in a.names)
+    assert_bad_input(run("merge", *args, "--majority-sign-method", "vote", "-o", tmp_path / "x"), "vote")
