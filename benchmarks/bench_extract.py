@@ -23,6 +23,7 @@ Usage::
 
     python benchmarks/bench_extract.py --threads 2 --layers 2           # ~17 min on 2 loaded cores (the dense SVDs)
     python benchmarks/bench_extract.py --threads 2 --layers 32          # the whole 7B shape (27 GB of files)
+    python benchmarks/bench_extract.py --threads 16 --layers 4 --device cuda   # GPU: extract and dense SVDs there
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def write_pair(folder: Path, layers: int, rank: int) -> list[str]:
 
 
 def _child(kind: str, folder: str, names: list[str], rank: int, threads: int, max_memory: int, planted_rank: int,
-           out) -> None:
+           device: str, out) -> None:
     torch.set_num_threads(threads)
     from lora_lens import open_base
     from lora_lens.ops.extract import extract_lora
@@ -104,14 +105,14 @@ def _child(kind: str, folder: str, names: list[str], rank: int, threads: int, ma
             D.sub_(base.get(w))
             del D
     elif kind == "lora_lens":
-        extract_lora(base, tuned, None, rank=rank, device="cpu", max_memory=max_memory)
+        extract_lora(base, tuned, None, rank=rank, device=device, max_memory=max_memory)
     else:  # dense: mergekit's decompose_delta_weight on the listed weights
         kept = {}
         for w in names:
-            D = tuned.get(w).float() - base.get(w).float()
+            D = tuned.get(w).to(device).float() - base.get(w).to(device).float()
             U, S, Vh = torch.linalg.svd(D, full_matrices=False)
             B, A = U[:, :rank] * S[:rank].sqrt(), S[:rank].sqrt()[:, None] * Vh[:rank]
-            kept[w] = (B, A)
+            kept[w] = (B.cpu(), A.cpu())
             del D, U, S, Vh
     elapsed, rss, peak = time.perf_counter() - t, peak_rss_mib(), anon.stop()
     errs = {}
@@ -132,7 +133,7 @@ def run(kind: str, folder: str, names: list[str], args) -> tuple:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(kind, folder, names, args.rank, args.threads, args.max_memory,
-                                         args.planted, q))
+                                         args.planted, args.device, q))
     p.start()
     p.join()
     if p.exitcode != 0:
@@ -171,6 +172,8 @@ def main() -> None:
     ap.add_argument("--max-memory", type=int, default=1 << 30, help="extract's chunk budget (bytes)")
     ap.add_argument("--dir", help="where the pair is written (default: the system's temp dir)")
     ap.add_argument("--no-errors", action="store_true", help="skip the error table")
+    ap.add_argument("--device", default="cpu", help="where extract and the dense SVDs run (cuda: both on the GPU, "
+                    "and lora_lens once more on the CPU for the GPU-vs-CPU ratio)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -183,6 +186,8 @@ def main() -> None:
         res = {}
         for kind in ("read", "lora_lens"):
             res[kind] = run(kind, tmp, names, args)
+            if kind == "lora_lens" and args.device != "cpu":
+                res["lora_lens_cpu"] = run(kind, tmp, names, argparse.Namespace(**{**vars(args), "device": "cpu"}))
             print(f"  {kind:<10}{res[kind][0]:>8.1f} s   peak RSS {res[kind][1]:>7.0f} MiB (mapped file pages "
                   f"included), anonymous {res[kind][2]:>7.0f} MiB", flush=True)
         by_shape: dict[tuple, list[str]] = {}
@@ -210,6 +215,11 @@ def main() -> None:
               f"| {res['lora_lens'][2]:.0f} |")
         print(f"| dense SVD loop (extrapolated from {len(subset)} weights) | {dense_total:.0f} | "
               f"{dense_total / t_read:.0f}x | 1.0x | {dense_peak:.0f} |")
+        if "lora_lens_cpu" in res:
+            t_cpu = res["lora_lens_cpu"][0]
+            print(f"| lora_lens extract on the CPU ({args.threads} threads) | {t_cpu:.1f} | {t_cpu / t_read:.1f}x | "
+                  f"{dense_total / t_cpu:.1f}x (dense on {args.device}) | {res['lora_lens_cpu'][2]:.0f} |")
+            print(f"lora_lens extract, {args.device} vs CPU: {t_cpu / t_ll:.1f}x")
         print(f"lora_lens peak anonymous memory vs its budget: chunk {args.max_memory / 2 ** 20:.0f} MiB + one bf16 "
               f"weight pair {pair:.0f} MiB", flush=True)
         if not args.no_errors:

@@ -121,3 +121,70 @@ def test_small_svd_on_cuda_keeps_relative_accuracy_on_graded_matrices():
     assert (S.cpu() - small_svd(R.to(CUDA), values_only=True).cpu()).abs().max() <= 1e-6
     recon = (U * S[..., None, :]) @ Vh
     assert ((recon.cpu().double() - R.double()).abs().max()) <= 64 * U32
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_resize_and_merge_on_cuda_match_float64(llama_adapter, tiny_llama, tmp_path):
+    """resize and merge --method svd (the folded factored kernel) on the GPU: the rank-k update and the error
+    records of the same call in float64 on the CPU; the factors come back to the CPU."""
+    from lora_lens import load_adapter
+    from lora_lens.ops import merge_adapters, resize_adapter
+
+    from .adapter_utils import make_peft_adapter
+
+    make_peft_adapter(tiny_llama[0], tmp_path / "b", seed=5, r=3, lora_alpha=5, target_modules=["q_proj", "v_proj"])
+    a, b = load_adapter(llama_adapter[1]), load_adapter(tmp_path / "b")
+    runs = [(lambda **kw: resize_adapter(a, rank=2, **kw)),
+            (lambda **kw: merge_adapters([a, b], [0.7, -0.3], method="svd", rank=3, **kw))]
+    for call in runs:
+        gpu, ref = call(compute=Compute(device="cuda")), call(device="cpu", dtype="float64")
+        for m in gpu.adapter:
+            assert m.A.device.type == "cpu" and m.B.device.type == "cpu"
+            assert _rel(m.delta(torch.float64), ref.adapter[m.name].delta(torch.float64)) <= 1e-5, m.name
+        for g, r in zip(gpu.records, ref.records):
+            assert g["rank_after"] == r["rank_after"]
+            assert g["fro_error"] == pytest.approx(r["fro_error"], rel=1e-4, abs=1e-6 * (1 + r["fro_error"]))
+
+
+def test_extract_on_cuda_matches_float64(tiny_llama, tmp_path):
+    """extract on the GPU (ΔW built on the device, range finder there): the rank-3 factors of a planted rank-3
+    change plus noise equal the float64 CPU run's (the gap σ₃/σ₄ ≈ 20 makes that cut well defined)."""
+    from lora_lens.ops.extract import extract_lora
+
+    from .test_ops_extract import _plant, _tuned
+
+    base = tiny_llama[1]
+    tuned, _, _ = _tuned(base, tmp_path / "tuned", _plant(("q_proj.weight", "up_proj.weight"), noise=1e-3))
+    gpu = extract_lora(base, tuned, None, rank=3, targets="q_proj,up_proj", device="cuda")
+    ref = extract_lora(base, tuned, None, rank=3, targets="q_proj,up_proj", device="cpu", dtype="float64")
+    want = {m.weight: m for m in ref.modules}
+    assert len(gpu.modules) == len(want) == 6
+    for m in gpu.modules:
+        r = want[m.weight]
+        assert m.B.device.type == "cpu" and m.rank == r.rank == 3
+        assert _rel(m.B @ m.A, r.B @ r.A) <= 1e-4, m.weight
+        assert m.residual == pytest.approx(r.residual, rel=1e-3)
+
+
+def test_tf32_set_by_the_caller_does_not_reach_our_products():
+    """A program that turned TF32 on (HF ``tf32=True``, Lightning's advice) still gets float32-exact spectra: the
+    same factored SVD as with TF32 off, while a plain product in that program shows TF32's ~1e-4 error."""
+    g = torch.Generator().manual_seed(0)
+    B, A = torch.randn(4, 2048, 16, generator=g), torch.randn(4, 16, 1024, generator=g)
+    S64 = torch.linalg.svdvals(B.double() @ A.double())[:, :16]
+    X, Y = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
+    ref = X.double() @ Y.double()
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        plain = float(((X.to(CUDA) @ Y.to(CUDA)).cpu().double() - ref).norm() / ref.norm())
+        _, S, _ = factored_svd(B.to(CUDA), A.to(CUDA), 1.0)
+        assert torch.backends.cuda.matmul.allow_tf32  # the caller's setting is back
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    if torch.cuda.get_device_capability()[0] >= 8:  # TF32 exists from Ampere on: the control must show it
+        assert plain > 1e-5, plain
+    assert ((S.cpu().double() - S64).abs() / S64[:, :1]).max() <= 64 * U32
