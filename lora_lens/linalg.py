@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .errors import ConfigError
+from .precision import full_fp32
 from .randomized import LowRankSVD, range_svd
 
 
@@ -55,6 +56,7 @@ def sign_fix(U: torch.Tensor, Vh: torch.Tensor | None = None) -> tuple[torch.Ten
     return U, Vh
 
 
+@full_fp32
 def factored_svd(
     B: torch.Tensor, A: torch.Tensor, scaling: float | torch.Tensor = 1.0, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,6 +87,7 @@ def factored_svd(
     return U, S, Vh
 
 
+@full_fp32
 def factored_svdvals(
     B: torch.Tensor, A: torch.Tensor, scaling: float | torch.Tensor = 1.0, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
@@ -104,6 +107,7 @@ def factored_svdvals(
     return S * s.abs().unsqueeze(-1)
 
 
+@full_fp32
 def factored_svd_folded(
     B: torch.Tensor, A: torch.Tensor, scaling: float | torch.Tensor = 1.0, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,6 +163,7 @@ def svd(W: torch.Tensor, dtype: torch.dtype | None = None, fix_signs: bool = Tru
     return U, S, Vh
 
 
+@full_fp32
 def randomized_svd(
     W: torch.Tensor,
     k: int,
@@ -199,6 +204,7 @@ def randomized_svd(
     return replace(res, U=U, Vh=Vh)
 
 
+@full_fp32
 def top_left_subspace(S: torch.Tensor, rank: int, oversample: int = 16, n_iter: int = 16,
                       seed: int | Sequence[int] = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``r`` left singular vectors ``(..., m, r)`` and values ``(..., r)`` of ``S (..., m, N)``.
@@ -240,6 +246,7 @@ class SubspaceAccuracy:
     exact: torch.Tensor
 
 
+@full_fp32
 def top_subspace_svd(
     W: torch.Tensor,
     k: int,
@@ -309,6 +316,7 @@ def orthonormal_basis(X: torch.Tensor) -> torch.Tensor:
     return Q
 
 
+@full_fp32
 def principal_angles(Qx: torch.Tensor, Qy: torch.Tensor) -> torch.Tensor:
     """Principal angles (radians, ascending) between the spans of orthonormal ``Qx (..., m, p)`` and ``Qy (..., m, q)``.
 
@@ -328,6 +336,7 @@ def principal_angles(Qx: torch.Tensor, Qy: torch.Tensor) -> torch.Tensor:
     return torch.where(small, torch.arcsin(sin), theta)
 
 
+@full_fp32
 def phi(Ux: torch.Tensor, Uy: torch.Tensor, i: int | None = None, j: int | None = None) -> torch.Tensor:
     """LoRA §7 subspace similarity ``φ = ‖U_xⁱᵀ U_yʲ‖_F² / min(i, j)`` in ``[0, 1]``.
 
@@ -341,6 +350,7 @@ def phi(Ux: torch.Tensor, Uy: torch.Tensor, i: int | None = None, j: int | None 
     return (M ** 2).sum(dim=(-2, -1)) / min(i, j)
 
 
+@full_fp32
 def phi_grid(Ux: torch.Tensor, Uy: torch.Tensor) -> torch.Tensor:
     """φ(i, j) for every ``i ≤ r1``, ``j ≤ r2`` at once (the LoRA §7.2 grid): ``(..., r1, r2)``.
 
@@ -363,6 +373,7 @@ def random_phi_expectation(i: int, j: int, d: int) -> float:
     return i * j / d / min(i, j)
 
 
+@full_fp32
 def lstsq(
     A: torch.Tensor, B: torch.Tensor, rcond: float | None = None, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -403,6 +414,7 @@ def lstsq(
 _SOLVE_TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 
+@full_fp32
 def stacked_lstsq(
     blocks: Iterable[tuple[torch.Tensor, torch.Tensor]], rcond: float | None = None, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:

@@ -74,6 +74,7 @@ from typing import Sequence
 
 import torch
 
+from .precision import full_fp32
 from .randomized_kernels import (  # noqa: F401  (re-exported: the finder's public kernels)
     HALF_PASS_DTYPES, cholesky_qr2, half_passes_apply, half_product, lu_basis, small_svd)
 
@@ -183,6 +184,7 @@ HALF_PASS_MIN_RATIO = 2.0 ** -6
 ORTHO = ("lu", "cholesky", "householder")
 
 
+@full_fp32
 def range_svd(
     W: torch.Tensor,
     k: int,

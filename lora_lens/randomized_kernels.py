@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .precision import full_fp32
+
 #: ``‖Q₁ᵀQ₁ − I‖_F`` above which CholeskyQR2 hands the block to Householder: at ≤ 1/2,
 
 
@@ -17,6 +19,7 @@ import torch
 GRAM_DEVIATION_MAX = 0.5
 
 
+@full_fp32
 def cholesky_qr2(X: torch.Tensor, householder: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin QR ``X (B, m, q) = Q R`` by CholeskyQR2; returns ``Q (B, m, q)``, ``R (B, q, q)``, ``fell_back (B,)``.
 
@@ -178,6 +181,7 @@ def half_product(A: torch.Tensor, X: torch.Tensor, dt: torch.dtype) -> torch.Ten
     return _product_as(A, Xh, dt)
 
 
+@full_fp32
 def _product_as(A: torch.Tensor, B: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     if A.device.type == "cuda":
         try:

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .precision import full_fp32
+
 #: How a base module stores its weight relative to PyTorch's ``(m, n)``.
 #: ``linear``: ``(m, n)``; ``conv1d`` (GPT-2) and ``embedding``: ``(n, m)``, so
 #: the update in the stored layout is ``(s · B A)ᵀ``; ``conv``: a Conv2d whose
@@ -135,6 +137,7 @@ class LoraModule:
     def num_bytes(self) -> int:
         return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
 
+    @full_fp32
     def delta(self, dtype: torch.dtype = torch.float64, base_layout: bool = False) -> torch.Tensor:
         """Materialize ``ΔW (m, n)``; only for tests, merges and small matrices.
 

@@ -27,6 +27,7 @@ from ..io.base import BaseWeights
 from ..io.layout import with_base_layouts
 from ..jsonable import stamp
 from ..linalg import factored_svd, random_orthonormal, randomized_svd
+from ..precision import full_fp32
 from ..types import Adapter, LayerKey
 from .pairing import Chunk, base_chunks, pair_with_base
 from .serialize import in_layer_order, key_fields, num
@@ -37,6 +38,7 @@ DRAWS = 8
 RANDOMIZED_OVERSAMPLE = 16
 
 
+@full_fp32
 def projection_norm(U: torch.Tensor, W0: torch.Tensor, Vh: torch.Tensor) -> torch.Tensor:
     """``‖Uᵀ W0 V‖_F`` for ``U (..., m, r)``, ``W0 (..., m, n)``, ``Vh = Vᵀ (..., r, n)``: ``(...)``."""
     return torch.linalg.matrix_norm(U.transpose(-1, -2) @ W0 @ Vh.transpose(-1, -2))  # (..., r, r) → (...)

@@ -58,6 +58,7 @@ from ..compute import resolve_device
 from ..errors import ConfigError
 from ..io.lazy import index_once
 from ..linalg import factored_svd, phi, top_left_subspace
+from ..precision import full_fp32
 from ..spectra import spectrum_metrics
 from .baselines import sampled_phi_grid
 from .collection_plan import CollectionSettings, ModuleTask
@@ -135,6 +136,7 @@ def _bad_side(side: str):
     raise ConfigError(f"unknown side {side!r}; expected out, in or both.")
 
 
+@full_fp32
 def module_task(task: ModuleTask) -> ModuleResult:
     """Compute one module across its adapters (see the module docstring); reads the files itself."""
     st = task.settings

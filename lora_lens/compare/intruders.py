@@ -33,6 +33,7 @@ from ..io.base import BaseWeights
 from ..io.layout import with_base_layouts
 from ..jsonable import stamp
 from ..linalg import svd
+from ..precision import full_fp32
 from ..types import Adapter, LayerKey
 from .pairing import Chunk, base_chunks, pair_with_base
 from .serialize import as_list, in_layer_order, key_fields
@@ -41,6 +42,7 @@ K = 10
 EPSILON = 0.5
 
 
+@full_fp32
 def max_cosines(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """``m_j = max_i |x_iᵀ y_j|`` for unit columns ``X (..., m, p)``, ``Y (..., m, k)``: ``(..., k)``."""
     return (Y.transpose(-1, -2) @ X).abs().amax(dim=-1)  # (..., k, p) → (..., k)

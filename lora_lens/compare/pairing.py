@@ -16,6 +16,7 @@ from ..chunks import chunks, load_w0, stack
 from ..compute import Compute
 from ..errors import ShapeError
 from ..io.base import BaseWeights
+from ..precision import full_fp32
 from ..types import Adapter, LoraModule
 
 
@@ -70,6 +71,7 @@ class Chunk:
     A: torch.Tensor
     scaling: torch.Tensor
 
+    @full_fp32
     def delta(self) -> torch.Tensor:
         """``ΔW = s·B A`` materialized ``(L, m, n)``: only where the maths needs the full matrix."""
         return self.scaling[:, None, None] * (self.B @ self.A)

@@ -38,6 +38,7 @@ from ..decompose import decompose_adapter, decompose_base, decompose_matrices
 from ..errors import ConfigError
 from ..io.base import BaseWeights
 from ..io.layout import with_base_layouts
+from ..precision import full_fp32
 from ..types import Adapter, LayerKey
 from .pairing import pair_with_base
 
@@ -230,6 +231,7 @@ def padded(bases: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.nn.functional.pad(b, (0, kmax - b.shape[-1])) for b in bases])
 
 
+@full_fp32
 def cross_phi(P: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
     """φ between every pair of ``L`` subspaces: ``(..., L, L)``.
 

@@ -38,6 +38,7 @@ from ..io.initfile import THETA_NAME, InitDescription, write_init_description
 from ..io.formats import load_adapter
 from ..io.peft import save_peft_adapter
 from ..linalg import stacked_lstsq
+from ..precision import full_fp32
 from ..types import Adapter, LoraModule
 from .result import InitResult, provenance
 from .targets import TargetLayer, lora_module, target_layers
@@ -83,6 +84,7 @@ def summary_mode(modes: Mapping[str, str]) -> str:
     return forms.pop() if len(forms) == 1 else "auto"
 
 
+@full_fp32
 def condlora_factors(theta_A: torch.Tensor, theta_B: torch.Tensor, W0: torch.Tensor,
                      mode: str = "official") -> tuple[torch.Tensor, torch.Tensor]:
     """The LoRA factors that shared ``Θ`` gives for a frozen ``W0``; differentiable.
@@ -268,6 +270,7 @@ def _init_rank(rank: int | None, fitted: dict, adapter: Adapter | None) -> int:
     return rank
 
 
+@full_fp32
 def _fit_theta(pairs, base, rank, s, mode, dev, dt, rcond) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Least-squares ``Θ`` over every layer of one module type, and the relative residual per side."""
 

@@ -28,6 +28,7 @@ from ..io.formats import load_adapter
 from ..io.layout import with_base_layouts
 from ..jsonable import JsonFields, to_jsonable
 from ..linalg import lstsq, phi, svd
+from ..precision import full_fp32
 from ..types import Adapter
 from .condlora import EQUATIONS, SIDES, condlora_modes
 
@@ -103,6 +104,7 @@ class CondLoraAnalysis(JsonFields):
         raise KeyError(f"no grid for {module_type!r} side {side!r}")
 
 
+@full_fp32
 def condlora_analysis(
     adapter: Adapter | str | Path,
     base: BaseWeights | str | Path,

@@ -31,12 +31,14 @@ from ..io.atomic import atomic_directory, atomic_save_safetensors
 from ..io.base import BaseWeights, open_base
 from ..io.initfile import InitDescription, write_init_description
 from ..io.peft import save_peft_adapter
+from ..precision import full_fp32
 from .result import InitResult, provenance
 from .targets import check_rank, lora_module, stored_layout, target_layers
 
 RESIDUAL_NAME = "residual_model.safetensors"
 
 
+@full_fp32
 def pissa_init(
     base: BaseWeights | str | Path,
     rank: int,

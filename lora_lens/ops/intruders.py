@@ -39,6 +39,7 @@ from ..io.base import BaseWeights, open_base
 from ..io.layout import with_base_layouts
 from ..jsonable import stamp
 from ..linalg import factored_svd, svd
+from ..precision import full_fp32
 from ..types import Adapter, LoraModule
 from .output import peft_other_tensors
 from .resize import refuse_dora
@@ -91,6 +92,7 @@ class IntruderReduction:
             "modules": [m.to_dict() for m in self.modules]})
 
 
+@full_fp32
 def reduce_module(W0: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: float, k: int, epsilon: float,
                   lam: float, X: torch.Tensor | None = None, merged: tuple | None = None):
     """Steps 1-4 for one module: ``W0 (m, n)``, ``B (m, r)``, ``A (r, n)`` in the compute dtype.
