@@ -25,9 +25,10 @@ def _per_task(name: str) -> str:
 # bfloat16 autocasts the forward pass and loss while the weights (master weights), gradients and AdamW state stay
 # float32. Spelled --dtype as the issue asks; stored as train_dtype. One decorator for train and compare-methods.
 train_dtype_option = click.option(
-    "--dtype", "train_dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
+    "--dtype", "train_dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16"]),
     help="Training precision (not a compute dtype): bfloat16 = autocast of forward and loss, with float32 master "
-         "weights, gradients and AdamW state. Stored as train_dtype.")
+         "weights, gradients and AdamW state; auto = bfloat16 on a CPU with native bf16 (AVX512-BF16, AMX: about "
+         "2x faster at the same accuracy), else float32. The run records which.")
 
 
 def _csv(kind):

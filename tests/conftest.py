@@ -42,6 +42,14 @@ def _cli_from_this_checkout() -> None:
 
 _cli_from_this_checkout()
 
+
+@pytest.fixture(autouse=True)
+def _float32_training_by_default(monkeypatch):
+    """``--dtype auto`` is bfloat16 on CPUs with native bf16 and float32 elsewhere: pinned to float32 here so that
+    a test's numbers do not depend on which CPU runs it. tests/test_train_dtype.py sets the probe itself."""
+    monkeypatch.setattr("lora_lens.train.config.native_bf16", lambda device: False)
+
+
 @pytest.fixture(scope="session")
 def stories_path() -> Path:
     """The real stories260K, bundled with the package (lora_lens/data/models): never skipped."""

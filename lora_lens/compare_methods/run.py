@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..compute import resolve_device
 from ..data import resolve_model, resolve_task
 from ..errors import ConfigError
 from ..io.atomic import atomic_directory, check_destination, register_input
 from ..train import METHODS, train
-from ..train.config import TASK_DEFAULTS
+from ..train.config import TASK_DEFAULTS, resolve_train_dtype
 from .claims import MIN_SEEDS, evaluate_claims
 from .output import write_comparison
 from .results import Comparison, MethodSummary
@@ -71,7 +72,7 @@ def compare_methods(
     eval_fraction: float = 0.1,
     eval_every: int | None = None,
     margin: float | None = None,
-    train_dtype: str = "float32",
+    train_dtype: str = "auto",
     device: str = "auto",
     overwrite: bool = False,
     analyze: bool = True,
@@ -107,6 +108,7 @@ def compare_methods(
     metric = "accuracy" if task == "classify" else "eval_loss"
     margin = DEFAULT_MARGIN.get(task, 0.01) if margin is None else margin
     alpha = 2.0 * rank if alpha is None else alpha
+    train_dtype = resolve_train_dtype(train_dtype, resolve_device(device))  # one precision for every run, recorded
     settings = dict(base=given_base, data=str(data), task=task, methods=methods, seeds=seed_list, rank=rank,
                     alpha=alpha, targets=list(targets) if targets else None, steps=steps, lr=lr,
                     batch_size=batch_size, max_length=max_length if task == "classify" else None,

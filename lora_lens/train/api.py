@@ -13,7 +13,7 @@ from torch import nn
 from ..compute import resolve_device
 from ..io import check_destination
 from ..io.atomic import register_input
-from .config import TrainConfig
+from .config import TrainConfig, resolve_train_dtype
 from ..data import resolve_model, resolve_task
 from ..errors import ConfigError
 from .data import load_data
@@ -45,6 +45,7 @@ def prepare(
     """
     torch.manual_seed(config.seed)  # the head's random init, dropout, anything that draws from the global generator
     device = resolve_device(config.device)
+    config = replace(config, train_dtype=resolve_train_dtype(config.train_dtype, device))  # recorded as resolved
     model, task, base_name = load_task(base, config, data, tokenizer, eval_data)
     generator = torch.Generator().manual_seed(config.seed)
     adapted = adapt(model, config, init, generator)
@@ -152,7 +153,7 @@ def train(
     eval_data: str | Path | None = None,
     max_length: int | None = None,
     eval_every: int | None = None,
-    train_dtype: str = "float32",
+    train_dtype: str = "auto",
     length_bucketing: bool = True,
     seed: int = 0,
     device: str = "auto",

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from ..errors import ConfigError
 from .masks import SparseSettings
 
 METHODS = ("lora", "cora-frozen", "cora-init", "condlora", "lora-sp", "chain", "head-only")
 TASKS = ("lm", "classify")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 
 DEFAULT_RANK, DEFAULT_ALPHA = 8, 16.0
 DEFAULT_LINKS = 3
@@ -22,6 +24,38 @@ TASK_DEFAULTS = {
     "lm": {"steps": 40, "lr": 5e-3, "batch_size": 8},
     "classify": {"steps": 200, "lr": 2e-3, "batch_size": 16},
 }
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` is a CPU that multiplies bf16 natively (AVX512-BF16 or AMX tiles).
+
+    Read from torch's CPU probes (``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported``);
+    a torch without them, or an Arm CPU, reads False. Without these units bf16 products are emulated and
+    autocast is slower than float32, so ``auto`` keeps float32 there.
+    """
+    if device.type != "cpu":
+        return False
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(torch.cpu, probe, None)
+        try:
+            if callable(fn) and fn():
+                return True
+        except RuntimeError:
+            continue
+    return False
+
+
+def resolve_train_dtype(requested: str, device: torch.device) -> str:
+    """``auto`` → ``bfloat16`` (autocast, float32 master weights) on a CPU with native bf16, else ``float32``.
+
+    Measured on an AMD EPYC with AVX512-BF16 (MiniLM, WordNet, 300 steps of batch 16, one thread, seeds
+    0 and 1): 68–70 ms a step against 142–148 ms in float32, held-out accuracy 87.9 / 87.7 % against
+    87.8 / 87.9 % (docs/training.md). On CUDA ``auto`` stays float32: not measured there, and a model this
+    small is bound by kernel launches, which autocast's casts add to. ``float32`` / ``bfloat16`` as given.
+    """
+    if requested != "auto":
+        return requested
+    return "bfloat16" if native_bf16(device) else "float32"
 
 
 @dataclass(frozen=True)
@@ -39,7 +73,9 @@ class TrainConfig:
     ``eval_every``: also evaluate every so many steps (None: before and after
     only); ``train_dtype``: the *training* precision, not a compute dtype:
     ``bfloat16`` runs forward and loss under ``torch.autocast`` while the
-    weights, gradients and AdamW state stay float32 (master weights); the CLI
+    weights, gradients and AdamW state stay float32 (master weights); ``auto``
+    (the default) is bfloat16 on a CPU with native bf16 products and float32
+    elsewhere, resolved with the device (:func:`resolve_train_dtype`); the CLI
     spells it ``--dtype``.
     """
 
@@ -64,7 +100,7 @@ class TrainConfig:
     task: str = "lm"
     max_length: int | None = None
     eval_every: int | None = None
-    train_dtype: str = "float32"
+    train_dtype: str = "auto"  # resolved with the device by prepare(): the run records bfloat16 or float32
     length_bucketing: bool = True  # classify: batches of similar lengths (less padding); False: uniform draws
 
     def __post_init__(self):
