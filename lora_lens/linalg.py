@@ -157,7 +157,9 @@ def factored_svd_folded(
     Ma = torch.linalg.solve_triangular(Ra, (Vch * root.unsqueeze(-1)).transpose(-1, -2), upper=True)
     Bf = B @ Mb  # (..., m, r)
     Af = Ma.transpose(-1, -2) @ A  # (..., r, n): Bf Af = B A, so s·Bf Af = ΔW whatever the sign of s
-    sv_b, sv_a = core_svd(Rb, values_only=True), core_svd(Ra, values_only=True)
+    # cond decides the exact-path fallback (eps·cond ≤ 1e-5: up to 4.5e10 in float64), so not core_svd: CUDA's
+    # gesvda works through the Gram and floors σ_min near √u·σ₁ (cond ≈ 1e8 for a singular Rb). Default drivers.
+    sv_b, sv_a = torch.linalg.svdvals(Rb), torch.linalg.svdvals(Ra)
     cond = torch.maximum(sv_b[..., 0] / sv_b[..., -1], sv_a[..., 0] / sv_a[..., -1])  # inf when singular
     return S, Bf, Af, torch.nan_to_num(cond, nan=float("inf"))
 

@@ -188,3 +188,16 @@ def test_tf32_set_by_the_caller_does_not_reach_our_products():
     if torch.cuda.get_device_capability()[0] >= 8:  # TF32 exists from Ampere on: the control must show it
         assert plain > 1e-5, plain
     assert ((S.cpu().double() - S64).abs() / S64[:, :1]).max() <= 64 * U32
+
+
+def test_folded_condition_number_on_cuda_sees_a_singular_factor():
+    """On CUDA the folded kernel's core goes to the Gram-based gesvda; its ``cond`` (the trigger of the exact path in
+    ops/resize.py, eps·cond ≤ 1e-5) must still read a rank-deficient B as singular in float64 and float32."""
+    from lora_lens.linalg import factored_svd_folded
+
+    g = torch.Generator().manual_seed(3)
+    B, A = torch.randn(4, 40, 5, generator=g, dtype=torch.float64), torch.randn(4, 5, 30, generator=g, dtype=torch.float64)
+    B[:, :, 1] = B[:, :, 0]  # rank 4 of 5
+    for dt in (torch.float64, torch.float32):
+        cond = factored_svd_folded(B.to(CUDA, dt), A.to(CUDA, dt))[3].cpu()
+        assert (cond * torch.finfo(dt).eps > 1e-5).all(), (dt, cond)

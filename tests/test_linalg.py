@@ -115,3 +115,28 @@ def test_lstsq_rank_deficient_square_uses_the_pseudo_inverse():
     # an explicit rcond always takes the pseudo-inverse, also for a square, well-conditioned A
     X2, _ = lstsq(A[:, :8].T @ A[:, :8] + torch.eye(8, dtype=torch.float64), B[:8], rcond=0.5)
     assert torch.isfinite(X2).all()
+
+
+def test_folded_condition_number_does_not_depend_on_the_core_driver(monkeypatch):
+    """``cond`` of :func:`factored_svd_folded` decides the exact-path fallback (ops/resize.py ``folded``: eps·cond ≤
+    1e-5, i.e. cond up to 4.5e10 in float64), so it must resolve rank deficiency far past that. A Gram-based driver
+    such as CUDA's ``gesvda`` (the core's driver there, ``core_svd``) floors σ_min at ~√u·σ₁ ≈ 1e-8σ₁: cond ≈ 1e8
+    and a singular B folded through Rb⁻¹. Emulated here on the CPU with the Gram's eigenvalues."""
+    import lora_lens.linalg as linalg
+
+    real = linalg.core_svd
+
+    def gram_core_svd(C, values_only=False):  # gesvda's accuracy model: σᵢ = √λᵢ(CᵀC)
+        if not values_only:
+            return real(C)
+        return torch.linalg.eigvalsh(C.mT @ C).abs().sqrt().flip(-1)  # |λ|: rounding can leave λ_min either sign
+
+    monkeypatch.setattr(linalg, "core_svd", gram_core_svd)
+    g = torch.Generator().manual_seed(3)
+    B, A = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randn(5, 30, generator=g, dtype=torch.float64)
+    B[:, 1] = B[:, 0]  # rank 4 of 5: cond(Rb) ≈ 1/u
+    assert float(gram_core_svd(torch.linalg.qr(B, mode="r")[1], values_only=True)[-1]) > 0  # the floor: ~√u·σ₁, not 0
+    assert float(linalg.factored_svd_folded(B, A)[3]) > 1e12
+    B[:, 1] = torch.randn(40, generator=g, dtype=torch.float64)  # well conditioned: cond as before
+    cond = float(linalg.factored_svd_folded(B, A)[3])
+    assert 1 <= cond < 1e3
