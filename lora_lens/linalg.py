@@ -28,7 +28,6 @@ import torch
 from .errors import ConfigError
 from .precision import full_fp32
 from .randomized import LowRankSVD, range_svd
-from .randomized_kernels import small_svd
 
 
 def upcast(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -60,15 +59,19 @@ def sign_fix(U: torch.Tensor, Vh: torch.Tensor | None = None) -> tuple[torch.Ten
 def core_svd(C: torch.Tensor, values_only: bool = False):
     """Thin SVD (or singular values) of the small ``(..., p, q)`` cores of the factored kernels.
 
-    Square stacks on CUDA go to the range finder's :func:`~lora_lens.randomized_kernels.small_svd`
-    (cuSOLVER's batched ``gesvda`` in float64). torch's default CUDA driver there is ``gesvdj``, which
-    loops over the batch for p > 32 and whose float32 Jacobi sweeps stop short of LAPACK's accuracy:
-    with it, merge of 8 rank-16 adapters (128×128 cores; bench_merge.py on an H200) came out 1.7e-5
-    from float64 on the GPU against 8e-7 on the CPU, and slower than 16 CPU threads. Everything else
-    (the CPU, non-square cores): LAPACK / the default driver as before.
+    On CUDA the cores are decomposed in float64 and the results cast back. torch's default CUDA driver
+    for them is ``gesvdj``, whose float32 Jacobi sweeps stop short of LAPACK's accuracy: with it, merge
+    of 8 rank-16 adapters (128×128 cores; bench_merge.py on an H200) came out 1.7e-5 from float64 on
+    the GPU against 1.2e-6 on the CPU. In float64 the sweeps converge far below float32's rounding, and,
+    unlike the Gram-based ``gesvda`` the range finder uses for its full-rank Ritz blocks, Jacobi keeps
+    the singular vectors of a rank-deficient core orthonormal (an adapter whose B has dead columns).
+    On the CPU: LAPACK in the input's dtype, as before.
     """
-    if C.device.type == "cuda" and C.shape[-1] == C.shape[-2] and C.shape[-1] > 0:
-        return small_svd(C, values_only=values_only)
+    if C.device.type == "cuda" and C.dtype != torch.float64:
+        C64 = C.double()
+        if values_only:
+            return torch.linalg.svdvals(C64).to(C.dtype)
+        return tuple(x.to(C.dtype) for x in torch.linalg.svd(C64, full_matrices=False))
     return torch.linalg.svdvals(C) if values_only else torch.linalg.svd(C, full_matrices=False)
 
 
@@ -157,8 +160,8 @@ def factored_svd_folded(
     Ma = torch.linalg.solve_triangular(Ra, (Vch * root.unsqueeze(-1)).transpose(-1, -2), upper=True)
     Bf = B @ Mb  # (..., m, r)
     Af = Ma.transpose(-1, -2) @ A  # (..., r, n): Bf Af = B A, so s·Bf Af = ΔW whatever the sign of s
-    # cond decides the exact-path fallback (eps·cond ≤ 1e-5: up to 4.5e10 in float64), so not core_svd: CUDA's
-    # gesvda works through the Gram and floors σ_min near √u·σ₁ (cond ≈ 1e8 for a singular Rb). Default drivers.
+    # cond decides the exact-path fallback (eps·cond ≤ 1e-5: up to 4.5e10 in float64), so it must see σ_min far
+    # below √u·σ₁: the input dtype's default drivers, never a Gram-based one (gesvda floors σ_min there).
     sv_b, sv_a = torch.linalg.svdvals(Rb), torch.linalg.svdvals(Ra)
     cond = torch.maximum(sv_b[..., 0] / sv_b[..., -1], sv_a[..., 0] / sv_a[..., -1])  # inf when singular
     return S, Bf, Af, torch.nan_to_num(cond, nan=float("inf"))

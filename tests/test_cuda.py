@@ -191,8 +191,8 @@ def test_tf32_set_by_the_caller_does_not_reach_our_products():
 
 
 def test_folded_condition_number_on_cuda_sees_a_singular_factor():
-    """On CUDA the folded kernel's core goes to the Gram-based gesvda; its ``cond`` (the trigger of the exact path in
-    ops/resize.py, eps·cond ≤ 1e-5) must still read a rank-deficient B as singular in float64 and float32."""
+    """The folded kernel's ``cond`` on CUDA (the trigger of the exact path in ops/resize.py, eps·cond ≤ 1e-5) reads a
+    rank-deficient B as singular in float64 and float32."""
     from lora_lens.linalg import factored_svd_folded
 
     g = torch.Generator().manual_seed(3)
@@ -201,3 +201,17 @@ def test_folded_condition_number_on_cuda_sees_a_singular_factor():
     for dt in (torch.float64, torch.float32):
         cond = factored_svd_folded(B.to(CUDA, dt), A.to(CUDA, dt))[3].cpu()
         assert (cond * torch.finfo(dt).eps > 1e-5).all(), (dt, cond)
+
+
+def test_factored_svd_on_cuda_keeps_orthonormal_vectors_of_a_rank_deficient_update():
+    """ΔW = B A with dead columns of B (rank 5 of 8): the float64 core SVD on CUDA keeps U and Vh orthonormal, the
+    zero singular values at zero, and the top 5 equal to a float64 SVD of the dense ΔW."""
+    g = torch.Generator().manual_seed(1)
+    B, A = torch.randn(3, 300, 8, generator=g), torch.randn(3, 8, 200, generator=g)
+    B[:, :, 5:] = 0
+    U, S, Vh = (x.cpu().double() for x in factored_svd(B.to(CUDA), A.to(CUDA)))
+    eye = torch.eye(8, dtype=torch.float64)
+    assert (U.mT @ U - eye).abs().max() <= 1e-5 and (Vh @ Vh.mT - eye).abs().max() <= 1e-5
+    S64 = torch.linalg.svdvals(B.double() @ A.double())[:, :8]
+    assert ((S - S64).abs() / S64[:, :1]).max() <= 64 * U32
+    assert (S[:, 5:] <= 1e-5 * S[:, :1]).all()

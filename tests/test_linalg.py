@@ -119,9 +119,9 @@ def test_lstsq_rank_deficient_square_uses_the_pseudo_inverse():
 
 def test_folded_condition_number_does_not_depend_on_the_core_driver(monkeypatch):
     """``cond`` of :func:`factored_svd_folded` decides the exact-path fallback (ops/resize.py ``folded``: eps·cond ≤
-    1e-5, i.e. cond up to 4.5e10 in float64), so it must resolve rank deficiency far past that. A Gram-based driver
-    such as CUDA's ``gesvda`` (the core's driver there, ``core_svd``) floors σ_min at ~√u·σ₁ ≈ 1e-8σ₁: cond ≈ 1e8
-    and a singular B folded through Rb⁻¹. Emulated here on the CPU with the Gram's eigenvalues."""
+    1e-5, i.e. cond up to 4.5e10 in float64), so it must resolve rank deficiency far past that whatever driver the
+    core goes to. A Gram-based driver such as CUDA's ``gesvda`` (the range finder's) floors σ_min at ~√u·σ₁ ≈
+    1e-8σ₁: cond ≈ 1e8 and a singular B folded through Rb⁻¹. Emulated here on the CPU with the Gram's eigenvalues."""
     import lora_lens.linalg as linalg
 
     real = linalg.core_svd
