@@ -13,7 +13,11 @@ passes, checked against float32 ones) are unaffected: the flag only governs floa
 
 PyTorch ≥ 2.9 has two APIs for the flag and raises when a program reads one after setting the other,
 so the caller's own API is used for the save and the restore. Nested and concurrent calls (Dask's
-threads) share one depth count: the caller's setting is restored when the last one leaves.
+threads) share one depth count: the caller's setting is restored when the last one leaves. The flag is
+process-wide, so while a lora_lens call runs, other threads of the program (a training loop beside it)
+also multiply in full float32, and a change another thread makes to the flag during the call is undone
+when the call ends. Restoring through the legacy API writes the legacy value back, which PyTorch ≥ 2.9
+maps onto both its CUDA and CPU (oneDNN) matmul flags.
 """
 
 from __future__ import annotations
