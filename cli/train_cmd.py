@@ -28,7 +28,8 @@ train_dtype_option = click.option(
     "--dtype", "train_dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16"]),
     help="Training precision (not a compute dtype): bfloat16 = autocast of forward and loss, with float32 master "
          "weights, gradients and AdamW state; auto = bfloat16 on a CPU with native bf16 (AVX512-BF16, AMX: about "
-         "2x faster at the same accuracy), else float32. The run records which.")
+         "2x faster at the same accuracy), else float32 (CUDA included). What the run used is recorded as train_dtype "
+         "(--json, train_log.json / results.json).")
 
 
 def _csv(kind):
