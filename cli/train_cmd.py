@@ -142,8 +142,8 @@ def train_cmd(base, method, task, init, data, eval_data, max_length, rank, alpha
     params = f"{d['trainable_parameters']:,}"
     if d["allocated_parameters"] != d["trainable_parameters"]:
         params += f" of {d['allocated_parameters']:,} allocated"
-    click.echo(f"{method}: {d['steps']} steps, train loss {first:.4f} → {last:.4f} (mean of first/last {w}), "
-               f"eval loss {ev}")
+    click.echo(f"{method}: {d['steps']} steps in {d['train_dtype']}, train loss {first:.4f} → {last:.4f} "
+               f"(mean of first/last {w}), eval loss {ev}")
     if d["eval_accuracy"] is not None:
         click.echo(f"  eval accuracy {d['eval_accuracy']:.4f}, macro-F1 {d['eval_macro_f1']:.4f}")
     click.echo(f"  trainable parameters {params}; {d['wall_time_s']:.2f} s, {d['tokens_per_s']:,.0f} tokens/s, "

@@ -44,5 +44,18 @@ def test_auto_is_resolved_once_and_recorded(monkeypatch, stories_path, tmp_path,
 def test_bad_dtype_is_one_line():
     from lora_lens import ConfigError
 
-    with pytest.raises(ConfigError, match="'float16'.*expected one of \\['auto', 'float32', 'bfloat16'\\]"):
+    with pytest.raises(ConfigError, match="train_dtype \\(--dtype\\) 'float16'.*expected one of \\['auto', 'float32', 'bfloat16'\\]"):
         TrainConfig(train_dtype="float16")
+
+
+def test_cli_text_output_names_the_precision_used(stories_path, tmp_path, monkeypatch):
+    from .cli_utils import run
+
+    monkeypatch.setattr("lora_lens.train.config.native_bf16", lambda device: True)
+    r = run("train", "--base", str(stories_path), "--method", "lora", "--steps", "2", "--batch-size", "4",
+            "--seq-len", "16", "--device", "cpu", "-o", str(tmp_path / "o"))
+    assert r.exit_code == 0, r.output
+    assert "lora: 2 steps in bfloat16," in r.output  # auto, resolved
+    r = run("train", "--base", str(stories_path), "--method", "lora", "--steps", "2", "--batch-size", "4",
+            "--seq-len", "16", "--device", "cpu", "--dtype", "float32", "-o", str(tmp_path / "o32"))
+    assert r.exit_code == 0 and "lora: 2 steps in float32," in r.output

@@ -20,7 +20,7 @@ from ..data import resolve_model, resolve_task
 from ..errors import ConfigError
 from ..io.atomic import atomic_directory, check_destination, register_input
 from ..train import METHODS, train
-from ..train.config import TASK_DEFAULTS, resolve_train_dtype
+from ..train.config import TASK_DEFAULTS, native_bf16, resolve_train_dtype
 from .claims import MIN_SEEDS, evaluate_claims
 from .output import write_comparison
 from .results import Comparison, MethodSummary
@@ -49,7 +49,7 @@ def environment() -> dict:
 
     return {"lora_lens": __version__, **versions, "machine": platform.machine(), "system": platform.system(),
             "processor": platform.processor() or None, "cpu_count": __import__("os").cpu_count(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(), "cpu_native_bf16": native_bf16(torch.device("cpu")),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 

@@ -112,8 +112,8 @@ class TrainConfig:
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)  # frozen: resolved once, here
         if self.train_dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.train_dtype!r} (training precision) is not supported; expected one of "
-                              f"{list(DTYPES)}.")
+            raise ConfigError(f"train_dtype (--dtype) {self.train_dtype!r} is not a training precision; expected one "
+                              f"of {list(DTYPES)}.")
         positive = {"steps": self.steps, "batch_size": self.batch_size, "seq_len": self.seq_len,
                     "rank": self.rank if self.rank is not None else 1, "lr": self.lr,
                     "alpha": self.alpha if self.alpha is not None else 1,
