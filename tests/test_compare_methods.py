@@ -128,6 +128,7 @@ def test_cli_end_to_end(tiny_bert, tmp_path):
     md = (out / "results.md").read_text()
     assert "| lora | " in md and "## Claims" in md and md in r.stdout
     assert "| eval accuracy (mean ± std) | eval loss | macro-F1 |" in md and "chain splits" not in md  # no chain run
+    assert "batch 4, texts cut to 128 tokens, 25 % held out, seeds [0, 1], float32" in md  # the settings that matter
     for png in ("metric_vs_parameters.png", "loss_curves.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
     assert (out / "runs" / "lora-seed1" / "adapter_config.json").is_file()

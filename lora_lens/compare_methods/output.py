@@ -31,6 +31,13 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
+def _lengths(s: dict) -> str:
+    """classify: the token limit (texts past it are cut, which the run warned about); lm: the block length."""
+    if s.get("max_length"):
+        return f", texts cut to {s['max_length']} tokens"
+    return f", blocks of {s['seq_len']} tokens" if s.get("seq_len") else ""
+
+
 def _precision(train_dtype: str) -> str:
     return "bfloat16 autocast (float32 master weights)" if train_dtype == "bfloat16" else train_dtype
 
@@ -47,7 +54,8 @@ def markdown(c: Comparison) -> str:
     lines = [
         f"# Method comparison on {Path(s['data']).name} ({c.task}, base {Path(s['base']).name})", "",
         f"rank {s['rank']}, alpha {s['alpha']}, {s['steps']} steps (linear warm-up {s['warmup_steps']}, then linear "
-        f"decay), lr {s['lr']}, batch {s['batch_size']}, seeds {s['seeds']}, {_precision(s['train_dtype'])}{chain}. "
+        f"decay), lr {s['lr']}, batch {s['batch_size']}{_lengths(s)}, {100 * s['eval_fraction']:g} % held out, seeds "
+        f"{s['seeds']}, {_precision(s['train_dtype'])}{chain}. "
         f"Wall time {c.wall_time_s / 60:.1f} min.", "",
         "| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1),
     ]
